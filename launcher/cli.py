@@ -1,0 +1,170 @@
+"""Command line: parse argv into a verb, turn UserError into one line per problem and exit 2.
+
+    mplaunch RECIPE [key=value ...] [--dry-run] [--resume RUN_DIR]
+    mplaunch check RECIPE [key=value ...] [--explain]
+    mplaunch env
+    mplaunch recipes [NAME] [--copy PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from launcher import __version__
+from launcher import recipe as recipe_mod
+from launcher.errors import EXIT_USAGE, UserError
+from launcher.hardware import Hardware
+from launcher.plan import Plan, resolve
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}", hint=f"see {self.prog} --help")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mplaunch` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        verb = args[0] if args and args[0] in VERBS else "run"
+        if verb != "run":
+            args = args[1:]
+        return VERBS[verb](args)
+    except UserError as err:
+        for line in err.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_parser() -> _Parser:
+    p = _Parser(
+        prog="mplaunch",
+        description="Train the model a YAML recipe names, on DeepSpeed or Accelerate, with mixed precision.",
+        epilog=(
+            "other commands: mplaunch check RECIPE | mplaunch env | mplaunch recipes [NAME]. "
+            "Overrides use the recipe's dotted keys: train.max_steps=20 precision.dtype=bf16 zero.stage=3"
+        ),
+    )
+    p.add_argument("recipe", help="recipe file, or the name of a shipped recipe (see `mplaunch recipes`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, read as YAML scalars")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and command; start nothing")
+    p.add_argument("--version", action="version", version=f"mplaunch {__version__}")
+    return p
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = _run_parser().parse_intermixed_args(argv)
+    plan = _plan(args.recipe, args.overrides, keep_machine_problems=args.dry_run)
+    if args.dry_run:
+        print("mplaunch dry run: nothing is started")
+        print(plan.describe())
+        if plan.problems:
+            raise UserError([f"this machine cannot run the plan above: {p}" for p in plan.problems])
+        return 0
+    _print_warnings(plan.warnings)
+    from launcher import launch
+
+    return launch.run(plan)
+
+
+def cmd_check(argv: list[str]) -> int:
+    p = _Parser(prog="mplaunch check", description="Validate a recipe and its plan; exit 0 if it would run.")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--explain", action="store_true", help="also print every recipe key with its description")
+    args = p.parse_intermixed_args(argv)
+    plan = _plan(args.recipe, args.overrides)
+    _print_warnings(plan.warnings)
+    print(f"ok: {plan.recipe.source} ({plan.batch.equation(plan.nnodes, plan.nproc_per_node)})")
+    if args.explain:
+        from launcher.recipe import reference_rows
+
+        for key, type_, default, doc in reference_rows():
+            print(f"{key:<38} {type_:<28} {default:<12} {doc}")
+    return 0
+
+
+def cmd_env(argv: list[str]) -> int:
+    _Parser(prog="mplaunch env", description="Report versions and GPUs.").parse_args(argv)
+    from launcher.environment import report
+
+    print(report())
+    return 0
+
+
+def cmd_recipes(argv: list[str]) -> int:
+    p = _Parser(prog="mplaunch recipes", description="List, print or copy the shipped recipes.")
+    p.add_argument("name", nargs="?", help="print this recipe")
+    p.add_argument("--copy", metavar="PATH", help="copy the recipe (and the files it extends) to PATH for editing")
+    args = p.parse_args(argv)
+    shipped = sorted(RECIPES_DIR.glob("*.yaml"))
+    if args.name is None:
+        if args.copy:
+            raise UserError("mplaunch recipes: --copy needs a recipe name")
+        for path in shipped:
+            first = path.read_text().splitlines()[0] if path.read_text() else ""
+            print(f"{path.stem:<16} {first.lstrip('# ')}")
+        return 0
+    path = find_recipe(args.name)
+    if args.copy is None:
+        print(path.read_text(), end="")
+        return 0
+    return _copy_recipe(path, Path(args.copy))
+
+
+def _copy_recipe(path: Path, dest: Path) -> int:
+    import yaml
+
+    if dest.is_dir():
+        dest = dest / path.name
+    if dest.exists():
+        raise UserError(f"{dest}: already exists; nothing was copied")
+    # Bring the extends chain along so the copy loads on its own.
+    src = path
+    while src is not None:
+        target = dest if src == path else dest.parent / src.name
+        if not target.exists():
+            shutil.copyfile(src, target)
+            print(f"copied {src.name} -> {target}")
+        parent = (yaml.safe_load(src.read_text()) or {}).get("extends")
+        src = src.parent / parent if isinstance(parent, str) else None
+    return 0
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path as given, or a shipped recipe by name (`bert`, `bert.yaml`, `recipes/bert.yaml`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    shipped = RECIPES_DIR / f"{stem}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise UserError(f"{name}: recipe file not found", hint=f"shipped recipes: {names}")
+
+
+def _plan(recipe_arg: str, overrides: list[str], keep_machine_problems: bool = False) -> Plan:
+    recipe = recipe_mod.load(find_recipe(recipe_arg), overrides)
+    return resolve(recipe, Hardware.probe(), keep_machine_problems=keep_machine_problems)
+
+
+def _print_warnings(warnings: Sequence[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+VERBS: dict[str, Callable[[list[str]], int]] = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "env": cmd_env,
+    "recipes": cmd_recipes,
+}

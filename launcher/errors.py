@@ -1,0 +1,20 @@
+"""The one exception type a user ever sees."""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Bad input: the CLI prints each line and exits 2, never a traceback.
+
+    Args:
+        lines: one problem per line; a single string is one problem.
+        hint: an optional suggestion appended to a single-problem message.
+    """
+
+    def __init__(self, lines: str | list[str], hint: str | None = None) -> None:
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        if hint and len(self.lines) == 1:
+            self.lines[0] = f"{self.lines[0]} (hint: {hint})"
+        super().__init__("\n".join(self.lines))

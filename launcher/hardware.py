@@ -1,0 +1,83 @@
+"""What the machine offers, probed without importing torch.
+
+`mplaunch check` and `--dry-run` must stay light, so GPUs are read from
+`nvidia-smi` rather than from torch.cuda. Tests pass a `Hardware` value in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One visible GPU."""
+
+    index: int
+    name: str
+    capability: tuple[int, int]
+    memory_bytes: int
+
+    @property
+    def supports_bf16(self) -> bool:
+        return self.capability >= (8, 0)
+
+    @property
+    def has_tensor_cores(self) -> bool:
+        return self.capability >= (7, 0)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The GPUs visible to this process and the CPU count."""
+
+    gpus: tuple[Gpu, ...] = ()
+    cpu_count: int = 1
+
+    @classmethod
+    def probe(cls) -> Hardware:
+        """Read visible GPUs from nvidia-smi, honouring CUDA_VISIBLE_DEVICES."""
+        return cls(gpus=_visible(_nvidia_smi()), cpu_count=len(os.sched_getaffinity(0)))
+
+
+def _nvidia_smi() -> list[Gpu]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    query = "--query-gpu=index,name,compute_cap,memory.total,uuid"
+    try:
+        out = subprocess.run(
+            [exe, query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        index, name, cap, mem_mib, uuid = (f.strip() for f in line.split(","))
+        major, minor = (int(x) for x in cap.split("."))
+        gpu = Gpu(int(index), name, (major, minor), int(mem_mib) * 2**20)
+        gpus.append(gpu)
+        _UUIDS[gpu.index] = uuid
+    return gpus
+
+
+_UUIDS: dict[int, str] = {}
+
+
+def _visible(gpus: list[Gpu]) -> tuple[Gpu, ...]:
+    spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if spec is None:
+        return tuple(gpus)
+    chosen = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            break
+        match = [g for g in gpus if str(g.index) == item or _UUIDS.get(g.index, "").startswith(item)]
+        if not match:
+            break  # CUDA stops at the first invalid entry
+        chosen.append(match[0])
+    # CUDA renumbers the visible devices from 0.
+    return tuple(Gpu(i, g.name, g.capability, g.memory_bytes) for i, g in enumerate(chosen))

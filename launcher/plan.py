@@ -1,0 +1,318 @@
+"""Recipe + Hardware -> a frozen Plan: every number and decision a run depends on.
+
+The dry run prints the plan, the launcher executes it, the workers read it
+back from `RUN_DIR/plan.json`: one set of values everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher import backend_config, precision
+from launcher.errors import UserError
+from launcher.hardware import Hardware
+from launcher.precision import PrecisionPolicy
+from launcher.recipe import Recipe, explicitly_set, to_dict
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The batch triple; global = micro x grad_accum x world (data-parallel)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    world_size: int
+
+    def equation(self, nnodes: int, nproc_per_node: int) -> str:
+        node_word = "node" if nnodes == 1 else "nodes"
+        proc_word = "proc" if nproc_per_node == 1 else "procs"
+        return (
+            f"global_batch_size {self.global_batch_size} = micro_batch_size {self.micro_batch_size}"
+            f" x grad_accum {self.grad_accum} x world_size {self.world_size}"
+            f" ({nnodes} {node_word} x {nproc_per_node} {proc_word})"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run will do, resolved. Printing it is the dry run."""
+
+    recipe: Recipe
+    run_dir: str
+    device: str
+    device_reason: str
+    dist_backend: str
+    nnodes: int
+    nproc_per_node: int
+    batch: Batch
+    precision: PrecisionPolicy
+    backend_config: dict[str, Any]
+    env: dict[str, str]
+    command: tuple[str, ...]
+    data_paths: tuple[str, ...] = ()
+    tokenizer_dir: str | None = None
+    warnings: tuple[str, ...] = field(default=())
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def plan_path(self) -> Path:
+        return Path(self.run_dir) / PLAN_FILE
+
+    def to_json(self) -> str:
+        """The handoff file's content: the resolved recipe plus the plan."""
+        body = {k: v for k, v in asdict(self).items() if k not in ("recipe", "precision")}
+        body["precision"] = {"dtype": self.precision.dtype, "reason": self.precision.reason}
+        return json.dumps({"recipe": to_dict(self.recipe), "source": self.recipe.source, "plan": body}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Read a plan written by `to_json` (the worker side of the handoff)."""
+        data = json.loads(text)
+        recipe_data = dict(data["recipe"], source=data.get("source", ""))
+        recipe = Recipe.model_validate_json(json.dumps(recipe_data))
+        body = dict(data["plan"])
+        prec = body.pop("precision")
+        policy = PrecisionPolicy(prec["dtype"], prec["reason"], recipe.precision.allow_tf32, recipe.precision.loss_scale)
+        body["batch"] = Batch(**body["batch"])
+        body["command"] = tuple(body["command"])
+        body["data_paths"] = tuple(body["data_paths"])
+        body["warnings"] = tuple(body["warnings"])
+        body["problems"] = tuple(body["problems"])
+        return cls(recipe=recipe, precision=policy, **body)
+
+    def command_line(self) -> str:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        return f"{env} {shlex.join(self.command)}".strip()
+
+    def describe(self) -> str:
+        """The dry run: the resolved recipe, batch equation, backend config, environment and command."""
+        label = "DeepSpeed config" if self.recipe.backend == "deepspeed" else "Accelerate settings"
+        rows = [
+            ("device", f"{self.device} ({self.device_reason})"),
+            ("precision", f"{self.precision.dtype} compute, fp32 master weights ({self.precision.reason})"),
+            ("processes", f"{self.nnodes} x {self.nproc_per_node} = world_size {self.world_size}, {self.dist_backend}"),
+            ("batch", self.batch.equation(self.nnodes, self.nproc_per_node)),
+            ("backend", f"{self.recipe.backend}, ZeRO stage {self.recipe.zero.stage}"),
+            ("run dir", self.run_dir),
+        ]
+        ranks = f"0..{self.world_size - 1}" if self.world_size > 1 else "0"
+        per_rank = (
+            f"set by torchrun for each rank: RANK={ranks} LOCAL_RANK={ranks} WORLD_SIZE={self.world_size}"
+            " MASTER_ADDR MASTER_PORT"
+        )
+        parts = [
+            "== recipe (resolved) ==",
+            yaml.safe_dump(to_dict(self.recipe), sort_keys=False).rstrip(),
+            "== plan ==",
+            *(f"{k:<10} {v}" for k, v in rows),
+            f"== {label} ==",
+            json.dumps(self.backend_config, indent=2),
+            "== environment ==",
+            *(f"{k}={v}" for k, v in self.env.items()),
+            per_rank,
+            "== command ==",
+            shlex.join(self.command),
+        ]
+        if self.warnings:
+            parts += ["== warnings ==", *(f"warning: {w}" for w in self.warnings)]
+        return "\n".join(parts)
+
+
+def resolve(
+    recipe: Recipe, hardware: Hardware, *, nnodes_allowed: bool = False, keep_machine_problems: bool = False
+) -> Plan:
+    """Resolve every `auto` against `hardware` and check what the backends would reject.
+
+    Args:
+        recipe: a validated recipe.
+        hardware: the machine the workers will run on.
+        nnodes_allowed: true when the launch goes through Slurm, which starts
+            one torchrun per node; a local launch uses one node.
+        keep_machine_problems: record what this machine cannot run in
+            `Plan.problems` instead of raising (the dry run shows the plan anyway).
+
+    Raises:
+        UserError: one line per problem.
+    """
+    # Problems with the recipe itself always stop here; problems with running it
+    # on *this* machine are kept in the plan when the caller only wants to look.
+    problems: list[str] = []
+    machine: list[str] = []
+    device, device_reason = _device(recipe, hardware, machine)
+    nproc = _nproc(recipe, hardware, device, machine)
+    nnodes = recipe.launch.nnodes
+    if nnodes > 1 and not nnodes_allowed:
+        problems.append(f"launch.nnodes: {nnodes} nodes need --slurm; a local run uses one node")
+    batch = resolve_batch(recipe, nnodes * nproc, problems)
+    policy = precision.resolve(recipe, device, hardware)
+    machine += precision.problems(policy, recipe.backend, device, hardware)
+    if problems or (machine and not keep_machine_problems):
+        raise UserError(problems + machine)
+    assert batch is not None
+    assert batch.global_batch_size == batch.micro_batch_size * batch.grad_accum * batch.world_size
+
+    if recipe.backend == "deepspeed":
+        cfg = backend_config.deepspeed_config(
+            recipe, policy, device, batch.micro_batch_size, batch.grad_accum, batch.global_batch_size
+        )
+    else:
+        cfg = backend_config.accelerate_settings(recipe, policy, device, batch.grad_accum)
+    run_dir = str((Path(recipe.logging.dir) / recipe.name).resolve())
+    env = _env(recipe, device, nproc, hardware)
+    base = Path(recipe.source).parent if recipe.source else Path()
+    tokenizer = str((base / recipe.data.tokenizer).resolve()) if recipe.data.tokenizer else None
+    return Plan(
+        recipe=recipe,
+        run_dir=run_dir,
+        device=device,
+        device_reason=device_reason,
+        dist_backend="nccl" if device == "cuda" else "gloo",
+        nnodes=nnodes,
+        nproc_per_node=nproc,
+        batch=batch,
+        precision=policy,
+        backend_config=cfg,
+        env=env,
+        command=torchrun_command(recipe, nproc, run_dir),
+        data_paths=tuple(str((base / p).resolve()) for p in recipe.data.paths),
+        tokenizer_dir=tokenizer,
+        warnings=tuple(_warnings(recipe, policy, device)),
+        problems=tuple(machine),
+    )
+
+
+def resolve_batch(recipe: Recipe, world: int, problems: list[str]) -> Batch | None:
+    """Derive the batch triple from any two of its members (or one, with grad_accum 1)."""
+    t = recipe.train
+    m, g, a = t.micro_batch_size, t.global_batch_size, t.grad_accum
+    if m is None and g is None:
+        problems.append("train.micro_batch_size: set it (or train.global_batch_size) to size the batch")
+        return None
+    if m is not None and g is not None and a is not None:
+        if g != m * a * world:
+            problems.append(
+                f"train.global_batch_size: {g} != micro_batch_size {m} x grad_accum {a} x world_size {world}"
+                f" (= {m * a * world}); set only two of the three"
+            )
+            return None
+    elif m is not None and g is not None:
+        if g % (m * world):
+            problems.append(
+                f"train.global_batch_size: {g} is not divisible by micro_batch_size {m} x world_size {world}"
+                f" (= {m * world})"
+            )
+            return None
+        a = g // (m * world)
+    elif m is not None:
+        a = a or 1
+        g = m * a * world
+    else:
+        assert g is not None
+        a = a or 1
+        if g % (a * world):
+            problems.append(
+                f"train.global_batch_size: {g} is not divisible by grad_accum {a} x world_size {world} (= {a * world})"
+            )
+            return None
+        m = g // (a * world)
+    return Batch(m, a, g, world)
+
+
+def _device(recipe: Recipe, hardware: Hardware, problems: list[str]) -> tuple[str, str]:
+    wanted = recipe.launch.device
+    if wanted == "cuda" and not hardware.gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        problems.append(f"launch.device: cuda requested but no GPU is visible{why}; use launch.device=cpu")
+        return "cuda", "requested"
+    if wanted != "auto":
+        return wanted, "set in the recipe"
+    if hardware.gpus:
+        return "cuda", f"auto: {len(hardware.gpus)} GPU(s) visible"
+    return "cpu", "auto: no GPU visible"
+
+
+def _nproc(recipe: Recipe, hardware: Hardware, device: str, problems: list[str]) -> int:
+    n = recipe.launch.nproc_per_node
+    if n == "auto":
+        return max(1, len(hardware.gpus)) if device == "cuda" else 1
+    if device == "cuda" and hardware.gpus and n > len(hardware.gpus):
+        problems.append(
+            f"launch.nproc_per_node: {n} processes but only {len(hardware.gpus)} GPU(s) visible; "
+            "use launch.nproc_per_node=auto"
+        )
+    return n
+
+
+def torchrun_command(recipe: Recipe, nproc: int, run_dir: str) -> tuple[str, ...]:
+    """The exact single-node torchrun invocation of the worker."""
+    rdzv = (
+        ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{recipe.launch.master_port}"]
+        if recipe.launch.master_port
+        else ["--standalone"]
+    )
+    return (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rdzv,
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={recipe.launch.max_restarts}",
+        "-m",
+        "launcher.train",
+        str(Path(run_dir) / PLAN_FILE),
+    )
+
+
+def _env(recipe: Recipe, device: str, nproc: int, hardware: Hardware) -> dict[str, str]:
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        # torchrun would set 1 thread per worker; on CPU that starves the run.
+        "OMP_NUM_THREADS": str(max(1, hardware.cpu_count // nproc)),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if recipe.backend == "deepspeed" and device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    if device == "cuda":
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+        env["NCCL_DEBUG"] = "WARN"
+    return env
+
+
+def _warnings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> list[str]:
+    """Settings that would silently have no effect."""
+    written = explicitly_set(recipe)
+    out = []
+    scale_keys = sorted(k for k in written if k.startswith("precision.loss_scale."))
+    if scale_keys and policy.dtype != "fp16":
+        out.append(f"{scale_keys[0]}: has no effect with {policy.dtype} (only fp16 scales the loss)")
+    if "precision.allow_tf32" in written and (policy.dtype != "fp32" or device == "cpu"):
+        out.append("precision.allow_tf32: only affects fp32 runs on Ampere or newer GPUs")
+    z = recipe.zero
+    if recipe.backend == "accelerate" and z.stage > 0:
+        if device == "cpu":
+            out.append(f"zero.stage: accelerate runs plain DDP on CPU; stage {z.stage} sharding is not applied")
+        elif z.stage == 1:
+            out.append("zero.stage: FSDP has no stage-1 mode; stage 1 runs as SHARD_GRAD_OP (ZeRO-2)")
+    t = recipe.train
+    if t.eval_every > t.max_steps:
+        out.append(f"train.eval_every: {t.eval_every} is beyond train.max_steps {t.max_steps}; no evaluation will run")
+    if recipe.checkpoint.every_steps > t.max_steps:
+        out.append("checkpoint.every_steps: beyond train.max_steps; only the final checkpoint is written")
+    return out

@@ -1,0 +1,650 @@
+"""The recipe: the user's contract, its YAML loading, overrides and validation.
+
+Every field carries its one-sentence description; `mplaunch check --explain`
+prints them and the README's reference table is generated from them. Unknown
+keys and wrong types are reported all at once, each naming its dotted path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from launcher.errors import UserError
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML 1.1 reads yes/no/on/off as booleans, and Python's True == 1 would
+    # otherwise slip through a Literal[0, 1, 2, 3].
+    if isinstance(value, bool):
+        raise ValueError(f"expected one of 0, 1, 2, 3, got {value!r} (YAML reads yes/no/on/off as booleans)")
+    return value
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+TARGET_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class Model(Section):
+    name: Literal["bert-mlm", "gpt2-lm", "tiny-mlp"] | None = "bert-mlm"
+    """Built-in model; ignored when `target` is set (set it to null then)."""
+    size: Literal["tiny", "mini", "base", "large"] = "base"
+    """Preset size of the built-in model (BERT-base is 110M parameters, tiny is a few hundred thousand)."""
+    hidden_size: PositiveInt | None = None
+    """Override the preset's hidden width."""
+    num_layers: PositiveInt | None = None
+    """Override the preset's number of transformer layers."""
+    num_heads: PositiveInt | None = None
+    """Override the preset's number of attention heads (must divide hidden_size)."""
+    intermediate_size: PositiveInt | None = None
+    """Override the preset's feed-forward width."""
+    vocab_size: PositiveInt | None = None
+    """Vocabulary size; defaults to the tokenizer's, or 30522 (BERT) / 50257 (GPT-2) for synthetic data."""
+    max_position_embeddings: PositiveInt | None = None
+    """Longest sequence the model accepts; defaults to 512 (BERT) / 1024 (GPT-2)."""
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    """Dropout probability in the built-in transformers."""
+    target: Annotated[str, Field(pattern=TARGET_PATTERN)] | None = None
+    """Your own model: "package.module:factory", called with `kwargs`; it returns an nn.Module whose forward(**batch) gives a loss."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for `target`."""
+
+
+class Data(Section):
+    kind: Literal["synthetic", "text", "jsonl"] = "synthetic"
+    """synthetic random tokens (throughput work), or local text / jsonl files."""
+    paths: list[str] = []
+    """Files for kind text/jsonl, relative to the recipe file."""
+    text_field: str = "text"
+    """Field of each jsonl record that holds the text."""
+    tokenizer: str | None = None
+    """A local tokenizer directory (from save_pretrained); when unset a WordPiece tokenizer is trained on `paths`."""
+    seq_len: PositiveInt = 128
+    """Tokens per sample."""
+    mask_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    """Fraction of tokens masked for masked-LM models."""
+    num_samples: PositiveInt = 4096
+    """Samples in the synthetic dataset (one epoch)."""
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Fraction of the samples held out for evaluation."""
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    """DataLoader worker processes per rank."""
+
+
+class Optimizer(Section):
+    name: Literal["adamw"] = "adamw"
+    """The optimizer (AdamW, fused where the device supports it)."""
+    lr: Annotated[float, Field(gt=0.0)] = 1e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam beta1 and beta2."""
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8
+    """Adam epsilon."""
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    """Decoupled weight decay."""
+
+
+class Scheduler(Section):
+    name: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup: linear or cosine to min_lr_ratio x lr, or constant."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Optimizer steps of linear warmup from 0 to lr."""
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Final learning rate as a fraction of lr."""
+
+
+class Train(Section):
+    micro_batch_size: PositiveInt | None = None
+    """Samples per rank per forward pass."""
+    global_batch_size: PositiveInt | None = None
+    """Samples per optimizer step across all ranks (= micro_batch_size x grad_accum x world_size)."""
+    grad_accum: PositiveInt | None = None
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: PositiveInt = 1000
+    """Optimizer steps to train."""
+    eval_every: Annotated[int, Field(ge=0)] = 0
+    """Evaluate every this many steps (0: never)."""
+    eval_steps: PositiveInt = 10
+    """Micro-batches per evaluation."""
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    seed: Annotated[int, Field(ge=0)] = 1234
+    """Seed for python, numpy and torch (offset by rank where ranks must differ)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+
+
+class LossScale(Section):
+    dynamic: bool = True
+    """Dynamic loss scaling; false uses `initial` as a static scale."""
+    initial: Annotated[float, Field(gt=0.0)] = 2.0**16
+    """Starting loss scale (a power of two)."""
+    window: PositiveInt = 1000
+    """Overflow-free steps before the scale doubles."""
+    hysteresis: PositiveInt = 2
+    """Overflows tolerated before the scale is halved."""
+    consecutive_hysteresis: bool = False
+    """Refill the hysteresis after every overflow-free step."""
+    min: Annotated[float, Field(gt=0.0)] = 1.0
+    """Lowest scale; overflowing there stops the run."""
+
+
+class Precision(Section):
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Compute dtype; auto picks bf16 on CPU and Ampere-or-newer GPUs, fp16 on older GPUs. Master weights stay fp32."""
+    allow_tf32: bool = True
+    """Let fp32 matrix products use TF32 tensor cores on Ampere or newer."""
+    loss_scale: LossScale = LossScale()
+    """Dynamic loss scaling for fp16."""
+
+
+class Zero(Section):
+    stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_no_bool)] = 0
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and its step) on the CPU; needs stage >= 1."""
+    offload_params: bool = False
+    """Keep parameters on the CPU; needs stage 3."""
+
+
+class Launch(Section):
+    nnodes: PositiveInt = 1
+    """Nodes; more than one needs --slurm."""
+    nproc_per_node: Literal["auto"] | PositiveInt = "auto"
+    """Processes per node: auto is one per visible GPU, or 1 on CPU."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where to train; auto is cuda when a GPU is visible."""
+    max_restarts: Annotated[int, Field(ge=0)] = 0
+    """Times torchrun restarts the workers after a failure."""
+    master_port: Annotated[int, Field(ge=1024, le=65535)] | None = None
+    """Rendezvous port; default: torchrun's --standalone picks a free one."""
+
+
+class Checkpoint(Section):
+    dir: str | None = None
+    """Checkpoint directory; default RUN_DIR/checkpoints."""
+    every_steps: Annotated[int, Field(ge=0)] = 0
+    """Save every this many steps (0: only at the end and on a stop request)."""
+    keep: PositiveInt = 3
+    """Newest checkpoints kept."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the run directory's latest complete checkpoint."""
+
+
+class Logging(Section):
+    dir: str = "runs"
+    """Parent of run directories; a run lives in DIR/NAME."""
+    every_steps: PositiveInt = 10
+    """Steps between metrics lines and console updates."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run directory."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+class Slurm(Section):
+    partition: str | None = None
+    """Partition (sbatch --partition)."""
+    account: str | None = None
+    """Account to charge (sbatch --account)."""
+    qos: str | None = None
+    """Quality of service (sbatch --qos)."""
+    time: str = "01:00:00"
+    """Time limit, as sbatch takes it (HH:MM:SS or D-HH:MM:SS)."""
+    nodes: PositiveInt | None = None
+    """Nodes; default launch.nnodes."""
+    gpus_per_node: Annotated[int, Field(ge=0)] | None = None
+    """GPUs per node; default launch.nproc_per_node on GPU, 0 on CPU."""
+    cpus_per_task: PositiveInt | None = None
+    """CPU cores for each node's task."""
+    mem: str | None = None
+    """Memory per node (sbatch --mem, e.g. 64G)."""
+    extra_sbatch: list[str] = []
+    """Further #SBATCH options, e.g. "--constraint=h100"."""
+    setup: list[str] = []
+    """Shell lines run before the launch (module load, source venv)."""
+    env: dict[str, str] = {}
+    """Environment variables for the job, on top of mplaunch's defaults."""
+    signal_s: Annotated[int, Field(ge=10)] = 120
+    """Seconds before the time limit at which the job is told to checkpoint and requeue."""
+    max_requeues: Annotated[int, Field(ge=0)] = 3
+    """Requeues allowed after time limits or preemption."""
+
+
+class Recipe(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    """Run name (letters, digits, . _ -); the run directory is logging.dir/name."""
+    model: Model = Model()
+    """What to train."""
+    data: Data = Data()
+    """What to train on."""
+    optimizer: Optimizer = Optimizer()
+    """Optimizer settings."""
+    scheduler: Scheduler = Scheduler()
+    """Learning-rate schedule."""
+    train: Train = Train()
+    """Batch arithmetic and loop settings."""
+    precision: Precision = Precision()
+    """Mixed precision."""
+    backend: Literal["deepspeed", "accelerate"] = "deepspeed"
+    """Which library wraps the model."""
+    zero: Zero = Zero()
+    """ZeRO sharding (FSDP under accelerate)."""
+    launch: Launch = Launch()
+    """Processes and devices."""
+    checkpoint: Checkpoint = Checkpoint()
+    """Checkpoints and resume."""
+    logging: Logging = Logging()
+    """Metrics and console."""
+    slurm: Slurm = Slurm()
+    """Batch-job settings for --slurm."""
+    source: str = Field(default="", exclude=True)
+    """(set by mplaunch) the recipe file this came from."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply its `extends:` chain and the dotted overrides, and validate.
+
+    Args:
+        path: the recipe file.
+        overrides: `dotted.key=value` strings; values are read as YAML scalars.
+
+    Returns:
+        The validated recipe.
+
+    Raises:
+        UserError: with one line per problem, all problems at once.
+    """
+    path = Path(path)
+    raw = _read_chain(path, ())
+    override_paths = []
+    for item in overrides:
+        dotted, value = parse_override(item)
+        _set_dotted(raw, dotted, value)
+        override_paths.append(dotted)
+    raw.setdefault("name", path.stem)
+    raw.pop("extends", None)
+    raw["source"] = str(path)
+    return validate(raw, str(path), override_paths)
+
+
+def validate(raw: dict[str, Any], label: str, override_paths: list[str] = ()) -> Recipe:  # type: ignore[assignment]
+    """Validate a merged recipe dict, then its cross-field rules; raise every problem at once."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err, raw) for err in exc.errors()]
+        raise UserError([_attribute(line, label, override_paths) for line in lines]) from None
+    problems = check_rules(recipe)
+    if problems:
+        raise UserError([_attribute(p, label, override_paths) for p in problems])
+    return recipe
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split `a.b.c=value` and read the value with YAML scalar semantics."""
+    key, sep, text = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+        raise UserError(f"override {item!r}: expected dotted.key=value", hint="e.g. train.max_steps=20")
+    try:
+        return key, yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"override {item!r}: value is not valid YAML ({_yaml_reason(exc)})") from None
+
+
+def _read_chain(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise UserError(f"{path}: extends cycle: {cycle}")
+    raw = _read_yaml(path)
+    parent = raw.get("extends")
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: extends: expected a path string, got {parent!r}")
+    base = _read_chain(path.parent / parent, (*chain, resolved))
+    _rebase_paths(base, path.parent / parent, path)
+    return deep_merge(base, {k: v for k, v in raw.items() if k != "extends"})
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found", hint="`mplaunch recipes` lists the shipped ones") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({_yaml_reason(exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _rebase_paths(base: dict[str, Any], base_file: Path, child_file: Path) -> None:
+    # Data paths are relative to the file that names them; after merging they
+    # are read relative to the child, so rewrite the base's to stay correct.
+    data = base.get("data")
+    if not isinstance(data, dict):
+        return
+    rel = Path(_relpath(base_file.parent, child_file.parent))
+    if isinstance(data.get("paths"), list):
+        data["paths"] = [p if not isinstance(p, str) or Path(p).is_absolute() else str(rel / p) for p in data["paths"]]
+    if isinstance(data.get("tokenizer"), str) and not Path(data["tokenizer"]).is_absolute():
+        data["tokenizer"] = str(rel / data["tokenizer"])
+
+
+def _relpath(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(target.resolve(), start.resolve())
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else in `top` replaces what `base` had."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise UserError(f"override {dotted}: {prefix} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _attribute(line: str, label: str, override_paths: list[str]) -> str:
+    key = line.split(":", 1)[0]
+    for dotted in override_paths:
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+            return f"override {dotted}: {line.split(':', 1)[1].strip()}" if key == dotted else f"override: {line}"
+    return f"{label}: {line}"
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p[:1] in "[(" or p in _UNION_TAGS)]
+    dotted = _dotted(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{dotted}: unknown key{did_you_mean(loc)}"
+    given = err.get("input")
+    if kind == "missing":
+        return f"{dotted}: required key is missing"
+    if kind == "model_type" or kind == "model_attributes_type" or kind == "dict_type":
+        return f"{dotted}: expected a section (mapping of keys), got {_show(given)}"
+    if kind == "value_error":
+        return f"{dotted}: {err['msg'].removeprefix('Value error, ')}"
+    return f"{dotted}: {_expected(err)}, got {_show(given)}"
+
+
+_UNION_TAGS = {"int", "str", "float", "bool", "literal['auto']", "constrained-int", "constrained-str"}
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and (part.startswith(("literal[", "function-")) or part in _UNION_TAGS):
+            continue  # pydantic names the union branch it tried; the user never wrote it
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+_EXPECTED = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "dict_type": "expected a mapping",
+}
+
+
+def _expected(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected', '').replace(' or ', ', ')}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()), "")
+        return f"expected a value {op} {bound}"
+    if kind == "string_pattern_mismatch":
+        return f"expected text matching {ctx.get('pattern')}"
+    if kind == "too_short" or kind == "too_long":
+        return err["msg"].lower()
+    return err["msg"][:1].lower() + err["msg"][1:]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f"{value!r} (a string)"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (YAML reads yes/no/on/off as booleans)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return repr(value)
+
+
+def _fields_at(loc: list[str]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The section model at `loc` (the unknown key's parent) and the path to it."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return None, loc[:-1]
+        model = sub
+    return model, loc[:-1]
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key of the recipe, for suggestions and the reference table."""
+    keys: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(sub, f"{prefix}{name}.")
+            else:
+                keys.append(prefix + name)
+
+    walk(Recipe, "")
+    return keys
+
+
+def did_you_mean(loc: list[str]) -> str:
+    """A '; did you mean X?' suffix for an unknown key at `loc`, or ''."""
+    model, parent = _fields_at(loc)
+    key = loc[-1]
+    prefix = ".".join(parent) + "." if parent else ""
+    if model is not None:
+        here = [name for name, f in model.model_fields.items() if not f.exclude]
+        close = difflib.get_close_matches(key, here, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {prefix}{close[0]}?"
+    # The key may belong to another section: train.lr -> optimizer.lr.
+    elsewhere = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key]
+    if not elsewhere:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
+        close = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.8)
+        elsewhere = [leaves[close[0]]] if close else []
+    if elsewhere:
+        return f"; did you mean {elsewhere[0]}?"
+    if model is not None:
+        return f"; valid keys here: {', '.join(n for n, f in model.model_fields.items() if not f.exclude)}"
+    return ""
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+
+def check_rules(recipe: Recipe) -> list[str]:
+    """Rules that span fields and need no knowledge of the machine; one line per broken rule."""
+    problems: list[str] = []
+    z, m, t, ls = recipe.zero, recipe.model, recipe.train, recipe.precision.loss_scale
+    if z.offload_optimizer and z.stage < 1:
+        problems.append(f"zero.offload_optimizer: needs zero.stage >= 1, got stage {z.stage}")
+    if z.offload_params and z.stage != 3:
+        problems.append(f"zero.offload_params: needs zero.stage 3, got stage {z.stage}")
+    if recipe.backend == "accelerate" and z.offload_optimizer and not z.offload_params:
+        problems.append(
+            "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together; "
+            "set zero.offload_params=true too, or use backend=deepspeed"
+        )
+    if m.target is None and m.name is None:
+        problems.append("model: set model.name to a built-in model or model.target to your own factory")
+    if m.kwargs and m.target is None:
+        problems.append("model.kwargs: only used with model.target")
+    if m.hidden_size and m.num_heads and m.hidden_size % m.num_heads:
+        problems.append(f"model.num_heads: {m.num_heads} does not divide model.hidden_size {m.hidden_size}")
+    max_pos = m.max_position_embeddings or (1024 if m.name == "gpt2-lm" else 512)
+    if m.target is None and m.name != "tiny-mlp" and recipe.data.seq_len > max_pos:
+        problems.append(f"data.seq_len: {recipe.data.seq_len} is longer than model.max_position_embeddings {max_pos}")
+    problems += _data_rules(recipe)
+    if recipe.scheduler.warmup_steps > t.max_steps:
+        problems.append(
+            f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {t.max_steps}"
+        )
+    if ls.initial != 2.0 ** round(_log2(ls.initial)):
+        problems.append(f"precision.loss_scale.initial: expected a power of two (DeepSpeed takes its exponent), got {ls.initial:g}")
+    if ls.min > ls.initial:
+        problems.append(f"precision.loss_scale.min: {ls.min:g} is above precision.loss_scale.initial {ls.initial:g}")
+    if recipe.launch.nnodes > 1 and recipe.slurm.nodes not in (None, recipe.launch.nnodes):
+        problems.append(f"slurm.nodes: {recipe.slurm.nodes} disagrees with launch.nnodes {recipe.launch.nnodes}")
+    return problems
+
+
+def _data_rules(recipe: Recipe) -> list[str]:
+    d = recipe.data
+    problems: list[str] = []
+    if d.kind == "synthetic" and d.paths:
+        problems.append("data.paths: only used with data.kind text or jsonl")
+    if d.kind != "synthetic" and not d.paths:
+        problems.append(f"data.paths: data.kind {d.kind} needs at least one file")
+    base = Path(recipe.source).parent if recipe.source else Path()
+    for i, p in enumerate(d.paths):
+        if not (base / p).is_file():
+            problems.append(f"data.paths[{i}]: file not found: {base / p}")
+    if d.tokenizer is not None and not (base / d.tokenizer).is_dir():
+        problems.append(f"data.tokenizer: directory not found: {base / d.tokenizer}")
+    if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
+        problems.append("data.kind: the tiny-mlp model trains on synthetic data only")
+    return problems
+
+
+def _log2(x: float) -> float:
+    import math
+
+    return math.log2(x)
+
+
+def explicitly_set(recipe: Recipe) -> set[str]:
+    """Dotted keys the user wrote (in a file or an override), as opposed to defaults."""
+    out: set[str] = set()
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name in model.model_fields_set:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{prefix}{name}.")
+            else:
+                out.add(prefix + name)
+
+    walk(recipe, "")
+    return out
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe as plain data (every default filled in)."""
+    return recipe.model_dump(mode="json")
+
+
+def reference_rows() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every recipe key: `check --explain` and the README."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(sub, f"{prefix}{name}.")
+                continue
+            type_ = _type_name(sub)
+            default = "required" if field.is_required() else _default_text(field.default)
+            rows.append((prefix + name, type_, default, field.description or ""))
+
+    walk(Recipe, "")
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    text = repr(annotation).replace("typing.", "").replace("Annotated[", "").replace("NoneType", "null")
+    text = re.sub(r", (FieldInfo|BeforeValidator)\([^\]]*?\)\]", "", text)
+    text = re.sub(r"Literal\[([^\]]*)\]", lambda m: m.group(1).replace("'", "").replace(", ", "|"), text)
+    return text.replace(" | ", "|").replace("<class '", "").replace("'>", "")
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value >= 1024:
+        return f"{value:g}"
+    return str(value) if not isinstance(value, (list, dict, tuple)) or value else json_empty(value)
+
+
+def json_empty(value: Any) -> str:
+    return "[]" if isinstance(value, (list, tuple)) else "{}"

@@ -1,0 +1,42 @@
+"""Test hygiene and gating: GPU and Slurm tests skip cleanly where those are absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+
+
+def _has_cuda() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    need_gpu = any("gpu" in item.keywords for item in items)
+    has_gpu = _has_cuda() if need_gpu else False
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_env() -> object:
+    """Fail a test that leaves environment variables changed."""
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    leaked = {k for k in before.keys() ^ after.keys()} | {k for k in before if k in after and before[k] != after[k]}
+    os.environ.clear()
+    os.environ.update(before)
+    assert not leaked, f"test leaked environment changes: {sorted(leaked)}"
