@@ -4,6 +4,8 @@
     mplaunch check RECIPE [key=value ...] [--explain]
     mplaunch env
     mplaunch recipes [NAME] [--copy PATH]
+    mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE]
+    mplaunch RECIPE --slurm [--nodes N ...] [--dry-run]
 """
 
 from __future__ import annotations
@@ -57,11 +59,18 @@ def _run_parser() -> _Parser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, read as YAML scalars")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and command; start nothing")
     p.add_argument("--version", action="version", version=f"mplaunch {__version__}")
+    from launcher import slurm
+
+    slurm.add_arguments(p)
     return p
 
 
 def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_intermixed_args(argv)
+    if args.slurm:
+        from launcher import slurm
+
+        return slurm.run(args)
     plan = _plan(args.recipe, args.overrides, keep_machine_problems=args.dry_run)
     if args.dry_run:
         print("mplaunch dry run: nothing is started")
@@ -157,6 +166,12 @@ def _plan(recipe_arg: str, overrides: list[str], keep_machine_problems: bool = F
     return resolve(recipe, Hardware.probe(), keep_machine_problems=keep_machine_problems)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from launcher import memory
+
+    return memory.main(argv)
+
+
 def _print_warnings(warnings: Sequence[str]) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -167,4 +182,5 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "check": cmd_check,
     "env": cmd_env,
     "recipes": cmd_recipes,
+    "plan": cmd_plan,
 }
