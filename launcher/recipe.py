@@ -7,8 +7,11 @@ keys and wrong types are reported all at once, each naming its dotted path.
 
 from __future__ import annotations
 
-import difflib
+import math
+import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,21 +19,33 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from launcher.errors import UserError
+from launcher.recipe_errors import attribute, describe_errors, leaf_keys
 
 
 def _no_bool(value: Any) -> Any:
     # YAML 1.1 reads yes/no/on/off as booleans, and Python's True == 1 would
     # otherwise slip through a Literal[0, 1, 2, 3].
     if isinstance(value, bool):
-        raise ValueError(f"expected one of 0, 1, 2, 3, got {value!r} (YAML reads yes/no/on/off as booleans)")
+        shown = str(value).lower()
+        raise ValueError(f"expected one of 0, 1, 2, 3, got {shown} (YAML reads yes/no/on/off as true/false)")
     return value
 
 
+def _list_to_tuple(value: Any) -> Any:
+    # YAML has lists, not tuples; strict mode would otherwise refuse every list.
+    return tuple(value) if isinstance(value, list) else value
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: YAML reads .inf and .nan as numbers, and no field means them.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# torch's AdamW refuses betas outside [0, 1).
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 TARGET_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
@@ -85,7 +100,7 @@ class Optimizer(Section):
     """The optimizer (AdamW, fused where the device supports it)."""
     lr: Annotated[float, Field(gt=0.0)] = 1e-4
     """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Annotated[tuple[Beta, Beta], BeforeValidator(_list_to_tuple)] = (0.9, 0.999)
     """Adam beta1 and beta2."""
     eps: Annotated[float, Field(gt=0.0)] = 1e-8
     """Adam epsilon."""
@@ -127,7 +142,7 @@ class LossScale(Section):
     dynamic: bool = True
     """Dynamic loss scaling; false uses `initial` as a static scale."""
     initial: Annotated[float, Field(gt=0.0)] = 2.0**16
-    """Starting loss scale (a power of two)."""
+    """Starting loss scale (a power of two when dynamic), or the fixed scale when dynamic is false."""
     window: PositiveInt = 1000
     """Overflow-free steps before the scale doubles."""
     hysteresis: PositiveInt = 2
@@ -135,7 +150,7 @@ class LossScale(Section):
     consecutive_hysteresis: bool = False
     """Refill the hysteresis after every overflow-free step."""
     min: Annotated[float, Field(gt=0.0)] = 1.0
-    """Lowest scale; overflowing there stops the run."""
+    """Lowest scale; overflowing there stops the run (DeepSpeed takes a whole number)."""
 
 
 class Precision(Section):
@@ -280,17 +295,36 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     return validate(raw, str(path), override_paths)
 
 
-def validate(raw: dict[str, Any], label: str, override_paths: list[str] = ()) -> Recipe:  # type: ignore[assignment]
-    """Validate a merged recipe dict, then its cross-field rules; raise every problem at once."""
+def validate(raw: dict[str, Any], label: str, override_paths: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Validate a merged recipe dict, then its cross-field rules; raise every problem at once.
+
+    Args:
+        raw: the merged recipe as read from YAML.
+        label: where problems not set by an override come from (the recipe file).
+        override_paths: dotted keys set on the command line, for attribution.
+    """
+    _drop_empty_sections(raw, Recipe)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(err, raw) for err in exc.errors()]
-        raise UserError([_attribute(line, label, override_paths) for line in lines]) from None
+        lines = describe_errors(exc, Recipe)
+        raise UserError([attribute(line, label, override_paths) for line in lines]) from None
     problems = check_rules(recipe)
     if problems:
-        raise UserError([_attribute(p, label, override_paths) for p in problems])
+        raise UserError([attribute(p, label, override_paths) for p in problems])
     return recipe
+
+
+def _drop_empty_sections(raw: dict[str, Any], model: type[BaseModel]) -> None:
+    # `slurm:` with every line below commented out reads as null; treat it as
+    # an empty section (all defaults) rather than as a type error.
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and name in raw:
+            if raw[name] is None:
+                del raw[name]
+            elif isinstance(raw[name], dict):
+                _drop_empty_sections(raw[name], sub)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -299,9 +333,44 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
         raise UserError(f"override {item!r}: expected dotted.key=value", hint="e.g. train.max_steps=20")
     try:
-        return key, yaml.safe_load(text) if text else ""
+        return key, yaml.load(text, Loader=_Loader) if text else ""
     except yaml.YAMLError as exc:
-        raise UserError(f"override {item!r}: value is not valid YAML ({_yaml_reason(exc)})") from None
+        raise UserError(f"override {key}: value {text!r} is not valid YAML ({_yaml_reason(exc)})") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 needs a dot in a float, so PyYAML reads 1e-4 as a string; take the
+# YAML 1.2 spelling too, since that is how learning rates are written.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML the way recipes are read (duplicate keys refused, 1e-4 is a number)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _read_chain(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
@@ -309,26 +378,30 @@ def _read_chain(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise UserError(f"{path}: extends cycle: {cycle}")
-    raw = _read_yaml(path)
+    raw = read_file(path)
     parent = raw.get("extends")
     if parent is None:
         return raw
-    if not isinstance(parent, str):
-        raise UserError(f"{path}: extends: expected a path string, got {parent!r}")
-    base = _read_chain(path.parent / parent, (*chain, resolved))
-    _rebase_paths(base, path.parent / parent, path)
+    if not isinstance(parent, str) or not parent:
+        raise UserError(f"{path}: extends: expected the path of a base recipe, got {parent!r}")
+    base_file = path.parent / parent
+    if not base_file.is_file():
+        raise UserError(f"{path}: extends: base recipe not found: {base_file}")
+    base = _read_chain(base_file, (*chain, resolved))
+    _rebase_paths(base, base_file, path)
     return deep_merge(base, {k: v for k, v in raw.items() if k != "extends"})
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_file(path: Path) -> dict[str, Any]:
+    """One recipe file as a mapping, without its extends chain; UserError if unreadable."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found", hint="`mplaunch recipes` lists the shipped ones") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read recipe ({getattr(exc, 'strerror', None) or exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({_yaml_reason(exc)})") from None
     if data is None:
@@ -358,8 +431,6 @@ def _rebase_paths(base: dict[str, Any], base_file: Path, child_file: Path) -> No
 
 
 def _relpath(target: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(target.resolve(), start.resolve())
 
 
@@ -378,7 +449,9 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node = raw
     parts = dotted.split(".")
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             prefix = ".".join(parts[: i + 1])
             raise UserError(f"override {dotted}: {prefix} is a value, not a section")
@@ -386,152 +459,13 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-# --------------------------------------------------------------------------- messages
-
-
-def _attribute(line: str, label: str, override_paths: list[str]) -> str:
-    key = line.split(":", 1)[0]
-    for dotted in override_paths:
-        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
-            return f"override {dotted}: {line.split(':', 1)[1].strip()}" if key == dotted else f"override: {line}"
-    return f"{label}: {line}"
-
-
-def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p[:1] in "[(" or p in _UNION_TAGS)]
-    dotted = _dotted(err["loc"])
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return f"{dotted}: unknown key{did_you_mean(loc)}"
-    given = err.get("input")
-    if kind == "missing":
-        return f"{dotted}: required key is missing"
-    if kind == "model_type" or kind == "model_attributes_type" or kind == "dict_type":
-        return f"{dotted}: expected a section (mapping of keys), got {_show(given)}"
-    if kind == "value_error":
-        return f"{dotted}: {err['msg'].removeprefix('Value error, ')}"
-    return f"{dotted}: {_expected(err)}, got {_show(given)}"
-
-
-_UNION_TAGS = {"int", "str", "float", "bool", "literal['auto']", "constrained-int", "constrained-str"}
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and (part.startswith(("literal[", "function-")) or part in _UNION_TAGS):
-            continue  # pydantic names the union branch it tried; the user never wrote it
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-_EXPECTED = {
-    "int_type": "expected an integer",
-    "int_parsing": "expected an integer",
-    "float_type": "expected a number",
-    "bool_type": "expected true or false",
-    "string_type": "expected a string",
-    "list_type": "expected a list",
-    "tuple_type": "expected a list",
-    "dict_type": "expected a mapping",
-}
-
-
-def _expected(err: dict[str, Any]) -> str:
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    if kind in _EXPECTED:
-        return _EXPECTED[kind]
-    if kind == "literal_error":
-        return f"expected one of {ctx.get('expected', '').replace(' or ', ', ')}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
-        bound = next(iter(ctx.values()), "")
-        return f"expected a value {op} {bound}"
-    if kind == "string_pattern_mismatch":
-        return f"expected text matching {ctx.get('pattern')}"
-    if kind == "too_short" or kind == "too_long":
-        return err["msg"].lower()
-    return err["msg"][:1].lower() + err["msg"][1:]
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return f"{value!r} (a string)"
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (YAML reads yes/no/on/off as booleans)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "null"
-    return repr(value)
-
-
-def _fields_at(loc: list[str]) -> tuple[type[BaseModel] | None, list[str]]:
-    """The section model at `loc` (the unknown key's parent) and the path to it."""
-    model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
-        field = model.model_fields.get(part)
-        sub = getattr(field, "annotation", None) if field else None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
-            return None, loc[:-1]
-        model = sub
-    return model, loc[:-1]
-
-
-def all_keys() -> list[str]:
-    """Every valid dotted key of the recipe, for suggestions and the reference table."""
-    keys: list[str] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            if field.exclude:
-                continue
-            sub = field.annotation
-            if isinstance(sub, type) and issubclass(sub, BaseModel):
-                walk(sub, f"{prefix}{name}.")
-            else:
-                keys.append(prefix + name)
-
-    walk(Recipe, "")
-    return keys
-
-
-def did_you_mean(loc: list[str]) -> str:
-    """A '; did you mean X?' suffix for an unknown key at `loc`, or ''."""
-    model, parent = _fields_at(loc)
-    key = loc[-1]
-    prefix = ".".join(parent) + "." if parent else ""
-    if model is not None:
-        here = [name for name, f in model.model_fields.items() if not f.exclude]
-        close = difflib.get_close_matches(key, here, n=1, cutoff=0.6)
-        if close:
-            return f"; did you mean {prefix}{close[0]}?"
-    # The key may belong to another section: train.lr -> optimizer.lr.
-    elsewhere = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key]
-    if not elsewhere:
-        leaves = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
-        close = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.8)
-        elsewhere = [leaves[close[0]]] if close else []
-    if elsewhere:
-        return f"; did you mean {elsewhere[0]}?"
-    if model is not None:
-        return f"; valid keys here: {', '.join(n for n, f in model.model_fields.items() if not f.exclude)}"
-    return ""
-
-
 # --------------------------------------------------------------------------- cross-field rules
 
 
 def check_rules(recipe: Recipe) -> list[str]:
     """Rules that span fields and need no knowledge of the machine; one line per broken rule."""
+    z = recipe.zero
     problems: list[str] = []
-    z, m, t, ls = recipe.zero, recipe.model, recipe.train, recipe.precision.loss_scale
     if z.offload_optimizer and z.stage < 1:
         problems.append(f"zero.offload_optimizer: needs zero.stage >= 1, got stage {z.stage}")
     if z.offload_params and z.stage != 3:
@@ -541,26 +475,53 @@ def check_rules(recipe: Recipe) -> list[str]:
             "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together; "
             "set zero.offload_params=true too, or use backend=deepspeed"
         )
-    if m.target is None and m.name is None:
-        problems.append("model: set model.name to a built-in model or model.target to your own factory")
-    if m.kwargs and m.target is None:
-        problems.append("model.kwargs: only used with model.target")
-    if m.hidden_size and m.num_heads and m.hidden_size % m.num_heads:
-        problems.append(f"model.num_heads: {m.num_heads} does not divide model.hidden_size {m.hidden_size}")
-    max_pos = m.max_position_embeddings or (1024 if m.name == "gpt2-lm" else 512)
-    if m.target is None and m.name != "tiny-mlp" and recipe.data.seq_len > max_pos:
-        problems.append(f"data.seq_len: {recipe.data.seq_len} is longer than model.max_position_embeddings {max_pos}")
+    problems += _model_rules(recipe)
     problems += _data_rules(recipe)
-    if recipe.scheduler.warmup_steps > t.max_steps:
+    if recipe.scheduler.warmup_steps > recipe.train.max_steps:
         problems.append(
-            f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {t.max_steps}"
+            f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {recipe.train.max_steps}"
         )
-    if ls.initial != 2.0 ** round(_log2(ls.initial)):
-        problems.append(f"precision.loss_scale.initial: expected a power of two (DeepSpeed takes its exponent), got {ls.initial:g}")
-    if ls.min > ls.initial:
-        problems.append(f"precision.loss_scale.min: {ls.min:g} is above precision.loss_scale.initial {ls.initial:g}")
+    problems += _loss_scale_rules(recipe)
     if recipe.launch.nnodes > 1 and recipe.slurm.nodes not in (None, recipe.launch.nnodes):
         problems.append(f"slurm.nodes: {recipe.slurm.nodes} disagrees with launch.nnodes {recipe.launch.nnodes}")
+    return problems
+
+
+def _model_rules(recipe: Recipe) -> list[str]:
+    from launcher.shapes import shape_of  # shapes imports this module
+
+    m = recipe.model
+    if m.target is None and m.name is None:
+        return ["model: set model.name to a built-in model or model.target to your own factory"]
+    if m.target is not None:
+        return []
+    problems = ["model.kwargs: only used with model.target"] if m.kwargs else []
+    shape = shape_of(m)
+    if m.name != "tiny-mlp" and shape.hidden_size % shape.num_heads:
+        problems.append(
+            f"model.num_heads: {shape.num_heads} does not divide model.hidden_size {shape.hidden_size}"
+            f" (the {m.size} preset's, unless set)"
+        )
+    if m.name != "tiny-mlp" and recipe.data.seq_len > shape.max_position_embeddings:
+        problems.append(
+            f"data.seq_len: {recipe.data.seq_len} is longer than model.max_position_embeddings"
+            f" {shape.max_position_embeddings}"
+        )
+    return problems
+
+
+def _loss_scale_rules(recipe: Recipe) -> list[str]:
+    ls = recipe.precision.loss_scale
+    key = "precision.loss_scale"
+    problems = []
+    # DeepSpeed takes the dynamic scale as an exponent (initial_scale_power);
+    # a static scale is used as written.
+    if ls.dynamic and ls.initial != 2.0 ** round(math.log2(ls.initial)):
+        problems.append(f"{key}.initial: expected a power of two for a dynamic scale, got {ls.initial:g}")
+    if ls.dynamic and ls.min > ls.initial:
+        problems.append(f"{key}.min: {ls.min:g} is above {key}.initial {ls.initial:g}")
+    if recipe.backend == "deepspeed" and ls.min != int(ls.min):
+        problems.append(f"{key}.min: DeepSpeed's min_loss_scale is a whole number, got {ls.min:g}")
     return problems
 
 
@@ -572,7 +533,7 @@ def _data_rules(recipe: Recipe) -> list[str]:
     if d.kind != "synthetic" and not d.paths:
         problems.append(f"data.paths: data.kind {d.kind} needs at least one file")
     base = Path(recipe.source).parent if recipe.source else Path()
-    for i, p in enumerate(d.paths):
+    for i, p in enumerate(d.paths if d.kind != "synthetic" else []):
         if not (base / p).is_file():
             problems.append(f"data.paths[{i}]: file not found: {base / p}")
     if d.tokenizer is not None and not (base / d.tokenizer).is_dir():
@@ -580,12 +541,6 @@ def _data_rules(recipe: Recipe) -> list[str]:
     if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
         problems.append("data.kind: the tiny-mlp model trains on synthetic data only")
     return problems
-
-
-def _log2(x: float) -> float:
-    import math
-
-    return math.log2(x)
 
 
 def explicitly_set(recipe: Recipe) -> set[str]:
@@ -609,31 +564,66 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
 
 
+def all_keys() -> list[str]:
+    """Every valid dotted key of the recipe, for suggestions and the reference table."""
+    return leaf_keys(Recipe)
+
+
 def reference_rows() -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, description) for every recipe key: `check --explain` and the README."""
     rows = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
+            sub = field.annotation
             if field.exclude:
                 continue
-            sub = field.annotation
             if isinstance(sub, type) and issubclass(sub, BaseModel):
                 walk(sub, f"{prefix}{name}.")
                 continue
-            type_ = _type_name(sub)
-            default = "required" if field.is_required() else _default_text(field.default)
-            rows.append((prefix + name, type_, default, field.description or ""))
+            default = "file name" if field.is_required() else _default_text(field.default)
+            rows.append((prefix + name, _type_name(sub, tuple(field.metadata)), default, field.description or ""))
 
     walk(Recipe, "")
     return rows
 
 
-def _type_name(annotation: Any) -> str:
-    text = repr(annotation).replace("typing.", "").replace("Annotated[", "").replace("NoneType", "null")
-    text = re.sub(r", (FieldInfo|BeforeValidator)\([^\]]*?\)\]", "", text)
-    text = re.sub(r"Literal\[([^\]]*)\]", lambda m: m.group(1).replace("'", "").replace(", ", "|"), text)
-    return text.replace(" | ", "|").replace("<class '", "").replace("'>", "")
+def reference_markdown() -> str:
+    """The README's recipe reference: one table row per key, from the field docstrings."""
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for key, type_, default, doc in reference_rows():
+        cells = (f"`{key}`", type_, f"`{default}`", doc)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any, metadata: tuple[Any, ...] = ()) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0], (*metadata, *args[1:]))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is tuple and len(set(args)) == 1:
+        return f"list of {len(args)} ({_type_name(args[0])})"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    name = {"Any": "any"}.get(getattr(annotation, "__name__", ""), getattr(annotation, "__name__", str(annotation)))
+    bounds = [f"{op} {getattr(m, attr)}" for m in _flat(metadata) for attr, op in _OPS if hasattr(m, attr)]
+    return " ".join([name, ", ".join(bounds)]) if bounds else name
+
+
+_OPS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _flat(metadata: tuple[Any, ...]) -> list[Any]:
+    # A FieldInfo inside Annotated keeps its constraints in its own metadata.
+    return [m for item in metadata for m in (getattr(item, "metadata", None) or [item])]
 
 
 def _default_text(value: Any) -> str:
@@ -643,8 +633,8 @@ def _default_text(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, float) and value >= 1024:
         return f"{value:g}"
-    return str(value) if not isinstance(value, (list, dict, tuple)) or value else json_empty(value)
-
-
-def json_empty(value: Any) -> str:
-    return "[]" if isinstance(value, (list, tuple)) else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{}" if not value else str(value)
+    return str(value)

@@ -37,6 +37,7 @@ def _no_leaked_env() -> object:
     yield
     after = dict(os.environ)
     leaked = {k for k in before.keys() ^ after.keys()} | {k for k in before if k in after and before[k] != after[k]}
+    leaked.discard("PYTEST_CURRENT_TEST")  # pytest itself rewrites it for each phase
     os.environ.clear()
     os.environ.update(before)
     assert not leaked, f"test leaked environment changes: {sorted(leaked)}"
