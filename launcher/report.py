@@ -1,0 +1,570 @@
+"""`mplaunch report RUN_DIR [--out DIR]`: PNG plots and a summary table from a run's metrics.jsonl.
+
+It works on finished, running (a truncated last line), crashed, and copied run directories: every path
+is relative to RUN_DIR, and plan.json, checkpoints/ and FINISHED are read only when they are there.
+matplotlib (the `report` extra) is imported only when a plot is drawn.
+
+Reusable pieces: `read_metrics` (one record per step after resumes), `plot_loss` (overlays the loss
+curves of several runs), `summarize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import Formatter
+
+METRICS_FILE = "metrics.jsonl"
+FIG_SIZE_IN = (8.0, 4.5)
+DPI = 110
+GIB = 1024**3
+# A run with no FINISHED file whose last record is older than this, and older than three logging
+# intervals, is taken to be dead rather than still running.
+STALE_AFTER_S = 600.0
+LIFECYCLE_EVENTS = ("start", "resume", "stop", "finish", "error")
+INSTALL_HINT = "pip install -e '.[report]'"
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A run's metrics.jsonl with the steps replayed after a resume reduced to their latest record.
+
+    Attributes:
+        train: "train" records, one per step (the latest written), sorted by step.
+        eval: "eval" records, likewise.
+        events: "event" records in file order, the latest per (event, step).
+        resumes: steps training resumed from (a "resume" event's from_step, or a step seen again).
+        bad_lines: lines that were not a JSON record, such as the half-written last line of a live run.
+    """
+
+    train: tuple[Record, ...]
+    eval: tuple[Record, ...]
+    events: tuple[Record, ...]
+    resumes: tuple[int, ...]
+    bad_lines: int = 0
+
+    def series(self, key: str, kind: str = "train") -> tuple[list[int], list[float]]:
+        """Steps and values of `key` in the train (or eval) records, skipping nulls."""
+        records = self.eval if kind == "eval" else self.train
+        pairs = [(r["step"], float(r[key])) for r in records if _is_number(r.get(key))]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def named(self, event: str) -> list[Record]:
+        return [e for e in self.events if e.get("event") == event]
+
+    def times(self) -> list[float]:
+        return sorted(r["time"] for r in (*self.train, *self.eval, *self.events) if _is_number(r.get("time")))
+
+    @property
+    def last_step(self) -> int:
+        return max((r["step"] for r in (*self.train, *self.eval, *self.events)), default=0)
+
+
+def read_metrics(run_dir: str | Path) -> Metrics:
+    """Read RUN_DIR/metrics.jsonl, keeping the latest record per (kind, step) across resumes.
+
+    Raises:
+        UserError: the directory or the file is missing, or the file holds no record.
+    """
+    path = _metrics_path(Path(run_dir))
+    latest: dict[tuple[Any, ...], tuple[int, Record]] = {}
+    resumes: list[int] = []
+    bad_lines, last_train_step, resumed = 0, -1, False
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for index, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad_lines += 1
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                bad_lines += 1
+                continue
+            kind, step = record.get("kind"), record["step"]
+            if kind == "event" and record.get("event") == "resume":
+                resumes.append(int(record.get("from_step", step)))
+                resumed = True
+            elif kind == "train":
+                # A step logged again with no resume event before it still means a restart.
+                if step <= last_train_step and not resumed:
+                    resumes.append(step)
+                resumed, last_train_step = False, step
+            key = (kind, record.get("event"), step) if kind == "event" else (kind, step)
+            latest[key] = (index, record)
+    if not latest:
+        raise UserError(f"{path}: no records yet (empty or unreadable file)")
+    ordered = [record for _, record in sorted(latest.values(), key=lambda pair: pair[0])]
+
+    def by_step(kind: str) -> tuple[Record, ...]:
+        return tuple(sorted((r for r in ordered if r.get("kind") == kind), key=lambda r: r["step"]))
+
+    events = tuple(r for r in ordered if r.get("kind") == "event")
+    return Metrics(by_step("train"), by_step("eval"), events, tuple(sorted(set(resumes))), bad_lines)
+
+
+def _metrics_path(run_dir: Path) -> Path:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no {METRICS_FILE}", hint="is this a run directory (logging.dir/name)?")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty; the run has not logged a step yet")
+    return path
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What plan.json (or recipe.yaml) says about the run; every field is optional."""
+
+    name: str
+    max_steps: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+    @property
+    def context(self) -> str:
+        return " · ".join(x for x in (self.name, self.dtype, self.device) if x)
+
+
+def read_run_info(run_dir: Path) -> RunInfo:
+    """Name, max_steps, dtype and device from plan.json, else recipe.yaml, else the directory name."""
+    recipe: dict[str, Any] = {}
+    plan: dict[str, Any] = {}
+    try:
+        data = json.loads((run_dir / "plan.json").read_text())
+        recipe, plan = data.get("recipe") or {}, data.get("plan") or {}
+    except (OSError, ValueError, AttributeError):
+        try:
+            import yaml
+
+            recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+        except (OSError, ValueError):
+            pass
+    recipe = recipe if isinstance(recipe, dict) else {}
+    max_steps = (recipe.get("train") or {}).get("max_steps")
+    dtype = (plan.get("precision") or {}).get("dtype") or (recipe.get("precision") or {}).get("dtype")
+    return RunInfo(
+        name=str(recipe.get("name") or run_dir.resolve().name),
+        max_steps=max_steps if isinstance(max_steps, int) else None,
+        dtype=dtype if isinstance(dtype, str) else None,
+        device=plan.get("device") if isinstance(plan.get("device"), str) else None,
+    )
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints (those with a manifest.json) under RUN_DIR/checkpoints."""
+    steps = []
+    for path in (run_dir / "checkpoints").glob("step-*"):
+        number = path.name.removeprefix("step-")
+        if number.isdigit() and (path / "manifest.json").is_file():
+            steps.append(int(number))
+    return sorted(steps)
+
+
+def run_state(run_dir: Path, metrics: Metrics, now: float | None = None) -> tuple[str, str]:
+    """("finished" | "running" | "stopped" | "crashed", a detail) from FINISHED, events and staleness."""
+    if (run_dir / "FINISHED").exists():
+        return "finished", ""
+    last = next((e for e in reversed(metrics.events) if e.get("event") in LIFECYCLE_EVENTS), {})
+    where = f"at step {last.get('step')}"
+    message = str(last.get("message") or "").strip().splitlines()
+    if message:
+        where += f": {message[-1][:100]}"
+    if last.get("event") == "finish":
+        return "finished", "finish event, but no FINISHED file"
+    if last.get("event") in ("error", "stop"):
+        return ("crashed" if last["event"] == "error" else "stopped"), where
+    times = metrics.times()
+    if not times:
+        return "crashed", "no FINISHED file and no timestamps"
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > a]
+    stale_after = max(STALE_AFTER_S, 3 * statistics.median(gaps)) if gaps else STALE_AFTER_S
+    age = (time.time() if now is None else now) - times[-1]
+    if age <= stale_after:
+        return "running", f"last record {format_duration(max(age, 0))} ago"
+    return "crashed", f"no FINISHED file, and no record for {format_duration(age)}"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The numbers of the summary table; None where the run did not record them."""
+
+    context: str
+    state: str
+    state_detail: str
+    step: int
+    max_steps: int | None
+    final_loss: float | None
+    best_eval: tuple[float, int] | None
+    median_samples_per_s: float | None
+    median_mfu: float | None
+    skipped_steps: int
+    checkpoints: tuple[int, ...]
+    wall_s: float | None
+
+    @property
+    def overflow_rate(self) -> float | None:
+        return self.skipped_steps / self.step if self.step else None
+
+    def rows(self) -> list[tuple[str, str]]:
+        def number(x: float | None, spec: str) -> str:
+            return "n/a" if x is None else format(x, spec)
+
+        rate, best, ckpts = self.overflow_rate, self.best_eval, self.checkpoints
+        return [
+            ("run", self.context),
+            ("state", f"{self.state} ({self.state_detail})" if self.state_detail else self.state),
+            ("steps", f"{self.step:,} of {'?' if self.max_steps is None else f'{self.max_steps:,}'}"),
+            ("final loss", number(self.final_loss, ".4f")),
+            ("best eval loss", f"{best[0]:.4f} at step {best[1]:,}" if best else "n/a"),
+            ("median samples/s", number(self.median_samples_per_s, ",.1f")),
+            ("median MFU", number(self.median_mfu, ".1%")),
+            ("skipped steps", f"{self.skipped_steps:,}"),
+            ("overflow rate", "n/a" if rate is None else f"{rate:.1%} of {self.step:,} steps"),
+            ("checkpoints", f"{len(ckpts)} (latest step {ckpts[-1]:,})" if ckpts else "none"),
+            ("wall time", "n/a" if self.wall_s is None else format_duration(self.wall_s)),
+        ]
+
+
+def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -> Summary:
+    """The summary table of a run; `now` (unix s) decides whether a silent run is still running."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    state, detail = run_state(run_dir, metrics, now)
+    _, losses = metrics.series("loss")
+    eval_steps, eval_losses = metrics.series("eval_loss", "eval")
+    best = min(zip(eval_losses, eval_steps, strict=True), default=None)
+    _, samples = metrics.series("samples_per_s")
+    _, mfu = metrics.series("mfu")
+    _, skipped = metrics.series("skipped_steps")
+    times = metrics.times()
+    return Summary(
+        context=info.context,
+        state=state,
+        state_detail=detail,
+        step=metrics.train[-1]["step"] if metrics.train else metrics.last_step,
+        max_steps=info.max_steps,
+        final_loss=losses[-1] if losses else None,
+        best_eval=best,
+        median_samples_per_s=statistics.median(samples) if samples else None,
+        median_mfu=statistics.median(mfu) if mfu else None,
+        skipped_steps=int(skipped[-1]) if skipped else 0,
+        checkpoints=tuple(checkpoint_steps(run_dir)),
+        wall_s=times[-1] - times[0] if times else None,
+    )
+
+
+def format_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 2 * 86400:
+        return f"{s // 86400}d {s % 86400 // 3600}h"
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s"
+
+
+def print_summary(summary: Summary) -> None:
+    """A rich table on a terminal, aligned plain text otherwise (pipes, logs, tests)."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="mplaunch report", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for label, value in summary.rows():
+            table.add_row(label, value)
+        Console().print(table)
+        return
+    for label, value in summary.rows():
+        print(f"{label:<18} {value}")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _new_figure(nrows: int = 1, height_in: float = FIG_SIZE_IN[1]) -> tuple[Figure, list[Axes]]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("mplaunch report needs matplotlib (not installed)", hint=INSTALL_HINT) from None
+    # A bare Figure on the Agg canvas: no pyplot, so no global backend switch and no figure registry.
+    fig = Figure(figsize=(FIG_SIZE_IN[0], height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ratios = [3, 2][:nrows]
+    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": ratios})
+    return fig, list(axes[:, 0])
+
+
+def _number_formatter() -> Formatter:
+    from matplotlib.ticker import Formatter
+
+    class Thousands(Formatter):
+        """1,234,567 style, with as many decimals as the tick spacing needs (0.5, 0.25...)."""
+
+        decimals = 0
+
+        def format_ticks(self, values: Sequence[float]) -> list[str]:
+            spacing = min((b - a for a, b in zip(values, values[1:], strict=False) if b > a), default=1.0)
+            self.decimals = next(
+                d for d in range(7) if d == 6 or abs(spacing * 10**d - round(spacing * 10**d)) < 1e-6
+            )
+            return [self(x) for x in values]
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:,.{self.decimals}f}"
+
+    return Thousands()
+
+
+def _finish(fig: Figure, axes: list[Axes], path: Path, title: str, context: str) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    axes[0].set_title(f"{title} — {context}" if context else title, loc="left")
+    for ax in axes:
+        if not any(len(line.get_xdata()) for line in ax.lines):  # a note only: no scale to show
+            ax.set_xticks([])
+            continue
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+        ax.xaxis.set_major_formatter(_number_formatter())
+    axes[-1].set_xlabel("optimizer step")
+    fig.savefig(path)
+    return path
+
+
+def _note(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.35")
+    ax.set_yticks([])
+
+
+def _legend(*axes: Axes) -> None:
+    """One legend for the curves of all axes; below the plot when twin axes could hide it."""
+    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+    if len(axes) > 1:
+        axes[0].figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    elif handles:
+        axes[0].legend(handles=handles, loc="best", framealpha=0.9)
+
+
+def plot_loss(curves: Mapping[str, Metrics], path: Path, *, title: str = "Loss", context: str = "") -> Path:
+    """Train loss (line) and eval loss (dashed, dots) of one or more runs, resume points as dotted lines.
+
+    Args:
+        curves: label -> metrics; "" for a single unlabelled run. The parity check overlays two runs:
+            plot_loss({"fp32": read_metrics(a), "bf16": read_metrics(b)}, out / "loss.png").
+        path: the PNG to write.
+    """
+    fig, axes = _new_figure()
+    ax = axes[0]
+    single = len(curves) == 1
+    for i, (label, metrics) in enumerate(curves.items()):
+        prefix = f"{label} " if label else ""
+        steps, loss = metrics.series("loss")
+        eval_steps, eval_loss = metrics.series("eval_loss", "eval")
+        color = f"C{i}"
+        ax.plot(steps, loss, color=color, lw=1.4, label=f"{prefix}train loss")
+        if eval_steps:
+            style = {"ls": "--", "marker": "o", "ms": 4, "lw": 1}
+            ax.plot(
+                eval_steps, eval_loss, color="C1" if single else color, **style, label=f"{prefix}eval loss"
+            )
+        for j, step in enumerate(metrics.resumes):
+            label = f"{prefix}resumed from checkpoint" if j == 0 else None
+            ax.axvline(step, color="0.4" if single else color, ls=":", lw=1.5, label=label)
+        for j, error in enumerate(metrics.named("error")):
+            label = f"{prefix}error (crash)" if j == 0 else None
+            ax.axvline(error["step"], color="C3", ls="--", lw=1.2, alpha=0.7, label=label)
+    if not any(m.series("loss")[0] for m in curves.values()):
+        _note(ax, "no training step logged yet")
+    ax.set_ylabel("loss")
+    _legend(ax)
+    return _finish(fig, axes, path, title, context)
+
+
+def _plot_lr(metrics: Metrics, path: Path, context: str) -> Path:
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, axes = _new_figure()
+    steps, lr = metrics.series("lr")
+    axes[0].plot(steps, lr, color="C0", lw=1.5)
+    if not steps:
+        _note(axes[0], "no learning rate logged yet")
+    formatter = ScalarFormatter(useMathText=True)
+    formatter.set_powerlimits((-2, 3))
+    axes[0].yaxis.set_major_formatter(formatter)
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylabel("learning rate")
+    return _finish(fig, axes, path, "Learning rate", context)
+
+
+def _scale_at(steps: list[int], scales: list[float], step: int) -> float:
+    return scales[max(bisect.bisect_right(steps, step) - 1, 0)]
+
+
+def _plot_loss_scale(metrics: Metrics, path: Path, context: str) -> Path:
+    from matplotlib.ticker import MaxNLocator, NullFormatter
+
+    fig, axes = _new_figure()
+    ax = axes[0]
+    steps, scales = metrics.series("loss_scale")
+    skip_steps, skipped = metrics.series("skipped_steps")
+    if not steps:
+        _note(ax, "no loss scale recorded: this run does not use fp16 loss scaling (bf16 or fp32)")
+        return _finish(fig, axes, path, "Loss scale", context)
+    ax.step(steps, scales, where="post", color="C0", lw=1.6, label="loss scale")
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel("loss scale (log2 axis)")
+    # Mark the steps the scaler skipped: overflow events when logged, else the intervals where the
+    # cumulative skipped_steps counter went up.
+    overflows = [(e["step"], e.get("loss_scale")) for e in metrics.named("overflow")]
+    if overflows:
+        marks = [(s, v if _is_number(v) else _scale_at(steps, scales, s)) for s, v in overflows]
+        label = f"overflow, step skipped ({len(marks)})"
+    else:
+        went_up = [s for s, a, b in zip(skip_steps[1:], skipped, skipped[1:], strict=False) if b > a]
+        marks = [(s, _scale_at(steps, scales, s)) for s in went_up]
+        label = "interval with skipped steps"
+    if marks:
+        ax.plot([s for s, _ in marks], [v for _, v in marks], "x", color="C3", ms=8, mew=2, label=label)
+    shown = [*scales, *(v for _, v in marks)]
+    ax.set_ylim(min(shown) / 4, max(shown) * 4)
+    twin = ax.twinx()
+    twin.step(skip_steps, skipped, where="post", color="C1", lw=1.2, alpha=0.8, label="skipped steps (total)")
+    twin.set_ylabel("skipped steps (total)")
+    twin.yaxis.set_major_locator(MaxNLocator(integer=True))
+    twin.set_ylim(bottom=0, top=max([*skipped, 1]) * 1.15)
+    _legend(ax, twin)
+    return _finish(fig, axes, path, "Loss scale and skipped steps", context)
+
+
+def _constant_ratio(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> float | None:
+    """b / a when it is the same at every shared step (tokens/s = samples/s x tokens per sample)."""
+    a_at = dict(zip(*a, strict=True))
+    ratios = [v / a_at[s] for s, v in zip(*b, strict=True) if a_at.get(s)]
+    if ratios and max(ratios) - min(ratios) <= 1e-3 * abs(statistics.mean(ratios)):
+        return statistics.mean(ratios)
+    return None
+
+
+def _plot_throughput(metrics: Metrics, path: Path, context: str) -> Path:
+    from matplotlib.ticker import PercentFormatter
+
+    samples, tokens, mfu = (metrics.series(k) for k in ("samples_per_s", "tokens_per_s", "mfu"))
+    fig, axes = _new_figure(2, 5.5) if mfu[0] else _new_figure()
+    ax = axes[0]
+    if not samples[0]:
+        _note(ax, "no throughput logged yet")
+        return _finish(fig, axes, path, "Throughput", context)
+    median = statistics.median(samples[1])
+    ax.plot(*samples, color="C0", lw=1.4, label="samples/s")
+    ax.axhline(median, color="C0", ls="--", lw=1, alpha=0.6, label=f"median {median:,.1f} samples/s")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("samples/s")
+    ax.yaxis.set_major_formatter(_number_formatter())
+    ratio = _constant_ratio(samples, tokens)
+    if ratio:  # one curve, read on two scales
+        secondary = ax.secondary_yaxis("right", functions=(lambda x: x * ratio, lambda x: x / ratio))
+        secondary.set_ylabel(f"tokens/s ({ratio:,.0f} tokens per sample)")
+        secondary.yaxis.set_major_formatter(_number_formatter())
+        _legend(ax)
+    elif tokens[0]:
+        twin = ax.twinx()
+        twin.plot(*tokens, color="C1", lw=1.2, label="tokens/s")
+        twin.set_ylim(bottom=0)
+        twin.set_ylabel("tokens/s")
+        twin.yaxis.set_major_formatter(_number_formatter())
+        _legend(ax, twin)
+    else:
+        _legend(ax)
+    if mfu[0]:
+        axes[1].plot(*mfu, color="C2", lw=1.4)
+        axes[1].set_ylim(0, max(mfu[1]) * 1.2)
+        axes[1].yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        axes[1].set_ylabel("MFU (% of peak)")
+    return _finish(fig, axes, path, "Throughput" + (" and MFU" if mfu[0] else ""), context)
+
+
+def _plot_memory(metrics: Metrics, path: Path, context: str) -> Path:
+    fig, axes = _new_figure()
+    ax = axes[0]
+    peak_steps, peak = metrics.series("mem_peak_bytes")
+    reserved_steps, reserved = metrics.series("mem_reserved_bytes")
+    ax.plot(peak_steps, [v / GIB for v in peak], color="C0", lw=1.5, label="peak allocated")
+    ax.plot(reserved_steps, [v / GIB for v in reserved], color="C1", ls="--", lw=1.5, label="reserved")
+    if peak_steps or reserved_steps:
+        ax.set_ylim(0, max([*peak, *reserved]) / GIB * 1.15)
+        ax.set_ylabel("GiB")
+        _legend(ax)
+    else:
+        _note(ax, "no GPU memory recorded")
+    return _finish(fig, axes, path, "GPU memory, rank 0", context)
+
+
+def write_plots(metrics: Metrics, out_dir: Path, context: str = "") -> list[Path]:
+    """Write loss, lr, loss_scale, throughput and memory PNGs into out_dir; return their paths."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{out_dir}: cannot write ({err.strerror})", hint="use --out DIR") from None
+    return [
+        plot_loss({"": metrics}, out_dir / "loss.png", context=context),
+        _plot_lr(metrics, out_dir / "lr.png", context),
+        _plot_loss_scale(metrics, out_dir / "loss_scale.png", context),
+        _plot_throughput(metrics, out_dir / "throughput.png", context),
+        _plot_memory(metrics, out_dir / "memory.png", context),
+    ]
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}", hint=f"see {self.prog} --help")
+
+
+def main(argv: Sequence[str]) -> int:
+    """`mplaunch report RUN_DIR [--out DIR]`: write the plots, print the summary; returns the exit code."""
+    p = _Parser(prog="mplaunch report", description="Plot a run's metrics and print a summary table.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory: finished, running, crashed or copied")
+    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR/report)")
+    args = p.parse_args(list(argv))
+    run_dir = Path(args.run_dir)
+    metrics = read_metrics(run_dir)
+    summary = summarize(run_dir, metrics)
+    out_dir = Path(args.out) if args.out else run_dir / "report"
+    paths = write_plots(metrics, out_dir, summary.context)
+    print_summary(summary)
+    print(f"plots: {', '.join(p.name for p in paths)} in {out_dir}")
+    if metrics.bad_lines:
+        print(
+            f"note: skipped {metrics.bad_lines} unreadable line(s) of {METRICS_FILE}"
+            " (a half-written last line is normal for a running or killed run)",
+            file=sys.stderr,
+        )
+    return 0
