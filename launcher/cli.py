@@ -172,6 +172,12 @@ def cmd_plan(argv: list[str]) -> int:
     return memory.main(argv)
 
 
+def cmd_report(argv: list[str]) -> int:
+    from launcher import report
+
+    return report.main(argv)
+
+
 def _print_warnings(warnings: Sequence[str]) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -183,4 +189,5 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "env": cmd_env,
     "recipes": cmd_recipes,
     "plan": cmd_plan,
+    "report": cmd_report,
 }
