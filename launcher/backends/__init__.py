@@ -1,0 +1,87 @@
+"""The two training backends behind one small interface, imported lazily by name.
+
+Both keep master weights and optimizer state in fp32 and compute in the
+plan's dtype; both report the loss scale and skipped steps the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from launcher.plan import Plan
+
+BACKENDS = {"deepspeed": "launcher.backends.deepspeed", "accelerate": "launcher.backends.accelerate"}
+
+
+class LossScaleFloor(Exception):
+    """fp16 gradients still overflow at the minimum loss scale: training cannot continue."""
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step returns; tensors stay on the device (no host sync)."""
+
+    loss: torch.Tensor  # mean loss over the step's micro-batches
+    grad_norm: torch.Tensor | float | None
+    skipped: bool | None  # known only where the backend checks overflow anyway (fp16)
+
+
+class Backend(Protocol):
+    model: nn.Module
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats: ...
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def loss_scale(self) -> float | None: ...
+    def skipped_steps(self) -> int: ...
+    def lr(self) -> float: ...
+    def save(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None: ...
+    def full_state(self) -> dict[str, torch.Tensor]: ...
+
+
+def load_backend(plan: Plan, model: nn.Module) -> Backend:
+    """Wrap `model` with the plan's backend."""
+    module = importlib.import_module(BACKENDS[plan.recipe.backend])
+    return module.Engine(plan, model)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices, not biases and norm weights (the BERT recipe)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(plan: Plan):
+    """The multiplier of the peak LR after `n` applied optimizer steps: warmup, then decay."""
+    s, total = plan.recipe.scheduler, plan.recipe.train.max_steps
+    warmup, floor = s.warmup_steps, s.min_lr_ratio
+
+    def factor(n: int) -> float:
+        if n < warmup:
+            return (n + 1) / (warmup + 1)
+        if s.name == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (n - warmup) / (total - warmup))
+        shape = 1.0 - progress if s.name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * shape
+
+    return factor
+
+
+def compute_dtype(plan: Plan) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[plan.precision.dtype]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    # Pinned host memory makes these copies asynchronous on CUDA.
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,188 @@
+"""HF Accelerate behind the Backend interface: DDP, or FSDP for ZeRO stages on GPU.
+
+Gradient accumulation, autocast and fp16 loss scaling are done here
+explicitly rather than through Accelerate's implicit versions, because
+Accelerate has no autocast and no GradScaler for fp16 on CPU and its scaler
+lacks DeepSpeed's hysteresis and floor: `precision.loss_scale` must mean the
+same on both backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from launcher.backends import LossScaleFloor, StepStats, compute_dtype, lr_lambda, param_groups, to_device
+from launcher.loss_scale import DynamicScale, ScaleAtMinimum
+from launcher.models import loss_of
+from launcher.plan import Plan
+
+EXTRA_STATE = "mplaunch_accelerate.json"
+
+
+def _scaler_class(sharded: bool) -> type:
+    from torch.amp import GradScaler
+
+    base = GradScaler
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        base = ShardedGradScaler
+
+    class HysteresisScaler(base):
+        """torch's GradScaler (which unscales, checks for inf and skips the step) whose
+        scale follows DeepSpeed's rules (hysteresis, window, floor) instead of its own.
+
+        Reading the overflow flag is one host sync per step, only in fp16; DeepSpeed's
+        fp16 optimizers make the same check.
+        """
+
+        def __init__(self, device: str, rule: DynamicScale) -> None:
+            super().__init__(device, init_scale=rule.scale, growth_interval=2**31 - 1)
+            self.rule = rule
+            self.last_overflow = False
+
+        def update(self, new_scale: float | None = None) -> None:
+            found = [
+                v for state in self._per_optimizer_states.values() for v in state["found_inf_per_device"].values()
+            ]
+            self.last_overflow = bool(sum(float(v.item()) for v in found))
+            super().update()  # resets the per-step bookkeeping; the scale is set below
+            self.rule.update(self.last_overflow)
+            self._scale.fill_(self.rule.scale)
+
+    return HysteresisScaler
+
+
+class Engine:
+    """An Accelerate-prepared model and optimizer stepping one optimizer step per `train_step`."""
+
+    def __init__(self, plan: Plan, model: nn.Module) -> None:
+        from accelerate import Accelerator
+
+        self.plan = plan
+        settings = plan.backend_config
+        self.accum = plan.batch.grad_accum
+        self.clip = plan.recipe.train.grad_clip
+        self.dtype = compute_dtype(plan)
+        self.acc = Accelerator(
+            mixed_precision=settings["mixed_precision"],
+            cpu=plan.device == "cpu",
+            fsdp_plugin=_fsdp_plugin(settings),
+        )
+        self.device = self.acc.device
+        opt = plan.recipe.optimizer
+        optimizer = torch.optim.AdamW(
+            param_groups(model, opt.weight_decay),
+            lr=opt.lr,
+            betas=opt.betas,
+            eps=opt.eps,
+            fused=plan.device == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan))
+        # Our scaler, not Accelerate's: see the module docstring.
+        self.acc.scaler = None
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.scaler = None
+        if plan.precision.dtype == "fp16":
+            rule = DynamicScale.from_settings(plan.recipe.precision.loss_scale)
+            self.scaler = _scaler_class(settings["fsdp"] is not None)(self.device.type, rule)
+        self.skipped = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
+        total = torch.zeros((), device=self.device)
+        inner = self.optimizer.optimizer
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            with sync:
+                with self._autocast():
+                    loss = loss_of(self.model(**to_device(batch, self.device)))
+                scaled = loss.float() / self.accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            total += loss.detach().float()
+        if self.scaler is not None:
+            self.scaler.unscale_(inner)
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else float("inf"))
+        skipped = None
+        if self.scaler is not None:
+            self.scaler.step(inner)
+            try:
+                self.scaler.update()
+            except ScaleAtMinimum as exc:
+                raise LossScaleFloor(str(exc)) from None
+            skipped = self.scaler.last_overflow
+            self.skipped += int(skipped)
+        else:
+            inner.step()
+        # A skipped step must not advance the LR schedule (DeepSpeed's rule too).
+        if not skipped:
+            self.scheduler.step()
+        inner.zero_grad(set_to_none=True)
+        return StepStats(total / len(micro_batches), grad_norm, skipped)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.model.eval()
+        try:
+            with self._autocast():
+                return loss_of(self.model(**to_device(batch, self.device))).detach().float()
+        finally:
+            self.model.train()
+
+    def loss_scale(self) -> float | None:
+        return self.scaler.rule.scale if self.scaler is not None else None
+
+    def skipped_steps(self) -> int:
+        return self.skipped
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save(self, directory: Path) -> None:
+        """Model and optimizer through Accelerate; schedule and scaler beside them."""
+        self.acc.save_state(str(directory), safe_serialization=False)
+        if self.acc.is_main_process:
+            extra = {
+                "scheduler": self.scheduler.state_dict(),
+                "skipped_steps": self.skipped,
+                "scale": self.scaler.rule.state_dict() if self.scaler else None,
+            }
+            (directory / EXTRA_STATE).write_text(json.dumps(extra))
+
+    def load(self, directory: Path) -> None:
+        self.acc.load_state(str(directory))
+        extra = json.loads((directory / EXTRA_STATE).read_text())
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.skipped = extra["skipped_steps"]
+        if self.scaler is not None and extra["scale"] is not None:
+            self.scaler.rule = DynamicScale(**extra["scale"])
+            self.scaler._scale = None  # re-created at the rule's scale on first use
+            self.scaler._init_scale = self.scaler.rule.scale
+
+
+def _fsdp_plugin(settings: dict):
+    fsdp = settings["fsdp"]
+    if fsdp is None:
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        sharding_strategy=fsdp["sharding_strategy"],
+        cpu_offload=fsdp["cpu_offload"],
+        use_orig_params=fsdp["use_orig_params"],
+        auto_wrap_policy="transformer_based_wrap",
+        state_dict_type="SHARDED_STATE_DICT",
+    )

@@ -1,0 +1,88 @@
+"""DeepSpeed behind the Backend interface: ZeRO 0-3, offload, fp16 dynamic loss scaling, bf16.
+
+The engine is configured entirely by the plan's generated DeepSpeed config
+(the one the dry run prints); only the model, its parameter groups and the
+LR schedule are handed over in code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+
+from launcher.backends import LossScaleFloor, StepStats, lr_lambda, param_groups, to_device
+from launcher.models import loss_of
+from launcher.plan import Plan
+
+TAG = "deepspeed"
+
+
+class Engine:
+    """A DeepSpeed engine stepping one optimizer step per `train_step`."""
+
+    def __init__(self, plan: Plan, model: nn.Module) -> None:
+        self.plan = plan
+        groups = param_groups(model, plan.recipe.optimizer.weight_decay)
+        factor = lr_lambda(plan)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+            config=dict(plan.backend_config),
+        )
+        self.model = self.engine
+        self.device = self.engine.device
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
+        total = torch.zeros((), device=self.device)
+        skipped_before = self.engine.skipped_steps
+        for batch in micro_batches:
+            loss = loss_of(self.engine(**to_device(batch, self.device)))
+            self.engine.backward(loss)
+            try:
+                self.engine.step()
+            except Exception as exc:
+                if "loss scale already at minimum" in str(exc):
+                    raise LossScaleFloor(str(exc)) from None
+                raise
+            total += loss.detach().float()
+        skipped = self.engine.skipped_steps > skipped_before if self.plan.precision.dtype == "fp16" else None
+        return StepStats(total / len(micro_batches), self.engine.get_global_grad_norm(), skipped)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.engine.eval()
+        try:
+            return loss_of(self.engine(**to_device(batch, self.device))).detach().float()
+        finally:
+            self.engine.train()
+
+    def loss_scale(self) -> float | None:
+        if self.plan.precision.dtype != "fp16":
+            return None
+        opt = self.engine.optimizer
+        for attr in ("cur_scale", "loss_scale"):
+            value = getattr(opt, attr, None)
+            if isinstance(value, (int, float)):
+                return float(value)
+        return float(opt.loss_scaler.cur_scale)
+
+    def skipped_steps(self) -> int:
+        return int(self.engine.skipped_steps)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, directory: Path) -> None:
+        """Every rank writes its shard of the model and optimizer state into `directory`."""
+        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")

@@ -1,0 +1,245 @@
+"""Datasets, tokenizers and the resumable batch order (worker side).
+
+The sample order is a pure function of (seed, step): optimizer step k of
+epoch e uses the samples perm_e[k*G:(k+1)*G] of a seeded permutation, and
+micro-batch j of rank r takes its slice of that global batch. So a resumed
+run needs only the step count to continue exactly where it stopped, and the
+same global batch is seen whatever the split into ranks and accumulation.
+Masked-LM masking is seeded per (seed, epoch, sample) for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.plan import Plan
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_MAX_TRAINED_VOCAB = 8192
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids of every sample, one row each, plus what masking needs."""
+
+    ids: torch.Tensor  # (num_samples, seq_len) int64
+    vocab_size: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+
+
+def load_tokens(plan: Plan, rank: int, barrier: callable) -> Tokens:
+    """The samples of the run: synthetic tokens, or the recipe's files tokenized.
+
+    A tokenizer trained on the files is written once, by rank 0, into
+    RUN_DIR/tokenizer and loaded from there on resume, so every rank and every
+    restart tokenizes identically.
+    """
+    d = plan.recipe.data
+    if d.kind == "synthetic":
+        vocab = _synthetic_vocab(plan)
+        gen = torch.Generator().manual_seed(plan.recipe.train.seed)
+        # Ids below len(SPECIALS) are reserved so the MLM mask id is never a real token.
+        ids = torch.randint(len(SPECIALS), vocab, (d.num_samples, d.seq_len), generator=gen)
+        return Tokens(ids, vocab, mask_id=4, special_ids=(0, 1, 2, 3, 4))
+    tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else Path(plan.run_dir) / "tokenizer"
+    if plan.tokenizer_dir is None and rank == 0 and not (tok_dir / "tokenizer.json").exists():
+        _train_wordpiece(_read_texts(plan), tok_dir)
+    barrier()
+    tokenizer = _load_tokenizer(tok_dir)
+    ids = _chunk(tokenizer, _read_texts(plan), d.seq_len)
+    mask_id = tokenizer.token_to_id("[MASK]")
+    if mask_id is None:
+        raise ValueError(f"tokenizer in {tok_dir} has no [MASK] token; masked-LM needs one")
+    specials = tuple(i for i in (tokenizer.token_to_id(t) for t in SPECIALS) if i is not None)
+    return Tokens(ids, tokenizer.get_vocab_size(), mask_id, specials)
+
+
+def _synthetic_vocab(plan: Plan) -> int:
+    from launcher.shapes import shape_of
+
+    m = plan.recipe.model
+    if m.vocab_size:
+        return m.vocab_size
+    return shape_of(m).vocab_size if m.name else 30522
+
+
+def _read_texts(plan: Plan) -> list[str]:
+    field = plan.recipe.data.text_field
+    texts: list[str] = []
+    for path in plan.data_paths:
+        with open(path, encoding="utf-8") as f:
+            if plan.recipe.data.kind == "jsonl":
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if field not in record:
+                            raise ValueError(f"{path}:{n}: record has no field {field!r} (data.text_field)")
+                        texts.append(str(record[field]))
+            else:
+                texts.extend(line.strip() for line in f if line.strip())
+    if not texts:
+        raise ValueError(f"no text found in {', '.join(plan.data_paths)}")
+    return texts
+
+
+def _train_wordpiece(texts: list[str], out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=_MAX_TRAINED_VOCAB, special_tokens=SPECIALS, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "tokenizer.json.tmp"
+    tokenizer.save(str(tmp))
+    tmp.replace(out_dir / "tokenizer.json")
+
+
+def _load_tokenizer(tok_dir: Path):  # -> tokenizers.Tokenizer
+    from tokenizers import Tokenizer
+
+    if (tok_dir / "tokenizer.json").exists():
+        return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    # A directory written by transformers' save_pretrained without a fast tokenizer file.
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir)).backend_tokenizer
+
+
+def _chunk(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Concatenate the texts ([SEP] between them) and cut [CLS] ... [SEP] rows of seq_len."""
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    stream: list[int] = []
+    for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
+        stream.extend(enc.ids)
+        if sep_id is not None:
+            stream.append(sep_id)
+    body = seq_len - 2
+    rows = len(stream) // body
+    if rows == 0:
+        raise ValueError(f"the data holds {len(stream)} tokens, fewer than one sample of data.seq_len {seq_len}")
+    arr = np.asarray(stream[: rows * body], dtype=np.int64).reshape(rows, body)
+    cls = np.full((rows, 1), cls_id if cls_id is not None else 0, dtype=np.int64)
+    sep = np.full((rows, 1), sep_id if sep_id is not None else 0, dtype=np.int64)
+    return torch.from_numpy(np.concatenate([cls, arr, sep], axis=1))
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which rows are training and which evaluation samples (a fixed, seeded split)."""
+
+    train: np.ndarray
+    eval: np.ndarray
+
+
+def split(num_samples: int, eval_fraction: float, seed: int) -> Split:
+    order = np.random.default_rng([seed, 7]).permutation(num_samples)
+    n_eval = int(num_samples * eval_fraction)
+    return Split(train=np.sort(order[n_eval:]), eval=np.sort(order[:n_eval]))
+
+
+class Batches:
+    """Micro-batches of one rank in the order of the global-batch schedule.
+
+    Args:
+        tokens: every sample.
+        rows: the sample rows to draw from (training or evaluation).
+        plan: the run's plan (batch triple, seed, model kind, masking).
+        rank: this data-parallel rank.
+    """
+
+    def __init__(self, tokens: Tokens, rows: np.ndarray, plan: Plan, rank: int) -> None:
+        b = plan.batch
+        self.tokens, self.rows, self.rank = tokens, rows, rank
+        self.micro, self.accum, self.world, self.global_ = b.micro_batch_size, b.grad_accum, b.world_size, b.global_batch_size
+        self.seed = plan.recipe.train.seed
+        self.mask_prob = plan.recipe.data.mask_prob
+        self.causal = plan.recipe.model.name == "gpt2-lm" and plan.recipe.model.target is None
+        self.pin = plan.device == "cuda"
+        self.steps_per_epoch = len(rows) // self.global_
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(rows)} samples cannot fill one global batch of {self.global_}; "
+                "add data, lower train.global_batch_size, or raise data.num_samples"
+            )
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of optimizer step `step`."""
+        return divmod(step, self.steps_per_epoch)
+
+    def step_rows(self, step: int) -> list[np.ndarray]:
+        """The sample rows of each of this rank's micro-batches in optimizer step `step`."""
+        epoch, k = self.position(step)
+        perm = self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]
+        batch = perm[k * self.global_ : (k + 1) * self.global_]
+        starts = ((j * self.world + self.rank) * self.micro for j in range(self.accum))
+        return [batch[s : s + self.micro] for s in starts]
+
+    def for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        epoch, _ = self.position(step)
+        return [self.collate(rows, epoch) for rows in self.step_rows(step)]
+
+    def collate(self, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        ids = self.tokens.ids[torch.from_numpy(rows)]
+        if self.causal:
+            batch = {"input_ids": ids, "labels": ids.clone()}
+        else:
+            batch = self._mask(ids, rows, epoch)
+        return batch
+
+    def _mask(self, ids: torch.Tensor, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        # BERT's recipe: of the chosen positions 80% become [MASK], 10% a random
+        # token, 10% stay; the loss is taken on chosen positions only.
+        draws = np.stack([np.random.default_rng([self.seed, epoch, int(r)]).random((3, ids.shape[1])) for r in rows])
+        draws = torch.from_numpy(draws)
+        special = torch.isin(ids, torch.tensor(self.tokens.special_ids))
+        chosen = (draws[:, 0] < self.mask_prob) & ~special
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        inputs = ids.clone()
+        to_mask = chosen & (draws[:, 1] < 0.8)
+        to_random = chosen & (draws[:, 1] >= 0.8) & (draws[:, 1] < 0.9)
+        inputs[to_mask] = self.tokens.mask_id
+        random_ids = (draws[:, 2] * (self.tokens.vocab_size - len(SPECIALS))).long() + len(SPECIALS)
+        inputs[to_random] = random_ids[to_random]
+        return {"input_ids": inputs, "labels": labels}
+
+
+class _Steps(torch.utils.data.Dataset):
+    def __init__(self, batches: Batches, start_step: int, end_step: int) -> None:
+        self.batches, self.start, self.end = batches, start_step, end_step
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
+        return self.batches.for_step(self.start + i)
+
+
+def loader(batches: Batches, start_step: int, end_step: int, num_workers: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Each optimizer step's micro-batches, from `start_step` on.
+
+    With data.num_workers > 0 worker processes prepare steps ahead; on CUDA the
+    batches arrive in pinned memory so the copy to the GPU can be asynchronous.
+    """
+    return iter(
+        torch.utils.data.DataLoader(
+            _Steps(batches, start_step, end_step),
+            batch_size=None,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=batches.pin,
+            prefetch_factor=4 if num_workers else None,
+        )
+    )

@@ -1,0 +1,241 @@
+"""Start a plan's workers on this node: the run directory, torchrun, signals, exit status.
+
+Light side: no torch import. The launcher checks that a resume is possible
+before any worker starts, starts torchrun in its own session, forwards
+Ctrl-C and SIGTERM to the workers (which checkpoint and stop at the next
+step boundary), and turns a failing rank into one readable message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from launcher import checkpoint
+from launcher.errors import UserError
+from launcher.plan import Plan
+from launcher.recipe import to_dict
+
+FINISHED = "FINISHED"
+METRICS = "metrics.jsonl"
+
+
+def prepare_run_dir(plan: Plan) -> Path:
+    """Create RUN_DIR and write plan.json, recipe.yaml, command.txt and env.json into it."""
+    run_dir = Path(plan.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "plan.json", plan.to_json())
+    _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(to_dict(plan.recipe), sort_keys=False))
+    _atomic_write(run_dir / "command.txt", plan.command_line() + "\n")
+    _atomic_write(run_dir / "env.json", json.dumps(environment(), indent=2) + "\n")
+    return run_dir
+
+
+def environment() -> dict[str, object]:
+    """Versions, host and git commit: enough to reproduce or report a run."""
+    versions = {}
+    for dist in ("mplaunch", "torch", "deepspeed", "accelerate", "transformers", "tokenizers", "pydantic"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "cwd": os.getcwd(),
+        "argv": sys.argv,
+        "git_commit": _git_commit(),
+        "versions": versions,
+        "time": time.time(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout
+    return out + ("-dirty" if dirty.strip() else "")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def check_resume(plan: Plan) -> str | None:
+    """What the run will resume from, or None for a fresh start.
+
+    Raises:
+        UserError: the run directory holds a checkpoint this plan cannot use,
+            or checkpoints a fresh start would bury (checkpoint.resume=never).
+    """
+    root = checkpoint.root_of(plan)
+    found = checkpoint.find_latest(root)
+    for line in found.ignored:
+        print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
+    if found.path is None:
+        return None
+    if plan.recipe.checkpoint.resume == "never":
+        raise UserError(
+            f"{root}: holds checkpoints of an earlier run and checkpoint.resume is never; "
+            "nothing was started so nothing is overwritten",
+            hint="use another name, or checkpoint.resume=auto to continue it",
+        )
+    current = {"world_size": plan.world_size, "backend": plan.recipe.backend, "zero_stage": plan.recipe.zero.stage}
+    problems = checkpoint.mismatch(found.manifest, current)
+    if problems:
+        raise UserError(
+            f"cannot resume from {found.path}: {'; '.join(problems)}",
+            hint=f"resume with the checkpoint's settings (backend={found.manifest['backend']} "
+            f"zero.stage={found.manifest['zero_stage']}, world size {found.manifest['world_size']}), "
+            "or start afresh under another name",
+        )
+    changed = checkpoint.changed_keys(found.manifest.get("recipe", {}), to_dict(plan.recipe))
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        print(f"mplaunch: warning: resuming with changed settings: {shown}", file=sys.stderr)
+    return f"step {found.manifest['step']} ({found.path})"
+
+
+def run(plan: Plan) -> int:
+    """Run the plan's workers to completion; return their exit status (128+N after signal N)."""
+    resume_from = check_resume(plan)
+    run_dir = Path(plan.run_dir)
+    finished = run_dir / FINISHED
+    if finished.exists():
+        done = json.loads(finished.read_text()).get("step", 0)
+        if done >= plan.recipe.train.max_steps:
+            print(f"mplaunch: {run_dir} already finished {done} steps; nothing to do "
+                  f"(raise train.max_steps to train further, or use another name)")
+            return 0
+        finished.unlink()
+    if resume_from is None:
+        if (run_dir / METRICS).exists():
+            # A fresh start keeps the earlier attempt's metrics beside the new ones.
+            (run_dir / METRICS).rename(run_dir / f"metrics-{int(time.time())}.jsonl")
+        # A tokenizer trained for an earlier attempt may not match today's data files.
+        shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
+    prepare_run_dir(plan)
+    for stale in (run_dir / "logs").glob("rank-*.err"):
+        stale.unlink()  # an earlier attempt's errors would be mistaken for this one's
+    print(f"mplaunch: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
+    print(f"mplaunch: {plan.recipe.backend}, ZeRO {plan.recipe.zero.stage}, {plan.precision.dtype} on "
+          f"{plan.device}; run dir {run_dir}")
+    if resume_from:
+        print(f"mplaunch: resuming from {resume_from}")
+    return Workers(plan).wait()
+
+
+class Workers:
+    """torchrun and its workers, in their own session so that a terminal's Ctrl-C reaches only us."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.signals: list[int] = []
+        env = {**os.environ, **plan.env}
+        self.proc = subprocess.Popen(
+            plan.command, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True
+        )
+        self.noise = _TorchrunFilter()
+        self.reader = threading.Thread(target=self._pump, daemon=True)
+        self.reader.start()
+        self.previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if self.noise.keep(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def _forward(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+        if len(self.signals) == 1:
+            # The workers checkpoint and exit at the next step boundary; torchrun itself would
+            # kill them after 30 s, so it is left alone.
+            targets = _children_of_children(self.proc.pid) or [self.proc.pid]
+            print(f"\nmplaunch: {signal.Signals(signum).name}: asking the workers to checkpoint and stop "
+                  "(again to stop at once)", file=sys.stderr, flush=True)
+        else:
+            targets = [self.proc.pid]
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def wait(self) -> int:
+        try:
+            code = self.proc.wait()
+        finally:
+            self.reader.join(timeout=5)
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+        if code != 0 and not self.signals:
+            _report_failure(self.plan, code)
+        if self.signals:
+            return 128 + self.signals[0] if code == 0 else code
+        return code
+
+
+def _children_of_children(pid: int) -> list[int]:
+    """The workers: torchrun's child processes (Linux /proc; empty elsewhere)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return kids
+
+
+class _TorchrunFilter:
+    """Drops torchrun's own log lines and its ChildFailedError traceback; workers' lines pass."""
+
+    _LOG = re.compile(r"^\s*(\[?[WEI]\d{4} |\[rank\d+\]:|torch\.distributed\.elastic|W\d{4}|E\d{4}|I\d{4})")
+    _BANNER = re.compile(r"^(=+|-+)$")
+
+    def __init__(self) -> None:
+        self.in_traceback = False
+
+    def keep(self, line: str) -> bool:
+        stripped = line.rstrip("\n")
+        if stripped.startswith("Traceback (most recent call last):"):
+            # Workers never print tracebacks (they write them to RUN_DIR/logs); this one is torchrun's.
+            self.in_traceback = True
+        if self.in_traceback:
+            return False
+        return not (self._LOG.match(stripped) or self._BANNER.match(stripped.strip()))
+
+
+def _report_failure(plan: Plan, code: int) -> None:
+    logs = sorted((Path(plan.run_dir) / "logs").glob("rank-*.err"), key=lambda p: p.stat().st_mtime)
+    if logs:
+        first = logs[0]
+        message = first.read_text().split("\n\n", 1)[0]
+        print(f"mplaunch: the run failed on {first.stem}: {message}", file=sys.stderr)
+        print(f"mplaunch: full traceback: {first}", file=sys.stderr)
+    else:
+        print(f"mplaunch: the workers exited with status {code} without an error report "
+              f"(killed by the system? out of memory?); see {plan.command_line()}", file=sys.stderr)
+    print(f"mplaunch: checkpoints, if any, are in {checkpoint.root_of(plan)}; the run resumes from the latest "
+          f"when started again: {shlex.join(['mplaunch', *sys.argv[1:]])}", file=sys.stderr)

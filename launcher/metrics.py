@@ -1,0 +1,246 @@
+"""What a run shows and records: metrics.jsonl, TensorBoard, and the console (rank 0).
+
+The loss is accumulated on the device and read back only at log intervals,
+so the training loop never waits for the GPU between steps. Record fields
+are documented in README.md ("Run directory").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.backends import Backend, StepStats
+from launcher.plan import Plan
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite."""
+
+
+class Meter:
+    """Accumulates per-step statistics and writes one record per log interval.
+
+    Args:
+        plan: the run's plan.
+        is_rank0: only rank 0 writes files and prints.
+        start_step: the step the run starts (or resumes) at.
+        flops_per_step: model FLOPs of one optimizer step, if known.
+    """
+
+    def __init__(self, plan: Plan, is_rank0: bool, start_step: int, flops_per_step: float | None = None) -> None:
+        self.plan = plan
+        self.is_rank0 = is_rank0
+        self.every = plan.recipe.logging.every_steps
+        self.start_step = start_step
+        self.flops_per_step = flops_per_step
+        self.samples_per_step = plan.batch.global_batch_size
+        self.tokens_per_step = plan.batch.global_batch_size * plan.recipe.data.seq_len
+        self.path = Path(plan.run_dir) / METRICS_FILE
+        self.console = Console(plan, start_step) if is_rank0 else None
+        self.tb = _tensorboard(plan) if is_rank0 and plan.recipe.logging.tensorboard else None
+        self._reset(time.perf_counter())
+        self.skipped_at_start: int | None = None
+
+    def _reset(self, now: float) -> None:
+        self.interval_start = now
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.loss_count = 0
+        self.steps = 0
+        self.data_wait_s = 0.0
+        self.grad_norm: Any = None
+        self.skipped_in_interval = 0
+
+    def data_wait(self, seconds: float) -> None:
+        self.data_wait_s += seconds
+
+    def record(self, stats: StepStats) -> None:
+        """Add one optimizer step; no host-device synchronisation."""
+        self.steps += 1
+        if stats.skipped:
+            # A skipped fp16 step has an overflowed loss that says nothing about training.
+            self.skipped_in_interval += 1
+        else:
+            self.loss_sum = self.loss_sum + stats.loss
+            self.loss_count += 1
+        self.grad_norm = stats.grad_norm
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.plan.recipe.train.max_steps
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if the loss since the last record is not finite (a host sync)."""
+        if self.loss_count and not math.isfinite(float(self.loss_sum)):
+            raise NonFiniteLoss(self.plan.precision.dtype)
+
+    def flush(self, step: int, backend: Backend, epoch: int) -> dict[str, Any]:
+        """Read the interval's numbers back from the device, record and show them."""
+        loss = float(self.loss_sum) / self.loss_count if self.loss_count else float("nan")
+        if self.loss_count and not math.isfinite(loss):
+            raise NonFiniteLoss(self.plan.precision.dtype)
+        now = time.perf_counter()
+        elapsed = max(now - self.interval_start, 1e-9)
+        step_time = elapsed / max(self.steps, 1)
+        record: dict[str, Any] = {
+            "kind": "train",
+            "step": step,
+            "time": time.time(),
+            "loss": loss,
+            "lr": backend.lr(),
+            "loss_scale": backend.loss_scale(),
+            "skipped_steps": backend.skipped_steps(),
+            "grad_norm": _number(self.grad_norm),
+            "samples_per_s": self.samples_per_step / step_time,
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "step_time_s": step_time,
+            "data_wait_frac": min(1.0, self.data_wait_s / elapsed),
+            "overflow_rate": self.skipped_in_interval / max(self.steps, 1),
+            "epoch": epoch,
+            **self._hardware(step_time),
+        }
+        self._reset(now)
+        if self.is_rank0:
+            self.write(record)
+            self.console.show(record)
+        return record
+
+    def _hardware(self, step_time: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"flops_per_step": self.flops_per_step, "tflops": None, "mfu": None}
+        if self.flops_per_step:
+            from launcher import flops
+
+            world = self.plan.world_size
+            out["tflops"] = self.flops_per_step / step_time / world / 1e12
+            if self.plan.device == "cuda":
+                name = torch.cuda.get_device_name()
+                out["mfu"] = flops.mfu(self.flops_per_step, step_time, name, self.plan.precision.dtype, world)
+        if self.plan.device == "cuda":
+            out["mem_peak_bytes"] = torch.cuda.max_memory_allocated()
+            out["mem_reserved_bytes"] = torch.cuda.memory_reserved()
+        else:
+            out["mem_peak_bytes"] = out["mem_reserved_bytes"] = None
+        return out
+
+    def event(self, step: int, event: str, message: str, **fields: Any) -> None:
+        """Record and print a notable event (rank 0 only)."""
+        if not self.is_rank0:
+            return
+        self.write({"kind": "event", "step": step, "time": time.time(), "event": event, "message": message, **fields})
+        self.console.note(message)
+
+    def eval(self, step: int, loss: float) -> None:
+        if not self.is_rank0:
+            return
+        self.write({"kind": "eval", "step": step, "time": time.time(), "eval_loss": loss})
+        self.console.note(f"step {step}: eval loss {loss:.4f}")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            _to_tensorboard(self.tb, record)
+
+    def close(self) -> None:
+        if self.console is not None:
+            self.console.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+_TB_FIELDS = {
+    "train": ("loss", "lr", "loss_scale", "skipped_steps", "grad_norm", "samples_per_s", "tokens_per_s",
+              "step_time_s", "tflops", "mfu", "mem_peak_bytes", "mem_reserved_bytes", "data_wait_frac",
+              "overflow_rate"),
+    "eval": ("eval_loss",),
+}
+
+
+def _tensorboard(plan: Plan):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("mplaunch: warning: tensorboard is not installed; logging.tensorboard is off", file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir=str(Path(plan.run_dir) / "tb"))
+
+
+def _to_tensorboard(writer, record: dict[str, Any]) -> None:
+    for field in _TB_FIELDS.get(record["kind"], ()):
+        value = record.get(field)
+        if value is not None:
+            writer.add_scalar(f"{record['kind']}/{field}", value, record["step"])
+    writer.flush()
+
+
+class Console:
+    """Rank 0's view: a live progress bar on a terminal, one plain line per interval elsewhere."""
+
+    def __init__(self, plan: Plan, start_step: int) -> None:
+        self.total = plan.recipe.train.max_steps
+        self.fp16 = plan.precision.dtype == "fp16"
+        self.live = plan.recipe.logging.progress and sys.stderr.isatty()
+        self.progress = None
+        if self.live:
+            from rich.console import Console as RichConsole
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=RichConsole(stderr=True),
+            )
+            self.task = self.progress.add_task("train", total=self.total, completed=start_step, stats="")
+            self.progress.start()
+
+    def _stats(self, r: dict[str, Any]) -> str:
+        parts = [f"loss {r['loss']:.4f}"]
+        if r["loss_scale"] is not None:
+            parts.append(f"scale {r['loss_scale']:g}")
+        if self.fp16 or r["skipped_steps"]:
+            parts.append(f"skipped {r['skipped_steps']}")
+        parts.append(f"{r['samples_per_s']:,.1f} samples/s")
+        if r.get("mfu") is not None:
+            parts.append(f"MFU {100 * r['mfu']:.1f}%")
+        return " | ".join(parts)
+
+    def show(self, record: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], stats=self._stats(record))
+        else:
+            remaining = (self.total - record["step"]) * record["step_time_s"]
+            print(f"step {record['step']}/{self.total} | {self._stats(record)} | eta {_duration(remaining)}", flush=True)
+
+    def note(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

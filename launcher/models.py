@@ -1,0 +1,117 @@
+"""Built-in models by name, and the one door for a user's own (`model.target`).
+
+A model here is an nn.Module whose forward(**batch) returns the loss (a
+tensor, or an output object with a `.loss`). Built-in transformers are made
+from a config, never downloaded, with PyTorch SDPA attention.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.recipe import Model
+from launcher.shapes import Shape, shape_of
+
+
+class ModelError(Exception):
+    """A user's model factory could not be imported or called: reported as one clear line."""
+
+
+def build(model: Model, vocab_size: int) -> nn.Module:
+    """The recipe's model, with its vocabulary sized to the data's tokenizer."""
+    if model.target is not None:
+        return _from_target(model.target, dict(model.kwargs))
+    shape = shape_of(model, vocab_size=vocab_size)
+    return BUILDERS[shape.family](shape, model.dropout)
+
+
+def _bert(shape: Shape, dropout: float) -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        attn_implementation="sdpa",
+    )
+    return BertForMaskedLM(config)
+
+
+def _gpt2(shape: Shape, dropout: float) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=shape.vocab_size,
+        n_embd=shape.hidden_size,
+        n_layer=shape.num_layers,
+        n_head=shape.num_heads,
+        n_inner=shape.intermediate_size,
+        n_positions=shape.max_position_embeddings,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(config)
+
+
+class TinyMLP(nn.Module):
+    """Embedding, two-layer MLP and a vocabulary head: the smallest masked-token model, for tests."""
+
+    def __init__(self, shape: Shape, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(shape.hidden_size, shape.intermediate_size),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(shape.intermediate_size, shape.hidden_size),
+        )
+        self.head = nn.Linear(shape.hidden_size, shape.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **_: Any) -> torch.Tensor:
+        h = self.embed(input_ids)
+        logits = self.head(h + self.mlp(h))
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+BUILDERS = {"bert-mlm": _bert, "gpt2-lm": _gpt2, "tiny-mlp": TinyMLP}
+
+
+def _from_target(target: str, kwargs: dict[str, Any]) -> nn.Module:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"model.target: cannot import {module_name!r} ({exc})") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ModelError(f"model.target: {module_name!r} has no attribute {attr!r}")
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise ModelError(f"model.target: {target}(**model.kwargs) failed: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.target: {target} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def loss_of(output: Any) -> torch.Tensor:
+    """The loss from a model's forward: a tensor, or an object/dict with `loss`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if loss is None:
+        raise ModelError("the model's forward(**batch) returned no loss (return a tensor or an object with .loss)")
+    return loss

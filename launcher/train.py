@@ -1,0 +1,305 @@
+"""The worker: one per rank, started by torchrun as `python -m launcher.train RUN_DIR/plan.json`.
+
+`main` sets up (process group, seeds, data, model, backend, resume) and
+`fit` is the loop. A rank never prints a traceback: it writes it to
+RUN_DIR/logs/rank-N.err and prints one line, so the launcher can show the
+failing rank's error instead of torchrun's noise.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher import checkpoint, data
+from launcher.backends import Backend, LossScaleFloor, load_backend
+from launcher.metrics import Meter, NonFiniteLoss
+from launcher.models import ModelError, build
+from launcher.plan import Plan
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+RNG_FILE = "rng-rank{rank}.pt"
+FINISHED = "FINISHED"
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This rank's place in the job, and the collectives the loop needs."""
+
+    rank: int
+    world: int
+    local_rank: int
+    control: dist.ProcessGroup | None  # a gloo group for host-side agreement
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.control)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.control)
+        return float(t.item()) / self.world
+
+
+class StopRequest:
+    """SIGINT, SIGTERM and SIGUSR1 (Slurm's warning) only set a flag; the loop acts on it."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signal = signum
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    # Deprecation chatter from inside DeepSpeed/torch.distributed is not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    plan = Plan.from_json(Path(args[0]).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return run(plan)
+    except (ModelError, LossScaleFloor, NonFiniteLoss, ValueError, FileNotFoundError) as exc:
+        return _fail(plan, rank, _explain(plan, exc))
+    except KeyboardInterrupt:
+        return _fail(plan, rank, "interrupted")
+    except Exception as exc:
+        return _fail(plan, rank, f"{type(exc).__name__}: {exc}")
+
+
+def _explain(plan: Plan, exc: Exception) -> str:
+    if isinstance(exc, LossScaleFloor):
+        ls = plan.recipe.precision.loss_scale
+        return (
+            f"fp16 gradients overflow even at the minimum loss scale {ls.min:g}: the run cannot continue in fp16. "
+            "Use precision.dtype=bf16 (same speed on Ampere or newer GPUs, no loss scaling), or lower the "
+            "learning rate; the last complete checkpoint is kept"
+        )
+    if isinstance(exc, NonFiniteLoss):
+        return (
+            f"the loss became NaN or infinite in {exc}: the run stopped before saving a bad checkpoint; "
+            "lower optimizer.lr, raise scheduler.warmup_steps or check the data; the last complete checkpoint is kept"
+        )
+    return str(exc)
+
+
+def _fail(plan: Plan, rank: int, message: str) -> int:
+    logs = Path(plan.run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / f"rank-{rank}.err").write_text(f"{message}\n\n{traceback.format_exc()}")
+    print(f"mplaunch: rank {rank}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_FAILED
+
+
+def run(plan: Plan) -> int:
+    """Set up this rank, resume if there is a checkpoint, train, and shut down cleanly."""
+    stop = StopRequest()
+    d = _init_distributed(plan)
+    try:
+        _seed(plan.recipe.train.seed)
+        tokens = data.load_tokens(plan, d.rank, d.barrier)
+        # Same seed on every rank for the weights; the backends also broadcast rank 0's.
+        model = build(plan.recipe.model, tokens.vocab_size)
+        _seed(plan.recipe.train.seed + d.rank)
+        backend = load_backend(plan, model)
+        rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
+        batches = data.Batches(tokens, rows.train, plan, d.rank)
+        root = checkpoint.root_of(plan)
+        start = _resume(plan, backend, root, d)
+        meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan, tokens.vocab_size))
+        try:
+            return fit(plan, backend, batches, data.Batches(tokens, rows.eval, plan, d.rank) if len(rows.eval) else None,
+                       meter, root, stop, d, start)
+        finally:
+            meter.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fit(plan: Plan, backend: Backend, batches: data.Batches, evals: data.Batches | None, meter: Meter,
+        root: Path, stop: StopRequest, d: Dist, start: int) -> int:
+    """The training loop: one optimizer step per iteration, from `start` to train.max_steps."""
+    t = plan.recipe.train
+    every_ckpt = plan.recipe.checkpoint.every_steps
+    steps = data.loader(batches, start, t.max_steps, plan.recipe.data.num_workers)
+    meter.event(start, "resume" if start else "start", f"training from step {start} to {t.max_steps}", from_step=start)
+    for step in range(start, t.max_steps):
+        waited = time.perf_counter()
+        micro = next(steps)
+        meter.data_wait(time.perf_counter() - waited)
+        stats = backend.train_step(micro)
+        done = step + 1
+        meter.record(stats)
+        if stats.skipped:
+            meter.event(done, "overflow", f"step {done}: fp16 gradients overflowed; step skipped, "
+                        f"loss scale now {backend.loss_scale():g}", loss_scale=backend.loss_scale())
+        if meter.due(done):
+            meter.flush(done, backend, batches.position(done)[0])
+        if evals is not None and t.eval_every and done % t.eval_every == 0:
+            meter.eval(done, evaluate(backend, evals, t.eval_steps, d))
+        stopping = d.any(stop.signal is not None)
+        if stopping or done == t.max_steps or (every_ckpt and done % every_ckpt == 0):
+            save(plan, backend, root, done, batches, meter, d)
+        if stopping:
+            meter.event(done, "stop", f"stopped at step {done} on signal {stop.signal}; checkpoint saved")
+            from launcher import slurm
+
+            d.barrier()
+            if d.rank == 0 and hasattr(slurm, "after_stop"):
+                slurm.after_stop(plan)
+            return EXIT_OK
+    if d.rank == 0:
+        _write_finished(plan, t.max_steps)
+    meter.event(t.max_steps, "finish", f"finished {t.max_steps} steps")
+    return EXIT_OK
+
+
+def evaluate(backend: Backend, evals: data.Batches, num_batches: int, d: Dist) -> float:
+    """Mean masked-LM loss over this rank's first `num_batches` evaluation micro-batches, averaged over ranks."""
+    rows = evals.rows[d.rank :: d.world]
+    chunks = [rows[i : i + evals.micro] for i in range(0, len(rows), evals.micro)][:num_batches]
+    losses = [float(backend.eval_loss(evals.collate(c, epoch=0))) for c in chunks if len(c)]
+    return d.mean(sum(losses) / len(losses) if losses else float("nan"))
+
+
+def save(plan: Plan, backend: Backend, root: Path, step: int, batches: data.Batches, meter: Meter, d: Dist) -> None:
+    """Write checkpoint `step` from every rank, then seal it atomically from rank 0."""
+    meter.check_finite()
+    if d.rank == 0:
+        checkpoint.begin(root, step)
+    d.barrier()
+    tmp = checkpoint.tmp_dir(root, step)
+    backend.save(tmp)
+    torch.save(_rng_state(), tmp / RNG_FILE.format(rank=d.rank))
+    d.barrier()
+    if d.rank == 0:
+        epoch, in_epoch = batches.position(step)
+        final = checkpoint.commit(tmp, _manifest(plan, step, backend, epoch, in_epoch), plan.recipe.checkpoint.keep)
+        meter.event(step, "checkpoint", f"step {step}: checkpoint saved to {final}", path=str(final))
+    d.barrier()
+
+
+def _manifest(plan: Plan, step: int, backend: Backend, epoch: int, in_epoch: int) -> dict:
+    from launcher.recipe import to_dict
+
+    recipe = to_dict(plan.recipe)
+    return {
+        "step": step,
+        "epoch": epoch,
+        "step_in_epoch": in_epoch,
+        "world_size": plan.world_size,
+        "backend": plan.recipe.backend,
+        "zero_stage": plan.recipe.zero.stage,
+        "precision": plan.precision.dtype,
+        "skipped_steps": backend.skipped_steps(),
+        "loss_scale": backend.loss_scale(),
+        "recipe_hash": checkpoint.recipe_hash(recipe),
+        "recipe": recipe,
+    }
+
+
+def _resume(plan: Plan, backend: Backend, root: Path, d: Dist) -> int:
+    """Load the latest complete checkpoint (checkpoint.resume=auto); return the step to start at."""
+    if plan.recipe.checkpoint.resume == "never":
+        return 0
+    found = checkpoint.find_latest(root)
+    if d.rank == 0:
+        for line in found.ignored:
+            print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
+    if found.path is None:
+        return 0
+    current = {"world_size": plan.world_size, "backend": plan.recipe.backend, "zero_stage": plan.recipe.zero.stage}
+    problems = checkpoint.mismatch(found.manifest, current)
+    if problems:
+        raise ValueError(f"cannot resume from {found.path}: {'; '.join(problems)}")
+    backend.load(found.path)
+    _set_rng_state(torch.load(found.path / RNG_FILE.format(rank=d.rank), weights_only=False))
+    return int(found.manifest["step"])
+
+
+def _write_finished(plan: Plan, step: int) -> None:
+    import json
+
+    path = Path(plan.run_dir) / FINISHED
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+    tmp.replace(path)
+
+
+def _flops_per_step(plan: Plan, vocab_size: int) -> float | None:
+    from launcher import flops
+    from launcher.shapes import shape_of
+
+    model = plan.recipe.model
+    shape = shape_of(model, vocab_size=vocab_size) if model.target is None else None
+    return flops.flops_per_step(shape, plan.recipe.data.seq_len, plan.batch.global_batch_size)
+
+
+def _init_distributed(plan: Plan) -> Dist:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if plan.recipe.backend == "deepspeed" and plan.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if plan.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = plan.precision.allow_tf32
+        torch.backends.cudnn.allow_tf32 = plan.precision.allow_tf32
+    control = None
+    if world > 1 or "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=plan.dist_backend, rank=rank, world_size=world)
+        # Host-side agreement (stop requests, barriers) goes over gloo so it never waits on the GPU stream.
+        control = dist.new_group(backend="gloo") if plan.dist_backend != "gloo" else None
+    return Dist(rank, world, local_rank, control)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
