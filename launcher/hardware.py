@@ -54,11 +54,28 @@ def _nvidia_smi() -> list[Gpu]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
+    return parse_nvidia_smi(out)
+
+
+def parse_nvidia_smi(out: str) -> list[Gpu]:
+    """GPUs from `nvidia-smi --query-gpu=index,name,compute_cap,memory.total,uuid` CSV output.
+
+    A line that cannot be read (an old driver prints [N/A] for compute_cap) is
+    skipped rather than crashing `check`.
+    """
     gpus = []
     for line in out.strip().splitlines():
-        index, name, cap, mem_mib, uuid = (f.strip() for f in line.split(","))
-        major, minor = (int(x) for x in cap.split("."))
-        gpu = Gpu(int(index), name, (major, minor), int(mem_mib) * 2**20)
+        fields = line.split(",")
+        if len(fields) < 5:
+            continue
+        # The name is the only field that may itself hold a comma.
+        index, name = fields[0].strip(), ",".join(fields[1:-3]).strip()
+        cap, mem_mib, uuid = (f.strip() for f in fields[-3:])
+        try:
+            major, minor = (int(x) for x in cap.split("."))
+            gpu = Gpu(int(index), name, (major, minor), int(float(mem_mib)) * 2**20)
+        except ValueError:
+            continue
         gpus.append(gpu)
         _UUIDS[gpu.index] = uuid
     return gpus

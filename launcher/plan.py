@@ -302,15 +302,26 @@ def _warnings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> list[str]
     scale_keys = sorted(k for k in written if k.startswith("precision.loss_scale."))
     if scale_keys and policy.dtype != "fp16":
         out.append(f"{scale_keys[0]}: has no effect with {policy.dtype} (only fp16 scales the loss)")
+    dynamic_only = [k for k in scale_keys if k.rsplit(".", 1)[1] in ("window", "hysteresis", "consecutive_hysteresis", "min")]
+    if dynamic_only and policy.dtype == "fp16" and not policy.loss_scale.dynamic:
+        out.append(f"{dynamic_only[0]}: has no effect with a static loss scale (precision.loss_scale.dynamic=false)")
     if "precision.allow_tf32" in written and (policy.dtype != "fp32" or device == "cpu"):
         out.append("precision.allow_tf32: only affects fp32 runs on Ampere or newer GPUs")
     z = recipe.zero
+    if device == "cpu" and (z.offload_optimizer or z.offload_params):
+        key = "zero.offload_optimizer" if z.offload_optimizer else "zero.offload_params"
+        out.append(f"{key}: the run is on the CPU already; offloading gains nothing")
     if recipe.backend == "accelerate" and z.stage > 0:
         if device == "cpu":
             out.append(f"zero.stage: accelerate runs plain DDP on CPU; stage {z.stage} sharding is not applied")
         elif z.stage == 1:
             out.append("zero.stage: FSDP has no stage-1 mode; stage 1 runs as SHARD_GRAD_OP (ZeRO-2)")
     t = recipe.train
+    if recipe.scheduler.warmup_steps > t.max_steps:
+        out.append(
+            f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {t.max_steps};"
+            " the learning rate never reaches optimizer.lr"
+        )
     if t.eval_every > t.max_steps:
         out.append(f"train.eval_every: {t.eval_every} is beyond train.max_steps {t.max_steps}; no evaluation will run")
     if recipe.checkpoint.every_steps > t.max_steps:

@@ -55,6 +55,11 @@ def problems(policy: PrecisionPolicy, backend: str, device: str, hardware: Hardw
             "precision.dtype: fp16 is not supported by DeepSpeed on CPU; "
             "use precision.dtype=bf16, or backend=accelerate (which scales fp16 on CPU)"
         )
+    if backend == "accelerate" and policy.dtype == "fp16" and not policy.loss_scale.dynamic:
+        out.append(
+            "precision.loss_scale.dynamic: accelerate's GradScaler only scales dynamically (torch refuses "
+            "growth_factor 1); use backend=deepspeed for a static loss scale"
+        )
     if device == "cuda" and policy.dtype == "bf16":
         old = [g for g in hardware.gpus if not g.supports_bf16]
         if old:
@@ -76,7 +81,8 @@ def deepspeed_fp16_block(policy: PrecisionPolicy) -> dict[str, Any]:
         "loss_scale_window": ls.window,
         "hysteresis": ls.hysteresis,
         "consecutive_hysteresis": ls.consecutive_hysteresis,
-        "min_loss_scale": ls.min,
+        # DeepSpeed's min_loss_scale is an int field (the recipe rules make it whole).
+        "min_loss_scale": int(ls.min) if ls.min == int(ls.min) else ls.min,
     }
 
 
@@ -85,14 +91,17 @@ def grad_scaler_settings(policy: PrecisionPolicy) -> dict[str, Any]:
 
     GradScaler halves on every overflow and has no floor; mplaunch's accelerate
     backend adds DeepSpeed's hysteresis and minimum on top so both backends
-    scale the same way.
+    scale the same way. GradScaler cannot hold a static scale (it asserts
+    growth_factor > 1 and backoff_factor < 1), so `problems` refuses
+    dynamic=false with fp16 on accelerate.
     """
     ls = policy.loss_scale
     return {
         "enabled": policy.dtype == "fp16",
         "init_scale": ls.initial,
-        "growth_factor": 2.0 if ls.dynamic else 1.0,
-        "backoff_factor": 0.5 if ls.dynamic else 1.0,
+        # DeepSpeed's dynamic scaler doubles and halves; match it.
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
         "growth_interval": ls.window,
         "hysteresis": ls.hysteresis,
         "consecutive_hysteresis": ls.consecutive_hysteresis,

@@ -477,10 +477,6 @@ def check_rules(recipe: Recipe) -> list[str]:
         )
     problems += _model_rules(recipe)
     problems += _data_rules(recipe)
-    if recipe.scheduler.warmup_steps > recipe.train.max_steps:
-        problems.append(
-            f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {recipe.train.max_steps}"
-        )
     problems += _loss_scale_rules(recipe)
     if recipe.launch.nnodes > 1 and recipe.slurm.nodes not in (None, recipe.launch.nnodes):
         problems.append(f"slurm.nodes: {recipe.slurm.nodes} disagrees with launch.nnodes {recipe.launch.nnodes}")
