@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -44,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `mplaunch check --explain | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _run_parser() -> _Parser:
@@ -86,18 +92,22 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_check(argv: list[str]) -> int:
     p = _Parser(prog="mplaunch check", description="Validate a recipe and its plan; exit 0 if it would run.")
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?", help="recipe file or shipped recipe name (optional with --explain)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--explain", action="store_true", help="also print every recipe key with its description")
+    p.add_argument("--markdown", action="store_true", help="with --explain: print the README's reference table")
     args = p.parse_intermixed_args(argv)
-    plan = _plan(args.recipe, args.overrides)
-    _print_warnings(plan.warnings)
-    print(f"ok: {plan.recipe.source} ({plan.batch.equation(plan.nnodes, plan.nproc_per_node)})")
-    if args.explain:
-        from launcher.recipe import reference_rows
-
-        for key, type_, default, doc in reference_rows():
-            print(f"{key:<38} {type_:<28} {default:<12} {doc}")
+    if args.recipe is None and not args.explain:
+        p.error("the following arguments are required: recipe")
+    if args.recipe is not None:
+        plan = _plan(args.recipe, args.overrides)
+        _print_warnings(plan.warnings)
+        print(f"ok: {plan.recipe.source} ({plan.batch.equation(plan.nnodes, plan.nproc_per_node)})")
+    if args.explain and args.markdown:
+        print(recipe_mod.reference_markdown())
+    elif args.explain:
+        for key, type_, default, doc in recipe_mod.reference_rows():
+            print(f"{key:<44} {type_:<34} {default:<10} {doc}")
     return 0
 
 
@@ -130,22 +140,41 @@ def cmd_recipes(argv: list[str]) -> int:
 
 
 def _copy_recipe(path: Path, dest: Path) -> int:
-    import yaml
-
+    """Copy a recipe with the files it extends and the data it names, so the copy loads on its own."""
     if dest.is_dir():
         dest = dest / path.name
-    if dest.exists():
-        raise UserError(f"{dest}: already exists; nothing was copied")
-    # Bring the extends chain along so the copy loads on its own.
-    src = path
-    while src is not None:
-        target = dest if src == path else dest.parent / src.name
+    pairs = _copy_pairs(path, dest)
+    # A base or data file already there with the same bytes (an earlier copy of
+    # a sibling recipe) is shared; anything else, and the recipe itself, is refused.
+    clashes = [
+        str(t) for s, t in pairs if t.exists() and (t == dest or t.is_dir() or t.read_bytes() != s.read_bytes())
+    ]
+    if clashes:
+        raise UserError([f"{t}: already exists; nothing was copied" for t in clashes])
+    for src, target in pairs:
         if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)
-            print(f"copied {src.name} -> {target}")
-        parent = (yaml.safe_load(src.read_text()) or {}).get("extends")
-        src = src.parent / parent if isinstance(parent, str) else None
+            print(f"copied {src} -> {target}")
     return 0
+
+
+def _copy_pairs(path: Path, dest: Path) -> list[tuple[Path, Path]]:
+    # Each file keeps its position relative to the file that names it, so
+    # `extends:` and `data.paths` in the copies stay correct unedited.
+    pairs: list[tuple[Path, Path]] = []
+    src: Path | None = path
+    while src is not None and src.resolve() not in {s.resolve() for s, _ in pairs}:
+        pairs.append((src, dest))
+        raw = recipe_mod.read_file(src)
+        data = raw.get("data")
+        names = data.get("paths", []) if isinstance(data, dict) else []
+        for name in names if isinstance(names, list) else []:
+            if isinstance(name, str) and not Path(name).is_absolute() and (src.parent / name).is_file():
+                pairs.append((src.parent / name, dest.parent / name))
+        parent = raw.get("extends")
+        src, dest = (src.parent / parent, dest.parent / parent) if isinstance(parent, str) else (None, dest)
+    return pairs
 
 
 def find_recipe(name: str) -> Path:
@@ -158,7 +187,9 @@ def find_recipe(name: str) -> Path:
     if shipped.is_file():
         return shipped
     names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise UserError(f"{name}: recipe file not found", hint=f"shipped recipes: {names}")
+    verb = difflib.get_close_matches(name, [v for v in VERBS if v != "run"], n=1, cutoff=0.75)
+    hint = f"did you mean `mplaunch {verb[0]}`?" if verb else f"shipped recipes: {names}"
+    raise UserError(f"{name}: recipe file not found", hint=hint)
 
 
 def _plan(recipe_arg: str, overrides: list[str], keep_machine_problems: bool = False) -> Plan:
