@@ -14,7 +14,13 @@ class UserError(Exception):
     """
 
     def __init__(self, lines: str | list[str], hint: str | None = None) -> None:
-        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        self.lines = [_one_line(line) for line in ([lines] if isinstance(lines, str) else lines)]
         if hint and len(self.lines) == 1:
             self.lines[0] = f"{self.lines[0]} (hint: {hint})"
         super().__init__("\n".join(self.lines))
+
+
+def _one_line(text: str) -> str:
+    # User input (a key, a path) can hold a newline or another line separator;
+    # escape it so that one problem stays one line.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -204,6 +204,8 @@ class Logging(Section):
     """Write TensorBoard event files into the run directory."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    memory_report: bool = False
+    """After step 2 each rank writes RUN_DIR/memory/rank-N.json: bytes it holds in parameters, gradients, fp32 master weights and optimizer state."""
 
 
 class Slurm(Section):

@@ -38,7 +38,8 @@ def dotted(loc: tuple[Any, ...]) -> str:
     """('train', 'micro_batch_size') -> 'train.micro_batch_size'; list indices as [i]."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+        text = str(part) if str(part).isprintable() else repr(part)  # a key may hold a newline
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + text
     return out
 
 
