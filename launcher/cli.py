@@ -81,6 +81,9 @@ def cmd_run(argv: list[str]) -> int:
     if args.dry_run:
         print("mplaunch dry run: nothing is started")
         print(plan.describe())
+        # The whole plan is shown (it may be meant for another machine), but
+        # the exit code is what a real run here would give: scripts that use
+        # --dry-run as a pre-flight check must not be told "ok".
         if plan.problems:
             raise UserError([f"this machine cannot run the plan above: {p}" for p in plan.problems])
         return 0

@@ -180,6 +180,11 @@ def test_exponent_floats_are_numbers(tmp_path: Path) -> None:
     assert load(write(tmp_path, MINIMAL), ["optimizer.lr=1E-3"]).optimizer.lr == pytest.approx(1e-3)
 
 
+def test_times_are_not_base_60_numbers(tmp_path: Path) -> None:
+    r = load(write(tmp_path, "name: t\nmodel: {name: tiny-mlp}\ntrain: {micro_batch_size: 1}\nslurm: {time: 12:00:00}\n"))
+    assert r.slurm.time == "12:00:00"
+
+
 def test_duplicate_keys_are_refused_with_their_line(tmp_path: Path) -> None:
     (got,) = problems(tmp_path, "name: t\ntrain: {micro_batch_size: 2}\ntrain: {max_steps: 3}\n")
     assert got == "not valid YAML (duplicate key 'train' at line 3, column 1)"
@@ -222,6 +227,8 @@ def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
         ("optimizer.betas=[0.8, 0.9]", ("optimizer", "betas"), (0.8, 0.9)),
         ("slurm.env={OMP_NUM_THREADS: '4'}", ("slurm", "env"), {"OMP_NUM_THREADS": "4"}),
         ("slurm.time='1:00:00'", ("slurm", "time"), "1:00:00"),
+        ("slurm.time=1:00:00", ("slurm", "time"), "1:00:00"),  # YAML 1.1 would read 3600
+        ("optimizer.eps=1e-6", ("optimizer", "eps"), 1e-6),
     ],
 )
 def test_overrides_use_yaml_scalar_semantics(tmp_path: Path, override: str, path: tuple[str, str], value: object) -> None:
