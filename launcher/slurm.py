@@ -1,15 +1,405 @@
-"""Slurm: placeholder until the Slurm issue lands (replaced by its implementation)."""
+"""Slurm: a plan -> an sbatch script (Jinja2 template), submitted with sbatch; the requeue contract.
+
+One srun task per node runs torchrun with c10d rendezvous on the first node of
+the allocation. The plan is resolved for the cluster's nodes (GPUs from
+slurm.gpus_per_node), not for the submitting machine, and written to
+RUN_DIR/plan.json; the job runs exactly that plan, so a run is reproducible
+from its directory (`sbatch RUN_DIR/slurm/job.sbatch` resubmits it).
+
+Stop protocol (the worker side lives in launcher.train): the job asks for
+SIGUSR1 slurm.signal_s seconds before its time limit. Without the `B:` prefix
+Slurm signals every process of the job steps (torchrun and, through the
+process tracker, the workers too); torchrun is told to handle SIGUSR1 as well,
+so it forwards it to the workers (needed where the tracker only reaches the
+task) and waits up to signal_s seconds for them before SIGKILL. The workers
+checkpoint at the next step boundary and rank 0 calls `after_stop`, which
+requeues the job. A requeued job starts its script again and the workers
+resume from the latest checkpoint; RUN_DIR/FINISHED ends it at once.
+
+Light side: no torch import.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from launcher import __version__
+from launcher import recipe as recipe_mod
 from launcher.errors import UserError
+from launcher.hardware import Gpu, Hardware
+from launcher.plan import Plan, resolve
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "sbatch.sh.j2"
+SCRIPT_NAME = "job.sbatch"
+REQUEUES_FILE = "requeues.json"
+ALLOW_LOOPBACK_VAR = "MPLAUNCH_SLURM_ALLOW_LOOPBACK"
+STOP_SIGNAL = "USR1"
+# How long srun lets the other nodes finish after the first task exits; a crashed
+# node takes the job down after this, a clean stop is done long before.
+SRUN_WAIT_S = 60
+# GPUs on the cluster are not visible from the login node; precision "auto"
+# assumes they are Ampere or newer (bf16). Set precision.dtype to be explicit.
+CLUSTER_GPU = Gpu(index=0, name="GPU on the Slurm nodes", capability=(8, 0), memory_bytes=80 * 2**30)
+DEFAULT_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN", "PYTHONUNBUFFERED": "1"}
+# Options mplaunch writes itself; set them through the slurm.* keys instead.
+MANAGED_OPTIONS = {
+    "job-name": "name", "nodes": "slurm.nodes", "ntasks-per-node": None, "ntasks": None,
+    "gpus-per-node": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem",
+    "time": "slurm.time", "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
+    "output": None, "error": None, "signal": "slurm.signal_s", "requeue": None, "no-requeue": None,
+    "open-mode": None,
+}  # fmt: skip
+
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NAME_VALUE = re.compile(r"[A-Za-z0-9_.,+-]+")  # partition (lists too), account, qos
+MEM_VALUE = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
+TIME_VALUE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+EXTRA_OPTION = re.compile(r"--([a-z][a-z0-9-]*)(=[^\s'\"`\\]+)?")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slurm", action="store_true", help="render an sbatch script and submit it")
+    """The --slurm flags; each is the dotted override of the same slurm.* key (validated the same way)."""
+    g = parser.add_argument_group("Slurm (with --slurm; each flag is the override slurm.KEY=VALUE)")
+    g.add_argument("--slurm", action="store_true", help="render an sbatch script into RUN_DIR/slurm and submit it")
+    g.add_argument("--nodes", metavar="N", help="nodes (slurm.nodes and launch.nnodes)")
+    g.add_argument("--partition", metavar="P", help="partition (slurm.partition)")
+    g.add_argument("--time", metavar="T", help="time limit, e.g. 04:00:00 or 1-00:00:00 (slurm.time)")
+    g.add_argument("--account", metavar="A", help="account (slurm.account)")
+    g.add_argument("--qos", metavar="Q", help="quality of service (slurm.qos)")
+    g.add_argument("--gpus-per-node", metavar="G", help="GPUs per node, 0 for CPU (slurm.gpus_per_node)")
+    g.add_argument("--slurm-template", metavar="PATH", help=f"your own Jinja2 template (default {DEFAULT_TEMPLATE.name})")
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The Slurm flags as dotted overrides, applied after the user's own (so the flags win)."""
+    out = []
+    if args.nodes is not None:
+        out += [f"slurm.nodes={args.nodes}", f"launch.nnodes={args.nodes}"]
+    if args.gpus_per_node is not None:
+        out.append(f"slurm.gpus_per_node={args.gpus_per_node}")
+    for key in ("partition", "time", "account", "qos"):
+        value = getattr(args, key)
+        if value is not None:
+            out.append(f"slurm.{key}={json.dumps(value)}")  # a quoted YAML scalar: 1:00:00 stays text
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("--slurm is not available yet")
+    """`mplaunch RECIPE --slurm`: resolve for the cluster, render, write the run dir, submit (or print)."""
+    from launcher.cli import find_recipe  # the shipped-recipe lookup; cli owns it
+
+    recipe = recipe_mod.load(find_recipe(args.recipe), [*args.overrides, *flag_overrides(args)])
+    template = Path(args.slurm_template) if args.slurm_template else DEFAULT_TEMPLATE
+    plan = resolve_for_cluster(recipe)
+    script = render(plan, template)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    return submit(plan, script)
+
+
+def cluster_hardware(recipe: recipe_mod.Recipe) -> Hardware:
+    """What each node of the job will have: slurm.gpus_per_node GPUs (0: CPU) and slurm.cpus_per_task cores."""
+    gpus = gpus_per_node(recipe)
+    nproc = recipe.launch.nproc_per_node
+    procs = nproc if isinstance(nproc, int) else max(1, gpus)
+    cpus = recipe.slurm.cpus_per_task or procs
+    gpu_list = tuple(Gpu(i, CLUSTER_GPU.name, CLUSTER_GPU.capability, CLUSTER_GPU.memory_bytes) for i in range(gpus))
+    return Hardware(gpus=gpu_list, cpu_count=cpus)
+
+
+def gpus_per_node(recipe: recipe_mod.Recipe) -> int:
+    """slurm.gpus_per_node, else launch.nproc_per_node for a cuda recipe, else 0 (CPU)."""
+    if recipe.slurm.gpus_per_node is not None:
+        return recipe.slurm.gpus_per_node
+    nproc = recipe.launch.nproc_per_node
+    if recipe.launch.device == "cuda":
+        if isinstance(nproc, int):
+            return nproc
+        raise UserError(
+            "slurm.gpus_per_node: launch.device is cuda but the GPUs per node are unknown",
+            hint="set slurm.gpus_per_node (--gpus-per-node) or launch.nproc_per_node",
+        )
+    return 0
+
+
+def resolve_for_cluster(recipe: recipe_mod.Recipe) -> Plan:
+    """The plan for the cluster's nodes; raises UserError with every problem of the recipe and its Slurm values."""
+    problems = check_values(recipe)
+    if problems:
+        raise UserError(problems)
+    if recipe.slurm.nodes is not None and recipe.slurm.nodes != recipe.launch.nnodes:
+        # check_rules rejects two different counts; an unset launch.nnodes follows slurm.nodes.
+        launch = recipe.launch.model_copy(update={"nnodes": recipe.slurm.nodes})
+        recipe = recipe.model_copy(update={"launch": launch})
+    if recipe.launch.device == "cuda" and gpus_per_node(recipe) == 0:
+        raise UserError("slurm.gpus_per_node: 0 GPUs but launch.device is cuda", hint="use --gpus-per-node N")
+    return resolve(recipe, cluster_hardware(recipe), nnodes_allowed=True)
+
+
+def check_values(recipe: recipe_mod.Recipe) -> list[str]:
+    """Every slurm.* value that reaches the script, checked so that none can break out of its line."""
+    s = recipe.slurm
+    problems = []
+    for key in ("partition", "account", "qos"):
+        value = getattr(s, key)
+        if value is not None and not NAME_VALUE.fullmatch(value):
+            problems.append(f"slurm.{key}: {value!r} is not a Slurm name (letters, digits, _ . , + -)")
+    if s.mem is not None and not MEM_VALUE.fullmatch(s.mem):
+        problems.append(f"slurm.mem: {s.mem!r} is not a size like 64G or 512000M")
+    limit_s = time_limit_s(s.time)
+    if limit_s is None:
+        problems.append(f"slurm.time: {s.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH, D-HH:MM:SS)")
+    elif limit_s <= s.signal_s:
+        problems.append(f"slurm.signal_s: the {s.signal_s} s warning must come before the time limit {s.time}")
+    for i, line in enumerate(s.extra_sbatch):
+        problems += _check_extra(i, line)
+    for key in s.env:
+        if not ENV_KEY.fullmatch(key):
+            problems.append(f"slurm.env: {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    for i, line in enumerate(s.setup):
+        if "\n" in line or "\r" in line:
+            problems.append(f"slurm.setup[{i}]: one shell line per item (it contains a line break)")
+    return problems
+
+
+def _check_extra(i: int, line: str) -> list[str]:
+    match = EXTRA_OPTION.fullmatch(line)
+    if match is None:
+        return [
+            f"slurm.extra_sbatch[{i}]: {line!r} is not a single --option or --option=value "
+            "(no spaces, quotes, backslashes or short options)"
+        ]
+    key = MANAGED_OPTIONS.get(match.group(1), "")
+    if key == "" and match.group(1) not in MANAGED_OPTIONS:
+        return []
+    where = f"set {key} instead" if key else "mplaunch sets it"
+    return [f"slurm.extra_sbatch[{i}]: --{match.group(1)} is written by mplaunch ({where})"]
+
+
+def time_limit_s(text: str) -> int | None:
+    """Seconds in an sbatch --time value, or None when it is not one (UNLIMITED counts as no limit)."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return sys.maxsize
+    m = TIME_VALUE.fullmatch(text)
+    if m is None:
+        return None
+    days, first, second, third = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        return days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)
+    if third is not None:  # H:M:S
+        return first * 3600 + (second or 0) * 60 + third
+    return first * 60 + (second or 0)  # M or M:S
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the job's files go: RUN_DIR/slurm/."""
+
+    run_dir: Path
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.run_dir / "slurm"
+
+    @property
+    def script(self) -> Path:
+        return self.slurm_dir / SCRIPT_NAME
+
+    def log(self, suffix: str, job_id: str = "%j") -> Path:
+        return self.slurm_dir / f"slurm-{job_id}.{suffix}"
+
+
+def context(plan: Plan) -> dict[str, Any]:
+    """Everything a template may use; every value is checked or quoted by the template's filters."""
+    recipe, s = plan.recipe, plan.recipe.slurm
+    paths = Paths(Path(plan.run_dir))
+    return {
+        "version": __version__,
+        "source": recipe.source,
+        "job_name": recipe.name,
+        "nodes": plan.nnodes,
+        "nproc_per_node": plan.nproc_per_node,
+        "gpus_per_node": gpus_per_node(recipe),
+        "cpus_per_task": cluster_hardware(recipe).cpu_count,
+        "mem": s.mem,
+        "time": s.time,
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "slurm_dir": str(paths.slurm_dir),
+        "signal": STOP_SIGNAL,
+        "signal_s": s.signal_s,
+        "extra_sbatch": list(s.extra_sbatch),
+        "run_dir": plan.run_dir,
+        "script": str(paths.script),
+        "plan_path": str(plan.plan_path),
+        "python": plan.command[0] if plan.command else sys.executable,
+        "env": layered_env(plan),
+        "setup": list(s.setup),
+        "max_restarts": recipe.launch.max_restarts,
+        "master_port": recipe.launch.master_port,
+        "srun_wait_s": SRUN_WAIT_S,
+    }
+
+
+def layered_env(plan: Plan) -> dict[str, str]:
+    """mplaunch's defaults, then the plan's environment, then slurm.env, in that order in the script."""
+    top = plan.recipe.slurm.env
+    below = {k: v for k, v in {**DEFAULT_ENV, **plan.env}.items() if k not in top}
+    return {**below, **top}
+
+
+def render(plan: Plan, template: Path = DEFAULT_TEMPLATE) -> str:
+    """The sbatch script for `plan` from a Jinja2 template (undefined names are errors)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
+    )
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    env.filters["sbatch_path"] = sbatch_path
+    env.filters["oneline"] = lambda value: json.dumps(str(value))
+    try:
+        text = template.read_text()
+    except OSError as exc:
+        raise UserError(f"{template}: cannot read the Slurm template ({exc.strerror})") from None
+    try:
+        return env.from_string(text).render(context(plan))
+    except jinja2.TemplateError as exc:
+        line = getattr(exc, "lineno", None)
+        where = f"{template}:{line}" if line else str(template)
+        raise UserError(f"{where}: {exc.message or exc}", hint=f"names a template may use: {', '.join(context(plan))}")
+
+
+def sbatch_path(directory: str, pattern: str = "") -> str:
+    """DIRECTORY/PATTERN for an #SBATCH line, double-quoted; `%` in the directory is escaped
+    (sbatch expands %j, %x ... there), the file name pattern is kept as given."""
+    if any(ch in directory for ch in '"\\') or not directory.isprintable():
+        raise UserError(f"{directory!r}: a path Slurm cannot take on an #SBATCH line", hint="choose another logging.dir")
+    path = directory.replace("%", "%%") + (f"/{pattern}" if pattern else "")
+    return f'"{path}"'
+
+
+# --------------------------------------------------------------------------- submitting
+
+
+def submit(plan: Plan, script: str) -> int:
+    """Write the run directory and the script, submit it, print the job id and the log paths."""
+    from launcher import launch
+
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UserError("sbatch not found: submit from a Slurm login node", hint="--dry-run prints the script")
+    if _already_finished(plan):
+        return 0
+    launch.check_resume(plan)
+    paths = Paths(Path(launch.prepare_run_dir(plan)))
+    paths.slurm_dir.mkdir(parents=True, exist_ok=True)
+    paths.script.write_text(script)
+    (paths.run_dir / "command.txt").write_text(f"sbatch {shlex.quote(str(paths.script))}\n")
+    done = subprocess.run([sbatch, "--parsable", str(paths.script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
+        raise UserError(f"sbatch refused the job: {' / '.join(reason)}", hint=f"script kept at {paths.script}")
+    job_id = done.stdout.strip().split(";")[0]
+    print(f"mplaunch: submitted job {job_id}: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
+    print(f"mplaunch: logs {paths.log('out', job_id)} and {paths.log('err', job_id)}")
+    print(f"mplaunch: run dir {paths.run_dir}; follow with: tail -f {shlex.quote(str(paths.log('out', job_id)))}")
+    return 0
+
+
+def _already_finished(plan: Plan) -> bool:
+    finished = Path(plan.run_dir) / "FINISHED"
+    if not finished.exists():
+        return False
+    done = json.loads(finished.read_text() or "{}").get("step", 0)
+    if done >= plan.recipe.train.max_steps:
+        print(f"mplaunch: {plan.run_dir} already finished {done} steps; nothing submitted")
+        return True
+    finished.unlink()  # train.max_steps was raised: train on from the last checkpoint
+    return False
+
+
+# --------------------------------------------------------------------------- inside the job
+
+
+def after_stop(plan: Plan) -> None:
+    """Rank 0, after every rank has checkpointed on a stop request: requeue the Slurm job.
+
+    Outside Slurm (no SLURM_JOB_ID) it does nothing. A job Slurm is already
+    ending or requeueing (cancelled, timed out, preempted) is left to Slurm.
+    At most slurm.max_requeues requeues per job id, counted in
+    RUN_DIR/slurm/requeues.json. Never raises: the checkpoint is already safe.
+    """
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return
+    state = _job_state(job_id)
+    if state not in (None, "RUNNING"):
+        _log(f"job {job_id} is {state}; Slurm ends or requeues it, so mplaunch does not")
+        return
+    cap = plan.recipe.slurm.max_requeues
+    counts_path = Paths(Path(plan.run_dir)).slurm_dir / REQUEUES_FILE
+    counts = _read_counts(counts_path)
+    used = counts.get(job_id, 0)
+    if used >= cap:
+        _log(f"job {job_id} was requeued {used} times (slurm.max_requeues={cap}); not again. "
+             f"The checkpoint is saved: resubmit {Paths(Path(plan.run_dir)).script} to continue")  # fmt: skip
+        return
+    counts[job_id] = used + 1
+    _write_counts(counts_path, counts)
+    # The requeue ends this job at once (SIGTERM to every process), so say it first.
+    _log(f"requeueing job {job_id} ({used + 1} of {cap}); it resumes from the latest checkpoint")
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        _log(f"scontrol requeue {job_id} failed: {exc}")
+        return
+    if done.returncode != 0:
+        _log(f"scontrol requeue {job_id} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+
+def _job_state(job_id: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\bJobState=(\S+)", out)
+    return m.group(1) if m else None
+
+
+def _read_counts(path: Path) -> dict[str, int]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_counts(path: Path, counts: dict[str, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(counts, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _log(message: str) -> None:
+    print(f"mplaunch: slurm: {message}", flush=True)
