@@ -192,7 +192,9 @@ class SlurmCluster:
         self._wait_for(self._nodes_idle, "both nodes idle")
 
     def stop(self) -> None:
-        """Kill the daemons this cluster started (by pid) and undo the /etc/hosts entry."""
+        """Cancel its jobs, stop the daemons it started and what its jobs left behind, undo /etc/hosts."""
+        if self.procs and all(p.poll() is None for p in self.procs):
+            self._cancel_jobs()
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -203,10 +205,32 @@ class SlurmCluster:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        self._kill_leftovers()
         if self.added_hosts:
             lines = HOSTS_FILE.read_text().splitlines(keepends=True)
             HOSTS_FILE.write_text("".join(line for line in lines if HOSTS_MARK not in line))
             self.added_hosts = False
+
+    def _cancel_jobs(self) -> None:
+        jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+        if not jobs:
+            return
+        self.run("scancel", *jobs, check=False)
+        deadline = time.monotonic() + 40  # KillWait is 20 s
+        while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+            time.sleep(0.5)
+
+    def _kill_leftovers(self) -> None:
+        """slurmstepd and job processes outlive slurmd; they carry this cluster's SLURM_CONF."""
+        mark = f"SLURM_CONF={self.conf}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                continue
 
     def _write_config(self) -> None:
         for sub in ("state", "spool", "munge", *(f"spool/{n}" for n in NODES)):

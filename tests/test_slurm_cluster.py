@@ -1,0 +1,101 @@
+"""The local two-node Slurm cluster itself, and the Slurm behaviour the sbatch template relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slurm
+
+
+def wait_for(path: Path, text: str, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return path.read_text()
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path} after {timeout_s} s: {path.read_text() if path.exists() else '-'}")
+
+
+def test_two_node_job_completes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+    script = tmp_path / "smoke.sh"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n"
+        f"#SBATCH --output={tmp_path}/smoke-%j.out\n"
+        "srun bash -c 'echo \"task $SLURM_PROCID node $SLURM_NODEID on $SLURMD_NODENAME of $SLURM_JOB_NUM_NODES\"'\n"
+    )
+    job = slurm_cluster.sbatch(script)
+    assert slurm_cluster.wait_finished(job, 60)["JobState"] == "COMPLETED"
+    lines = sorted((tmp_path / f"smoke-{job}.out").read_text().split("\n"))
+    assert [line for line in lines if line] == ["task 0 node 0 on n1 of 2", "task 1 node 1 on n2 of 2"]
+
+
+# A stand-in for torchrun: it ignores SIGUSR1 and starts a worker in a session of
+# its own (as torchrun starts its workers); the worker records the signals it gets.
+AGENT = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+worker = subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], start_new_session=True)
+worker.wait()
+"""
+WORKER = """
+import os, signal, sys, time
+log = open(sys.argv[1] + "-" + os.environ["SLURM_NODEID"], "a", buffering=1)
+signal.signal(signal.SIGUSR1, lambda s, f: log.write("worker got USR1\\n"))
+log.write("ready\\n")
+time.sleep(15)
+"""
+
+
+def test_stop_signal_reaches_workers_and_batch_shell_as_the_template_expects(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """`scancel --signal=USR1` (what `--signal=USR1@S` sends) reaches every process of the job
+    steps, workers in their own session included, but not the batch shell; `--batch` (the `B:`
+    prefix) reaches only the batch shell, which is why the template's shell passes it on."""
+    (tmp_path / "agent.py").write_text(AGENT)
+    (tmp_path / "worker.py").write_text(WORKER)
+    log = tmp_path / "worker.log"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n"
+        f"#SBATCH --output={tmp_path}/job-%j.out\n"
+        "trap 'echo batch got USR1' USR1\n"
+        f"srun {sys.executable} {tmp_path}/agent.py {tmp_path}/worker.py {log} &\n"
+        "while ! wait; do :; done\n"
+    )
+    job = slurm_cluster.sbatch(script)
+    for node in ("0", "1"):
+        wait_for(Path(f"{log}-{node}"), "ready")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    wait_for(tmp_path / f"job-{job}.out", "batch got USR1")
+    time.sleep(1)
+    assert "USR1" not in Path(f"{log}-0").read_text() + Path(f"{log}-1").read_text()
+    slurm_cluster.run("scancel", "--signal=USR1", job)
+    for node in ("0", "1"):
+        wait_for(Path(f"{log}-{node}"), "worker got USR1")
+    slurm_cluster.run("scancel", job)
+    assert (tmp_path / f"job-{job}.out").read_text().count("batch got USR1") == 1
+
+
+def test_rendered_job_rejects_a_loopback_head_on_a_real_cluster(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+    """Both test nodes resolve to 127.0.0.1: without the explicit opt-in the second node refuses to start."""
+    env = {k: v for k, v in slurm_cluster.env.items() if k != "MPLAUNCH_SLURM_ALLOW_LOOPBACK"}
+    argv = [sys.executable, "-m", "launcher", str(ROOT / "recipes" / "bert_tiny.yaml"), "--slurm", "--nodes", "2",
+            f"logging.dir={json.dumps(str(tmp_path))}", "launch.nproc_per_node=1"]  # fmt: skip
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    job = out.split("submitted job ")[1].split(":")[0]
+    err = tmp_path / "bert-tiny-mlm" / "slurm" / f"slurm-{job}.err"
+    try:
+        wait_for(err, "on node n2 the head node n1 resolves to the loopback address 127.0.0.1")
+    finally:
+        slurm_cluster.run("scancel", job)
+    assert "srun: error: n2: task 1: Exited with exit code 2" in err.read_text()
