@@ -50,8 +50,8 @@ def bert_mlm_tensors(shape: Shape) -> list[tuple[str, int]]:
     ]
     for i in range(shape.num_layers):
         p = f"bert.encoder.layer.{i}."
-        for proj in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            out += [(p + proj + ".weight", h * h), (p + proj + ".bias", h)]
+        for proj in ("self.query", "self.key", "self.value", "output.dense"):
+            out += [(f"{p}attention.{proj}.weight", h * h), (f"{p}attention.{proj}.bias", h)]
         out += [(p + "attention.output.LayerNorm.weight", h), (p + "attention.output.LayerNorm.bias", h)]
         out += [(p + "intermediate.dense.weight", inter * h), (p + "intermediate.dense.bias", inter)]
         out += [(p + "output.dense.weight", h * inter), (p + "output.dense.bias", h)]
@@ -69,7 +69,10 @@ def bert_mlm_tensors(shape: Shape) -> list[tuple[str, int]]:
 def gpt2_lm_tensors(shape: Shape) -> list[tuple[str, int]]:
     """(name, numel) of GPT2LMHeadModel's parameters; `lm_head` is tied to `wte`, so it is not listed."""
     h, inter = shape.hidden_size, shape.intermediate_size
-    out = [("transformer.wte.weight", shape.vocab_size * h), ("transformer.wpe.weight", shape.max_position_embeddings * h)]
+    out = [
+        ("transformer.wte.weight", shape.vocab_size * h),
+        ("transformer.wpe.weight", shape.max_position_embeddings * h),
+    ]
     for i in range(shape.num_layers):
         p = f"transformer.h.{i}."
         out += [(p + "ln_1.weight", h), (p + "ln_1.bias", h)]
@@ -126,7 +129,7 @@ def layer_param_count(shape: Shape) -> int:
 
 
 def matmul_params(shape: Shape) -> int:
-    """`N` of the 6*N*tokens rule for BERT and GPT-2: weights of every matmul, LM head included (see module doc)."""
+    """`N` of the 6*N*tokens rule for BERT and GPT-2: every matmul weight, LM head included (module doc)."""
     h, inter = shape.hidden_size, shape.intermediate_size
     per_layer = 4 * h * h + 2 * h * inter
     head_transform = h * h if shape.family == "bert-mlm" else 0
@@ -223,7 +226,9 @@ def peak_flops(gpu_name: str | None, dtype: str) -> float | None:
     return None if tflops is None else tflops * 1e12
 
 
-def mfu(flops_per_step: float | None, step_time_s: float, gpu_name: str | None, dtype: str, num_gpus: int) -> float | None:
+def mfu(
+    flops_per_step: float | None, step_time_s: float, gpu_name: str | None, dtype: str, num_gpus: int
+) -> float | None:
     """Model FLOPs utilisation: achieved FLOP/s over the peak of all GPUs in the run.
 
     Args:

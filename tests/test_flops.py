@@ -18,7 +18,8 @@ GPT2_TINY = Shape("gpt2-lm", hidden_size=128, num_layers=2, num_heads=2, interme
 
 @pytest.mark.parametrize(
     ("name", "size"),
-    [("bert-mlm", "tiny"), ("bert-mlm", "base"), ("gpt2-lm", "tiny"), ("gpt2-lm", "base"), ("tiny-mlp", "tiny")],
+    [("bert-mlm", "tiny"), ("bert-mlm", "base"), ("gpt2-lm", "tiny"), ("gpt2-lm", "base"),
+     ("tiny-mlp", "tiny")],
 )
 def test_param_count_matches_the_built_model(name: str, size: str) -> None:
     model = Model(name=name, size=size)
@@ -102,7 +103,8 @@ def test_mfu_arithmetic_with_a_faked_device() -> None:
 
 
 @pytest.mark.parametrize(
-    ("gpu", "dtype"), [("NVIDIA GeForce RTX 4090", "bf16"), ("cpu", "bf16"), (None, "fp32"), ("Tesla V100-SXM2-16GB", "bf16")]
+    ("gpu", "dtype"),
+    [("NVIDIA GeForce RTX 4090", "bf16"), ("cpu", "bf16"), (None, "fp32"), ("Tesla V100-SXM2-16GB", "bf16")],
 )
 def test_mfu_is_none_without_a_known_peak(gpu: str | None, dtype: str) -> None:
     assert flops.mfu(1e15, 1.0, gpu, dtype, 1) is None
