@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slurm
@@ -99,3 +99,37 @@ def test_rendered_job_rejects_a_loopback_head_on_a_real_cluster(slurm_cluster: S
     finally:
         slurm_cluster.run("scancel", job)
     assert "srun: error: n2: task 1: Exited with exit code 2" in err.read_text()
+
+
+STUB_TORCHRUN = """#!{python}
+import os, signal, sys, time
+log = open(os.environ["STUB_LOG"], "a", buffering=1)
+def stop(signum, frame):
+    log.write(f"node {{os.environ['SLURM_NODEID']}} got USR1\\n")
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, stop)
+log.write(f"node {{os.environ['SLURM_NODEID']}} ready {{' '.join(sys.argv[1:4])}}\\n")
+time.sleep(60)
+"""
+
+
+def test_rendered_job_passes_a_batch_shell_signal_to_the_steps(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+    """With --signal=B:USR1@S (a user's extra line or template) only the batch shell hears the warning;
+    the rendered script passes it on, so torchrun (here a stub) still gets it on every node."""
+    stub, log = tmp_path / "torchrun-stub", tmp_path / "stub.log"
+    stub.write_text(STUB_TORCHRUN.format(python=sys.executable))
+    stub.chmod(0o755)
+    argv = [sys.executable, "-m", "launcher", str(ROOT / "recipes" / "bert_tiny.yaml"), "--slurm", "--nodes", "2",
+            f"logging.dir={json.dumps(str(tmp_path))}", "launch.nproc_per_node=1",
+            f"slurm.setup={json.dumps([f'MPLAUNCH_PYTHON={stub}'])}", f"slurm.env={json.dumps({'STUB_LOG': str(log)})}"]  # fmt: skip
+    out = subprocess.run(argv, env=slurm_cluster.env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    job = out.split("submitted job ")[1].split(":")[0]
+    for node in ("0", "1"):
+        wait_for(log, f"node {node} ready -m torch.distributed.run --nnodes=2")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    for node in ("0", "1"):
+        wait_for(log, f"node {node} got USR1")
+    assert slurm_cluster.wait_finished(job, 30)["JobState"] == "COMPLETED"
+    assert "batch shell got SIGUSR1; passing it to the job steps" in (
+        tmp_path / "bert-tiny-mlm" / "slurm" / f"slurm-{job}.out"
+    ).read_text()
