@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -426,3 +427,13 @@ def test_slurm_module_is_light() -> None:
     code = "import sys, launcher.slurm; print(any(m in sys.modules for m in ('torch', 'deepspeed', 'accelerate')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_readme_slurm_commands_dry_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = [line.strip() for line in readme.splitlines() if line.startswith("mplaunch ") and "--slurm" in line]
+    assert commands, "the README's Slurm section shows no command"
+    monkeypatch.chdir(ROOT)
+    for command in commands:
+        assert cli.main([*shlex.split(command)[1:], "--dry-run"]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out.startswith("#!/bin/bash\n")
