@@ -42,7 +42,6 @@ from launcher.plan import Plan, resolve
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "sbatch.sh.j2"
 SCRIPT_NAME = "job.sbatch"
 REQUEUES_FILE = "requeues.json"
-ALLOW_LOOPBACK_VAR = "MPLAUNCH_SLURM_ALLOW_LOOPBACK"
 STOP_SIGNAL = "USR1"
 # How long srun lets the other nodes finish after the first task exits; a crashed
 # node takes the job down after this, a clean stop is done long before.
@@ -70,14 +69,18 @@ EXTRA_OPTION = re.compile(r"--([a-z][a-z0-9-]*)(=[^\s'\"`\\]+)?")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The --slurm flags; each is the dotted override of the same slurm.* key (validated the same way)."""
     g = parser.add_argument_group("Slurm (with --slurm; each flag is the override slurm.KEY=VALUE)")
-    g.add_argument("--slurm", action="store_true", help="render an sbatch script into RUN_DIR/slurm and submit it")
+    g.add_argument(
+        "--slurm", action="store_true", help="render an sbatch script into RUN_DIR/slurm and submit it"
+    )
     g.add_argument("--nodes", metavar="N", help="nodes (slurm.nodes and launch.nnodes)")
     g.add_argument("--partition", metavar="P", help="partition (slurm.partition)")
     g.add_argument("--time", metavar="T", help="time limit, e.g. 04:00:00 or 1-00:00:00 (slurm.time)")
     g.add_argument("--account", metavar="A", help="account (slurm.account)")
     g.add_argument("--qos", metavar="Q", help="quality of service (slurm.qos)")
     g.add_argument("--gpus-per-node", metavar="G", help="GPUs per node, 0 for CPU (slurm.gpus_per_node)")
-    g.add_argument("--slurm-template", metavar="PATH", help=f"your own Jinja2 template (default {DEFAULT_TEMPLATE.name})")
+    g.add_argument(
+        "--slurm-template", metavar="PATH", help=f"your own Jinja2 template (default {DEFAULT_TEMPLATE.name})"
+    )
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -111,12 +114,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def cluster_hardware(recipe: recipe_mod.Recipe) -> Hardware:
-    """What each node of the job will have: slurm.gpus_per_node GPUs (0: CPU) and slurm.cpus_per_task cores."""
+    """Each node of the job: slurm.gpus_per_node GPUs (0: CPU) and slurm.cpus_per_task cores."""
     gpus = gpus_per_node(recipe)
     nproc = recipe.launch.nproc_per_node
     procs = nproc if isinstance(nproc, int) else max(1, gpus)
     cpus = recipe.slurm.cpus_per_task or procs
-    gpu_list = tuple(Gpu(i, CLUSTER_GPU.name, CLUSTER_GPU.capability, CLUSTER_GPU.memory_bytes) for i in range(gpus))
+    gpu_list = tuple(
+        Gpu(i, CLUSTER_GPU.name, CLUSTER_GPU.capability, CLUSTER_GPU.memory_bytes) for i in range(gpus)
+    )
     return Hardware(gpus=gpu_list, cpu_count=cpus)
 
 
@@ -136,7 +141,7 @@ def gpus_per_node(recipe: recipe_mod.Recipe) -> int:
 
 
 def resolve_for_cluster(recipe: recipe_mod.Recipe) -> Plan:
-    """The plan for the cluster's nodes; raises UserError with every problem of the recipe and its Slurm values."""
+    """The plan for the cluster's nodes; UserError lists every problem of the recipe and its Slurm values."""
     problems = check_values(recipe)
     if problems:
         raise UserError(problems)
@@ -163,12 +168,16 @@ def check_values(recipe: recipe_mod.Recipe) -> list[str]:
     if limit_s is None:
         problems.append(f"slurm.time: {s.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH, D-HH:MM:SS)")
     elif limit_s <= s.signal_s:
-        problems.append(f"slurm.signal_s: the {s.signal_s} s warning must come before the time limit {s.time}")
+        problems.append(
+            f"slurm.signal_s: the {s.signal_s} s warning must come before the time limit {s.time}"
+        )
     for i, line in enumerate(s.extra_sbatch):
         problems += _check_extra(i, line)
     for key in s.env:
         if not ENV_KEY.fullmatch(key):
-            problems.append(f"slurm.env: {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+            problems.append(
+                f"slurm.env: {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+            )
     for i, line in enumerate(s.setup):
         if "\n" in line or "\r" in line:
             problems.append(f"slurm.setup[{i}]: one shell line per item (it contains a line break)")
@@ -182,11 +191,12 @@ def _check_extra(i: int, line: str) -> list[str]:
             f"slurm.extra_sbatch[{i}]: {line!r} is not a single --option or --option=value "
             "(no spaces, quotes, backslashes or short options)"
         ]
-    key = MANAGED_OPTIONS.get(match.group(1), "")
-    if key == "" and match.group(1) not in MANAGED_OPTIONS:
+    option = match.group(1)
+    if option not in MANAGED_OPTIONS:
         return []
+    key = MANAGED_OPTIONS[option]
     where = f"set {key} instead" if key else "mplaunch sets it"
-    return [f"slurm.extra_sbatch[{i}]: --{match.group(1)} is written by mplaunch ({where})"]
+    return [f"slurm.extra_sbatch[{i}]: --{option} is written by mplaunch ({where})"]
 
 
 def time_limit_s(text: str) -> int | None:
@@ -284,14 +294,18 @@ def render(plan: Plan, template: Path = DEFAULT_TEMPLATE) -> str:
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
         where = f"{template}:{line}" if line else str(template)
-        raise UserError(f"{where}: {exc.message or exc}", hint=f"names a template may use: {', '.join(context(plan))}")
+        raise UserError(
+            f"{where}: {exc.message or exc}", hint=f"names a template may use: {', '.join(context(plan))}"
+        ) from None
 
 
 def sbatch_path(directory: str, pattern: str = "") -> str:
     """DIRECTORY/PATTERN for an #SBATCH line, double-quoted; `%` in the directory is escaped
     (sbatch expands %j, %x ... there), the file name pattern is kept as given."""
     if any(ch in directory for ch in '"\\') or not directory.isprintable():
-        raise UserError(f"{directory!r}: a path Slurm cannot take on an #SBATCH line", hint="choose another logging.dir")
+        raise UserError(
+            f"{directory!r}: a path Slurm cannot take on an #SBATCH line", hint="choose another logging.dir"
+        )
     path = directory.replace("%", "%%") + (f"/{pattern}" if pattern else "")
     return f'"{path}"'
 
@@ -305,7 +319,9 @@ def submit(plan: Plan, script: str) -> int:
 
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise UserError("sbatch not found: submit from a Slurm login node", hint="--dry-run prints the script")
+        raise UserError(
+            "sbatch not found: submit from a Slurm login node", hint="--dry-run prints the script"
+        )
     if _already_finished(plan):
         return 0
     launch.check_resume(plan)
@@ -316,11 +332,14 @@ def submit(plan: Plan, script: str) -> int:
     done = subprocess.run([sbatch, "--parsable", str(paths.script)], capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
-        raise UserError(f"sbatch refused the job: {' / '.join(reason)}", hint=f"script kept at {paths.script}")
+        raise UserError(
+            f"sbatch refused the job: {' / '.join(reason)}", hint=f"script kept at {paths.script}"
+        )
     job_id = done.stdout.strip().split(";")[0]
     print(f"mplaunch: submitted job {job_id}: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
     print(f"mplaunch: logs {paths.log('out', job_id)} and {paths.log('err', job_id)}")
-    print(f"mplaunch: run dir {paths.run_dir}; follow with: tail -f {shlex.quote(str(paths.log('out', job_id)))}")
+    follow = shlex.quote(str(paths.log("out", job_id)))
+    print(f"mplaunch: run dir {paths.run_dir}; follow with: tail -f {follow}")
     return 0
 
 

@@ -9,8 +9,8 @@ Both nodes share 127.0.0.1, which the sbatch script rejects for multi-node
 runs unless the job says it is a one-machine test cluster: jobs submitted by
 the tests set MPLAUNCH_SLURM_ALLOW_LOOPBACK=1 (see README, section Slurm).
 
-Use the `slurm_cluster` fixture (session-scoped; import it into the test
-module), or start one by hand to experiment:
+Use the `slurm_cluster` fixture (session-scoped; import slurm_cluster_fixture
+into the test module), or start one by hand to experiment:
 
     python tests/slurm_cluster.py /tmp/cluster    # prints SLURM_CONF, Ctrl-C stops it
 """
@@ -94,7 +94,8 @@ def skip_reason() -> str | None:
     """Why the live-cluster tests cannot run here, or None."""
     missing = missing_binaries()
     if missing:
-        return f"Slurm binaries absent ({', '.join(missing)}); .ci/run installs slurmctld slurmd slurm-client munge"
+        names = ", ".join(missing)
+        return f"Slurm binaries absent ({names}); .ci/run installs slurmctld slurmd slurm-client munge"
     if os.geteuid() != 0:
         return "the local Slurm cluster needs root (slurmd runs jobs and /etc/hosts gets the node names)"
     return None
@@ -129,8 +130,20 @@ class SlurmCluster:
     def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run a Slurm client command against this cluster."""
         return subprocess.run(
-            [_exe(argv[0]), *argv[1:]], env=self.env, capture_output=True, text=True, check=check, timeout=timeout
+            [_exe(argv[0]), *argv[1:]],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
         )
+
+    def mplaunch(self, cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+        """Run `mplaunch ARGS --slurm ...` against this cluster; return the id of the job it submitted."""
+        argv = [sys.executable, "-m", "launcher", *args]
+        done = subprocess.run(argv, env=env or self.env, capture_output=True, text=True, cwd=cwd, timeout=120)
+        assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
+        return done.stdout.split("submitted job ")[1].split(":")[0]
 
     def sbatch(self, script: Path, *options: str) -> str:
         """Submit a batch script; return the job id."""
@@ -155,7 +168,9 @@ class SlurmCluster:
             if info.get("JobState") in states:
                 return info
             time.sleep(0.5)
-        raise AssertionError(f"job {job_id} not in {sorted(states)} after {timeout_s:.0f} s: {info}\n{self.logs()}")
+        raise AssertionError(
+            f"job {job_id} not in {sorted(states)} after {timeout_s:.0f} s: {info}\n{self.logs()}"
+        )
 
     def wait_finished(self, job_id: str, timeout_s: float) -> dict[str, str]:
         """Wait for a terminal state (COMPLETED, FAILED, CANCELLED, TIMEOUT, ...)."""
@@ -217,7 +232,9 @@ class SlurmCluster:
             return
         self.run("scancel", *jobs, check=False)
         deadline = time.monotonic() + 40  # KillWait is 20 s
-        while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+        while (
+            time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip()
+        ):
             time.sleep(0.5)
 
     def _kill_leftovers(self) -> None:
@@ -257,7 +274,9 @@ class SlurmCluster:
 
     def _add_hosts(self) -> None:
         text = HOSTS_FILE.read_text()
-        missing = [n for n in NODES if not any(n in line.split()[1:] for line in text.splitlines() if line.strip())]
+        missing = [
+            n for n in NODES if not any(n in line.split()[1:] for line in text.splitlines() if line.strip())
+        ]
         if missing:
             sep = "" if text.endswith("\n") or not text else "\n"
             HOSTS_FILE.write_text(f"{text}{sep}127.0.0.1 {' '.join(missing)} {HOSTS_MARK}\n")
@@ -281,7 +300,9 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             dead = [p.args[0] for p in self.procs if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"local Slurm cluster: {dead} exited while waiting for {what}\n{self.logs()}")
+                raise RuntimeError(
+                    f"local Slurm cluster: {dead} exited while waiting for {what}\n{self.logs()}"
+                )
             if ready():  # type: ignore[operator]
                 return
             time.sleep(0.3)
@@ -302,8 +323,8 @@ def running_cluster(root: Path) -> Iterator[SlurmCluster]:
         cluster.stop()
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+@pytest.fixture(scope="session", name="slurm_cluster")
+def slurm_cluster_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """One cluster per test session, shared by every module that imports this fixture."""
     global _CLUSTER
     reason = skip_reason()

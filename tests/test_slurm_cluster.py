@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+
+from tests.slurm_cluster import (
+    SlurmCluster,
+    slurm_cluster_fixture,  # noqa: F401  (registers slurm_cluster)
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slurm
@@ -21,20 +24,22 @@ def wait_for(path: Path, text: str, timeout_s: float = 60) -> str:
         if path.exists() and text in path.read_text():
             return path.read_text()
         time.sleep(0.2)
-    raise AssertionError(f"{text!r} not in {path} after {timeout_s} s: {path.read_text() if path.exists() else '-'}")
+    raise AssertionError(
+        f"{text!r} not in {path} after {timeout_s} s: {path.read_text() if path.exists() else '-'}"
+    )
 
 
-def test_two_node_job_completes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def test_two_node_job_completes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     script = tmp_path / "smoke.sh"
     script.write_text(
         "#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n"
         f"#SBATCH --output={tmp_path}/smoke-%j.out\n"
-        "srun bash -c 'echo \"task $SLURM_PROCID node $SLURM_NODEID on $SLURMD_NODENAME of $SLURM_JOB_NUM_NODES\"'\n"
+        "srun bash -c 'echo $SLURM_PROCID $SLURM_NODEID $SLURMD_NODENAME $SLURM_JOB_NUM_NODES'\n"
     )
     job = slurm_cluster.sbatch(script)
     assert slurm_cluster.wait_finished(job, 60)["JobState"] == "COMPLETED"
     lines = sorted((tmp_path / f"smoke-{job}.out").read_text().split("\n"))
-    assert [line for line in lines if line] == ["task 0 node 0 on n1 of 2", "task 1 node 1 on n2 of 2"]
+    assert [line for line in lines if line] == ["0 0 n1 2", "1 1 n2 2"]  # task, node id, node, nodes
 
 
 # A stand-in for torchrun: it ignores SIGUSR1 and starts a worker in a session of
@@ -55,7 +60,7 @@ time.sleep(15)
 
 
 def test_stop_signal_reaches_workers_and_batch_shell_as_the_template_expects(
-    slurm_cluster: SlurmCluster,  # noqa: F811
+    slurm_cluster: SlurmCluster,
     tmp_path: Path,
 ) -> None:
     """`scancel --signal=USR1` (what `--signal=USR1@S` sends) reaches every process of the job
@@ -86,13 +91,22 @@ def test_stop_signal_reaches_workers_and_batch_shell_as_the_template_expects(
     assert (tmp_path / f"job-{job}.out").read_text().count("batch got USR1") == 1
 
 
-def test_rendered_job_rejects_a_loopback_head_on_a_real_cluster(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def submit_tiny(
+    cluster: SlurmCluster, tmp_path: Path, *overrides: str, env: dict[str, str] | None = None
+) -> str:
+    """`mplaunch bert_tiny --slurm --nodes 2` (1 process per node); return the job id."""
+    tiny, run_dir = str(ROOT / "recipes" / "bert_tiny.yaml"), f"logging.dir={json.dumps(str(tmp_path))}"
+    return cluster.mplaunch(
+        tmp_path, tiny, "--slurm", "--nodes", "2", run_dir, "launch.nproc_per_node=1", *overrides, env=env
+    )
+
+
+def test_rendered_job_rejects_a_loopback_head_on_a_real_cluster(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
     """Both test nodes resolve to 127.0.0.1: without the explicit opt-in the second node refuses to start."""
     env = {k: v for k, v in slurm_cluster.env.items() if k != "MPLAUNCH_SLURM_ALLOW_LOOPBACK"}
-    argv = [sys.executable, "-m", "launcher", str(ROOT / "recipes" / "bert_tiny.yaml"), "--slurm", "--nodes", "2",
-            f"logging.dir={json.dumps(str(tmp_path))}", "launch.nproc_per_node=1"]  # fmt: skip
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
-    job = out.split("submitted job ")[1].split(":")[0]
+    job = submit_tiny(slurm_cluster, tmp_path, env=env)
     err = tmp_path / "bert-tiny-mlm" / "slurm" / f"slurm-{job}.err"
     try:
         wait_for(err, "on node n2 the head node n1 resolves to the loopback address 127.0.0.1")
@@ -113,23 +127,25 @@ time.sleep(60)
 """
 
 
-def test_rendered_job_passes_a_batch_shell_signal_to_the_steps(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def test_rendered_job_passes_a_batch_shell_signal_to_the_steps(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
     """With --signal=B:USR1@S (a user's extra line or template) only the batch shell hears the warning;
     the rendered script passes it on, so torchrun (here a stub) still gets it on every node."""
     stub, log = tmp_path / "torchrun-stub", tmp_path / "stub.log"
     stub.write_text(STUB_TORCHRUN.format(python=sys.executable))
     stub.chmod(0o755)
-    argv = [sys.executable, "-m", "launcher", str(ROOT / "recipes" / "bert_tiny.yaml"), "--slurm", "--nodes", "2",
-            f"logging.dir={json.dumps(str(tmp_path))}", "launch.nproc_per_node=1",
-            f"slurm.setup={json.dumps([f'MPLAUNCH_PYTHON={stub}'])}", f"slurm.env={json.dumps({'STUB_LOG': str(log)})}"]  # fmt: skip
-    out = subprocess.run(argv, env=slurm_cluster.env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
-    job = out.split("submitted job ")[1].split(":")[0]
+    setup = json.dumps([f"MPLAUNCH_PYTHON={stub}"])  # the torchrun line then starts the stub
+    job = submit_tiny(
+        slurm_cluster, tmp_path, f"slurm.setup={setup}", f"slurm.env={json.dumps({'STUB_LOG': str(log)})}"
+    )
     for node in ("0", "1"):
         wait_for(log, f"node {node} ready -m torch.distributed.run --nnodes=2")
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     for node in ("0", "1"):
         wait_for(log, f"node {node} got USR1")
     assert slurm_cluster.wait_finished(job, 30)["JobState"] == "COMPLETED"
-    assert "batch shell got SIGUSR1; passing it to the job steps" in (
-        tmp_path / "bert-tiny-mlm" / "slurm" / f"slurm-{job}.out"
-    ).read_text()
+    assert (
+        "batch shell got SIGUSR1; passing it to the job steps"
+        in (tmp_path / "bert-tiny-mlm" / "slurm" / f"slurm-{job}.out").read_text()
+    )

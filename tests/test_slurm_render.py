@@ -61,8 +61,10 @@ def test_render_topology(tmp_path: Path, nodes: int, gpus: int) -> None:
                     "slurm.mem=64G", "slurm.signal_s=300", "launch.max_restarts=2")  # fmt: skip
     script = slurm.render(plan)
     procs = gpus or 2  # bert_tiny runs 2 CPU processes per node
-    assert plan.nnodes == nodes and plan.nproc_per_node == procs
-    assert plan.device == ("cuda" if gpus else "cpu") and plan.dist_backend == ("nccl" if gpus else "gloo")
+    assert plan.nnodes == nodes
+    assert plan.nproc_per_node == procs
+    assert plan.device == ("cuda" if gpus else "cpu")
+    assert plan.dist_backend == ("nccl" if gpus else "gloo")
     run_dir = tmp_path / "runs" / "bert-tiny-mlm"
     expected = [
         "--job-name=bert-tiny-mlm",
@@ -91,7 +93,11 @@ def test_render_topology(tmp_path: Path, nodes: int, gpus: int) -> None:
         assert flag in flat
     assert f'[ "$SLURM_JOB_NUM_NODES" != {nodes} ]' in script
     assert (f'[ "${{SLURM_GPUS_ON_NODE:-0}}" != {gpus} ]' in script) == bool(gpus)
-    for line in ("export TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "export NCCL_DEBUG=WARN", "export PYTHONUNBUFFERED=1"):
+    for line in (
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        "export NCCL_DEBUG=WARN",
+        "export PYTHONUNBUFFERED=1",
+    ):
         assert line in script.splitlines()
 
 
@@ -119,23 +125,31 @@ def test_per_task_variables_only_inside_the_task(tmp_path: Path) -> None:
 
 def test_plan_is_for_the_cluster_not_this_machine(tmp_path: Path) -> None:
     plan = plan_for(tmp_path, 2, 8)
-    assert plan.nproc_per_node == 8 and plan.world_size == 16 and plan.device == "cuda"
+    assert plan.nproc_per_node == 8
+    assert plan.world_size == 16
+    assert plan.device == "cuda"
     assert plan.batch.world_size == 16
-    cpu = slurm.resolve_for_cluster(load(tmp_path, "slurm.nodes=3", "slurm.cpus_per_task=8", "train.global_batch_size=96"))
-    assert cpu.nnodes == 3 and cpu.device == "cpu" and cpu.env["OMP_NUM_THREADS"] == "4"
+    cpu = slurm.resolve_for_cluster(
+        load(tmp_path, "slurm.nodes=3", "slurm.cpus_per_task=8", "train.global_batch_size=96")
+    )
+    assert cpu.nnodes == 3
+    assert cpu.device == "cpu"
+    assert cpu.env["OMP_NUM_THREADS"] == "4"
 
 
 def test_master_port_from_recipe_or_job_id(tmp_path: Path) -> None:
     assert "export MPLAUNCH_PORT=$((20000 + SLURM_JOB_ID % 20000))" in slurm.render(plan_for(tmp_path, 2, 0))
     script = slurm.render(plan_for(tmp_path, 2, 0, "launch.master_port=29400"))
-    assert "export MPLAUNCH_PORT=29400" in script and "SLURM_JOB_ID %" not in script
+    assert "export MPLAUNCH_PORT=29400" in script
+    assert "SLURM_JOB_ID %" not in script
 
 
 def test_env_order_defaults_then_plan_then_recipe(tmp_path: Path) -> None:
     script = slurm.render(plan_for(tmp_path, 1, 0, "slurm.env={NCCL_DEBUG: INFO, MY_VAR: 'a b'}"))
     lines = script.splitlines()
     assert lines.index("export NCCL_DEBUG=INFO") > lines.index("export DS_ACCELERATOR=cpu")
-    assert "export NCCL_DEBUG=WARN" not in lines and "export MY_VAR='a b'" in lines
+    assert "export NCCL_DEBUG=WARN" not in lines
+    assert "export MY_VAR='a b'" in lines
 
 
 def test_extra_sbatch_and_setup_lines(tmp_path: Path) -> None:
@@ -148,7 +162,9 @@ def test_extra_sbatch_and_setup_lines(tmp_path: Path) -> None:
 
 def test_percent_in_run_dir_is_escaped_for_sbatch(tmp_path: Path) -> None:
     plan = plan_for(tmp_path / "100%", 1, 0)
-    assert f'--output="{tmp_path}/100%%/runs/bert-tiny-mlm/slurm/slurm-%j.out"' in sbatch_options(slurm.render(plan))
+    assert f'--output="{tmp_path}/100%%/runs/bert-tiny-mlm/slurm/slurm-%j.out"' in sbatch_options(
+        slurm.render(plan)
+    )
 
 
 # --------------------------------------------------------------------------- validation
@@ -162,11 +178,20 @@ def test_percent_in_run_dir_is_escaped_for_sbatch(tmp_path: Path) -> None:
         ('slurm.qos="a\\nb"', "slurm.qos"),
         ("slurm.mem=lots", "slurm.mem: 'lots' is not a size"),
         ("slurm.time=tomorrow", "slurm.time: 'tomorrow' is not a Slurm time"),
-        ("slurm.time='00:01:00'", "slurm.signal_s: the 120 s warning must come before the time limit 00:01:00"),
-        ("slurm.extra_sbatch=['--exclude=n1 --nodes=9']", "slurm.extra_sbatch[0]: '--exclude=n1 --nodes=9' is not a single"),
+        (
+            "slurm.time='00:01:00'",
+            "slurm.signal_s: the 120 s warning must come before the time limit 00:01:00",
+        ),
+        (
+            "slurm.extra_sbatch=['--exclude=n1 --nodes=9']",
+            "slurm.extra_sbatch[0]: '--exclude=n1 --nodes=9' is not a single",
+        ),
         ("slurm.extra_sbatch=['-N 2']", "slurm.extra_sbatch[0]: '-N 2' is not a single"),
         ('slurm.extra_sbatch=["--constraint=a\\n#SBATCH --x"]', "slurm.extra_sbatch[0]"),
-        ("slurm.extra_sbatch=['--time=9:00:00']", "slurm.extra_sbatch[0]: --time is written by mplaunch (set slurm.time"),
+        (
+            "slurm.extra_sbatch=['--time=9:00:00']",
+            "slurm.extra_sbatch[0]: --time is written by mplaunch (set slurm.time",
+        ),
         ("slurm.extra_sbatch=['--no-requeue']", "slurm.extra_sbatch[0]: --no-requeue is written by mplaunch"),
         ("slurm.env={'A;touch x': x}", "slurm.env: 'A;touch x' is not an environment variable name"),
         ("slurm.env={'1A': x}", "slurm.env: '1A' is not an environment variable name"),
@@ -181,7 +206,9 @@ def test_unsafe_values_are_rejected(tmp_path: Path, override: str, message: str)
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
-        slurm.resolve_for_cluster(load(tmp_path, "slurm.partition='a b'", "slurm.mem=x", "slurm.env={'-': x}"))
+        slurm.resolve_for_cluster(
+            load(tmp_path, "slurm.partition='a b'", "slurm.mem=x", "slurm.env={'-': x}")
+        )
     assert len(err.value.lines) == 3
 
 
@@ -198,7 +225,14 @@ def test_run_dir_slurm_cannot_take_is_rejected(tmp_path: Path, bad: str) -> None
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30", 1800), ("30:15", 1815), ("2:00:00", 7200), ("1-0", 86400), ("1-2:30", 95400), ("1-00:00:10", 86410)],
+    [
+        ("30", 1800),
+        ("30:15", 1815),
+        ("2:00:00", 7200),
+        ("1-0", 86400),
+        ("1-2:30", 95400),
+        ("1-00:00:10", 86410),
+    ],
 )
 def test_time_limit_seconds(text: str, seconds: int) -> None:
     assert slurm.time_limit_s(text) == seconds
@@ -236,7 +270,8 @@ def test_flag_validation_matches_the_override(tmp_path: Path) -> None:
         with pytest.raises(UserError) as err:
             slurm.run(args)
         errors.append(err.value.lines)
-    assert sorted(errors[0]) == sorted(errors[1]) and len(errors[0]) == 2
+    assert sorted(errors[0]) == sorted(errors[1])
+    assert len(errors[0]) == 2
 
 
 def test_time_flag_stays_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -247,7 +282,8 @@ def test_time_flag_stays_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_dry_run_prints_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([str(TINY), "--slurm", "--nodes", "2", "--dry-run", f"logging.dir={tmp_path}/runs"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("#!/bin/bash\n") and "#SBATCH --nodes=2" in out
+    assert out.startswith("#!/bin/bash\n")
+    assert "#SBATCH --nodes=2" in out
     assert not (tmp_path / "runs").exists()
 
 
@@ -265,7 +301,8 @@ def test_user_template(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 # --------------------------------------------------------------------------- running the script with stubs
 
 STUBS = {
-    "srun": '#!/bin/bash\nprintf "%s\\0" "$@" > "$STUB_LOG/srun.argv"\nwhile [[ "$1" == --* ]]; do shift; done\n'
+    "srun": '#!/bin/bash\nprintf "%s\\0" "$@" > "$STUB_LOG/srun.argv"\n'
+    'while [[ "$1" == --* ]]; do shift; done\n'
     'SLURM_NODEID=1 SLURM_PROCID=1 SLURMD_NODENAME=n2 exec "$@"\n',
     "scontrol": '#!/bin/bash\necho "$*" >> "$STUB_LOG/scontrol.calls"\nprintf "n1\\nn2\\n"\n',
     "scancel": '#!/bin/bash\necho "$*" >> "$STUB_LOG/scancel.calls"\n',
@@ -294,7 +331,9 @@ def run_with_stubs(
     job_env = {"PATH": f"{stubs}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", "/root"),
                "STUB_LOG": str(log), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": str(plan.nnodes),
                "SLURM_JOB_NODELIST": "n[1-2]", **env}  # fmt: skip
-    return subprocess.run(["bash", str(script)], cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(script)], cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=60
+    )
 
 
 def read0(path: Path) -> list[str]:
@@ -322,7 +361,9 @@ def test_injection_corpus_executes_nothing(tmp_path: Path) -> None:
     assert (log / "hostile.env").read_text() == HOSTILE
     srun = read0(log / "srun.argv")
     assert "$SLURM_NODEID" in srun[-1]  # the task script reached srun unexpanded
-    assert "--rdzv-id=4242" in argv and "--rdzv-endpoint=n1:24242" in argv and "--rdzv-conf=is_host=false" in argv
+    assert "--rdzv-id=4242" in argv
+    assert "--rdzv-endpoint=n1:24242" in argv
+    assert "--rdzv-conf=is_host=false" in argv
 
 
 def test_finished_run_exits_before_srun(tmp_path: Path) -> None:
@@ -330,19 +371,26 @@ def test_finished_run_exits_before_srun(tmp_path: Path) -> None:
     Path(plan.run_dir).mkdir(parents=True)
     (Path(plan.run_dir) / "FINISHED").write_text('{"step": 150}')
     done = run_with_stubs(tmp_path, plan)
-    assert done.returncode == 0 and "the run is complete" in done.stdout
+    assert done.returncode == 0
+    assert "the run is complete" in done.stdout
     assert not (tmp_path / "log" / "srun.argv").exists()
 
 
 def test_wrong_node_count_fails_clearly(tmp_path: Path) -> None:
     done = run_with_stubs(tmp_path, plan_for(tmp_path, 2, 0), SLURM_JOB_NUM_NODES="3")
-    assert done.returncode == 2 and "the plan is for 2 nodes but job 4242 has 3" in done.stderr
+    assert done.returncode == 2
+    assert "the plan is for 2 nodes but job 4242 has 3" in done.stderr
     done = run_with_stubs(tmp_path, plan_for(tmp_path, 2, 4), SLURM_GPUS_ON_NODE="2")
-    assert done.returncode == 2 and "the plan is for 4 GPUs per node but this node has 2" in done.stderr
+    assert done.returncode == 2
+    assert "the plan is for 4 GPUs per node but this node has 2" in done.stderr
 
 
-@pytest.mark.parametrize(("head_addr", "allow", "rc"), [("10.0.0.1", "", 0), ("127.0.1.1", "", 2), ("127.0.1.1", "1", 0)])
-def test_loopback_head_is_rejected_unless_allowed(tmp_path: Path, head_addr: str, allow: str, rc: int) -> None:
+@pytest.mark.parametrize(
+    ("head_addr", "allow", "rc"), [("10.0.0.1", "", 0), ("127.0.1.1", "", 2), ("127.0.1.1", "1", 0)]
+)
+def test_loopback_head_is_rejected_unless_allowed(
+    tmp_path: Path, head_addr: str, allow: str, rc: int
+) -> None:
     done = run_with_stubs(tmp_path, plan_for(tmp_path, 2, 0), head_addr, MPLAUNCH_SLURM_ALLOW_LOOPBACK=allow)
     assert done.returncode == rc, done.stderr
     assert ("resolves to the loopback address 127.0.1.1" in done.stderr) == (rc != 0)
@@ -361,14 +409,17 @@ def stub_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, bod
 
 def test_submit_writes_run_dir_and_prints_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    stub_on_path(tmp_path, monkeypatch, "sbatch", f'printf "%s\\n" "$@" > {tmp_path}/sbatch.argv\necho "4242;cluster"')
+    stub_on_path(
+        tmp_path, monkeypatch, "sbatch", f'printf "%s\\n" "$@" > {tmp_path}/sbatch.argv\necho "4242;cluster"'
+    )
     assert cli.main([str(TINY), "--slurm", "--nodes", "2", f"logging.dir={tmp_path}/runs"]) == 0
     run_dir = tmp_path / "runs" / "bert-tiny-mlm"
     script = run_dir / "slurm" / "job.sbatch"
     assert (tmp_path / "sbatch.argv").read_text().split() == ["--parsable", str(script)]
     assert json.loads((run_dir / "plan.json").read_text())["plan"]["nnodes"] == 2
     out = capsys.readouterr().out
-    assert "submitted job 4242" in out and f"{run_dir}/slurm/slurm-4242.out" in out
+    assert "submitted job 4242" in out
+    assert f"{run_dir}/slurm/slurm-4242.out" in out
     assert "#SBATCH --nodes=2" in script.read_text()
 
 
@@ -411,7 +462,8 @@ def test_after_stop_requeues_up_to_the_cap(tmp_path: Path, monkeypatch: pytest.M
     assert requeues == ["requeue 77", "requeue 77"]
     assert json.loads((Path(plan.run_dir) / "slurm" / "requeues.json").read_text()) == {"77": 2}
     out = capsys.readouterr().out
-    assert "requeueing job 77 (1 of 2)" in out and "requeued 2 times (slurm.max_requeues=2); not again" in out
+    assert "requeueing job 77 (1 of 2)" in out
+    assert "requeued 2 times (slurm.max_requeues=2); not again" in out
 
 
 @pytest.mark.parametrize("state", ["CANCELLED", "TIMEOUT", "PREEMPTED", "COMPLETING"])
@@ -424,14 +476,19 @@ def test_after_stop_leaves_an_ending_job_to_slurm(tmp_path: Path, monkeypatch: p
 
 
 def test_slurm_module_is_light() -> None:
-    code = "import sys, launcher.slurm; print(any(m in sys.modules for m in ('torch', 'deepspeed', 'accelerate')))"
+    heavy = "('torch', 'deepspeed', 'accelerate')"
+    code = f"import sys, launcher.slurm; print(any(m in sys.modules for m in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
-def test_readme_slurm_commands_dry_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_slurm_commands_dry_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     readme = (ROOT / "README.md").read_text()
-    commands = [line.strip() for line in readme.splitlines() if line.startswith("mplaunch ") and "--slurm" in line]
+    commands = [
+        line.strip() for line in readme.splitlines() if line.startswith("mplaunch ") and "--slurm" in line
+    ]
     assert commands, "the README's Slurm section shows no command"
     monkeypatch.chdir(ROOT)
     for command in commands:

@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.runs import TINY, records
-from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from tests.slurm_cluster import (
+    SlurmCluster,
+    slurm_cluster_fixture,  # noqa: F401  (registers slurm_cluster)
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[str, Path]:
     """Submit bert_tiny on 2 nodes x 1 CPU process (gloo); return the job id and the run dir."""
-    argv = [sys.executable, "-m", "launcher", str(TINY), "--slurm", "--nodes", "2", "--time", "00:10:00",
-            f"logging.dir={json.dumps(str(tmp_path))}", "launch.nproc_per_node=1", "checkpoint.every_steps=10",
-            "logging.every_steps=5", "train.eval_every=0", "data.seq_len=32", "train.micro_batch_size=4",
-            "train.global_batch_size=16", "logging.tensorboard=false", *overrides]  # fmt: skip
-    done = subprocess.run(argv, env=cluster.env, cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    job = done.stdout.split("submitted job ")[1].split(":")[0]
+    job = cluster.mplaunch(
+        tmp_path, str(TINY), "--slurm", "--nodes", "2", "--time", "00:10:00",
+        f"logging.dir={json.dumps(str(tmp_path))}", "launch.nproc_per_node=1", "checkpoint.every_steps=10",
+        "logging.every_steps=5", "train.eval_every=0", "data.seq_len=32", "train.micro_batch_size=4",
+        "train.global_batch_size=16", "logging.tensorboard=false", *overrides,
+    )  # fmt: skip
     return job, tmp_path / "bert-tiny-mlm"
 
 
@@ -38,17 +39,22 @@ def wait_completed(cluster: SlurmCluster, job: str, run_dir: Path, timeout_s: fl
     return info
 
 
-def test_tiny_bert_trains_across_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def test_tiny_bert_trains_across_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     job, run_dir = submit(slurm_cluster, tmp_path, "train.max_steps=20")
     wait_completed(slurm_cluster, job, run_dir, 180)
     assert json.loads((run_dir / "FINISHED").read_text())["step"] == 20
     log = job_log(run_dir, job)
-    assert "node 0 (n1, task 0)" in log and "node 1 (n2, task 1)" in log and "run complete" in log
+    assert "node 0 (n1, task 0)" in log
+    assert "node 1 (n2, task 1)" in log
+    assert "run complete" in log
     plan = json.loads((run_dir / "plan.json").read_text())["plan"]
     assert (plan["nnodes"], plan["nproc_per_node"], plan["dist_backend"]) == (2, 1, "gloo")
     recs = records(run_dir)
     assert [r["step"] for r in recs if r["kind"] == "train"] == [5, 10, 15, 20]
-    assert [r["event"] for r in recs if r["kind"] == "event" and r["event"] in ("start", "finish")] == ["start", "finish"]
+    assert [r["event"] for r in recs if r["kind"] == "event" and r["event"] in ("start", "finish")] == [
+        "start",
+        "finish",
+    ]
 
 
 def wait_for_train_step(run_dir: Path, step: int, timeout_s: float) -> None:
@@ -75,7 +81,7 @@ def assert_one_continuous_run(recs: list[dict[str, Any]], max_steps: int, every:
 
 @pytest.mark.parametrize("how", ["warning-signal", "scontrol-requeue"])
 def test_preempted_job_checkpoints_requeues_and_resumes(
-    slurm_cluster: SlurmCluster,  # noqa: F811
+    slurm_cluster: SlurmCluster,
     tmp_path: Path,
     how: str,
 ) -> None:
@@ -91,7 +97,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     events = [r for r in recs if r["kind"] == "event"]
     stops = [e for e in events if e["event"] == "stop"]
     resumes = [e for e in events if e["event"] == "resume"]
-    assert len(stops) == 1 and len(resumes) == 1, events
+    assert len(stops) == 1, events
+    assert len(resumes) == 1, events
     stopped_at = stops[0]["step"]
     assert 10 <= stopped_at < 40
     saved = [e["step"] for e in events if e["event"] == "checkpoint"]
@@ -100,7 +107,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     assert [e["event"] for e in events].count("finish") == 1
     assert_one_continuous_run(recs, 40, 5)
     log = job_log(run_dir, job)
-    assert "(restart 1)" in log and "run complete" in log
+    assert "(restart 1)" in log
+    assert "run complete" in log
     if how == "warning-signal":  # mplaunch requeued it (after_stop), and counted that
         assert f"requeueing job {job} (1 of 3)" in log
         assert json.loads((run_dir / "slurm" / "requeues.json").read_text()) == {job: 1}
