@@ -212,6 +212,12 @@ def cmd_report(argv: list[str]) -> int:
     return report.main(argv)
 
 
+def cmd_parity(argv: list[str]) -> int:
+    from launcher import parity
+
+    return parity.main(argv)
+
+
 def _print_warnings(warnings: Sequence[str]) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -224,4 +230,5 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "recipes": cmd_recipes,
     "plan": cmd_plan,
     "report": cmd_report,
+    "parity": cmd_parity,
 }

@@ -1,0 +1,345 @@
+"""`mplaunch parity`: the comparison on synthetic losses, the two plans, bad input, and real tiny-BERT runs
+that pass (bf16, fp16 with dynamic loss scaling) and one that must fail (fp16 gradients underflowing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launcher import cli, parity
+from launcher.errors import UserError
+from launcher.hardware import Hardware
+from launcher.parity import compare, fresh, plan_pair
+from launcher.report import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "bert_tiny.yaml"
+CPU = Hardware(cpu_count=4)
+
+
+def metrics(losses: list[float], samples_per_s: float = 100.0) -> Metrics:
+    train = tuple(
+        {"kind": "train", "step": i, "loss": loss, "samples_per_s": samples_per_s}
+        for i, loss in enumerate(losses, 1)
+    )
+    return Metrics(train, (), (), ())
+
+
+def decaying(steps: int, rate: float = 0.01, noise: float = 0.0) -> list[float]:
+    return [6.0 * math.exp(-rate * s) * (1 + noise * (-1) ** s) for s in range(1, steps + 1)]
+
+
+# ---------------------------------------------------------------- the comparison (pure)
+
+
+def test_identical_runs_pass_with_zero_difference() -> None:
+    result = compare(metrics(decaying(30)), metrics(decaying(30), 50.0), "bf16", 30, 0.02)
+    assert result.passed
+    assert result.median_rel_diff == result.max_rel_diff == result.final_rel_diff == 0
+    assert result.speed_ratio == pytest.approx(0.5)
+    assert result.final_window == 3  # 10 % of 30 steps
+
+
+def test_noise_that_cancels_passes_and_a_gap_that_grows_fails() -> None:
+    ref = decaying(40)
+    noisy = compare(metrics(ref), metrics(decaying(40, noise=0.01)), "bf16", 40, 0.02)
+    assert noisy.max_rel_diff == pytest.approx(0.01)
+    assert noisy.passed
+    # Training 40 % slower: the gap reaches ~10 % of the loss by the end.
+    slower = compare(metrics(ref), metrics(decaying(40, rate=0.006)), "fp16", 40, 0.02)
+    assert not slower.passed
+    assert slower.final_rel_diff > 0.1
+    assert slower.max_rel_diff_step == 40
+    assert slower.lines()[-1] == "FAIL: fp16 vs fp32: final difference over tolerance"
+
+
+def test_final_difference_is_over_the_mean_loss_of_the_last_tenth() -> None:
+    ref, got = [5.0] * 20, [5.0] * 18 + [5.2, 4.9]  # last 10 %: steps 19 and 20
+    result = compare(metrics(ref), metrics(got), "bf16", 20, 0.02)
+    assert result.final_window == 2
+    assert result.final_rel_diff == pytest.approx(abs(5.05 - 5.0) / 5.0)
+    assert result.max_rel_diff == pytest.approx(0.04)
+    assert result.max_rel_diff_step == 19
+
+
+def test_tolerance_is_inclusive() -> None:
+    assert compare(metrics([1.0]), metrics([1.02]), "bf16", 1, 0.03).passed
+    assert not compare(metrics([1.0]), metrics([1.04]), "bf16", 1, 0.03).passed
+
+
+def test_skipped_fp16_steps_are_left_out_and_counted() -> None:
+    got = decaying(20)
+    got[0] = got[1] = float("nan")  # a skipped step logs no loss
+    result = compare(metrics(decaying(20)), metrics(got), "fp16", 20, 0.02)
+    assert result.skipped_steps == 2
+    assert result.compared_steps == 18
+    assert result.passed
+    assert "2 skipped fp16 steps left out" in result.lines()[0]
+
+
+def test_a_mixed_run_that_stopped_early_fails() -> None:
+    result = compare(metrics(decaying(20)), metrics(decaying(12)), "bf16", 20, 0.02)
+    assert not result.passed
+    assert result.problems == ("the bf16 run logged 12 of 20 steps",)
+
+
+def test_a_mixed_run_with_no_records_fails() -> None:
+    result = compare(metrics(decaying(5)), Metrics((), (), (), ()), "fp16", 5, 0.02)
+    assert not result.passed
+    assert result.final_rel_diff is None
+    assert "no step has a loss in both runs" in result.problems
+
+
+# ---------------------------------------------------------------- the two plans
+
+
+def test_plan_pair_runs_the_same_recipe_in_fp32_and_the_mixed_dtype(tmp_path: Path) -> None:
+    pair = plan_pair(TINY, ["precision.dtype=bf16", "train.seed=7"], 25, str(tmp_path / "out"), CPU)
+    fp32, mixed = pair.fp32, pair.mixed
+    assert (fp32.precision.dtype, mixed.precision.dtype) == ("fp32", "bf16")
+    assert Path(fp32.run_dir) == tmp_path / "out" / "fp32"
+    assert Path(mixed.run_dir) == tmp_path / "out" / "mixed"
+    for plan in (fp32, mixed):
+        r = plan.recipe
+        assert r.train.max_steps == 25
+        assert r.train.seed == 7
+        assert r.logging.every_steps == 1
+        assert r.checkpoint.resume == "never"
+        assert r.checkpoint.every_steps == 0
+        assert r.checkpoint.dir is None
+        assert r.train.eval_every == 0  # the recipe's 50 is past the end
+    assert fp32.recipe.precision.allow_tf32 is False  # the reference is plain fp32
+    # Nothing but precision differs between the two runs.
+    a, b = fp32.recipe.model_dump(), mixed.recipe.model_dump()
+    assert {k for k in a if a[k] != b[k]} == {"name", "precision"}
+
+
+def test_default_out_is_under_the_logging_dir(tmp_path: Path) -> None:
+    pair = plan_pair(TINY, ["precision.dtype=bf16", f"logging.dir={tmp_path}"], 5, None, CPU)
+    assert pair.out == tmp_path / "parity-bert-tiny-mlm"
+
+
+def test_auto_precision_resolves_to_the_machines_mixed_dtype(tmp_path: Path) -> None:
+    pair = plan_pair(TINY, ["precision.dtype=auto"], 5, str(tmp_path), CPU)
+    assert pair.mixed.precision.dtype == "bf16"
+
+
+def test_an_fp32_recipe_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["parity", str(TINY), "--steps", "5", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "pass precision.dtype=bf16 or precision.dtype=fp16" in err
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "--steps: 0"),
+        (["--steps", "5", "--tolerance", "-1"], "--tolerance"),
+        (["--steps", "5", "train.max_stepz=3"], "train.max_stepz"),
+        ([], "--steps"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["parity", str(TINY), "precision.dtype=bf16", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_fresh_removes_an_earlier_run_but_nothing_else(tmp_path: Path) -> None:
+    run = tmp_path / "mixed"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "plan.json").write_text("{}")
+    fresh(run)
+    assert not run.exists()
+    other = tmp_path / "fp32"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a run directory"):
+        fresh(other)
+    assert (other / "notes.txt").is_file()
+
+
+def test_parity_is_a_verb() -> None:
+    assert cli.VERBS["parity"] is cli.cmd_parity
+    assert parity.DEFAULT_TOLERANCE == 0.02
+
+
+# ---------------------------------------------------------------- main, with the runs faked
+
+
+@pytest.fixture
+def fake_runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Replace the launches: each writes `steps` train records into its run dir and returns `code`."""
+    outcome = {"fp32_code": 0, "mixed_code": 0, "mixed_steps": 10}
+
+    def fake_run(plan: Any, label: str) -> int:
+        run_dir = Path(plan.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "plan.json").write_text(plan.to_json())
+        mixed = plan.precision.dtype != "fp32"
+        steps = outcome["mixed_steps"] if mixed else 10
+        lines = [
+            {"kind": "train", "step": s, "time": 1.0 + s, "loss": 6.0 - 0.01 * s, "samples_per_s": 10.0}
+            for s in range(1, steps + 1)
+        ]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        code = outcome["mixed_code" if mixed else "fp32_code"]
+        if code == 1:
+            (run_dir / "logs").mkdir()
+            (run_dir / "logs" / "rank-0.err").write_text(
+                "fp16 gradients overflow at the minimum\n\nTraceback ..."
+            )
+        return code
+
+    monkeypatch.setattr(parity, "_run", fake_run)
+    monkeypatch.setattr(Hardware, "probe", classmethod(lambda cls: CPU))
+    return outcome
+
+
+def parity_main(out: Path) -> int:
+    return cli.main(
+        [
+            "parity",
+            str(TINY),
+            "precision.dtype=fp16",
+            "backend=accelerate",
+            "--steps",
+            "10",
+            "--out",
+            str(out),
+        ]
+    )
+
+
+def test_main_passes_and_writes_the_report(fake_runs: dict[str, int], tmp_path: Path) -> None:
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "plan.json").write_text("{}")  # an earlier check's run: replaced
+    (tmp_path / "mixed" / "stale.txt").write_text("old")
+    assert parity_main(tmp_path) == 0
+    body = json.loads((tmp_path / "parity.json").read_text())
+    assert body["verdict"] == "pass"
+    assert body["final_rel_diff"] == 0
+    assert body["runs"] == {"fp32": str(tmp_path / "fp32"), "mixed": str(tmp_path / "mixed")}
+    assert not (tmp_path / "mixed" / "stale.txt").exists()
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_mixed_run_that_crashes_fails_with_its_reason(
+    fake_runs: dict[str, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_runs.update(mixed_code=1, mixed_steps=3)
+    assert parity_main(tmp_path) == 1
+    body = json.loads((tmp_path / "parity.json").read_text())
+    assert body["verdict"] == "fail"
+    assert body["problems"][0] == "the fp16 run failed (exit 1): fp16 gradients overflow at the minimum"
+    assert "FAIL: fp16 vs fp32: the fp16 run failed" in capsys.readouterr().out
+
+
+def test_a_failed_reference_run_compares_nothing(
+    fake_runs: dict[str, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_runs.update(fp32_code=1)
+    assert parity_main(tmp_path) == 1
+    assert "the fp32 run failed (exit 1)" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists()
+    assert not (tmp_path / "parity.json").exists()
+
+
+def test_an_interrupted_run_returns_its_signal_status(fake_runs: dict[str, int], tmp_path: Path) -> None:
+    fake_runs.update(mixed_code=130)
+    assert parity_main(tmp_path) == 130
+    assert not (tmp_path / "parity.json").exists()
+
+
+# ---------------------------------------------------------------- real runs (2 CPU ranks each)
+
+
+def run_parity(out: Path, *overrides: str, steps: int = 20) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "parity",
+            str(TINY),
+            *overrides,
+            "--steps",
+            str(steps),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    report = json.loads((out / "parity.json").read_text()) if (out / "parity.json").is_file() else {}
+    return proc.returncode, report, proc.stdout + proc.stderr
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r["step"] for r in records if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_bf16_matches_fp32_on_tiny_bert(tmp_path: Path) -> None:
+    code, report, output = run_parity(tmp_path, "precision.dtype=bf16")
+    assert code == 0, output
+    assert report["verdict"] == "pass"
+    assert report["dtype"] == "bf16"
+    assert report["problems"] == []
+    assert report["final_rel_diff"] <= report["tolerance"] == 0.02
+    for name in ("fp32", "mixed"):
+        assert train_steps(tmp_path / name) == list(range(1, 21))  # every step logged
+    plans = {n: json.loads((tmp_path / n / "plan.json").read_text()) for n in ("fp32", "mixed")}
+    assert plans["fp32"]["plan"]["precision"]["dtype"] == "fp32"
+    assert plans["mixed"]["plan"]["precision"]["dtype"] == "bf16"
+    # Same tokenizer, so the same token ids in the same order.
+    assert plans["mixed"]["recipe"]["data"]["tokenizer"] == str(tmp_path / "fp32" / "tokenizer")
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 12_000
+    assert "PASS: bf16 vs fp32" in output
+
+
+# fp16 on CPU runs on the accelerate backend; a smaller batch keeps its slow fp16 emulation affordable.
+FP16 = ("precision.dtype=fp16", "backend=accelerate", "train.global_batch_size=16")
+# 2^-16: the loss, and with it every gradient, is scaled down instead of up, so most fp16 gradients
+# flush to zero in the backward pass. The fp32 run does not scale its loss, so it is unaffected.
+UNDERFLOW = ("precision.loss_scale.initial=1.52587890625e-05", "precision.loss_scale.min=1.52587890625e-05")
+
+
+@pytest.mark.slow
+def test_fp16_with_dynamic_loss_scaling_matches_fp32(tmp_path: Path) -> None:
+    code, report, output = run_parity(tmp_path, *FP16)
+    assert code == 0, output
+    assert report["verdict"] == "pass"
+    assert report["skipped_steps"] == 0
+
+
+@pytest.mark.slow
+def test_fp16_with_underflowing_gradients_fails(tmp_path: Path) -> None:
+    # The control above differs from this run only in precision.loss_scale.
+    code, report, output = run_parity(tmp_path, *FP16, *UNDERFLOW)
+    assert code == 1, output
+    assert report["verdict"] == "fail"
+    # It fails on the loss comparison: both runs trained every step, none was skipped.
+    assert report["problems"] == []
+    assert report["compared_steps"] == 20
+    assert report["skipped_steps"] == 0
+    assert report["final_rel_diff"] > report["tolerance"]
+    assert report["final_loss_mixed"] > report["final_loss_fp32"]  # the fp16 run learned less
+    assert "FAIL: fp16 vs fp32: final difference over tolerance" in output
