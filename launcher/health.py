@@ -104,8 +104,9 @@ class PrecisionHealth:
         self.falls = self.falls + 1 if fell else 0
         if self.falls >= self.falling_checks:
             out.append(
-                f"step {step}: the fp16 loss scale keeps falling ({self.falls} checks in a row, now {_scale(scale)}): "
-                "gradients are growing toward fp16's range; the run stops if it reaches precision.loss_scale.min"
+                f"step {step}: the fp16 loss scale keeps falling ({self.falls} checks in a row, "
+                f"now {_scale(scale)}): gradients are growing toward fp16's range; "
+                "the run stops if it reaches precision.loss_scale.min"
             )
         if out and self.bf16_available and not self.advised_bf16:
             self.advised_bf16 = True

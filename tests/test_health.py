@@ -14,11 +14,15 @@ from launcher.recipe import validate
 GiB = 2**30
 A100 = Hardware(gpus=(Gpu(0, "NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB),), cpu_count=16)
 V100 = Hardware(gpus=(Gpu(0, "Tesla V100-SXM2-32GB", (7, 0), 32 * GiB),), cpu_count=16)
-MIXED = Hardware(gpus=(Gpu(0, "Tesla T4", (7, 5), 16 * GiB), Gpu(1, "NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB)))
+MIXED = Hardware(
+    gpus=(Gpu(0, "Tesla T4", (7, 5), 16 * GiB), Gpu(1, "NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB))
+)
 EVERY = 10  # logging.every_steps of the synthetic runs
 
 
-def make_plan(dtype: str = "fp16", hardware: Hardware = A100, backend: str = "accelerate", **loss_scale: Any) -> Plan:
+def make_plan(
+    dtype: str = "fp16", hardware: Hardware = A100, backend: str = "accelerate", **loss_scale: Any
+) -> Plan:
     raw = {
         "name": "t",
         "model": {"name": "tiny-mlp"},
@@ -30,7 +34,9 @@ def make_plan(dtype: str = "fp16", hardware: Hardware = A100, backend: str = "ac
     return resolve(validate(raw, "test"), hardware)
 
 
-def records(skips: set[int], scale_at: dict[int, float] | None = None, steps: int = 400) -> list[dict[str, Any]]:
+def records(
+    skips: set[int], scale_at: dict[int, float] | None = None, steps: int = 400
+) -> list[dict[str, Any]]:
     """One train record per EVERY steps; `skips` are skipped steps, `scale_at` step -> new loss scale."""
     out, skipped, scale, in_interval = [], 0, 65536.0, 0
     for step in range(1, steps + 1):
@@ -39,8 +45,16 @@ def records(skips: set[int], scale_at: dict[int, float] | None = None, steps: in
             in_interval += 1
         scale = (scale_at or {}).get(step, scale)
         if step % EVERY == 0:
-            out.append({"kind": "train", "step": step, "loss": 3.0, "loss_scale": scale,
-                        "skipped_steps": skipped, "overflow_rate": in_interval / EVERY})
+            out.append(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "loss": 3.0,
+                    "loss_scale": scale,
+                    "skipped_steps": skipped,
+                    "overflow_rate": in_interval / EVERY,
+                }
+            )
             in_interval = 0
     return out
 
@@ -55,7 +69,12 @@ def test_a_healthy_fp16_run_is_quiet() -> None:
     # probes a doubled scale every ~100 steps and skips two steps each time: all normal.
     search = set(range(1, 9))
     probes = {s for start in (120, 230, 340) for s in (start, start + 1)}
-    scale = {2 * i: 65536.0 / 2**i for i in range(1, 5)} | {119: 8192.0, 121: 4096.0, 229: 8192.0, 231: 4096.0}
+    scale = {2 * i: 65536.0 / 2**i for i in range(1, 5)} | {
+        119: 8192.0,
+        121: 4096.0,
+        229: 8192.0,
+        231: 4096.0,
+    }
     assert run(PrecisionHealth(make_plan(), A100), records(search | probes, scale)) == []
 
 
@@ -97,8 +116,14 @@ def test_overflows_right_after_the_search_are_judged() -> None:
     assert warnings[0][0] == 90  # first block: steps 40..90
 
 
-@pytest.mark.parametrize(("settings", "expected"), [({}, 32), ({"initial": 1024.0, "min": 1.0, "hysteresis": 1}, 10),
-                                                     ({"dynamic": False, "initial": 128.0}, 0)])
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, 32),
+        ({"initial": 1024.0, "min": 1.0, "hysteresis": 1}, 10),
+        ({"dynamic": False, "initial": 128.0}, 0),
+    ],
+)
 def test_initial_search_steps(settings: dict[str, Any], expected: int) -> None:
     # A static scale needs DeepSpeed (accelerate's GradScaler only scales dynamically).
     assert initial_search_steps(make_plan(backend="deepspeed", **settings)) == expected

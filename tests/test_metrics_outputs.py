@@ -6,6 +6,7 @@ Two real 2-rank CPU runs of recipes/bert_tiny.yaml (fp32), shared by the tests o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,25 +29,54 @@ TINY = str(ROOT / "recipes" / "bert_tiny.yaml")
 STEPS, EVERY, EVAL_EVERY = 12, 2, 6
 PLOTS = ("loss.png", "lr.png", "loss_scale.png", "throughput.png", "memory.png")
 TRAIN_FIELDS: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "step": (int,), "time": (float,), "loss": (float,), "lr": (float,),
-    "loss_scale": (float, type(None)), "skipped_steps": (int,), "grad_norm": (float, type(None)),
-    "samples_per_s": (float,), "tokens_per_s": (float,), "step_time_s": (float,),
-    "flops_per_step": (float, type(None)), "tflops": (float, type(None)), "mfu": (float, type(None)),
-    "mem_peak_bytes": (int, type(None)), "mem_reserved_bytes": (int, type(None)),
-    "data_wait_frac": (float, int), "overflow_rate": (float, int), "epoch": (int,),
+    "kind": (str,),
+    "step": (int,),
+    "time": (float,),
+    "loss": (float,),
+    "lr": (float,),
+    "loss_scale": (float, type(None)),
+    "skipped_steps": (int,),
+    "grad_norm": (float, type(None)),
+    "samples_per_s": (float,),
+    "tokens_per_s": (float,),
+    "step_time_s": (float,),
+    "flops_per_step": (float, type(None)),
+    "tflops": (float, type(None)),
+    "mfu": (float, type(None)),
+    "mem_peak_bytes": (int, type(None)),
+    "mem_reserved_bytes": (int, type(None)),
+    "data_wait_frac": (float, int),
+    "overflow_rate": (float, int),
+    "epoch": (int,),
 }
 EVENTS = {"start", "resume", "checkpoint", "overflow", "stop", "finish", "error"}
 # TensorBoard tags the Meter writes for a CPU fp32 run (null fields such as loss_scale and mfu are left out).
-TB_TAGS = {"train/loss", "train/lr", "train/skipped_steps", "train/grad_norm", "train/samples_per_s",
-           "train/tokens_per_s", "train/step_time_s", "train/tflops", "train/data_wait_frac",
-           "train/overflow_rate", "eval/eval_loss"}
+TB_TAGS = {
+    "train/loss",
+    "train/lr",
+    "train/skipped_steps",
+    "train/grad_norm",
+    "train/samples_per_s",
+    "train/tokens_per_s",
+    "train/step_time_s",
+    "train/tflops",
+    "train/data_wait_frac",
+    "train/overflow_rate",
+    "eval/eval_loss",
+}
 
 pytestmark = pytest.mark.slow
 
 
 def mplaunch(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
@@ -67,8 +97,16 @@ def assert_png(path: Path) -> None:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    out = mplaunch(TINY, f"train.max_steps={STEPS}", f"logging.every_steps={EVERY}", f"train.eval_every={EVAL_EVERY}",
-                   "train.eval_steps=2", "checkpoint.every_steps=6", f"logging.dir={root}", "name=finished")
+    out = mplaunch(
+        TINY,
+        f"train.max_steps={STEPS}",
+        f"logging.every_steps={EVERY}",
+        f"train.eval_every={EVAL_EVERY}",
+        "train.eval_steps=2",
+        "checkpoint.every_steps=6",
+        f"logging.dir={root}",
+        "name=finished",
+    )
     assert out.returncode == 0, out.stderr
     return root / "finished"
 
@@ -81,10 +119,13 @@ def test_metrics_jsonl_has_the_documented_fields(finished: Path) -> None:
             assert field in r, f"step {r['step']}: no {field}"
             assert isinstance(r[field], types), f"step {r['step']}: {field}={r[field]!r}"
         assert math.isfinite(r["loss"])
-        assert r["loss_scale"] is None and r["mfu"] is None  # fp32 on CPU: no scaler, no peak to compare with
-        assert r["skipped_steps"] == 0 and r["overflow_rate"] == 0
+        assert r["loss_scale"] is None
+        assert r["mfu"] is None
+        assert r["skipped_steps"] == 0
+        assert r["overflow_rate"] == 0
         assert 0 <= r["data_wait_frac"] <= 1
-        assert r["samples_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 64)
+        assert r["samples_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 64)
         assert r["tflops"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / 2 / 1e12)
     assert [r["step"] for r in records(finished, "eval")] == [6, 12]
     assert all(math.isfinite(r["eval_loss"]) for r in records(finished, "eval"))
@@ -143,9 +184,20 @@ def _descendants(pid: int) -> list[int]:
 def test_report_on_a_run_killed_midway(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", TINY, "train.max_steps=200", "logging.every_steps=1",
-         f"logging.dir={tmp_path}", "name=killed"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            TINY,
+            "train.max_steps=200",
+            "logging.every_steps=1",
+            f"logging.dir={tmp_path}",
+            "name=killed",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 300
@@ -159,10 +211,8 @@ def test_report_on_a_run_killed_midway(tmp_path: Path) -> None:
         workers = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
         for pid in workers:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         proc.wait(timeout=60)
     assert not (run_dir / "FINISHED").exists()
     out = mplaunch("report", str(run_dir), "--out", str(tmp_path / "report"))
