@@ -38,6 +38,7 @@ class Meter:
 
     def __init__(self, plan: Plan, is_rank0: bool, start_step: int, flops_per_step: float | None = None) -> None:
         self.plan = plan
+        self.world = plan.world_size
         self.is_rank0 = is_rank0
         self.every = plan.recipe.logging.every_steps
         self.start_step = start_step
@@ -76,14 +77,24 @@ class Meter:
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.plan.recipe.train.max_steps
 
+    def _global_sum(self) -> torch.Tensor | float:
+        """The interval's loss sum averaged over ranks: the loss of the whole global batch, not rank 0's share."""
+        if self.world == 1 or not isinstance(self.loss_sum, torch.Tensor):
+            return self.loss_sum
+        import torch.distributed as dist
+
+        total = self.loss_sum.detach().clone()
+        dist.all_reduce(total)
+        return total / self.world
+
     def check_finite(self) -> None:
-        """Raise NonFiniteLoss if the loss since the last record is not finite (a host sync)."""
-        if self.loss_count and not math.isfinite(float(self.loss_sum)):
+        """Raise NonFiniteLoss (on every rank alike) if the loss since the last record is not finite."""
+        if self.loss_count and not math.isfinite(float(self._global_sum())):
             raise NonFiniteLoss(self.plan.precision.dtype)
 
     def flush(self, step: int, backend: Backend, epoch: int) -> dict[str, Any]:
         """Read the interval's numbers back from the device, record and show them."""
-        loss = float(self.loss_sum) / self.loss_count if self.loss_count else float("nan")
+        loss = float(self._global_sum()) / self.loss_count if self.loss_count else float("nan")
         if self.loss_count and not math.isfinite(loss):
             raise NonFiniteLoss(self.plan.precision.dtype)
         now = time.perf_counter()
@@ -121,7 +132,9 @@ class Meter:
             out["tflops"] = self.flops_per_step / step_time / world / 1e12
             if self.plan.device == "cuda":
                 name = torch.cuda.get_device_name()
-                out["mfu"] = flops.mfu(self.flops_per_step, step_time, name, self.plan.precision.dtype, world)
+                # fp32 matmuls run on TF32 tensor cores when allowed: measure against that peak.
+                dtype = flops.matmul_dtype(self.plan.precision.dtype, self.plan.precision.allow_tf32)
+                out["mfu"] = flops.mfu(self.flops_per_step, step_time, name, dtype, world)
         if self.plan.device == "cuda":
             out["mem_peak_bytes"] = torch.cuda.max_memory_allocated()
             out["mem_reserved_bytes"] = torch.cuda.memory_reserved()
