@@ -154,8 +154,11 @@ def fit(plan: Plan, backend: Backend, batches: data.Batches, evals: data.Batches
         waited = time.perf_counter()
         micro = next(steps)
         meter.data_wait(time.perf_counter() - waited)
+        backend.measure_grads = plan.recipe.logging.memory_report and step == start + 1
         stats = backend.train_step(micro)
         done = step + 1
+        if backend.measure_grads:
+            _write_memory_report(plan, backend, d.rank, done)
         meter.record(stats)
         if stats.skipped:
             meter.event(done, "overflow", f"step {done}: fp16 gradients overflowed; step skipped, "
@@ -242,6 +245,15 @@ def _resume(plan: Plan, backend: Backend, root: Path, d: Dist) -> int:
     backend.load(found.path)
     _set_rng_state(torch.load(found.path / RNG_FILE.format(rank=d.rank), weights_only=False))
     return int(found.manifest["step"])
+
+
+def _write_memory_report(plan: Plan, backend: Backend, rank: int, step: int) -> None:
+    import json
+
+    report = {"rank": rank, "step": step, "world_size": plan.world_size, "bytes": backend.state_bytes()}
+    out = Path(plan.run_dir) / "memory"
+    out.mkdir(exist_ok=True)
+    (out / f"rank-{rank}.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _write_finished(plan: Plan, step: int) -> None:

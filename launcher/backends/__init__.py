@@ -43,7 +43,7 @@ class Backend(Protocol):
     def lr(self) -> float: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
-    def full_state(self) -> dict[str, torch.Tensor]: ...
+    def state_bytes(self) -> dict[str, int]: ...
 
 
 def load_backend(plan: Plan, model: nn.Module) -> Backend:
@@ -85,3 +85,27 @@ def compute_dtype(plan: Plan) -> torch.dtype:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     # Pinned host memory makes these copies asynchronous on CUDA.
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def tensor_bytes(*roots: object) -> int:
+    """Bytes of the distinct tensor storages reachable from `roots` (lists, tuples, dicts, tensors)."""
+    seen: set[int] = set()
+    total = 0
+    stack = list(roots)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of a torch optimizer's per-parameter state (Adam's moments), not its parameters."""
+    return tensor_bytes([s for s in optimizer.state.values()])

@@ -13,11 +13,29 @@ import deepspeed
 import torch
 from torch import nn
 
-from launcher.backends import LossScaleFloor, StepStats, lr_lambda, param_groups, to_device
+from launcher.backends import (
+    LossScaleFloor,
+    StepStats,
+    lr_lambda,
+    optimizer_state_bytes,
+    param_groups,
+    tensor_bytes,
+    to_device,
+)
 from launcher.models import loss_of
 from launcher.plan import Plan
 
 TAG = "deepspeed"
+# Where DeepSpeed's optimizers keep this rank's fp32 master weights and gradient partitions
+# in every configuration mplaunch generates.
+_MASTER = (
+    "single_partition_of_fp32_groups",  # ZeRO 1 and 2
+    "fp32_partitioned_groups_flat",  # ZeRO 3
+    "fp32_groups_flat_partition",  # the bf16 optimizer
+    "fp32_groups_flat",  # stage 0 fp16/bf16 (FP16_Optimizer)
+    "fp32_groups",  # stage 0 fp16/bf16 without fused ops (FP16_UnfusedOptimizer, e.g. on CPU)
+)
+_GRADS = ("grads_in_partition", "averaged_gradients", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat")
 
 
 class Engine:
@@ -35,13 +53,17 @@ class Engine:
         )
         self.model = self.engine
         self.device = self.engine.device
+        self.grad_bytes: int | None = None
+        self.measure_grads = False
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
         total = torch.zeros((), device=self.device)
         skipped_before = self.engine.skipped_steps
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             loss = loss_of(self.engine(**to_device(batch, self.device)))
             self.engine.backward(loss)
+            if self.measure_grads and i == len(micro_batches) - 1:
+                self.grad_bytes = self._grad_bytes()
             try:
                 self.engine.step()
             except Exception as exc:
@@ -75,6 +97,24 @@ class Engine:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def _grad_bytes(self) -> int:
+        opt = self.engine.optimizer
+        return tensor_bytes([p.grad for p in self.engine.module.parameters()], [getattr(opt, a, None) for a in _GRADS])
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds: parameters (its ZeRO-3 partition), gradients (measured at the
+        accumulation boundary, before the optimizer step), fp32 master weights, optimizer state."""
+        opt = self.engine.optimizer
+        params = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        master = [getattr(opt, a, None) for a in _MASTER]
+        inner = getattr(opt, "optimizer", opt)
+        return {
+            "params": tensor_bytes(params),
+            "grads": self.grad_bytes if self.grad_bytes is not None else -1,
+            "master": tensor_bytes(master),
+            "optimizer": optimizer_state_bytes(inner),
+        }
 
     def save(self, directory: Path) -> None:
         """Every rank writes its shard of the model and optimizer state into `directory`."""
