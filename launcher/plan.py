@@ -101,6 +101,8 @@ class Plan:
 
     def describe(self) -> str:
         """The dry run: the resolved recipe, batch equation, backend config, environment and command."""
+        from launcher import memory  # memory imports this module
+
         label = "DeepSpeed config" if self.recipe.backend == "deepspeed" else "Accelerate settings"
         rows = [
             ("device", f"{self.device} ({self.device_reason})"),
@@ -122,6 +124,7 @@ class Plan:
             *(f"{k:<10} {v}" for k, v in rows),
             f"== {label} ==",
             json.dumps(self.backend_config, indent=2),
+            memory.describe(self),
             "== environment ==",
             *(f"{k}={v}" for k, v in self.env.items()),
             per_rank,
