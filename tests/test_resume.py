@@ -1,0 +1,155 @@
+"""Stop, kill and resume real 2-rank CPU runs; the result must equal an uninterrupted run bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.runs import FAST, explain, losses, mplaunch, records, start, wait_for_step, write_recipe
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+RESUMABLE = {"train": {"max_steps": STEPS}, "checkpoint": {"every_steps": 2, "keep": 2}, "model": {"dropout": 0.1}}
+# Files whose tensors hold model, optimizer, scheduler, scaler and RNG state in a final checkpoint.
+STATE_SUFFIXES = (".pt", ".bin", ".pkl")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(value, (list, tuple)):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def _state(final: Path) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for path in sorted(final.rglob("*")):
+        if path.suffix in STATE_SUFFIXES:
+            loaded = torch.load(path, map_location="cpu", weights_only=False)
+            state.update(_flatten(loaded, str(path.relative_to(final))))
+    assert state, f"no state files in {final}"
+    return state
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+def _assert_bitwise_equal(left: Path, right: Path) -> None:
+    a, b = _state(left), _state(right)
+    assert a.keys() == b.keys()
+    tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+    assert tensors, "no tensors compared"
+    differ = [k for k in a if not _same(a[k], b[k])]
+    assert not differ, f"{len(differ)} entries differ, e.g. {differ[:5]}"
+
+
+def _final(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / f"step-{STEPS:08d}"
+
+
+def _recipe(tmp: Path, name: str, backend: str, stage: int, dtype: str, extra: dict | None = None) -> Path:
+    return write_recipe(tmp, name, FAST, RESUMABLE,
+                        {"backend": backend, "zero": {"stage": stage}, "precision": {"dtype": dtype}}, extra or {})
+
+
+def _uninterrupted(tmp: Path, backend: str, stage: int, dtype: str) -> Path:
+    result = mplaunch(str(_recipe(tmp, "straight", backend, stage, dtype)))
+    assert result.returncode == 0, explain(result)
+    return tmp / "runs" / "straight"
+
+
+@pytest.mark.parametrize(
+    ("backend", "stage", "dtype"),
+    [("deepspeed", 2, "fp32"), ("deepspeed", 2, "bf16"), ("deepspeed", 3, "fp32"), ("deepspeed", 3, "bf16"),
+     ("accelerate", 0, "fp32"), ("accelerate", 0, "bf16")],
+    ids=lambda v: str(v),
+)
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path, backend: str, stage: int, dtype: str) -> None:
+    recipe = _recipe(tmp_path, "stopped", backend, stage, dtype)
+    run_dir = tmp_path / "runs" / "stopped"
+    proc = start(str(recipe))
+    wait_for_step(run_dir, 3, proc)
+    os.kill(proc.pid, signal.SIGTERM)  # as `kill` or a scheduler would: checkpoint at the next step, then exit
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped_at = [r for r in records(run_dir, "event") if r["event"] == "stop"]
+    assert len(stopped_at) == 1 and 3 <= stopped_at[0]["step"] < STEPS, (out, err)
+    k = stopped_at[0]["step"]
+
+    resumed = mplaunch(str(recipe))
+    assert resumed.returncode == 0, explain(resumed)
+    assert f"resuming from step {k}" in resumed.stdout
+
+    straight = _uninterrupted(tmp_path, backend, stage, dtype)
+    _assert_bitwise_equal(_final(run_dir), _final(straight))
+    # One continuous curve: every step's loss equals the uninterrupted run's.
+    assert losses(run_dir) == losses(straight)
+
+
+def _workers(launcher_pid: int) -> list[int]:
+    """The launcher's torchrun's children."""
+    def children(pid: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                out += [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return out
+
+    torchrun = children(launcher_pid)
+    return [w for t in torchrun for w in children(t)]
+
+
+def test_a_killed_rank_is_restarted_and_resumes_to_the_same_result(tmp_path: Path) -> None:
+    extra = {"launch": {"max_restarts": 1}}
+    recipe = _recipe(tmp_path, "killed", "deepspeed", 2, "fp32", extra)
+    run_dir = tmp_path / "runs" / "killed"
+    proc = start(str(recipe))
+    wait_for_step(run_dir, 3, proc)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    events = [r["event"] for r in records(run_dir, "event")]
+    assert events.count("resume") == 1 and events[-1] == "finish", events
+
+    straight = mplaunch(str(_recipe(tmp_path, "straight", "deepspeed", 2, "fp32", extra)))
+    assert straight.returncode == 0, explain(straight)
+    _assert_bitwise_equal(_final(run_dir), _final(tmp_path / "runs" / "straight"))
+    assert losses(run_dir) == losses(tmp_path / "runs" / "straight")
+
+
+def test_resuming_with_another_world_size_is_refused_clearly(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "resized", "deepspeed", 2, "fp32", {"train": {"max_steps": 2}})
+    first = mplaunch(str(recipe))
+    assert first.returncode == 0, explain(first)
+    started = time.monotonic()
+    again = mplaunch(str(recipe), "launch.nproc_per_node=1", "train.max_steps=4")
+    assert again.returncode == 2, explain(again)
+    assert time.monotonic() - started < 10  # refused by the launcher, before any worker starts
+    lines = again.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot resume from ")
+    assert "the checkpoint was written with world size 2, this run has 1" in lines[-1]
+    assert "Traceback" not in again.stderr
