@@ -65,12 +65,13 @@ class DynamicScale:
         return asdict(self)
 
     @classmethod
-    def from_settings(cls, loss_scale) -> DynamicScale:  # loss_scale: recipe.LossScale
+    def from_settings(cls, settings: dict) -> DynamicScale:
+        """From the plan's accelerate `grad_scaler` settings (precision.grad_scaler_settings)."""
         return cls(
-            scale=loss_scale.initial,
-            window=loss_scale.window,
-            min_scale=loss_scale.min,
-            hysteresis=loss_scale.hysteresis,
-            consecutive_hysteresis=loss_scale.consecutive_hysteresis,
-            dynamic=loss_scale.dynamic,
+            scale=settings["init_scale"],
+            window=settings["growth_interval"],
+            min_scale=settings["min_scale"],
+            hysteresis=settings["hysteresis"],
+            consecutive_hysteresis=settings["consecutive_hysteresis"],
+            dynamic=settings["dynamic"],
         )

@@ -55,11 +55,6 @@ def problems(policy: PrecisionPolicy, backend: str, device: str, hardware: Hardw
             "precision.dtype: fp16 is not supported by DeepSpeed on CPU; "
             "use precision.dtype=bf16, or backend=accelerate (which scales fp16 on CPU)"
         )
-    if backend == "accelerate" and policy.dtype == "fp16" and not policy.loss_scale.dynamic:
-        out.append(
-            "precision.loss_scale.dynamic: accelerate's GradScaler only scales dynamically (torch refuses "
-            "growth_factor 1); use backend=deepspeed for a static loss scale"
-        )
     if device == "cuda" and policy.dtype == "bf16":
         old = [g for g in hardware.gpus if not g.supports_bf16]
         if old:
@@ -87,21 +82,21 @@ def deepspeed_fp16_block(policy: PrecisionPolicy) -> dict[str, Any]:
 
 
 def grad_scaler_settings(policy: PrecisionPolicy) -> dict[str, Any]:
-    """The same loss-scale fields as torch GradScaler arguments, plus the two it lacks.
+    """The same loss-scale fields for the accelerate backend's scaler, named as torch's GradScaler names them.
 
-    GradScaler halves on every overflow and has no floor; mplaunch's accelerate
-    backend adds DeepSpeed's hysteresis and minimum on top so both backends
-    scale the same way. GradScaler cannot hold a static scale (it asserts
-    growth_factor > 1 and backoff_factor < 1), so `problems` refuses
-    dynamic=false with fp16 on accelerate.
+    torch's GradScaler unscales, checks for inf/NaN and skips the step; its own
+    rule (halve on every overflow, no floor, no static mode) is replaced by
+    launcher.loss_scale.DynamicScale, which follows DeepSpeed's: hysteresis,
+    a minimum that stops the run, and a static scale when dynamic is false.
     """
     ls = policy.loss_scale
     return {
         "enabled": policy.dtype == "fp16",
+        "dynamic": ls.dynamic,
         "init_scale": ls.initial,
         # DeepSpeed's dynamic scaler doubles and halves; match it.
-        "growth_factor": 2.0,
-        "backoff_factor": 0.5,
+        "growth_factor": 2.0 if ls.dynamic else 1.0,
+        "backoff_factor": 0.5 if ls.dynamic else 1.0,
         "growth_interval": ls.window,
         "hysteresis": ls.hysteresis,
         "consecutive_hysteresis": ls.consecutive_hysteresis,

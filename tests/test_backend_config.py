@@ -184,6 +184,7 @@ def test_accelerate_mixed_precision_and_grad_scaler(dtype: str, mixed: str) -> N
     assert (s["gradient_accumulation_steps"], s["max_grad_norm"]) == (4, 0.5)
     assert s["grad_scaler"] == {
         "enabled": dtype == "fp16",
+        "dynamic": True,
         "init_scale": 4096.0,
         "growth_factor": 2.0,
         "backoff_factor": 0.5,

@@ -135,16 +135,6 @@ def test_gpu_flags() -> None:
         (make(launch={"nproc_per_node": 16}), H100x8, "launch.nproc_per_node: 16 processes but only 8 GPU(s) visible"),
         (make(precision={"dtype": "bf16"}), V100x4, "precision.dtype: bf16 needs an Ampere or newer GPU, but GPU 0"),
         (make(precision={"dtype": "fp16"}), CPU, "precision.dtype: fp16 is not supported by DeepSpeed on CPU"),
-        (
-            make(backend="accelerate", precision={"dtype": "fp16", "loss_scale": {"dynamic": False}}),
-            H100x8,
-            "precision.loss_scale.dynamic: accelerate's GradScaler only scales dynamically",
-        ),
-        (
-            make(backend="accelerate", precision={"loss_scale": {"dynamic": False}}),
-            V100x4,  # auto resolves to fp16 here, so the static scale would reach GradScaler
-            "precision.loss_scale.dynamic: accelerate's GradScaler only scales dynamically",
-        ),
         (make(launch={"nnodes": 2}), H100x8, "launch.nnodes: 2 nodes need --slurm"),
     ],
 )
@@ -158,6 +148,13 @@ def test_cuda_requested_names_cuda_visible_devices(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES=''"):
         resolve(make(launch={"device": "cuda"}), CPU)
+
+
+def test_static_fp16_scale_is_fine_with_accelerate() -> None:
+    # The accelerate backend's scaler follows DeepSpeed's rules, static scale included.
+    p = resolve(make(backend="accelerate", precision={"dtype": "fp16", "loss_scale": {"dynamic": False}}), H100x8)
+    assert p.backend_config["grad_scaler"]["dynamic"] is False
+    assert (p.backend_config["grad_scaler"]["growth_factor"], p.backend_config["grad_scaler"]["backoff_factor"]) == (1.0, 1.0)
 
 
 def test_fp16_on_cpu_is_fine_with_accelerate() -> None:

@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launcher.backends import LossScaleFloor, StepStats, compute_dtype, lr_lambda, param_groups, to_device
+from launcher.backends import (
+    LossScaleFloor,
+    StepStats,
+    compute_dtype,
+    lr_lambda,
+    optimizer_state_bytes,
+    param_groups,
+    tensor_bytes,
+    to_device,
+)
 from launcher.loss_scale import DynamicScale, ScaleAtMinimum
 from launcher.models import loss_of
 from launcher.plan import Plan
@@ -89,9 +98,11 @@ class Engine:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.scaler = None
         if plan.precision.dtype == "fp16":
-            rule = DynamicScale.from_settings(plan.recipe.precision.loss_scale)
+            rule = DynamicScale.from_settings(settings["grad_scaler"])
             self.scaler = _scaler_class(settings["fsdp"] is not None)(self.device.type, rule)
         self.skipped = 0
+        self.grad_bytes: int | None = None
+        self.measure_grads = False
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -113,6 +124,8 @@ class Engine:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
             total += loss.detach().float()
+        if self.measure_grads:
+            self.grad_bytes = tensor_bytes([p.grad for p in self.model.parameters()])
         if self.scaler is not None:
             self.scaler.unscale_(inner)
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else float("inf"))
@@ -150,6 +163,16 @@ class Engine:
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds. Under autocast the parameters are the fp32 master weights
+        themselves, so `master` is 0: there is no separate copy."""
+        return {
+            "params": tensor_bytes(list(self.model.parameters())),
+            "grads": self.grad_bytes if self.grad_bytes is not None else -1,
+            "master": 0,
+            "optimizer": optimizer_state_bytes(self.optimizer.optimizer),
+        }
 
     def save(self, directory: Path) -> None:
         """Model and optimizer through Accelerate; schedule and scaler beside them."""

@@ -1,0 +1,68 @@
+"""The accelerate backend's loss scaler follows DeepSpeed's rules step for step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from launcher.loss_scale import DynamicScale, ScaleAtMinimum
+
+
+def _ours(initial: float, window: int, min_scale: float, hysteresis: int, consecutive: bool) -> DynamicScale:
+    return DynamicScale(initial, window, min_scale, hysteresis, consecutive)
+
+
+def test_hysteresis_then_halving_then_growth() -> None:
+    s = _ours(2.0**16, window=3, min_scale=1.0, hysteresis=2, consecutive=False)
+    s.update(True)  # first overflow only uses up the hysteresis
+    assert s.scale == 2.0**16
+    s.update(True)
+    assert s.scale == 2.0**15
+    for _ in range(3):
+        s.update(False)
+    assert s.scale == 2.0**15
+    s.update(False)
+    # DeepSpeed counts the window from the step after the overflow's successor.
+    assert s.scale == 2.0**16
+
+
+def test_floor_is_kept_and_an_overflow_there_stops() -> None:
+    s = _ours(4.0, window=1000, min_scale=2.0, hysteresis=1, consecutive=False)
+    s.update(True)
+    assert s.scale == 2.0
+    with pytest.raises(ScaleAtMinimum, match="minimum loss scale 2"):
+        s.update(True)
+
+
+def test_static_scale_never_moves() -> None:
+    s = DynamicScale(128.0, 1, 1.0, 1, False, dynamic=False)
+    for overflow in (True, True, False, False, True):
+        s.update(overflow)
+    assert s.scale == 128.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_deepspeeds_dynamic_loss_scaler(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # importing deepspeed sets it
+    loss_scaler = pytest.importorskip("deepspeed.runtime.fp16.loss_scaler")
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda *a, **k: 0)
+    rng = random.Random(seed)
+    window, hysteresis, consecutive = rng.choice([1, 2, 5]), rng.choice([1, 2, 3]), rng.random() < 0.5
+    theirs = loss_scaler.DynamicLossScaler(
+        init_scale=2.0**12, scale_window=window, min_scale=1.0, delayed_shift=hysteresis,
+        consecutive_hysteresis=consecutive, raise_error_at_min_scale=True,
+    )
+    ours = _ours(2.0**12, window, 1.0, hysteresis, consecutive)
+    for _ in range(300):
+        overflow = rng.random() < 0.3
+        try:
+            theirs.update_scale(overflow)
+        except Exception as exc:
+            assert "minimum" in str(exc)
+            with pytest.raises(ScaleAtMinimum):
+                ours.update(overflow)
+            return
+        ours.update(overflow)
+        assert (ours.scale, ours.hysteresis_left) == (theirs.cur_scale, theirs.cur_hysteresis)
