@@ -171,6 +171,9 @@ def prune(root: Path, keep: int) -> list[Path]:
         trash = root / f"{TMP_PREFIX}del-{path.name}"
         path.rename(trash)
         shutil.rmtree(trash)
+    # Leftovers of saves or deletions a crash interrupted; only rank 0 writes here, after the save.
+    for stale in root.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return doomed
 
 
