@@ -11,6 +11,7 @@ Masked-LM masking is seeded per (seed, epoch, sample) for the same reason.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def load_tokens(plan: Plan, rank: int, barrier: callable) -> Tokens:
         return Tokens(ids, vocab, mask_id=4, special_ids=(0, 1, 2, 3, 4))
     tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else Path(plan.run_dir) / "tokenizer"
     if plan.tokenizer_dir is None and rank == 0 and not (tok_dir / "tokenizer.json").exists():
-        _train_wordpiece(_read_texts(plan), tok_dir)
+        _trained_tokenizer(plan, tok_dir)
     barrier()
     tokenizer = _load_tokenizer(tok_dir)
     ids = _chunk(tokenizer, _read_texts(plan), d.seq_len)
@@ -89,6 +90,38 @@ def _read_texts(plan: Plan) -> list[str]:
     return texts
 
 
+def _trained_tokenizer(plan: Plan, out_dir: Path) -> None:
+    """Put a WordPiece tokenizer trained on the recipe's files into `out_dir`.
+
+    The trainer breaks frequency ties in no fixed order, so two trainings on
+    the same files can number tokens differently. One training per data set
+    is therefore kept in a cache (MPLAUNCH_CACHE, default ~/.cache/mplaunch)
+    and every run on those files gets a copy: runs that should be comparable
+    see the same token ids.
+    """
+    import hashlib
+    import shutil
+
+    import tokenizers
+
+    key = hashlib.sha256()
+    for part in (tokenizers.__version__, plan.recipe.data.kind, plan.recipe.data.text_field, str(_MAX_TRAINED_VOCAB)):
+        key.update(part.encode() + b"\0")
+    for path in plan.data_paths:
+        key.update(Path(path).read_bytes())
+    cache_root = Path(os.environ.get("MPLAUNCH_CACHE", Path.home() / ".cache" / "mplaunch"))
+    cached = cache_root / "tokenizers" / key.hexdigest()[:24]
+    if not (cached / "tokenizer.json").exists():
+        try:
+            _train_wordpiece(_read_texts(plan), cached)
+        except OSError:  # an unwritable cache: train for this run only
+            _train_wordpiece(_read_texts(plan), out_dir)
+            return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached / "tokenizer.json", out_dir / "tokenizer.json.tmp")
+    (out_dir / "tokenizer.json.tmp").replace(out_dir / "tokenizer.json")
+
+
 def _train_wordpiece(texts: list[str], out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -99,7 +132,7 @@ def _train_wordpiece(texts: list[str], out_dir: Path) -> None:
     trainer = trainers.WordPieceTrainer(vocab_size=_MAX_TRAINED_VOCAB, special_tokens=SPECIALS, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "tokenizer.json.tmp"
+    tmp = out_dir / f"tokenizer.json.{os.getpid()}.tmp"
     tokenizer.save(str(tmp))
     tmp.replace(out_dir / "tokenizer.json")
 

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -153,7 +152,8 @@ class Workers:
         self.signals: list[int] = []
         env = {**os.environ, **plan.env}
         self.proc = subprocess.Popen(
-            plan.command, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True
+            plan.command, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.noise = _TorchrunFilter()
         self.reader = threading.Thread(target=self._pump, daemon=True)
@@ -197,6 +197,21 @@ class Workers:
         return code
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launcher dies, even by SIGKILL.
+
+    torchrun runs in its own session (so a terminal's Ctrl-C reaches only the
+    launcher); without this, killing the launcher would leave it training
+    unattended. torchrun passes the SIGTERM on to its workers.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _children_of_children(pid: int) -> list[int]:
     """The workers: torchrun's child processes (Linux /proc; empty elsewhere)."""
     kids = []
@@ -237,5 +252,5 @@ def _report_failure(plan: Plan, code: int) -> None:
     else:
         print(f"mplaunch: the workers exited with status {code} without an error report "
               f"(killed by the system? out of memory?); see {plan.command_line()}", file=sys.stderr)
-    print(f"mplaunch: checkpoints, if any, are in {checkpoint.root_of(plan)}; the run resumes from the latest "
-          f"when started again: {shlex.join(['mplaunch', *sys.argv[1:]])}", file=sys.stderr)
+    print(f"mplaunch: checkpoints, if any, are in {checkpoint.root_of(plan)}; running the same recipe again "
+          "resumes from the latest", file=sys.stderr)

@@ -235,10 +235,9 @@ def activation_bytes(
     # Autocast keeps LayerNorm inputs (the residual stream) in fp32; DeepSpeed casts the whole model.
     e_ln = 4 if backend == "accelerate" else e
     mask = 1 if dropout > 0 else 0  # CUDA dropout keeps a bool mask
-    # Loss tail: the saved log-softmax, its gradient and the logits' gradient, all s*b*V. BERT's
-    # CrossEntropyLoss runs in the logits' dtype; GPT-2's HF loss and TinyMLP upcast to fp32.
-    e_ls = e if shape.family == "bert-mlm" and backend == "deepspeed" else 4
-    tail = 3 * e_ls * s * b * shape.vocab_size
+    # Loss tail: the saved log-softmax, its gradient and the logits' gradient, all s*b*V, in fp32:
+    # every built-in model computes its loss from logits upcast to fp32 (launcher.models.LMLoss).
+    tail = 3 * 4 * s * b * shape.vocab_size
     if shape.family == "tiny-mlp":
         inter = shape.intermediate_size
         return s * b * (2 * h * e + 2 * inter * e + inter * mask) + tail

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from launcher.backends import Backend, StepStats
+from launcher.health import PrecisionHealth
 from launcher.plan import Plan
 
 METRICS_FILE = "metrics.jsonl"
@@ -48,6 +49,7 @@ class Meter:
         self.path = Path(plan.run_dir) / METRICS_FILE
         self.console = Console(plan, start_step) if is_rank0 else None
         self.tb = _tensorboard(plan) if is_rank0 and plan.recipe.logging.tensorboard else None
+        self.health = PrecisionHealth(plan) if is_rank0 else None
         self._reset(time.perf_counter())
         self.skipped_at_start: int | None = None
 
@@ -121,6 +123,8 @@ class Meter:
         if self.is_rank0:
             self.write(record)
             self.console.show(record)
+            for warning in self.health.check(record):
+                self.event(step, "warning", f"warning: {warning}")
         return record
 
     def _hardware(self, step_time: float) -> dict[str, Any]:

@@ -26,7 +26,31 @@ def build(model: Model, vocab_size: int) -> nn.Module:
     if model.target is not None:
         return _from_target(model.target, dict(model.kwargs))
     shape = shape_of(model, vocab_size=vocab_size)
-    return BUILDERS[shape.family](shape, model.dropout)
+    built = BUILDERS[shape.family](shape, model.dropout)
+    return built if shape.family == "tiny-mlp" else LMLoss(built, causal=shape.family == "gpt2-lm")
+
+
+class LMLoss(nn.Module):
+    """A transformers LM whose loss is taken from logits upcast to fp32.
+
+    transformers computes the cross-entropy in the logits' dtype; under
+    DeepSpeed's bf16 that rounds the loss to about 1/32 near 6 and puts the
+    softmax's gradient in bf16 too. Upcasting costs one fp32 copy of the
+    logits and keeps the loss, and what is logged, accurate.
+    """
+
+    def __init__(self, lm: nn.Module, causal: bool) -> None:
+        super().__init__()
+        self.lm = lm
+        self.causal = causal
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        logits = self.lm(input_ids=input_ids, **kwargs).logits
+        if self.causal:  # predict token t+1 from tokens up to t
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+        )
 
 
 def _bert(shape: Shape, dropout: float) -> nn.Module:

@@ -124,7 +124,7 @@ def test_activations_of_bert_base_by_hand() -> None:
     s, b, h, vocab, layers = 128, 32, 768, 30522, 12
     per_layer = 34 * s * b * h + 4 * 12 * s * b
     embeddings_and_head = s * b * h * (2 + 1 + 3 * 2 + 2)
-    loss_tail = 3 * 2 * s * b * vocab  # bf16 log-softmax, its gradient, the logits' gradient
+    loss_tail = 3 * 4 * s * b * vocab  # fp32 log-softmax, its gradient, the logits' gradient (LMLoss)
     expected = layers * per_layer + embeddings_and_head + loss_tail
     assert memory.activation_bytes(BERT_BASE, s, b, "bf16", "deepspeed", 0.1) == expected
 
