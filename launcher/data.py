@@ -105,7 +105,12 @@ def _trained_tokenizer(plan: Plan, out_dir: Path) -> None:
     import tokenizers
 
     key = hashlib.sha256()
-    for part in (tokenizers.__version__, plan.recipe.data.kind, plan.recipe.data.text_field, str(_MAX_TRAINED_VOCAB)):
+    for part in (
+        tokenizers.__version__,
+        plan.recipe.data.kind,
+        plan.recipe.data.text_field,
+        str(_MAX_TRAINED_VOCAB),
+    ):
         key.update(part.encode() + b"\0")
     for path in plan.data_paths:
         key.update(Path(path).read_bytes())
@@ -129,7 +134,9 @@ def _train_wordpiece(texts: list[str], out_dir: Path) -> None:
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=_MAX_TRAINED_VOCAB, special_tokens=SPECIALS, show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=_MAX_TRAINED_VOCAB, special_tokens=SPECIALS, show_progress=False
+    )
     tokenizer.train_from_iterator(texts, trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f"tokenizer.json.{os.getpid()}.tmp"
@@ -159,7 +166,9 @@ def _chunk(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     body = seq_len - 2
     rows = len(stream) // body
     if rows == 0:
-        raise ValueError(f"the data holds {len(stream)} tokens, fewer than one sample of data.seq_len {seq_len}")
+        raise ValueError(
+            f"the data holds {len(stream)} tokens, fewer than one sample of data.seq_len {seq_len}"
+        )
     arr = np.asarray(stream[: rows * body], dtype=np.int64).reshape(rows, body)
     cls = np.full((rows, 1), cls_id if cls_id is not None else 0, dtype=np.int64)
     sep = np.full((rows, 1), sep_id if sep_id is not None else 0, dtype=np.int64)
@@ -196,7 +205,12 @@ class Batches:
     def __init__(self, tokens: Tokens, rows: np.ndarray, plan: Plan, rank: int) -> None:
         b = plan.batch
         self.tokens, self.rows, self.rank = tokens, rows, rank
-        self.micro, self.accum, self.world, self.global_ = b.micro_batch_size, b.grad_accum, b.world_size, b.global_batch_size
+        self.micro, self.accum, self.world, self.global_ = (
+            b.micro_batch_size,
+            b.grad_accum,
+            b.world_size,
+            b.global_batch_size,
+        )
         self.seed = plan.recipe.train.seed
         self.mask_prob = plan.recipe.data.mask_prob
         self.causal = plan.recipe.model.name == "gpt2-lm" and plan.recipe.model.target is None
@@ -226,16 +240,14 @@ class Batches:
 
     def collate(self, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         ids = self.tokens.ids[torch.from_numpy(rows)]
-        if self.causal:
-            batch = {"input_ids": ids, "labels": ids.clone()}
-        else:
-            batch = self._mask(ids, rows, epoch)
-        return batch
+        return {"input_ids": ids, "labels": ids.clone()} if self.causal else self._mask(ids, rows, epoch)
 
     def _mask(self, ids: torch.Tensor, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         # BERT's recipe: of the chosen positions 80% become [MASK], 10% a random
         # token, 10% stay; the loss is taken on chosen positions only.
-        draws = np.stack([np.random.default_rng([self.seed, epoch, int(r)]).random((3, ids.shape[1])) for r in rows])
+        draws = np.stack(
+            [np.random.default_rng([self.seed, epoch, int(r)]).random((3, ids.shape[1])) for r in rows]
+        )
         draws = torch.from_numpy(draws)
         special = torch.isin(ids, torch.tensor(self.tokens.special_ids))
         chosen = (draws[:, 0] < self.mask_prob) & ~special
@@ -260,7 +272,9 @@ class _Steps(torch.utils.data.Dataset):
         return self.batches.for_step(self.start + i)
 
 
-def loader(batches: Batches, start_step: int, end_step: int, num_workers: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+def loader(
+    batches: Batches, start_step: int, end_step: int, num_workers: int
+) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Each optimizer step's micro-batches, from `start_step` on.
 
     With data.num_workers > 0 worker processes prepare steps ahead; on CUDA the
@@ -274,5 +288,8 @@ def loader(batches: Batches, start_step: int, end_step: int, num_workers: int) -
             num_workers=num_workers,
             pin_memory=batches.pin,
             prefetch_factor=4 if num_workers else None,
+            # Its own generator: a DataLoader otherwise draws its worker seed from torch's global
+            # RNG, one draw more for a resumed run than for one that never stopped.
+            generator=torch.Generator().manual_seed(batches.seed + start_step),
         )
     )
