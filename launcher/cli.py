@@ -1,17 +1,16 @@
 """Command line: parse argv into a verb, turn UserError into one line per problem and exit 2.
 
-    mplaunch RECIPE [key=value ...] [--dry-run] [--resume RUN_DIR]
-    mplaunch check RECIPE [key=value ...] [--explain]
-    mplaunch env
-    mplaunch recipes [NAME] [--copy PATH]
-    mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE]
-    mplaunch RECIPE --slurm [--nodes N ...] [--dry-run]
+mplaunch RECIPE [key=value ...] [--dry-run] [--resume RUN_DIR]
+mplaunch check RECIPE [key=value ...] [--explain]
+mplaunch env
+mplaunch recipes [NAME] [--copy PATH]
+mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE]
+mplaunch RECIPE --slurm [--nodes N ...] [--dry-run]
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import shutil
 import sys
@@ -23,8 +22,7 @@ from launcher import recipe as recipe_mod
 from launcher.errors import EXIT_USAGE, UserError
 from launcher.hardware import Hardware
 from launcher.plan import Plan, resolve
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+from launcher.recipe import RECIPES_DIR
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +61,9 @@ def _run_parser() -> _Parser:
     )
     p.add_argument("recipe", help="recipe file, or the name of a shipped recipe (see `mplaunch recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, read as YAML scalars")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and command; start nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved plan and command; start nothing"
+    )
     p.add_argument("--version", action="version", version=f"mplaunch {__version__}")
     from launcher import slurm
 
@@ -98,7 +98,9 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("recipe", nargs="?", help="recipe file or shipped recipe name (optional with --explain)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--explain", action="store_true", help="also print every recipe key with its description")
-    p.add_argument("--markdown", action="store_true", help="with --explain: print the README's reference table")
+    p.add_argument(
+        "--markdown", action="store_true", help="with --explain: print the README's reference table"
+    )
     args = p.parse_intermixed_args(argv)
     if args.recipe is None and not args.explain:
         p.error("the following arguments are required: recipe")
@@ -125,7 +127,9 @@ def cmd_env(argv: list[str]) -> int:
 def cmd_recipes(argv: list[str]) -> int:
     p = _Parser(prog="mplaunch recipes", description="List, print or copy the shipped recipes.")
     p.add_argument("name", nargs="?", help="print this recipe")
-    p.add_argument("--copy", metavar="PATH", help="copy the recipe (and the files it extends) to PATH for editing")
+    p.add_argument(
+        "--copy", metavar="PATH", help="copy the recipe (and the files it extends) to PATH for editing"
+    )
     args = p.parse_args(argv)
     shipped = sorted(RECIPES_DIR.glob("*.yaml"))
     if args.name is None:
@@ -150,7 +154,9 @@ def _copy_recipe(path: Path, dest: Path) -> int:
     # A base or data file already there with the same bytes (an earlier copy of
     # a sibling recipe) is shared; anything else, and the recipe itself, is refused.
     clashes = [
-        str(t) for s, t in pairs if t.exists() and (t == dest or t.is_dir() or t.read_bytes() != s.read_bytes())
+        str(t)
+        for s, t in pairs
+        if t.exists() and (t == dest or t.is_dir() or t.read_bytes() != s.read_bytes())
     ]
     if clashes:
         raise UserError([f"{t}: already exists; nothing was copied" for t in clashes])
@@ -181,18 +187,8 @@ def _copy_pairs(path: Path, dest: Path) -> list[tuple[Path, Path]]:
 
 
 def find_recipe(name: str) -> Path:
-    """A recipe path as given, or a shipped recipe by name (`bert`, `bert.yaml`, `recipes/bert.yaml`)."""
-    path = Path(name)
-    if path.exists():
-        return path
-    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
-    shipped = RECIPES_DIR / f"{stem}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    verb = difflib.get_close_matches(name, [v for v in VERBS if v != "run"], n=1, cutoff=0.75)
-    hint = f"did you mean `mplaunch {verb[0]}`?" if verb else f"shipped recipes: {names}"
-    raise UserError(f"{name}: recipe file not found", hint=hint)
+    """A recipe path as given, or a shipped recipe by name; a mistyped verb gets a hint."""
+    return recipe_mod.locate(name, verbs=[v for v in VERBS if v != "run"])
 
 
 def _plan(recipe_arg: str, overrides: list[str], keep_machine_problems: bool = False) -> Plan:

@@ -518,7 +518,6 @@ def _target(gpu_memory: str | None, hardware: Hardware) -> tuple[int, str]:
 def main(argv: Sequence[str]) -> int:
     """`mplaunch plan`: print the per-GPU memory table for ZeRO stages 0-3 and a suggestion."""
     from launcher import recipe as recipe_mod
-    from launcher.cli import find_recipe
     from launcher.hardware import Hardware
     from launcher.plan import resolve
 
@@ -531,7 +530,7 @@ def main(argv: Sequence[str]) -> int:
     num_params = _parse_count(args.num_params) if args.num_params is not None else None
     hardware = Hardware.probe()
     gpu_bytes, target = _target(args.gpu_memory, hardware)
-    recipe = recipe_mod.load(find_recipe(args.recipe), args.overrides)
+    recipe = recipe_mod.load(recipe_mod.locate(args.recipe), args.overrides)
     plan = resolve(recipe, hardware, nnodes_allowed=True, keep_machine_problems=True)
     s = setting_of(plan, num_params)
     usable = int(gpu_bytes * HEADROOM)

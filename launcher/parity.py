@@ -303,14 +303,13 @@ def main(argv: Sequence[str]) -> int:
     Raises:
         UserError: bad arguments or recipe; nothing is started.
     """
-    from launcher.cli import find_recipe
 
     args = _parser().parse_intermixed_args(list(argv))
     if args.steps < 1:
         raise UserError(f"--steps: {args.steps}; need at least 1")
     if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
         raise UserError(f"--tolerance: {args.tolerance}; need a fraction >= 0, e.g. 0.02 for 2 %")
-    path = find_recipe(args.recipe)
+    path = recipe_mod.locate(args.recipe)
     hardware = Hardware.probe()
     pair = plan_pair(path, args.overrides, args.steps, args.out, hardware)
     for warning in pair.mixed.warnings:

@@ -271,6 +271,34 @@ class Recipe(Section):
 # --------------------------------------------------------------------------- loading
 
 
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def locate(name: str, verbs: list[str] | tuple[str, ...] = ()) -> Path:
+    """A recipe path as given, or a shipped recipe by name (`bert`, `bert.yaml`, `recipes/bert.yaml`).
+
+    Args:
+        name: what the user typed.
+        verbs: command names; a name close to one of them gets a "did you mean" hint.
+
+    Raises:
+        UserError: no such file and no such shipped recipe.
+    """
+    import difflib
+
+    path = Path(name)
+    if path.exists():
+        return path
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    shipped = RECIPES_DIR / f"{stem}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    verb = difflib.get_close_matches(name, list(verbs), n=1, cutoff=0.75)
+    hint = f"did you mean `mplaunch {verb[0]}`?" if verb else f"shipped recipes: {names}"
+    raise UserError(f"{name}: recipe file not found", hint=hint)
+
+
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file, apply its `extends:` chain and the dotted overrides, and validate.
 
@@ -414,7 +442,9 @@ def read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path}: recipe file not found", hint="`mplaunch recipes` lists the shipped ones") from None
+        raise UserError(
+            f"{path}: recipe file not found", hint="`mplaunch recipes` lists the shipped ones"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read recipe ({getattr(exc, 'strerror', None) or exc})") from None
     try:
@@ -442,7 +472,9 @@ def _rebase_paths(base: dict[str, Any], base_file: Path, child_file: Path) -> No
         return
     rel = Path(_relpath(base_file.parent, child_file.parent))
     if isinstance(data.get("paths"), list):
-        data["paths"] = [p if not isinstance(p, str) or Path(p).is_absolute() else str(rel / p) for p in data["paths"]]
+        data["paths"] = [
+            p if not isinstance(p, str) or Path(p).is_absolute() else str(rel / p) for p in data["paths"]
+        ]
     if isinstance(data.get("tokenizer"), str) and not Path(data["tokenizer"]).is_absolute():
         data["tokenizer"] = str(rel / data["tokenizer"])
 
@@ -496,7 +528,9 @@ def check_rules(recipe: Recipe) -> list[str]:
     problems += _data_rules(recipe)
     problems += _loss_scale_rules(recipe)
     if recipe.launch.nnodes > 1 and recipe.slurm.nodes not in (None, recipe.launch.nnodes):
-        problems.append(f"slurm.nodes: {recipe.slurm.nodes} disagrees with launch.nnodes {recipe.launch.nnodes}")
+        problems.append(
+            f"slurm.nodes: {recipe.slurm.nodes} disagrees with launch.nnodes {recipe.launch.nnodes}"
+        )
     return problems
 
 
@@ -595,7 +629,9 @@ def reference_rows() -> list[tuple[str, str, str, str]]:
                 walk(sub, f"{prefix}{name}.")
                 continue
             default = "file name" if field.is_required() else _default_text(field.default)
-            rows.append((prefix + name, _type_name(sub, tuple(field.metadata)), default, field.description or ""))
+            rows.append(
+                (prefix + name, _type_name(sub, tuple(field.metadata)), default, field.description or "")
+            )
 
     walk(Recipe, "")
     return rows
@@ -626,7 +662,9 @@ def _type_name(annotation: Any, metadata: tuple[Any, ...] = ()) -> str:
         return f"list of {len(args)} ({_type_name(args[0])})"
     if origin is dict:
         return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    name = {"Any": "any"}.get(getattr(annotation, "__name__", ""), getattr(annotation, "__name__", str(annotation)))
+    name = {"Any": "any"}.get(
+        getattr(annotation, "__name__", ""), getattr(annotation, "__name__", str(annotation))
+    )
     bounds = [f"{op} {getattr(m, attr)}" for m in _flat(metadata) for attr, op in _OPS if hasattr(m, attr)]
     return " ".join([name, ", ".join(bounds)]) if bounds else name
 

@@ -99,9 +99,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """`mplaunch RECIPE --slurm`: resolve for the cluster, render, write the run dir, submit (or print)."""
-    from launcher.cli import find_recipe  # the shipped-recipe lookup; cli owns it
 
-    recipe = recipe_mod.load(find_recipe(args.recipe), [*args.overrides, *flag_overrides(args)])
+    recipe = recipe_mod.load(recipe_mod.locate(args.recipe), [*args.overrides, *flag_overrides(args)])
     template = Path(args.slurm_template) if args.slurm_template else DEFAULT_TEMPLATE
     plan = resolve_for_cluster(recipe)
     script = render(plan, template)
