@@ -117,70 +117,111 @@ def _fail(plan: Plan, rank: int, message: str) -> int:
     return EXIT_FAILED
 
 
+@dataclass
+class Run:
+    """Everything the loop works with, built once per rank by `setup`."""
+
+    plan: Plan
+    backend: Backend
+    batches: data.Batches
+    evals: data.Batches | None
+    meter: Meter
+    root: Path  # the checkpoint directory
+    stop: StopRequest
+    d: Dist
+    start: int  # the step training starts (or resumes) at
+
+
 def run(plan: Plan) -> int:
     """Set up this rank, resume if there is a checkpoint, train, and shut down cleanly."""
     stop = StopRequest()
     d = _init_distributed(plan)
     try:
-        _seed(plan.recipe.train.seed)
-        tokens = data.load_tokens(plan, d.rank, d.barrier)
-        # Same seed on every rank for the weights; the backends also broadcast rank 0's.
-        model = build(plan.recipe.model, tokens.vocab_size)
-        _seed(plan.recipe.train.seed + d.rank)
-        backend = load_backend(plan, model)
-        rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
-        batches = data.Batches(tokens, rows.train, plan, d.rank)
-        root = checkpoint.root_of(plan)
-        start = _resume(plan, backend, root, d)
-        meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan, tokens.vocab_size))
+        r = setup(plan, d, stop)
         try:
-            return fit(plan, backend, batches, data.Batches(tokens, rows.eval, plan, d.rank) if len(rows.eval) else None,
-                       meter, root, stop, d, start)
+            return fit(r)
         finally:
-            meter.close()
+            r.meter.close()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def fit(plan: Plan, backend: Backend, batches: data.Batches, evals: data.Batches | None, meter: Meter,
-        root: Path, stop: StopRequest, d: Dist, start: int) -> int:
-    """The training loop: one optimizer step per iteration, from `start` to train.max_steps."""
-    t = plan.recipe.train
-    every_ckpt = plan.recipe.checkpoint.every_steps
-    steps = data.loader(batches, start, t.max_steps, plan.recipe.data.num_workers)
-    meter.event(start, "resume" if start else "start", f"training from step {start} to {t.max_steps}", from_step=start)
-    for step in range(start, t.max_steps):
+def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
+    """Data, model, backend and resume state of this rank."""
+    _seed(plan.recipe.train.seed)
+    tokens = data.load_tokens(plan, d.rank, d.barrier)
+    # Same seed on every rank for the weights; the backends also broadcast rank 0's.
+    model = build(plan.recipe.model, tokens.vocab_size)
+    _seed(plan.recipe.train.seed + d.rank)
+    backend = load_backend(plan, model)
+    rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
+    evals = data.Batches(tokens, rows.eval, plan, d.rank) if len(rows.eval) else None
+    root = checkpoint.root_of(plan)
+    start = _resume(plan, backend, root, d)
+    meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan, tokens.vocab_size))
+    return Run(
+        plan, backend, data.Batches(tokens, rows.train, plan, d.rank), evals, meter, root, stop, d, start
+    )
+
+
+def fit(r: Run) -> int:
+    """The training loop: one optimizer step per iteration, from `r.start` to train.max_steps."""
+    t, meter, backend = r.plan.recipe.train, r.meter, r.backend
+    steps = data.loader(r.batches, r.start, t.max_steps, r.plan.recipe.data.num_workers)
+    meter.event(
+        r.start,
+        "resume" if r.start else "start",
+        f"training from step {r.start} to {t.max_steps}",
+        from_step=r.start,
+    )
+    for step in range(r.start, t.max_steps):
         waited = time.perf_counter()
         micro = next(steps)
         meter.data_wait(time.perf_counter() - waited)
-        backend.measure_grads = plan.recipe.logging.memory_report and step == start + 1
-        stats = backend.train_step(micro)
+        backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
+        stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
         done = step + 1
-        if backend.measure_grads:
-            _write_memory_report(plan, backend, d.rank, done)
         meter.record(stats)
         if stats.skipped:
-            meter.event(done, "overflow", f"step {done}: fp16 gradients overflowed; step skipped, "
-                        f"loss scale now {backend.loss_scale():g}", loss_scale=backend.loss_scale())
+            scale = backend.loss_scale()
+            meter.event(
+                done,
+                "overflow",
+                f"step {done}: fp16 gradients overflowed; step skipped, loss scale now {scale:g}",
+                loss_scale=scale,
+            )
+        if backend.measure_grads:
+            _write_memory_report(r.plan, backend, r.d.rank, done)
         if meter.due(done):
-            meter.flush(done, backend, batches.position(done)[0])
-        if evals is not None and t.eval_every and done % t.eval_every == 0:
-            meter.eval(done, evaluate(backend, evals, t.eval_steps, d))
-        stopping = d.any(stop.signal is not None)
-        if stopping or done == t.max_steps or (every_ckpt and done % every_ckpt == 0):
-            save(plan, backend, root, done, batches, meter, d)
+            meter.flush(done, backend, r.batches.position(done)[0])
+        if r.evals is not None and t.eval_every and done % t.eval_every == 0:
+            meter.eval(done, evaluate(backend, r.evals, t.eval_steps, r.d))
+        stopping = r.d.any(r.stop.signal is not None)  # every rank stops at the same step
+        if stopping or done == t.max_steps or _checkpoint_due(r.plan, done):
+            save(r, done)
         if stopping:
-            meter.event(done, "stop", f"stopped at step {done} on signal {stop.signal}; checkpoint saved")
-            from launcher import slurm
-
-            d.barrier()
-            if d.rank == 0 and hasattr(slurm, "after_stop"):
-                slurm.after_stop(plan)
-            return EXIT_OK
-    if d.rank == 0:
-        _write_finished(plan, t.max_steps)
+            return _stopped(r, done)
+    if r.d.rank == 0:
+        _write_finished(r.plan, t.max_steps)
     meter.event(t.max_steps, "finish", f"finished {t.max_steps} steps")
+    return EXIT_OK
+
+
+def _checkpoint_due(plan: Plan, step: int) -> bool:
+    every = plan.recipe.checkpoint.every_steps
+    return bool(every) and step % every == 0
+
+
+def _stopped(r: Run, step: int) -> int:
+    """After a stop request's checkpoint: tell the user, and let Slurm requeue the job."""
+    from launcher import slurm
+
+    name = signal.Signals(r.stop.signal).name if r.stop.signal else "a signal on another rank"
+    r.meter.event(step, "stop", f"stopped at step {step} on {name}; checkpoint saved, run again to resume")
+    r.d.barrier()
+    if r.d.rank == 0:
+        slurm.after_stop(r.plan)
     return EXIT_OK
 
 
@@ -192,21 +233,22 @@ def evaluate(backend: Backend, evals: data.Batches, num_batches: int, d: Dist) -
     return d.mean(sum(losses) / len(losses) if losses else float("nan"))
 
 
-def save(plan: Plan, backend: Backend, root: Path, step: int, batches: data.Batches, meter: Meter, d: Dist) -> None:
+def save(r: Run, step: int) -> None:
     """Write checkpoint `step` from every rank, then seal it atomically from rank 0."""
-    meter.check_finite()
-    if d.rank == 0:
-        checkpoint.begin(root, step)
-    d.barrier()
-    tmp = checkpoint.tmp_dir(root, step)
-    backend.save(tmp)
-    torch.save(_rng_state(), tmp / RNG_FILE.format(rank=d.rank))
-    d.barrier()
-    if d.rank == 0:
-        epoch, in_epoch = batches.position(step)
-        final = checkpoint.commit(tmp, _manifest(plan, step, backend, epoch, in_epoch), plan.recipe.checkpoint.keep)
-        meter.event(step, "checkpoint", f"step {step}: checkpoint saved to {final}", path=str(final))
-    d.barrier()
+    r.meter.check_finite()  # never seal a checkpoint of a diverged run
+    if r.d.rank == 0:
+        checkpoint.begin(r.root, step)
+    r.d.barrier()
+    tmp = checkpoint.tmp_dir(r.root, step)
+    r.backend.save(tmp)
+    torch.save(_rng_state(), tmp / RNG_FILE.format(rank=r.d.rank))
+    r.d.barrier()
+    if r.d.rank == 0:
+        epoch, in_epoch = r.batches.position(step)
+        manifest = _manifest(r.plan, step, r.backend, epoch, in_epoch)
+        final = checkpoint.commit(tmp, manifest, r.plan.recipe.checkpoint.keep)
+        r.meter.event(step, "checkpoint", f"step {step}: checkpoint saved to {final}", path=str(final))
+    r.d.barrier()
 
 
 def _manifest(plan: Plan, step: int, backend: Backend, epoch: int, in_epoch: int) -> dict:
@@ -238,7 +280,11 @@ def _resume(plan: Plan, backend: Backend, root: Path, d: Dist) -> int:
             print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
     if found.path is None:
         return 0
-    current = {"world_size": plan.world_size, "backend": plan.recipe.backend, "zero_stage": plan.recipe.zero.stage}
+    current = {
+        "world_size": plan.world_size,
+        "backend": plan.recipe.backend,
+        "zero_stage": plan.recipe.zero.stage,
+    }
     problems = checkpoint.mismatch(found.manifest, current)
     if problems:
         raise ValueError(f"cannot resume from {found.path}: {'; '.join(problems)}")
