@@ -57,7 +57,11 @@ def find_latest(root: Path) -> Found:
     """The newest complete checkpoint under `root`: the `latest` pointer if it names a
     complete one, else the highest complete `step-N`. Partial directories are reported."""
     ignored = [f"{p.name}: incomplete (no {MANIFEST}), ignored" for p in _step_dirs(root) if not _complete(p)]
-    ignored += [f"{p.name}: interrupted write, ignored" for p in root.glob(f"{TMP_PREFIX}*")] if root.is_dir() else []
+    ignored += (
+        [f"{p.name}: interrupted write, ignored" for p in root.glob(f"{TMP_PREFIX}*")]
+        if root.is_dir()
+        else []
+    )
     candidates = []
     pointer = root / LATEST
     if pointer.is_file():

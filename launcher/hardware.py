@@ -50,7 +50,11 @@ def _nvidia_smi() -> list[Gpu]:
     query = "--query-gpu=index,name,compute_cap,memory.total,uuid"
     try:
         out = subprocess.run(
-            [exe, query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20, check=True
+            [exe, query, "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []

@@ -8,6 +8,7 @@ step boundary), and turns a failing rank into one readable message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -99,7 +100,11 @@ def check_resume(plan: Plan) -> str | None:
             "nothing was started so nothing is overwritten",
             hint="use another name, or checkpoint.resume=auto to continue it",
         )
-    current = {"world_size": plan.world_size, "backend": plan.recipe.backend, "zero_stage": plan.recipe.zero.stage}
+    current = {
+        "world_size": plan.world_size,
+        "backend": plan.recipe.backend,
+        "zero_stage": plan.recipe.zero.stage,
+    }
     problems = checkpoint.mismatch(found.manifest, current)
     if problems:
         raise UserError(
@@ -123,8 +128,10 @@ def run(plan: Plan) -> int:
     if finished.exists():
         done = json.loads(finished.read_text()).get("step", 0)
         if done >= plan.recipe.train.max_steps:
-            print(f"mplaunch: {run_dir} already finished {done} steps; nothing to do "
-                  f"(raise train.max_steps to train further, or use another name)")
+            print(
+                f"mplaunch: {run_dir} already finished {done} steps; nothing to do "
+                f"(raise train.max_steps to train further, or use another name)"
+            )
             return 0
         finished.unlink()
     if resume_from is None:
@@ -137,8 +144,10 @@ def run(plan: Plan) -> int:
     for stale in (run_dir / "logs").glob("rank-*.err"):
         stale.unlink()  # an earlier attempt's errors would be mistaken for this one's
     print(f"mplaunch: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
-    print(f"mplaunch: {plan.recipe.backend}, ZeRO {plan.recipe.zero.stage}, {plan.precision.dtype} on "
-          f"{plan.device}; run dir {run_dir}")
+    print(
+        f"mplaunch: {plan.recipe.backend}, ZeRO {plan.recipe.zero.stage}, {plan.precision.dtype} on "
+        f"{plan.device}; run dir {run_dir}"
+    )
     if resume_from:
         print(f"mplaunch: resuming from {resume_from}")
     return Workers(plan).wait()
@@ -152,7 +161,12 @@ class Workers:
         self.signals: list[int] = []
         env = {**os.environ, **plan.env}
         self.proc = subprocess.Popen(
-            plan.command, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
+            plan.command,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         self.noise = _TorchrunFilter()
@@ -173,15 +187,17 @@ class Workers:
             # The workers checkpoint and exit at the next step boundary; torchrun itself would
             # kill them after 30 s, so it is left alone.
             targets = _children_of_children(self.proc.pid) or [self.proc.pid]
-            print(f"\nmplaunch: {signal.Signals(signum).name}: asking the workers to checkpoint and stop "
-                  "(again to stop at once)", file=sys.stderr, flush=True)
+            print(
+                f"\nmplaunch: {signal.Signals(signum).name}: asking the workers to checkpoint and stop "
+                "(again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             targets = [self.proc.pid]
         for pid in targets:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     def wait(self) -> int:
         try:
@@ -250,7 +266,13 @@ def _report_failure(plan: Plan, code: int) -> None:
         print(f"mplaunch: the run failed on {first.stem}: {message}", file=sys.stderr)
         print(f"mplaunch: full traceback: {first}", file=sys.stderr)
     else:
-        print(f"mplaunch: the workers exited with status {code} without an error report "
-              f"(killed by the system? out of memory?); see {plan.command_line()}", file=sys.stderr)
-    print(f"mplaunch: checkpoints, if any, are in {checkpoint.root_of(plan)}; running the same recipe again "
-          "resumes from the latest", file=sys.stderr)
+        print(
+            f"mplaunch: the workers exited with status {code} without an error report "
+            f"(killed by the system? out of memory?); see {plan.command_line()}",
+            file=sys.stderr,
+        )
+    print(
+        f"mplaunch: checkpoints, if any, are in {checkpoint.root_of(plan)}; running the same recipe again "
+        "resumes from the latest",
+        file=sys.stderr,
+    )

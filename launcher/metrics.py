@@ -37,7 +37,9 @@ class Meter:
         flops_per_step: model FLOPs of one optimizer step, if known.
     """
 
-    def __init__(self, plan: Plan, is_rank0: bool, start_step: int, flops_per_step: float | None = None) -> None:
+    def __init__(
+        self, plan: Plan, is_rank0: bool, start_step: int, flops_per_step: float | None = None
+    ) -> None:
         self.plan = plan
         self.world = plan.world_size
         self.is_rank0 = is_rank0
@@ -150,7 +152,9 @@ class Meter:
         """Record and print a notable event (rank 0 only)."""
         if not self.is_rank0:
             return
-        self.write({"kind": "event", "step": step, "time": time.time(), "event": event, "message": message, **fields})
+        self.write(
+            {"kind": "event", "step": step, "time": time.time(), "event": event, "message": message, **fields}
+        )
         self.console.note(message)
 
     def eval(self, step: int, loss: float) -> None:
@@ -180,9 +184,22 @@ def _number(value: Any) -> float | None:
 
 
 _TB_FIELDS = {
-    "train": ("loss", "lr", "loss_scale", "skipped_steps", "grad_norm", "samples_per_s", "tokens_per_s",
-              "step_time_s", "tflops", "mfu", "mem_peak_bytes", "mem_reserved_bytes", "data_wait_frac",
-              "overflow_rate"),
+    "train": (
+        "loss",
+        "lr",
+        "loss_scale",
+        "skipped_steps",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "step_time_s",
+        "tflops",
+        "mfu",
+        "mem_peak_bytes",
+        "mem_reserved_bytes",
+        "data_wait_frac",
+        "overflow_rate",
+    ),
     "eval": ("eval_loss",),
 }
 
@@ -243,7 +260,10 @@ class Console:
             self.progress.update(self.task, completed=record["step"], stats=self._stats(record))
         else:
             remaining = (self.total - record["step"]) * record["step_time_s"]
-            print(f"step {record['step']}/{self.total} | {self._stats(record)} | eta {_duration(remaining)}", flush=True)
+            print(
+                f"step {record['step']}/{self.total} | {self._stats(record)} | eta {_duration(remaining)}",
+                flush=True,
+            )
 
     def note(self, message: str) -> None:
         if self.progress is not None:

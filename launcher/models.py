@@ -137,5 +137,7 @@ def loss_of(output: Any) -> torch.Tensor:
         return output
     loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     if loss is None:
-        raise ModelError("the model's forward(**batch) returned no loss (return a tensor or an object with .loss)")
+        raise ModelError(
+            "the model's forward(**batch) returned no loss (return a tensor or an object with .loss)"
+        )
     return loss

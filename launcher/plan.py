@@ -77,7 +77,9 @@ class Plan:
         """The handoff file's content: the resolved recipe plus the plan."""
         body = {k: v for k, v in asdict(self).items() if k not in ("recipe", "precision")}
         body["precision"] = {"dtype": self.precision.dtype, "reason": self.precision.reason}
-        return json.dumps({"recipe": to_dict(self.recipe), "source": self.recipe.source, "plan": body}, indent=2)
+        return json.dumps(
+            {"recipe": to_dict(self.recipe), "source": self.recipe.source, "plan": body}, indent=2
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -87,7 +89,9 @@ class Plan:
         recipe = Recipe.model_validate_json(json.dumps(recipe_data))
         body = dict(data["plan"])
         prec = body.pop("precision")
-        policy = PrecisionPolicy(prec["dtype"], prec["reason"], recipe.precision.allow_tf32, recipe.precision.loss_scale)
+        policy = PrecisionPolicy(
+            prec["dtype"], prec["reason"], recipe.precision.allow_tf32, recipe.precision.loss_scale
+        )
         body["batch"] = Batch(**body["batch"])
         body["command"] = tuple(body["command"])
         body["data_paths"] = tuple(body["data_paths"])
@@ -107,7 +111,10 @@ class Plan:
         rows = [
             ("device", f"{self.device} ({self.device_reason})"),
             ("precision", f"{self.precision.dtype} compute, fp32 master weights ({self.precision.reason})"),
-            ("processes", f"{self.nnodes} x {self.nproc_per_node} = world_size {self.world_size}, {self.dist_backend}"),
+            (
+                "processes",
+                f"{self.nnodes} x {self.nproc_per_node} = world_size {self.world_size}, {self.dist_backend}",
+            ),
             ("batch", self.batch.equation(self.nnodes, self.nproc_per_node)),
             ("backend", f"{self.recipe.backend}, ZeRO stage {self.recipe.zero.stage}"),
             ("run dir", self.run_dir),
@@ -305,9 +312,15 @@ def _warnings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> list[str]
     scale_keys = sorted(k for k in written if k.startswith("precision.loss_scale."))
     if scale_keys and policy.dtype != "fp16":
         out.append(f"{scale_keys[0]}: has no effect with {policy.dtype} (only fp16 scales the loss)")
-    dynamic_only = [k for k in scale_keys if k.rsplit(".", 1)[1] in ("window", "hysteresis", "consecutive_hysteresis", "min")]
+    dynamic_only = [
+        k
+        for k in scale_keys
+        if k.rsplit(".", 1)[1] in ("window", "hysteresis", "consecutive_hysteresis", "min")
+    ]
     if dynamic_only and policy.dtype == "fp16" and not policy.loss_scale.dynamic:
-        out.append(f"{dynamic_only[0]}: has no effect with a static loss scale (precision.loss_scale.dynamic=false)")
+        out.append(
+            f"{dynamic_only[0]}: has no effect with a static loss scale (precision.loss_scale.dynamic=false)"
+        )
     if "precision.allow_tf32" in written and (policy.dtype != "fp32" or device == "cpu"):
         out.append("precision.allow_tf32: only affects fp32 runs on Ampere or newer GPUs")
     z = recipe.zero
@@ -316,7 +329,9 @@ def _warnings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> list[str]
         out.append(f"{key}: the run is on the CPU already; offloading gains nothing")
     if recipe.backend == "accelerate" and z.stage > 0:
         if device == "cpu":
-            out.append(f"zero.stage: accelerate runs plain DDP on CPU; stage {z.stage} sharding is not applied")
+            out.append(
+                f"zero.stage: accelerate runs plain DDP on CPU; stage {z.stage} sharding is not applied"
+            )
         elif z.stage == 1:
             out.append("zero.stage: FSDP has no stage-1 mode; stage 1 runs as SHARD_GRAD_OP (ZeRO-2)")
     t = recipe.train
@@ -326,7 +341,9 @@ def _warnings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> list[str]
             " the learning rate never reaches optimizer.lr"
         )
     if t.eval_every > t.max_steps:
-        out.append(f"train.eval_every: {t.eval_every} is beyond train.max_steps {t.max_steps}; no evaluation will run")
+        out.append(
+            f"train.eval_every: {t.eval_every} is beyond train.max_steps {t.max_steps}; no evaluation will run"
+        )
     if recipe.checkpoint.every_steps > t.max_steps:
         out.append("checkpoint.every_steps: beyond train.max_steps; only the final checkpoint is written")
     return out

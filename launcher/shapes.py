@@ -25,11 +25,25 @@ _BERT = {"vocab_size": 30522, "max_position_embeddings": 512}
 _GPT2 = {"vocab_size": 50257, "max_position_embeddings": 1024}
 # hidden, layers, heads, intermediate
 _SIZES = {
-    "bert-mlm": {"tiny": (128, 2, 2, 512), "mini": (256, 4, 4, 1024), "base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096)},
-    "gpt2-lm": {"tiny": (128, 2, 2, 512), "mini": (256, 4, 4, 1024), "base": (768, 12, 12, 3072), "large": (1280, 36, 20, 5120)},
+    "bert-mlm": {
+        "tiny": (128, 2, 2, 512),
+        "mini": (256, 4, 4, 1024),
+        "base": (768, 12, 12, 3072),
+        "large": (1024, 24, 16, 4096),
+    },
+    "gpt2-lm": {
+        "tiny": (128, 2, 2, 512),
+        "mini": (256, 4, 4, 1024),
+        "base": (768, 12, 12, 3072),
+        "large": (1280, 36, 20, 5120),
+    },
     "tiny-mlp": {size: (64, 2, 1, 256) for size in ("tiny", "mini", "base", "large")},
 }
-_DEFAULTS = {"bert-mlm": _BERT, "gpt2-lm": _GPT2, "tiny-mlp": {"vocab_size": 1000, "max_position_embeddings": 4096}}
+_DEFAULTS = {
+    "bert-mlm": _BERT,
+    "gpt2-lm": _GPT2,
+    "tiny-mlp": {"vocab_size": 1000, "max_position_embeddings": 4096},
+}
 
 
 def shape_of(model: Model, vocab_size: int | None = None) -> Shape:
@@ -44,7 +58,14 @@ def shape_of(model: Model, vocab_size: int | None = None) -> Shape:
     base = Shape(model.name, hidden, layers, heads, inter, **_DEFAULTS[model.name])
     overrides = {
         k: getattr(model, k)
-        for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "max_position_embeddings")
+        for k in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+        )
         if getattr(model, k) is not None
     }
     if vocab_size is not None and model.vocab_size is None:

@@ -36,7 +36,9 @@ def _no_leaked_env() -> object:
     before = dict(os.environ)
     yield
     after = dict(os.environ)
-    leaked = {k for k in before.keys() ^ after.keys()} | {k for k in before if k in after and before[k] != after[k]}
+    leaked = {k for k in before.keys() ^ after.keys()} | {
+        k for k in before if k in after and before[k] != after[k]
+    }
     leaked.discard("PYTEST_CURRENT_TEST")  # pytest itself rewrites it for each phase
     os.environ.clear()
     os.environ.update(before)

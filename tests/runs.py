@@ -30,7 +30,11 @@ FAST = {
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -44,7 +48,9 @@ def write_recipe(directory: Path, name: str, *layers: dict[str, Any]) -> Path:
     return path
 
 
-def mplaunch(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def mplaunch(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run the CLI in a subprocess (as a user would), from the project root."""
     full_env = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
     return subprocess.run(
@@ -89,10 +95,14 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
         if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in records(run_dir, "train")):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"mplaunch ended early ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"mplaunch ended early ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}"
+            )
         time.sleep(0.2)
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 def explain(result: subprocess.CompletedProcess) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+    return (
+        f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+    )

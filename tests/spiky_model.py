@@ -11,7 +11,9 @@ from torch import nn
 
 
 class Spiky(nn.Module):
-    def __init__(self, vocab_size: int, hidden: int, spike_steps: list[int], accum: int, spike: float) -> None:
+    def __init__(
+        self, vocab_size: int, hidden: int, spike_steps: list[int], accum: int, spike: float
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, hidden)
         self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))

@@ -16,11 +16,15 @@ from launcher.recipe import Recipe, load, validate
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
 CPU = Hardware(cpu_count=4)
-H100x8 = Hardware(gpus=tuple(Gpu(i, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30) for i in range(8)), cpu_count=64)
+H100x8 = Hardware(
+    gpus=tuple(Gpu(i, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30) for i in range(8)), cpu_count=64
+)
 LOSS_SCALE = {"initial": 2.0**12, "window": 250, "hysteresis": 3, "consecutive_hysteresis": True, "min": 2.0}
 
 
-def make(backend: str = "deepspeed", stage: int = 0, dtype: str = "bf16", offload: str = "none", **extra: Any) -> Recipe:
+def make(
+    backend: str = "deepspeed", stage: int = 0, dtype: str = "bf16", offload: str = "none", **extra: Any
+) -> Recipe:
     raw: dict[str, Any] = {
         "name": "t",
         "model": {"name": "tiny-mlp"},
@@ -80,7 +84,9 @@ def ds_parse(monkeypatch: pytest.MonkeyPatch, _deepspeed_imported_once: Any) -> 
 
 # --------------------------------------------------------------------------- DeepSpeed
 
-MATRIX = list(itertools.product([0, 1, 2, 3], ["fp16", "bf16", "fp32"], ["none", "optimizer", "params", "both"]))
+MATRIX = list(
+    itertools.product([0, 1, 2, 3], ["fp16", "bf16", "fp32"], ["none", "optimizer", "params", "both"])
+)
 
 
 def _valid(stage: int, offload: str) -> bool:
@@ -88,7 +94,9 @@ def _valid(stage: int, offload: str) -> bool:
 
 
 @pytest.mark.parametrize(("stage", "dtype", "offload"), [m for m in MATRIX if _valid(m[0], m[2])])
-def test_deepspeed_reads_back_what_the_recipe_says(ds_parse: Any, stage: int, dtype: str, offload: str) -> None:
+def test_deepspeed_reads_back_what_the_recipe_says(
+    ds_parse: Any, stage: int, dtype: str, offload: str
+) -> None:
     plan = resolve(make(stage=stage, dtype=dtype, offload=offload), H100x8)
     c = ds_parse(plan)
     assert c.zero_optimization_stage == stage
@@ -104,11 +112,17 @@ def test_deepspeed_reads_back_what_the_recipe_says(ds_parse: Any, stage: int, dt
     assert c.gradient_clipping == 0.5
     offloaded_optimizer = c.zero_config.offload_optimizer
     offloaded_params = c.zero_config.offload_param
-    assert (offloaded_optimizer is not None and offloaded_optimizer.device == "cpu") is (offload in ("optimizer", "both"))
-    assert (offloaded_params is not None and offloaded_params.device == "cpu") is (offload in ("params", "both"))
+    assert (offloaded_optimizer is not None and offloaded_optimizer.device == "cpu") is (
+        offload in ("optimizer", "both")
+    )
+    assert (offloaded_params is not None and offloaded_params.device == "cpu") is (
+        offload in ("params", "both")
+    )
 
 
-@pytest.mark.parametrize(("stage", "offload"), sorted({(m[0], m[2]) for m in MATRIX if not _valid(m[0], m[2])}))
+@pytest.mark.parametrize(
+    ("stage", "offload"), sorted({(m[0], m[2]) for m in MATRIX if not _valid(m[0], m[2])})
+)
 def test_offload_combinations_deepspeed_would_ignore_are_refused(stage: int, offload: str) -> None:
     with pytest.raises(UserError, match=r"zero\.offload_(optimizer|params): needs zero\.stage"):
         make(stage=stage, offload=offload)
@@ -133,15 +147,18 @@ def test_every_shipped_recipe_passes_deepspeeds_parser(ds_parse: Any, path: Path
 def test_fp16_and_bf16_are_never_both_on(dtype: str) -> None:
     cfg = resolve(make(dtype=dtype), H100x8).backend_config
     assert not (cfg["fp16"]["enabled"] and cfg["bf16"]["enabled"])
-    assert cfg["fp16"]["enabled"] is (dtype == "fp16") and cfg["bf16"]["enabled"] is (dtype == "bf16")
+    assert cfg["fp16"]["enabled"] is (dtype == "fp16")
+    assert cfg["bf16"]["enabled"] is (dtype == "bf16")
 
 
 def test_deepspeed_optimizer_follows_the_device_and_offload() -> None:
     cpu = resolve(make(), CPU).backend_config["optimizer"]["params"]
     gpu = resolve(make(), H100x8).backend_config["optimizer"]["params"]
     offload = resolve(make(stage=2, offload="optimizer"), H100x8).backend_config
-    assert cpu["torch_adam"] is True and "fused" not in cpu
-    assert gpu["torch_adam"] is True and gpu["fused"] is True
+    assert cpu["torch_adam"] is True
+    assert "fused" not in cpu
+    assert gpu["torch_adam"] is True
+    assert gpu["fused"] is True
     # ZeRO-Offload needs DeepSpeed's CPU Adam: no torch_adam there.
     assert "torch_adam" not in offload["optimizer"]["params"]
     assert offload["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
@@ -174,7 +191,11 @@ def test_accelerate_sharding_follows_zero_stage(
     if strategy is None:
         assert s["fsdp"] is None
     else:
-        assert s["fsdp"] == {"sharding_strategy": strategy, "cpu_offload": offload == "both", "use_orig_params": True}
+        assert s["fsdp"] == {
+            "sharding_strategy": strategy,
+            "cpu_offload": offload == "both",
+            "use_orig_params": True,
+        }
 
 
 @pytest.mark.parametrize(("dtype", "mixed"), [("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "no")])
@@ -199,10 +220,16 @@ def test_grad_scaler_arguments_are_accepted_by_torch_and_accelerate() -> None:
     torch = pytest.importorskip("torch")
     accelerate_utils = pytest.importorskip("accelerate.utils")
     s = resolve(make("accelerate", dtype="fp16"), H100x8).backend_config["grad_scaler"]
-    torch_args = {k: s[k] for k in ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")}
+    torch_args = {
+        k: s[k] for k in ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
+    }
     scaler = torch.amp.GradScaler("cpu", **torch_args)
-    assert scaler.get_scale() == 4096.0 and scaler.get_growth_interval() == 250
-    assert accelerate_utils.GradScalerKwargs(**torch_args).to_kwargs() == {"init_scale": 4096.0, "growth_interval": 250}
+    assert scaler.get_scale() == 4096.0
+    assert scaler.get_growth_interval() == 250
+    assert accelerate_utils.GradScalerKwargs(**torch_args).to_kwargs() == {
+        "init_scale": 4096.0,
+        "growth_interval": 250,
+    }
 
 
 @pytest.mark.parametrize(("stage", "offload"), [(1, "none"), (3, "both")])

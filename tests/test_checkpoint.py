@@ -10,8 +10,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from launcher import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +19,9 @@ def _write_step(root: Path, step: int, keep: int = 3, payload: bytes | None = No
     tmp = checkpoint.begin(root, step)
     (tmp / "deepspeed").mkdir()
     (tmp / "deepspeed" / "weights.bin").write_bytes(payload or os.urandom(4096))
-    return checkpoint.commit(tmp, {"step": step, "world_size": 2, "backend": "deepspeed", "zero_stage": 2}, keep)
+    return checkpoint.commit(
+        tmp, {"step": step, "world_size": 2, "backend": "deepspeed", "zero_stage": 2}, keep
+    )
 
 
 def test_commit_seals_a_complete_directory_and_points_latest_at_it(tmp_path: Path) -> None:
@@ -31,7 +31,8 @@ def test_commit_seals_a_complete_directory_and_points_latest_at_it(tmp_path: Pat
     assert checkpoint.read_manifest(final)["step"] == 50
     assert not list(tmp_path.glob(".tmp-*"))
     found = checkpoint.find_latest(tmp_path)
-    assert found.path == final and found.ignored == ()
+    assert found.path == final
+    assert found.ignored == ()
 
 
 def test_keep_prunes_the_oldest_but_never_what_latest_names(tmp_path: Path) -> None:
@@ -124,7 +125,11 @@ _CHILD = textwrap.dedent(
 def _run_child(root: Path, crash_at: int, payload: bytes) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", _CHILD, str(root), payload.hex()],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CRASH_AT": str(crash_at)}, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "CRASH_AT": str(crash_at)},
+        timeout=60,
     )
 
 

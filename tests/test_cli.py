@@ -17,7 +17,9 @@ from launcher.hardware import Gpu, Hardware
 ROOT = Path(__file__).resolve().parent.parent
 BERT = str(ROOT / "recipes" / "bert.yaml")
 CPU = Hardware(cpu_count=4)
-H100x8 = Hardware(gpus=tuple(Gpu(i, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30) for i in range(8)), cpu_count=64)
+H100x8 = Hardware(
+    gpus=tuple(Gpu(i, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30) for i in range(8)), cpu_count=64
+)
 LOSS_SCALE_KNOBS = (
     "enabled",
     "loss_scale",
@@ -67,8 +69,12 @@ def section(text: str, header: str) -> str:
 
 def test_check_ok(capsys: pytest.CaptureFixture[str], machine: object) -> None:
     code, out, err = run(capsys, "check", BERT)
-    assert code == 0 and err == []
-    assert out == f"ok: {BERT} (global_batch_size 256 = micro_batch_size 32 x grad_accum 8 x world_size 1 (1 node x 1 proc))\n"
+    assert code == 0
+    assert err == []
+    assert (
+        out
+        == f"ok: {BERT} (global_batch_size 256 = micro_batch_size 32 x grad_accum 8 x world_size 1 (1 node x 1 proc))\n"
+    )
 
 
 def test_check_typo_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], machine: object) -> None:
@@ -77,8 +83,12 @@ def test_check_typo_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], machi
     assert err == ["error: override train.micro_bach_size: unknown key; did you mean train.micro_batch_size?"]
 
 
-def test_check_reports_every_problem_one_line_each(capsys: pytest.CaptureFixture[str], machine: object) -> None:
-    code, out, err = run(capsys, "check", BERT, "zero.stage=yes", "train.max_steps='8'", "precision.dtpye=bf16")
+def test_check_reports_every_problem_one_line_each(
+    capsys: pytest.CaptureFixture[str], machine: object
+) -> None:
+    code, out, err = run(
+        capsys, "check", BERT, "zero.stage=yes", "train.max_steps='8'", "precision.dtpye=bf16"
+    )
     assert (code, out) == (2, "")
     assert err == [
         "error: override train.max_steps: expected an integer, got '8' (a string)",
@@ -90,10 +100,14 @@ def test_check_reports_every_problem_one_line_each(capsys: pytest.CaptureFixture
 def test_check_prints_warnings_and_still_passes(capsys: pytest.CaptureFixture[str], machine: object) -> None:
     code, _, err = run(capsys, "check", BERT, "precision.loss_scale.window=10")
     assert code == 0
-    assert err == ["warning: precision.loss_scale.window: has no effect with bf16 (only fp16 scales the loss)"]
+    assert err == [
+        "warning: precision.loss_scale.window: has no effect with bf16 (only fp16 scales the loss)"
+    ]
 
 
-def test_check_fails_for_what_this_machine_cannot_run(capsys: pytest.CaptureFixture[str], machine: object) -> None:
+def test_check_fails_for_what_this_machine_cannot_run(
+    capsys: pytest.CaptureFixture[str], machine: object
+) -> None:
     code, out, err = run(capsys, "check", BERT, "precision.dtype=fp16")
     assert (code, out) == (2, "")
     assert err[0].startswith("error: precision.dtype: fp16 is not supported by DeepSpeed on CPU")
@@ -108,7 +122,8 @@ def test_check_explain_lists_every_key(capsys: pytest.CaptureFixture[str], machi
     from launcher.recipe import all_keys
 
     code, out, _ = run(capsys, "check", BERT, "--explain")
-    assert code == 0 and out.startswith("ok: ")
+    assert code == 0
+    assert out.startswith("ok: ")
     listed = [line.split()[0] for line in out.splitlines()[1:]]
     assert listed == all_keys()
     assert "Samples per rank per forward pass." in out
@@ -118,9 +133,11 @@ def test_explain_needs_no_recipe_and_can_print_markdown(capsys: pytest.CaptureFi
     from launcher.recipe import reference_markdown
 
     code, out, _ = run(capsys, "check", "--explain", "--markdown")
-    assert code == 0 and out == reference_markdown() + "\n"
+    assert code == 0
+    assert out == reference_markdown() + "\n"
     code, out, err = run(capsys, "check")
-    assert code == 2 and err == [
+    assert code == 2
+    assert err == [
         "error: mplaunch check: the following arguments are required: recipe (hint: see mplaunch check --help)"
     ]
 
@@ -133,7 +150,9 @@ def test_acceptance_dry_run_on_a_gpu_machine(
 ) -> None:
     machine(H100x8)  # type: ignore[operator]
     code, out, err = run(capsys, BERT, "--dry-run", "zero.stage=3", "precision.dtype=fp16")
-    assert code == 0 and err == [] and no_launch == []
+    assert code == 0
+    assert err == []
+    assert no_launch == []
     ds = json.loads(section(out, "DeepSpeed config"))
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["fp16"] == {
@@ -146,9 +165,15 @@ def test_acceptance_dry_run_on_a_gpu_machine(
         "min_loss_scale": 1,
     }
     assert ds["bf16"] == {"enabled": False}
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (256, 32, 1)
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (256, 32, 1)
     assert ds["gradient_clipping"] == 1.0
-    assert "global_batch_size 256 = micro_batch_size 32 x grad_accum 1 x world_size 8 (1 node x 8 procs)" in out
+    assert (
+        "global_batch_size 256 = micro_batch_size 32 x grad_accum 1 x world_size 8 (1 node x 8 procs)" in out
+    )
     assert "--nproc-per-node=8" in section(out, "command")
 
 
@@ -158,10 +183,12 @@ def test_acceptance_dry_run_on_this_cpu_machine_shows_the_plan_then_exits_2(
     # The user asked to see the plan and sees all of it; the exit code still
     # says what `mplaunch` without --dry-run would do here: refuse, exit 2.
     code, out, err = run(capsys, BERT, "--dry-run", "zero.stage=3", "precision.dtype=fp16")
-    assert code == 2 and no_launch == []
+    assert code == 2
+    assert no_launch == []
     ds = json.loads(section(out, "DeepSpeed config"))
     assert ds["zero_optimization"]["stage"] == 3
-    assert set(LOSS_SCALE_KNOBS) <= set(ds["fp16"]) and ds["fp16"]["enabled"] is True
+    assert set(LOSS_SCALE_KNOBS) <= set(ds["fp16"])
+    assert ds["fp16"]["enabled"] is True
     assert "DS_ACCELERATOR=cpu" in section(out, "environment")
     assert err == [
         "error: this machine cannot run the plan above: precision.dtype: fp16 is not supported by DeepSpeed on CPU; "
@@ -174,15 +201,21 @@ def test_dry_run_with_a_recipe_error_prints_no_plan(
 ) -> None:
     code, out, err = run(capsys, BERT, "--dry-run", "train.global_batch_size=100")
     assert (code, out) == (2, "")
-    assert err == ["error: train.global_batch_size: 100 is not divisible by micro_batch_size 32 x world_size 1 (= 32)"]
+    assert err == [
+        "error: train.global_batch_size: 100 is not divisible by micro_batch_size 32 x world_size 1 (= 32)"
+    ]
 
 
 def test_dry_run_prints_every_part_and_starts_nothing(
     capsys: pytest.CaptureFixture[str], machine: object, no_launch: list[object]
 ) -> None:
     code, out, err = run(capsys, "--dry-run", BERT)  # flags may come first
-    assert code == 0 and err == [] and no_launch == []
-    assert out.startswith("mplaunch dry run: nothing is started\n== recipe (resolved) ==\nname: bert-base-mlm\n")
+    assert code == 0
+    assert err == []
+    assert no_launch == []
+    assert out.startswith(
+        "mplaunch dry run: nothing is started\n== recipe (resolved) ==\nname: bert-base-mlm\n"
+    )
     for header in ("plan", "DeepSpeed config", "environment", "command"):
         assert f"== {header} ==" in out
     assert "set by torchrun for each rank: RANK=0 LOCAL_RANK=0 WORLD_SIZE=1" in out
@@ -192,7 +225,8 @@ def test_run_hands_the_plan_to_launch(
     capsys: pytest.CaptureFixture[str], machine: object, no_launch: list[object]
 ) -> None:
     code, _, err = run(capsys, BERT, "train.max_steps=20", "precision.loss_scale.window=5")
-    assert code == 0 and len(no_launch) == 1
+    assert code == 0
+    assert len(no_launch) == 1
     assert no_launch[0].recipe.train.max_steps == 20  # type: ignore[attr-defined]
     assert "warning: precision.loss_scale.window: has no effect with bf16 (only fp16 scales the loss)" in err
     assert all(line.startswith("warning: ") for line in err)
@@ -219,10 +253,13 @@ def test_usage_errors_are_one_line_exit_2(
 ) -> None:
     code, out, err = run(capsys, *argv)
     assert (code, out, no_launch) == (2, "", [])
-    assert len(err) == 1 and err[0].startswith(line), err
+    assert len(err) == 1, err
+    assert err[0].startswith(line), err
 
 
-@pytest.mark.parametrize(("argv", "usage"), [(["--help"], "usage: mplaunch "), (["check", "-h"], "usage: mplaunch check")])
+@pytest.mark.parametrize(
+    ("argv", "usage"), [(["--help"], "usage: mplaunch "), (["check", "-h"], "usage: mplaunch check")]
+)
 def test_help(capsys: pytest.CaptureFixture[str], argv: list[str], usage: str) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
@@ -273,7 +310,8 @@ def test_env_reports_versions(capsys: pytest.CaptureFixture[str]) -> None:
 def test_env_without_torch(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     code, out, _ = run(capsys, "env")
-    assert code == 0 and out.splitlines()[-1] == "cuda          unknown (torch is not installed)"
+    assert code == 0
+    assert out.splitlines()[-1] == "cuda          unknown (torch is not installed)"
 
 
 # --------------------------------------------------------------------------- recipes
@@ -282,13 +320,15 @@ def test_env_without_torch(capsys: pytest.CaptureFixture[str], monkeypatch: pyte
 def test_recipes_lists_the_shipped_ones(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "recipes")
     shipped = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
-    assert code == 0 and [line.split()[0] for line in out.splitlines()] == shipped
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == shipped
     assert "BERT-base masked-LM pretraining" in out
 
 
 def test_recipes_prints_one(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "recipes", "bert_tiny")
-    assert code == 0 and out == (ROOT / "recipes" / "bert_tiny.yaml").read_text()
+    assert code == 0
+    assert out == (ROOT / "recipes" / "bert_tiny.yaml").read_text()
 
 
 def test_recipes_copy_brings_the_chain_and_data_along(
@@ -304,10 +344,13 @@ def test_recipes_copy_brings_the_chain_and_data_along(
     assert run(capsys, "check", str(dest))[0] == 0  # the copy loads on its own
 
 
-def test_recipes_copy_into_a_directory_shares_identical_bases(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_recipes_copy_into_a_directory_shares_identical_bases(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert run(capsys, "recipes", "bert", "--copy", str(tmp_path))[0] == 0
     code, out, _ = run(capsys, "recipes", "bert_tiny", "--copy", str(tmp_path))
-    assert code == 0 and out.strip() == f"copied {ROOT / 'recipes' / 'bert_tiny.yaml'} -> {tmp_path / 'bert_tiny.yaml'}"
+    assert code == 0
+    assert out.strip() == f"copied {ROOT / 'recipes' / 'bert_tiny.yaml'} -> {tmp_path / 'bert_tiny.yaml'}"
 
 
 def test_recipes_copy_refuses_to_overwrite(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

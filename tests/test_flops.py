@@ -4,22 +4,41 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (building a model imports it, and its import sets TORCHINDUCTOR_CACHE_DIR)
+import torch._dynamo
 
 from launcher import flops, models
 from launcher.recipe import Model
 from launcher.shapes import Shape, shape_of
 
-BERT_TINY = Shape("bert-mlm", hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
-                  vocab_size=30522, max_position_embeddings=512)
-GPT2_TINY = Shape("gpt2-lm", hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
-                  vocab_size=50257, max_position_embeddings=1024)
+BERT_TINY = Shape(
+    "bert-mlm",
+    hidden_size=128,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=512,
+    vocab_size=30522,
+    max_position_embeddings=512,
+)
+GPT2_TINY = Shape(
+    "gpt2-lm",
+    hidden_size=128,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=512,
+    vocab_size=50257,
+    max_position_embeddings=1024,
+)
 
 
 @pytest.mark.parametrize(
     ("name", "size"),
-    [("bert-mlm", "tiny"), ("bert-mlm", "base"), ("gpt2-lm", "tiny"), ("gpt2-lm", "base"),
-     ("tiny-mlp", "tiny")],
+    [
+        ("bert-mlm", "tiny"),
+        ("bert-mlm", "base"),
+        ("gpt2-lm", "tiny"),
+        ("gpt2-lm", "base"),
+        ("tiny-mlp", "tiny"),
+    ],
 )
 def test_param_count_matches_the_built_model(name: str, size: str) -> None:
     model = Model(name=name, size=size)

@@ -97,7 +97,8 @@ def test_accelerate_keeps_fp32_params_and_shards_with_fsdp() -> None:
     fsdp = model_state_bytes(PSI, "bf16", "accelerate", 3, N)
     assert fsdp.device_state == 16 * PSI // N
     off = model_state_bytes(PSI, "bf16", "accelerate", 3, N, offload_params=True)
-    assert off.device_state == 0 and off.cpu == 16 * PSI // N
+    assert off.device_state == 0
+    assert off.cpu == 16 * PSI // N
 
 
 @pytest.mark.parametrize("family", ["bert-mlm", "gpt2-lm", "tiny-mlp"])
@@ -144,7 +145,8 @@ def test_largest_micro_batch_fits_and_one_more_does_not() -> None:
     est = memory.estimate(setting, Config(2))
     usable = 20 * memory.GiB
     most = est.max_micro_batch(usable)
-    assert most is not None and most > 8
+    assert most is not None
+    assert most > 8
     assert est.total(most) <= usable < est.total(most + 1)
 
 
@@ -170,8 +172,15 @@ def test_nothing_fits_says_what_to_do() -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("24G", 24 * 2**30), ("24g", 24 * 2**30),
-     ("512MiB", 512 * 2**20), ("1.5TB", 1_500_000_000_000), (" 40 GiB ", 40 * 2**30)],
+    [
+        ("80GB", 80 * 10**9),
+        ("80GiB", 80 * 2**30),
+        ("24G", 24 * 2**30),
+        ("24g", 24 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5TB", 1_500_000_000_000),
+        (" 40 GiB ", 40 * 2**30),
+    ],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert memory.parse_size(text) == size
@@ -225,7 +234,8 @@ def test_plan_for_a_user_model_needs_num_params(
     assert "pass --num-params" in capsys.readouterr().err
     assert cli.main([*user, "--num-params", "350M", "--gpu-memory", "80GiB"]) == 0
     out = capsys.readouterr().out
-    assert "350.0M parameters" in out and "activations: unknown" in out
+    assert "350.0M parameters" in out
+    assert "activations: unknown" in out
 
 
 def test_plan_for_the_tiny_mlp(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,7 +249,8 @@ def test_describe_for_the_dry_run() -> None:
     text = memory.describe(plan, gpu_memory_bytes=80 * memory.GiB)
     title, line = text.splitlines()
     assert title.startswith("== memory")
-    assert line.startswith("ZeRO stage 2: ") and line.endswith("fits in 80.00 GiB")
+    assert line.startswith("ZeRO stage 2: ")
+    assert line.endswith("fits in 80.00 GiB")
     assert "activations" in line
 
 

@@ -20,8 +20,12 @@ H100 = Gpu(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB)
 V100 = Gpu(0, "Tesla V100-SXM2-32GB", (7, 0), 32 * GiB)
 T4 = Gpu(0, "Tesla T4", (7, 5), 16 * GiB)
 A100 = Gpu(1, "NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB)
-H100x8 = Hardware(gpus=tuple(Gpu(i, H100.name, H100.capability, H100.memory_bytes) for i in range(8)), cpu_count=64)
-V100x4 = Hardware(gpus=tuple(Gpu(i, V100.name, V100.capability, V100.memory_bytes) for i in range(4)), cpu_count=32)
+H100x8 = Hardware(
+    gpus=tuple(Gpu(i, H100.name, H100.capability, H100.memory_bytes) for i in range(8)), cpu_count=64
+)
+V100x4 = Hardware(
+    gpus=tuple(Gpu(i, V100.name, V100.capability, V100.memory_bytes) for i in range(4)), cpu_count=32
+)
 MIXED = Hardware(gpus=(T4, A100), cpu_count=16)
 
 
@@ -61,9 +65,21 @@ def test_batch_triple_is_derived_from_any_two(
 @pytest.mark.parametrize(
     ("micro", "global_", "accum", "world", "message"),
     [
-        (4, 30, None, 2, "train.global_batch_size: 30 is not divisible by micro_batch_size 4 x world_size 2 (= 8)"),
+        (
+            4,
+            30,
+            None,
+            2,
+            "train.global_batch_size: 30 is not divisible by micro_batch_size 4 x world_size 2 (= 8)",
+        ),
         (None, 30, 4, 2, "train.global_batch_size: 30 is not divisible by grad_accum 4 x world_size 2 (= 8)"),
-        (None, 6, None, 4, "train.global_batch_size: 6 is not divisible by grad_accum 1 x world_size 4 (= 4)"),
+        (
+            None,
+            6,
+            None,
+            4,
+            "train.global_batch_size: 6 is not divisible by grad_accum 1 x world_size 4 (= 4)",
+        ),
         (
             4,
             64,
@@ -89,7 +105,9 @@ def test_plan_prints_the_batch_equation() -> None:
     assert p.batch.equation(p.nnodes, p.nproc_per_node) == (
         "global_batch_size 64 = micro_batch_size 2 x grad_accum 4 x world_size 8 (1 node x 8 procs)"
     )
-    assert "batch      global_batch_size 64 = micro_batch_size 2 x grad_accum 4 x world_size 8" in p.describe()
+    assert (
+        "batch      global_batch_size 64 = micro_batch_size 2 x grad_accum 4 x world_size 8" in p.describe()
+    )
 
 
 def test_batch_problem_stops_resolve() -> None:
@@ -110,7 +128,9 @@ def test_batch_problem_stops_resolve() -> None:
         (MIXED, "cuda", 2, "fp16", "nccl"),  # one pre-Ampere GPU decides for all
     ],
 )
-def test_auto_resolves_against_the_inventory(hw: Hardware, device: str, nproc: int, dtype: str, dist: str) -> None:
+def test_auto_resolves_against_the_inventory(
+    hw: Hardware, device: str, nproc: int, dtype: str, dist: str
+) -> None:
     p = resolve(make(), hw)
     assert (p.device, p.nproc_per_node, p.precision.dtype, p.dist_backend) == (device, nproc, dtype, dist)
     assert p.precision.reason.startswith("auto")
@@ -123,8 +143,10 @@ def test_explicit_settings_win_over_auto() -> None:
 
 
 def test_gpu_flags() -> None:
-    assert H100.supports_bf16 and H100.has_tensor_cores
-    assert not V100.supports_bf16 and V100.has_tensor_cores
+    assert H100.supports_bf16
+    assert H100.has_tensor_cores
+    assert not V100.supports_bf16
+    assert V100.has_tensor_cores
     assert not Gpu(0, "GTX 1080", (6, 1), GiB).has_tensor_cores
 
 
@@ -132,9 +154,21 @@ def test_gpu_flags() -> None:
     ("recipe", "hw", "message"),
     [
         (make(launch={"device": "cuda"}), CPU, "launch.device: cuda requested but no GPU is visible"),
-        (make(launch={"nproc_per_node": 16}), H100x8, "launch.nproc_per_node: 16 processes but only 8 GPU(s) visible"),
-        (make(precision={"dtype": "bf16"}), V100x4, "precision.dtype: bf16 needs an Ampere or newer GPU, but GPU 0"),
-        (make(precision={"dtype": "fp16"}), CPU, "precision.dtype: fp16 is not supported by DeepSpeed on CPU"),
+        (
+            make(launch={"nproc_per_node": 16}),
+            H100x8,
+            "launch.nproc_per_node: 16 processes but only 8 GPU(s) visible",
+        ),
+        (
+            make(precision={"dtype": "bf16"}),
+            V100x4,
+            "precision.dtype: bf16 needs an Ampere or newer GPU, but GPU 0",
+        ),
+        (
+            make(precision={"dtype": "fp16"}),
+            CPU,
+            "precision.dtype: fp16 is not supported by DeepSpeed on CPU",
+        ),
         (make(launch={"nnodes": 2}), H100x8, "launch.nnodes: 2 nodes need --slurm"),
     ],
 )
@@ -152,19 +186,26 @@ def test_cuda_requested_names_cuda_visible_devices(monkeypatch: pytest.MonkeyPat
 
 def test_static_fp16_scale_is_fine_with_accelerate() -> None:
     # The accelerate backend's scaler follows DeepSpeed's rules, static scale included.
-    p = resolve(make(backend="accelerate", precision={"dtype": "fp16", "loss_scale": {"dynamic": False}}), H100x8)
+    p = resolve(
+        make(backend="accelerate", precision={"dtype": "fp16", "loss_scale": {"dynamic": False}}), H100x8
+    )
     assert p.backend_config["grad_scaler"]["dynamic"] is False
-    assert (p.backend_config["grad_scaler"]["growth_factor"], p.backend_config["grad_scaler"]["backoff_factor"]) == (1.0, 1.0)
+    assert (
+        p.backend_config["grad_scaler"]["growth_factor"],
+        p.backend_config["grad_scaler"]["backoff_factor"],
+    ) == (1.0, 1.0)
 
 
 def test_fp16_on_cpu_is_fine_with_accelerate() -> None:
     p = resolve(make(backend="accelerate", precision={"dtype": "fp16"}), CPU)
-    assert p.precision.dtype == "fp16" and p.problems == ()
+    assert p.precision.dtype == "fp16"
+    assert p.problems == ()
 
 
 def test_machine_problems_can_be_kept_in_the_plan_for_a_dry_run() -> None:
     p = resolve(make(precision={"dtype": "fp16"}), CPU, keep_machine_problems=True)
-    assert p.problems and p.problems[0].startswith("precision.dtype: fp16 is not supported by DeepSpeed on CPU")
+    assert p.problems
+    assert p.problems[0].startswith("precision.dtype: fp16 is not supported by DeepSpeed on CPU")
     assert p.backend_config["fp16"]["enabled"] is True
 
 
@@ -176,7 +217,8 @@ def test_recipe_problems_are_never_kept() -> None:
 
 def test_slurm_launch_allows_several_nodes() -> None:
     p = resolve(make(launch={"nnodes": 2}), H100x8, nnodes_allowed=True)
-    assert p.world_size == 16 and p.batch.world_size == 16
+    assert p.world_size == 16
+    assert p.batch.world_size == 16
 
 
 # --------------------------------------------------------------------------- CUDA_VISIBLE_DEVICES and nvidia-smi
@@ -204,7 +246,9 @@ def test_nvidia_smi_output_is_parsed(smi_gpus: list[Gpu]) -> None:
 
 def test_unreadable_nvidia_smi_lines_are_skipped() -> None:
     text = "0, Old GPU, [N/A], 4096, GPU-x\ngarbage\n1, Odd, Name, 8.6, 24576, GPU-y\n"
-    assert [(g.index, g.name, g.capability) for g in hardware.parse_nvidia_smi(text)] == [(1, "Odd, Name", (8, 6))]
+    assert [(g.index, g.name, g.capability) for g in hardware.parse_nvidia_smi(text)] == [
+        (1, "Odd, Name", (8, 6))
+    ]
 
 
 @pytest.mark.parametrize(
@@ -281,8 +325,10 @@ def test_cpu_deepspeed_env_and_command() -> None:
 
 def test_cuda_env_and_fixed_port() -> None:
     p = resolve(make(launch={"master_port": 29600}), H100x8)
-    assert "DS_ACCELERATOR" not in p.env and p.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
-    assert "--rdzv-endpoint=localhost:29600" in p.command and "--standalone" not in p.command
+    assert "DS_ACCELERATOR" not in p.env
+    assert p.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert "--rdzv-endpoint=localhost:29600" in p.command
+    assert "--standalone" not in p.command
     assert p.env["OMP_NUM_THREADS"] == "8"
 
 
@@ -292,7 +338,8 @@ def test_accelerate_on_cpu_sets_no_deepspeed_accelerator() -> None:
 
 def test_run_dir_is_logging_dir_slash_name(tmp_path: Path) -> None:
     p = resolve(make(logging={"dir": str(tmp_path)}), CPU)
-    assert p.run_dir == str(tmp_path / "t") and p.plan_path == tmp_path / "t" / "plan.json"
+    assert p.run_dir == str(tmp_path / "t")
+    assert p.plan_path == tmp_path / "t" / "plan.json"
 
 
 def test_plan_round_trips_through_json() -> None:
@@ -304,7 +351,13 @@ def test_plan_round_trips_through_json() -> None:
 
 def test_describe_has_every_part_of_the_dry_run() -> None:
     text = resolve(make(), CPU).describe()
-    for header in ("== recipe (resolved) ==", "== plan ==", "== DeepSpeed config ==", "== environment ==", "== command =="):
+    for header in (
+        "== recipe (resolved) ==",
+        "== plan ==",
+        "== DeepSpeed config ==",
+        "== environment ==",
+        "== command ==",
+    ):
         assert header in text
     assert "== Accelerate settings ==" in resolve(make(backend="accelerate"), CPU).describe()
 
@@ -315,7 +368,11 @@ def test_describe_has_every_part_of_the_dry_run() -> None:
 @pytest.mark.parametrize(
     ("recipe", "hw", "warning"),
     [
-        (make(precision={"loss_scale": {"window": 10}}), CPU, "precision.loss_scale.window: has no effect with bf16"),
+        (
+            make(precision={"loss_scale": {"window": 10}}),
+            CPU,
+            "precision.loss_scale.window: has no effect with bf16",
+        ),
         (
             make(precision={"dtype": "fp16", "loss_scale": {"dynamic": False, "hysteresis": 4}}),
             H100x8,

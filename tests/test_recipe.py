@@ -54,14 +54,20 @@ def test_name_defaults_to_the_file_stem(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "line"),
     [
-        (merged(train={"micro_bach_size": 8}), "train.micro_bach_size: unknown key; did you mean train.micro_batch_size?"),
+        (
+            merged(train={"micro_bach_size": 8}),
+            "train.micro_bach_size: unknown key; did you mean train.micro_batch_size?",
+        ),
         (merged(trian={}), "trian: unknown key; did you mean train?"),
         (
             merged(precision={"loss_scale": {"windw": 5}}),
             "precision.loss_scale.windw: unknown key; did you mean precision.loss_scale.window?",
         ),
         (merged(train={"lr": 0.1}), "train.lr: unknown key; did you mean optimizer.lr?"),
-        (merged(zero={"zzz": 1}), "zero.zzz: unknown key; valid keys here: stage, offload_optimizer, offload_params"),
+        (
+            merged(zero={"zzz": 1}),
+            "zero.zzz: unknown key; valid keys here: stage, offload_optimizer, offload_params",
+        ),
         (merged(train={"int": 3}), "train.int: unknown key; valid keys here: "),
         (merged(**{"1": {}}), "1: unknown key; valid keys here: name, model, data"),
     ],
@@ -100,15 +106,27 @@ def test_unknown_section_in_override_names_the_override(tmp_path: Path) -> None:
         ("train.max_steps=2.5", "train.max_steps: expected an integer, got 2.5"),
         ("train.max_steps=true", "train.max_steps: expected an integer, got true"),
         ("train.max_steps=0", "train.max_steps: expected a value >= 1, got 0"),
-        ("zero.stage=yes", "zero.stage: expected one of 0, 1, 2, 3, got true (YAML reads yes/no/on/off as true/false)"),
+        (
+            "zero.stage=yes",
+            "zero.stage: expected one of 0, 1, 2, 3, got true (YAML reads yes/no/on/off as true/false)",
+        ),
         ("zero.stage='3'", "zero.stage: expected one of 0, 1, 2, 3, got '3' (a string)"),
         ("zero.stage=4", "zero.stage: expected one of 0, 1, 2, 3, got 4"),
-        ("precision.dtype=fp8", "precision.dtype: expected one of 'auto', 'fp32', 'fp16', 'bf16', got 'fp8' (a string)"),
-        ("launch.nproc_per_node='8'", "launch.nproc_per_node: expected one of 'auto', or an integer, got '8' (a string)"),
+        (
+            "precision.dtype=fp8",
+            "precision.dtype: expected one of 'auto', 'fp32', 'fp16', 'bf16', got 'fp8' (a string)",
+        ),
+        (
+            "launch.nproc_per_node='8'",
+            "launch.nproc_per_node: expected one of 'auto', or an integer, got '8' (a string)",
+        ),
         ("launch.nproc_per_node=0", "launch.nproc_per_node: expected one of 'auto', or a value >= 1, got 0"),
         ("optimizer.lr=abc", "optimizer.lr: expected a number, got 'abc' (a string)"),
         ("optimizer.lr=.inf", "optimizer.lr: expected a finite number, got inf"),
-        ("precision.loss_scale.initial=.nan", "precision.loss_scale.initial: expected a finite number, got nan"),
+        (
+            "precision.loss_scale.initial=.nan",
+            "precision.loss_scale.initial: expected a finite number, got nan",
+        ),
         ("optimizer.betas=[0.9]", "optimizer.betas: too few items (item 1 is missing)"),
         ("optimizer.betas=[0.9, 0.99, 0.9]", "optimizer.betas: expected 2 items, got a list of 3"),
         ("optimizer.betas=[0.9, 1.0]", "optimizer.betas[1]: expected a value < 1.0, got 1.0"),
@@ -122,14 +140,21 @@ def test_unknown_section_in_override_names_the_override(tmp_path: Path) -> None:
         ("slurm.env={A: 1}", "slurm.env.A: expected a string, got 1"),
         ("model.kwargs={1: 2}", "model.kwargs: key 1 is not a string"),
         ("train=5", "train: expected a section (mapping of keys), got 5"),
-        ("precision.loss_scale=[1]", "precision.loss_scale: expected a section (mapping of keys), got a list of 1"),
+        (
+            "precision.loss_scale=[1]",
+            "precision.loss_scale: expected a section (mapping of keys), got a list of 1",
+        ),
     ],
 )
 def test_wrong_type_names_path_expected_and_given(tmp_path: Path, override: str, line: str) -> None:
     (got,) = problems(tmp_path, MINIMAL, (override,))
     key = override.split("=", 1)[0]
     # the override's own key reads "override KEY: ...", a key below it "override KEY: SUBKEY: ..."
-    body = got.removeprefix(f"override {key}: ") if not line.startswith(key + ":") else got.removeprefix("override ")
+    body = (
+        got.removeprefix(f"override {key}: ")
+        if not line.startswith(key + ":")
+        else got.removeprefix("override ")
+    )
     assert body.startswith(line), got
 
 
@@ -175,13 +200,23 @@ def test_every_broken_rule_is_reported_at_once() -> None:
 
 
 def test_exponent_floats_are_numbers(tmp_path: Path) -> None:
-    r = load(write(tmp_path, "name: t\nmodel: {name: tiny-mlp}\ntrain: {micro_batch_size: 1}\noptimizer: {lr: 3e-4}\n"))
+    r = load(
+        write(
+            tmp_path,
+            "name: t\nmodel: {name: tiny-mlp}\ntrain: {micro_batch_size: 1}\noptimizer: {lr: 3e-4}\n",
+        )
+    )
     assert r.optimizer.lr == pytest.approx(3e-4)
     assert load(write(tmp_path, MINIMAL), ["optimizer.lr=1E-3"]).optimizer.lr == pytest.approx(1e-3)
 
 
 def test_times_are_not_base_60_numbers(tmp_path: Path) -> None:
-    r = load(write(tmp_path, "name: t\nmodel: {name: tiny-mlp}\ntrain: {micro_batch_size: 1}\nslurm: {time: 12:00:00}\n"))
+    r = load(
+        write(
+            tmp_path,
+            "name: t\nmodel: {name: tiny-mlp}\ntrain: {micro_batch_size: 1}\nslurm: {time: 12:00:00}\n",
+        )
+    )
     assert r.slurm.time == "12:00:00"
 
 
@@ -192,7 +227,8 @@ def test_duplicate_keys_are_refused_with_their_line(tmp_path: Path) -> None:
 
 def test_invalid_yaml_names_line_and_column(tmp_path: Path) -> None:
     (got,) = problems(tmp_path, "name: t\ntrain: [1, 2\n")
-    assert got.startswith("not valid YAML (") and "line 3" in got
+    assert got.startswith("not valid YAML (")
+    assert "line 3" in got
 
 
 @pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("42\n", "int"), ("just text\n", "str")])
@@ -203,7 +239,8 @@ def test_a_recipe_must_be_a_mapping(tmp_path: Path, text: str, kind: str) -> Non
 def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
     text = "name: t\nmodel: {name: tiny-mlp}\ntrain: {micro_batch_size: 1}\nslurm:\n  # partition: gpu\nprecision:\n  loss_scale:\n"
     r = load(write(tmp_path, text))
-    assert r.slurm.partition is None and r.precision.loss_scale.window == 1000
+    assert r.slurm.partition is None
+    assert r.precision.loss_scale.window == 1000
 
 
 def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
@@ -231,7 +268,9 @@ def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
         ("optimizer.eps=1e-6", ("optimizer", "eps"), 1e-6),
     ],
 )
-def test_overrides_use_yaml_scalar_semantics(tmp_path: Path, override: str, path: tuple[str, str], value: object) -> None:
+def test_overrides_use_yaml_scalar_semantics(
+    tmp_path: Path, override: str, path: tuple[str, str], value: object
+) -> None:
     r = load(write(tmp_path, MINIMAL), [override])
     assert getattr(getattr(r, path[0]), path[1]) == value
 
@@ -242,13 +281,18 @@ def test_later_override_wins_and_file_values_survive(tmp_path: Path) -> None:
 
 
 def test_override_creates_missing_sections(tmp_path: Path) -> None:
-    assert load(write(tmp_path, MINIMAL), ["precision.loss_scale.window=50"]).precision.loss_scale.window == 50
+    assert (
+        load(write(tmp_path, MINIMAL), ["precision.loss_scale.window=50"]).precision.loss_scale.window == 50
+    )
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.max_steps", "override 'train.max_steps': expected dotted.key=value (hint: e.g. train.max_steps=20)"),
+        (
+            "train.max_steps",
+            "override 'train.max_steps': expected dotted.key=value (hint: e.g. train.max_steps=20)",
+        ),
         ("train..x=1", "override 'train..x=1': expected dotted.key=value"),
         ("-x=1", "override '-x=1': expected dotted.key=value"),
         ("train.max_steps=[1", "override train.max_steps: value '[1' is not valid YAML"),
@@ -269,7 +313,8 @@ def test_extends_deep_merges_and_rebases_relative_paths() -> None:
     assert r.train.max_steps == 20  # grandchild
     assert r.zero.stage == 3  # child
     assert (r.precision.loss_scale.window, r.precision.loss_scale.hysteresis) == (500, 5)  # base + child
-    assert r.train.micro_batch_size == 4 and r.data.seq_len == 32  # base
+    assert r.train.micro_batch_size == 4
+    assert r.data.seq_len == 32
     # the base names data/corpus.txt next to itself; from the grandchild that is base/data/corpus.txt
     assert r.data.paths == [str(Path("base") / "data" / "corpus.txt")]
     assert (Path(r.source).parent / r.data.paths[0]).is_file()
@@ -286,7 +331,8 @@ def test_extends_cycle_is_detected() -> None:
         load(FIXTURES / "cycle_a.yaml")
     (line,) = info.value.lines
     assert "extends cycle" in line
-    assert line.count("cycle_a.yaml") == 3 and "cycle_b.yaml" in line  # the path through the cycle
+    assert line.count("cycle_a.yaml") == 3
+    assert "cycle_b.yaml" in line
 
 
 def test_extends_itself_is_a_cycle(tmp_path: Path) -> None:
@@ -297,7 +343,10 @@ def test_extends_itself_is_a_cycle(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("extends", "message"),
-    [("missing.yaml", "extends: base recipe not found"), (5, "extends: expected the path of a base recipe, got 5")],
+    [
+        ("missing.yaml", "extends: base recipe not found"),
+        (5, "extends: expected the path of a base recipe, got 5"),
+    ],
 )
 def test_bad_extends(tmp_path: Path, extends: object, message: str) -> None:
     (got,) = problems(tmp_path, {"extends": extends, **MINIMAL})
@@ -315,8 +364,14 @@ def test_override_applies_after_the_extends_chain() -> None:
 @pytest.mark.parametrize(
     ("sections", "line"),
     [
-        ({"zero": {"stage": 0, "offload_optimizer": True}}, "zero.offload_optimizer: needs zero.stage >= 1, got stage 0"),
-        ({"zero": {"stage": 2, "offload_params": True}}, "zero.offload_params: needs zero.stage 3, got stage 2"),
+        (
+            {"zero": {"stage": 0, "offload_optimizer": True}},
+            "zero.offload_optimizer: needs zero.stage >= 1, got stage 0",
+        ),
+        (
+            {"zero": {"stage": 2, "offload_params": True}},
+            "zero.offload_params: needs zero.stage 3, got stage 2",
+        ),
         (
             {"backend": "accelerate", "zero": {"stage": 2, "offload_optimizer": True}},
             "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together",
@@ -327,7 +382,10 @@ def test_override_applies_after_the_extends_chain() -> None:
             {"model": {"name": "bert-mlm", "num_heads": 5}},
             "model.num_heads: 5 does not divide model.hidden_size 768 (the base preset's",
         ),
-        ({"model": {"name": "bert-mlm", "hidden_size": 100, "num_heads": 3}}, "model.num_heads: 3 does not divide"),
+        (
+            {"model": {"name": "bert-mlm", "hidden_size": 100, "num_heads": 3}},
+            "model.num_heads: 3 does not divide",
+        ),
         (
             {"model": {"name": "bert-mlm"}, "data": {"seq_len": 1024}},
             "data.seq_len: 1024 is longer than model.max_position_embeddings 512",
@@ -337,10 +395,19 @@ def test_override_applies_after_the_extends_chain() -> None:
             "data.seq_len: 128 is longer than model.max_position_embeddings 64",
         ),
         ({"data": {"paths": ["x.txt"]}}, "data.paths: only used with data.kind text or jsonl"),
-        ({"model": {"name": "bert-mlm"}, "data": {"kind": "jsonl"}}, "data.paths: data.kind jsonl needs at least one file"),
-        ({"model": {"name": "bert-mlm"}, "data": {"kind": "text", "paths": ["nope.txt"]}}, "data.paths[0]: file not found"),
+        (
+            {"model": {"name": "bert-mlm"}, "data": {"kind": "jsonl"}},
+            "data.paths: data.kind jsonl needs at least one file",
+        ),
+        (
+            {"model": {"name": "bert-mlm"}, "data": {"kind": "text", "paths": ["nope.txt"]}},
+            "data.paths[0]: file not found",
+        ),
         ({"data": {"tokenizer": "no-such-dir"}}, "data.tokenizer: directory not found"),
-        ({"data": {"kind": "text", "paths": ["corpus.txt"]}}, "data.kind: the tiny-mlp model trains on synthetic data only"),
+        (
+            {"data": {"kind": "text", "paths": ["corpus.txt"]}},
+            "data.kind: the tiny-mlp model trains on synthetic data only",
+        ),
         (
             {"precision": {"loss_scale": {"initial": 1000.0}}},
             "precision.loss_scale.initial: expected a power of two for a dynamic scale, got 1000",
@@ -365,8 +432,13 @@ def test_each_cross_field_rule(tmp_path: Path, sections: dict, line: str) -> Non
 @pytest.mark.parametrize(
     "sections",
     [
-        {"precision": {"loss_scale": {"dynamic": False, "initial": 1000.0}}},  # a static scale is used as written
-        {"backend": "accelerate", "precision": {"loss_scale": {"min": 0.5}}},  # only DeepSpeed needs a whole number
+        {
+            "precision": {"loss_scale": {"dynamic": False, "initial": 1000.0}}
+        },  # a static scale is used as written
+        {
+            "backend": "accelerate",
+            "precision": {"loss_scale": {"min": 0.5}},
+        },  # only DeepSpeed needs a whole number
         {"zero": {"stage": 3, "offload_optimizer": True, "offload_params": True}},
         {"backend": "accelerate", "zero": {"stage": 3, "offload_optimizer": True, "offload_params": True}},
         {"model": {"name": None, "target": "pkg.mod:build", "kwargs": {"width": 8}}},

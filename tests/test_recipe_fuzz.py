@@ -48,10 +48,15 @@ scalars = st.one_of(
 )
 junk = st.recursive(
     scalars,
-    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=8), kids, max_size=3)),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=8), kids, max_size=3)
+    ),
     max_leaves=6,
 )
-key_text = st.one_of(st.text(min_size=1, max_size=15), st.sampled_from(["int", "str", "[key]", "literal['auto']", "ñame", "trian"]))
+key_text = st.one_of(
+    st.text(min_size=1, max_size=15),
+    st.sampled_from(["int", "str", "[key]", "literal['auto']", "ñame", "trian"]),
+)
 
 
 @st.composite

@@ -16,7 +16,9 @@ from launcher.recipe import load
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
 CPU = Hardware(cpu_count=2)
-H100x8 = Hardware(gpus=tuple(Gpu(i, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30) for i in range(8)), cpu_count=64)
+H100x8 = Hardware(
+    gpus=tuple(Gpu(i, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30) for i in range(8)), cpu_count=64
+)
 MACHINES = {"cpu": CPU, "8xH100": H100x8}
 
 
@@ -28,7 +30,8 @@ def test_there_are_shipped_recipes() -> None:
 def test_recipe_starts_with_a_one_line_description(path: Path) -> None:
     # `mplaunch recipes` shows this line.
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and len(first) > 10
+    assert first.startswith("# ")
+    assert len(first) > 10
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -51,12 +54,15 @@ def test_recipe_dry_runs(
     assert cli.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out.split("== recipe (resolved) ==\n", 1)[1].split("\n== plan ==", 1)[0])
-    assert resolved == json.loads(json.dumps(resolved)) and resolved["name"] == load(path).name
+    assert resolved == json.loads(json.dumps(resolved))
+    assert resolved["name"] == load(path).name
     assert "== command ==" in out
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_recipe_checks_by_name(path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_recipe_checks_by_name(
+    path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(Hardware, "probe", classmethod(lambda cls: CPU))
     assert cli.main(["check", path.stem]) == 0
     assert capsys.readouterr().err == ""  # shipped recipes carry no setting without effect

@@ -35,8 +35,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(workdir: Path) -> float:
     """One process, fp32, DeepSpeed stage 0, the same global batch by accumulation."""
-    recipe = write_recipe(workdir, "reference", FAST, {"launch": {"nproc_per_node": 1}, "precision": {"dtype": "fp32"},
-                                                       "zero": {"stage": 0}})
+    recipe = write_recipe(
+        workdir,
+        "reference",
+        FAST,
+        {"launch": {"nproc_per_node": 1}, "precision": {"dtype": "fp32"}, "zero": {"stage": 0}},
+    )
     result = mplaunch(str(recipe))
     assert result.returncode == 0, explain(result)
     return _last_loss(workdir / "runs" / "reference")
@@ -44,9 +48,15 @@ def reference(workdir: Path) -> float:
 
 def _train(workdir: Path, name: str, backend: str, stage: int, dtype: str) -> Path:
     recipe = write_recipe(
-        workdir, name, FAST,
-        {"backend": backend, "zero": {"stage": stage}, "precision": {"dtype": dtype},
-         "logging": {"memory_report": True}},
+        workdir,
+        name,
+        FAST,
+        {
+            "backend": backend,
+            "zero": {"stage": stage},
+            "precision": {"dtype": dtype},
+            "logging": {"memory_report": True},
+        },
     )
     result = mplaunch(str(recipe))
     assert result.returncode == 0, explain(result)
@@ -60,8 +70,9 @@ MATRIX = [("deepspeed", stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("f
 
 
 @pytest.mark.parametrize(("backend", "stage", "dtype"), MATRIX, ids=lambda v: str(v))
-def test_loss_matches_single_process_fp32(workdir: Path, reference: float, backend: str, stage: int,
-                                          dtype: str) -> None:
+def test_loss_matches_single_process_fp32(
+    workdir: Path, reference: float, backend: str, stage: int, dtype: str
+) -> None:
     run_dir = _train(workdir, f"{backend}-z{stage}-{dtype}", backend, stage, dtype)
     loss = _last_loss(run_dir)
     assert abs(loss - reference) / reference < TOLERANCE[dtype], (loss, reference)
@@ -72,7 +83,8 @@ def test_loss_matches_single_process_fp32(workdir: Path, reference: float, backe
     # Each rank writes what it holds; used by the sharding test below.
     for rank in (0, 1):
         held = json.loads((run_dir / "memory" / f"rank-{rank}.json").read_text())["bytes"]
-        assert held["params"] > 0 and held["optimizer"] > 0
+        assert held["params"] > 0
+        assert held["optimizer"] > 0
 
 
 def _held(workdir: Path, stage: int, dtype: str, rank: int) -> dict[str, int]:
@@ -99,12 +111,18 @@ def test_zero_shards_master_weights_and_optimizer_state(workdir: Path, dtype: st
 
 def _spiky(workdir: Path, name: str, spike_steps: list[int], loss_scale: dict, max_steps: int = 8) -> tuple:
     recipe = write_recipe(
-        workdir, name, FAST,
+        workdir,
+        name,
+        FAST,
         {
             "backend": "accelerate",
             "precision": {"dtype": "fp16", "loss_scale": loss_scale},
-            "model": {"name": None, "vocab_size": 512, "target": "spiky_model:build",
-                      "kwargs": {"vocab_size": 512, "spike_steps": spike_steps, "accum": 2}},
+            "model": {
+                "name": None,
+                "vocab_size": 512,
+                "target": "spiky_model:build",
+                "kwargs": {"vocab_size": 512, "spike_steps": spike_steps, "accum": 2},
+            },
             "data": {"kind": "synthetic", "paths": [], "num_samples": 512},
             "train": {"max_steps": max_steps},
         },
@@ -131,18 +149,25 @@ def test_overflow_at_the_minimum_scale_stops_with_a_clear_message(workdir: Path)
     assert result.returncode == 1, explain(result)
     message = [line for line in result.stderr.splitlines() if "the run failed" in line]
     assert len(message) == 1, result.stderr
-    assert "minimum loss scale 16384" in message[0] and "precision.dtype=bf16" in message[0]
+    assert "minimum loss scale 16384" in message[0]
+    assert "precision.dtype=bf16" in message[0]
     assert "Traceback" not in result.stderr
     assert not (run_dir / "FINISHED").exists()
 
 
 def test_infinite_loss_in_fp32_stops_before_a_checkpoint(workdir: Path) -> None:
     recipe = write_recipe(
-        workdir, "nan", FAST,
+        workdir,
+        "nan",
+        FAST,
         {
             "precision": {"dtype": "fp32"},
-            "model": {"name": None, "vocab_size": 512, "target": "spiky_model:build",
-                      "kwargs": {"vocab_size": 512, "spike_steps": [3], "accum": 2, "spike": 1e39}},
+            "model": {
+                "name": None,
+                "vocab_size": 512,
+                "target": "spiky_model:build",
+                "kwargs": {"vocab_size": 512, "spike_steps": [3], "accum": 2, "spike": 1e39},
+            },
             "data": {"kind": "synthetic", "paths": [], "num_samples": 512},
             "checkpoint": {"every_steps": 2},
         },
@@ -155,8 +180,11 @@ def test_infinite_loss_in_fp32_stops_before_a_checkpoint(workdir: Path) -> None:
 
 
 def test_a_failing_rank_shows_its_error_not_torchruns_noise(workdir: Path) -> None:
-    recipe = write_recipe(workdir, "badtarget", FAST, {"model": {"name": None, "target": "no_such_module:build"}})
+    recipe = write_recipe(
+        workdir, "badtarget", FAST, {"model": {"name": None, "target": "no_such_module:build"}}
+    )
     result = mplaunch(str(recipe))
     assert result.returncode == 1
     assert "model.target: cannot import 'no_such_module'" in result.stderr
-    assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr
+    assert "ChildFailedError" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -57,7 +57,9 @@ def _scaler_class(sharded: bool) -> type:
 
         def update(self, new_scale: float | None = None) -> None:
             found = [
-                v for state in self._per_optimizer_states.values() for v in state["found_inf_per_device"].values()
+                v
+                for state in self._per_optimizer_states.values()
+                for v in state["found_inf_per_device"].values()
             ]
             self.last_overflow = bool(sum(float(v.item()) for v in found))
             super().update()  # resets the per-step bookkeeping; the scale is set below
@@ -128,7 +130,9 @@ class Engine:
             self.grad_bytes = tensor_bytes([p.grad for p in self.model.parameters()])
         if self.scaler is not None:
             self.scaler.unscale_(inner)
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else float("inf"))
+        grad_norm = self.acc.clip_grad_norm_(
+            self.model.parameters(), self.clip if self.clip > 0 else float("inf")
+        )
         skipped = None
         if self.scaler is not None:
             self.scaler.step(inner)

@@ -35,7 +35,12 @@ _MASTER = (
     "fp32_groups_flat",  # stage 0 fp16/bf16 (FP16_Optimizer)
     "fp32_groups",  # stage 0 fp16/bf16 without fused ops (FP16_UnfusedOptimizer, e.g. on CPU)
 )
-_GRADS = ("grads_in_partition", "averaged_gradients", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat")
+_GRADS = (
+    "grads_in_partition",
+    "averaged_gradients",
+    "grad_partitions_flat_buffer",
+    "fp32_groups_gradients_flat",
+)
 
 
 class Engine:
@@ -100,7 +105,9 @@ class Engine:
 
     def _grad_bytes(self) -> int:
         opt = self.engine.optimizer
-        return tensor_bytes([p.grad for p in self.engine.module.parameters()], [getattr(opt, a, None) for a in _GRADS])
+        return tensor_bytes(
+            [p.grad for p in self.engine.module.parameters()], [getattr(opt, a, None) for a in _GRADS]
+        )
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds: parameters (its ZeRO-3 partition), gradients (measured at the
