@@ -302,6 +302,11 @@ def _env(recipe: Recipe, device: str, nproc: int, hardware: Hardware) -> dict[st
     if device == "cuda":
         env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
         env["NCCL_DEBUG"] = "WARN"
+    if recipe.launch.max_restarts:
+        # torchrun's shared rendezvous store keeps the previous attempt's keys, and restarted
+        # workers then connect to the dead workers' addresses when they create process groups
+        # beyond the default one (DeepSpeed does). A fresh store per attempt avoids that.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return env
 
 
