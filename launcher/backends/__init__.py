@@ -87,9 +87,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def tensor_bytes(*roots: object) -> int:
-    """Bytes of the distinct tensor storages reachable from `roots` (lists, tuples, dicts, tensors)."""
-    seen: set[int] = set()
+def tensor_bytes(*roots: object, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from `roots` (lists, tuples, dicts, tensors).
+
+    Storages already in `seen` are not counted again (pass one set across categories so an
+    alias, such as ZeRO-3's fp32 partition that is the parameter partition, counts once).
+    """
+    seen = set() if seen is None else seen
     total = 0
     stack = list(roots)
     while stack:
@@ -106,6 +110,6 @@ def tensor_bytes(*roots: object) -> int:
     return total
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, seen: set[int] | None = None) -> int:
     """Bytes of a torch optimizer's per-parameter state (Adam's moments), not its parameters."""
-    return tensor_bytes([s for s in optimizer.state.values()])
+    return tensor_bytes([s for s in optimizer.state.values()], seen=seen)

@@ -95,6 +95,8 @@ class Engine:
             fused=plan.device == "cuda",
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan))
+        if plan.recipe.train.compile:
+            model.compile()  # in place: parameter names, and so checkpoints, stay the same
         # Our scaler, not Accelerate's: see the module docstring.
         self.acc.scaler = None
         self.model, self.optimizer = self.acc.prepare(model, optimizer)

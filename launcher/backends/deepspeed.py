@@ -56,6 +56,8 @@ class Engine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
             config=dict(plan.backend_config),
         )
+        if plan.recipe.train.compile:
+            self.engine.compile()  # torch.compile of the wrapped module, hooks kept in place
         self.model = self.engine
         self.device = self.engine.device
         self.grad_bytes: int | None = None
@@ -110,17 +112,17 @@ class Engine:
         )
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds: parameters (its ZeRO-3 partition), gradients (measured at the
-        accumulation boundary, before the optimizer step), fp32 master weights, optimizer state."""
+        """Bytes this rank holds: parameters (at ZeRO-3 its partition plus what it keeps whole),
+        fp32 master weights not aliasing those, optimizer state, and gradients as they stood at
+        the accumulation boundary before the optimizer step. Each storage counts once."""
         opt = self.engine.optimizer
-        params = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
-        master = [getattr(opt, a, None) for a in _MASTER]
-        inner = getattr(opt, "optimizer", opt)
+        seen: set[int] = set()
+        params = [[getattr(p, "ds_tensor", None), p] for p in self.engine.module.parameters()]
         return {
-            "params": tensor_bytes(params),
+            "params": tensor_bytes(params, seen=seen),
+            "master": tensor_bytes([getattr(opt, a, None) for a in _MASTER], seen=seen),
+            "optimizer": optimizer_state_bytes(getattr(opt, "optimizer", opt), seen=seen),
             "grads": self.grad_bytes if self.grad_bytes is not None else -1,
-            "master": tensor_bytes(master),
-            "optimizer": optimizer_state_bytes(inner),
         }
 
     def save(self, directory: Path) -> None:
