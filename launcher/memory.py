@@ -9,7 +9,7 @@ for mixed precision, 16 bytes per parameter: 2 (16-bit params) + 2 (16-bit grads
 runtime/zero/stage_1_and_2.py, stage3.py, fp16/unfused_optimizer.py) differs:
 
 * fp32 runs: params and grads are 4 bytes. Stages 1-2 still clone an fp32
-  master partition (4Psi/N); stage 0 (plain torch AdamW) and stage 3 alias it.
+  master partition (4Psi/N); stage 0 (plain torch AdamW) has none, stage 3 clones it.
 * stage 1 reduces gradients only at the accumulation boundary: with grad_accum
   > 1 it keeps every 16-bit gradient between micro-batches (the paper's 2Psi);
   at grad_accum 1 it keeps only its reduced partition (2Psi/N), as stage 2 does.
@@ -145,7 +145,7 @@ def model_state_bytes(
                  Stage 3: optimizer.grad_partitions_flat_buffer. Accelerate: p.grad (fp32).
       master     Stage 0 mixed: optimizer.fp32_groups. Stages 1-2:
                  optimizer.single_partition_of_fp32_groups. Stage 3 mixed:
-                 optimizer.fp32_partitioned_groups_flat (in fp32 it aliases the params).
+                 optimizer.fp32_partitioned_groups_flat (a clone of the partition, fp32 too).
       optimizer  exp_avg and exp_avg_sq in the torch optimizer's state (`step` ignored).
     With offload the same tensors exist, on the host: the rows then show device bytes
     only and `cpu` the host side plus its staging buffers, so compare a measurement
@@ -195,7 +195,7 @@ def _zero12_state(
 
 
 def _zero3_state(p: Params, dtype: str, n: int, offload_optimizer: bool, offload_params: bool) -> ModelState:
-    w, psi, part, mixed = _BYTES[dtype], p.total, p.partition(n), dtype != "fp32"
+    w, psi, part = _BYTES[dtype], p.total, p.partition(n)
     persistent = p.persistent()
     small = [t for t in p.tensors if t <= PERSISTENCE_THRESHOLD]
     largest = max((t for t in p.tensors if t > PERSISTENCE_THRESHOLD), default=0)
@@ -204,9 +204,11 @@ def _zero3_state(p: Params, dtype: str, n: int, offload_optimizer: bool, offload
     host_params = w * (part - sum(-(-t // n) for t in small)) if offload_params else 0
     params = w * (part + persistent) - host_params
     if not offload_optimizer:
-        return ModelState(params, w * part, 4 * part * mixed, 8 * part, comm, 4 * part * mixed, host_params)
+        # The fp32 master partition is a clone of the parameter partition even in fp32
+        # (measured on live tensors: separate storage), so it is never free.
+        return ModelState(params, w * part, 4 * part, 8 * part, comm, 4 * part, host_params)
     # Host: the 16-bit grad partition, an fp32 master copy (even in fp32), moments, fp32 grads.
-    return ModelState(params, 0, 0, 0, comm, 0, host_params + (w + 4 + 8 + 4 * mixed) * part)
+    return ModelState(params, 0, 0, 0, comm, 0, host_params + (w + 4 + 8 + 4) * part)
 
 
 def _accelerate_state(p: Params, dtype: str, stage: int, n: int, offload: bool) -> ModelState:

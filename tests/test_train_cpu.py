@@ -96,17 +96,53 @@ def _held(workdir: Path, stage: int, dtype: str, rank: int) -> dict[str, int]:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_zero_shards_master_weights_and_optimizer_state(workdir: Path, dtype: str) -> None:
-    """Each rank holds 1/world of the fp32 master weights and Adam state from stage 1 on,
-    and 1/world of the parameters at stage 3 (bytes measured on the live tensors)."""
+    """From stage 1 on each rank holds 1/world of the fp32 master weights and Adam state.
+    Bytes measured on the live tensors."""
     full = _held(workdir, 0, dtype, 0)
+    master_full = full["master"] if dtype == "bf16" else full["params"]  # fp32 stage 0 has no copy
     for stage in (1, 2, 3):
         for rank in (0, 1):
             held = _held(workdir, stage, dtype, rank)
             assert held["optimizer"] == pytest.approx(full["optimizer"] / 2, rel=0.02), (stage, rank, held)
-            master_full = full["master"] if dtype == "bf16" else full["params"]  # fp32 stage 0 has no copy
             assert held["master"] == pytest.approx(master_full / 2, rel=0.02), (stage, rank, held)
-            expected_params = full["params"] / 2 if stage == 3 else full["params"]
-            assert held["params"] == pytest.approx(expected_params, rel=0.02), (stage, rank, held)
+            if stage < 3:  # unsharded; DeepSpeed's flat buffers add a few bytes of alignment
+                assert held["params"] == pytest.approx(full["params"], rel=1e-3), (stage, rank, held)
+            # Stage 3 shards the parameters too, but keeps tensors under 1e5 elements whole on every
+            # rank, which is all of the tiny BERT: the planner test below checks that row.
+
+
+# The planner's model-state rows against the bytes each rank really held (launcher/memory.py
+# documents which tensors each row counts). 5 %: padding to DeepSpeed's alignment and the
+# partition boundaries account for a few bytes per tensor on a model this small. Gradients are
+# not compared: DeepSpeed moves them through reduce buckets during backward, so one snapshot at
+# the accumulation boundary catches a bucket half-way and says little about the planner's row.
+PLANNER_TOLERANCE = 0.05
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_memory_planner_matches_what_each_rank_holds(workdir: Path, stage: int, dtype: str) -> None:
+    from launcher import memory
+    from launcher.recipe import Model
+    from launcher.shapes import shape_of
+
+    run_dir = workdir / "runs" / f"deepspeed-z{stage}-{dtype}"
+    _held(workdir, stage, dtype, 0)  # skips unless the matrix above ran
+    vocab = len(json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+    shape = shape_of(Model(name="bert-mlm", size="tiny", max_position_embeddings=512), vocab_size=vocab)
+    predicted = memory.model_state_bytes(
+        shape, dtype, "deepspeed", stage, 2, overlap_comm=False, grad_accum=2
+    )
+    for rank in (0, 1):
+        held = _held(workdir, stage, dtype, rank)
+        for row in ("params", "master", "optimizer"):
+            expected = getattr(predicted, row)
+            assert held[row] == pytest.approx(expected, rel=PLANNER_TOLERANCE, abs=64), (
+                row,
+                rank,
+                held,
+                predicted,
+            )
 
 
 def _spiky(workdir: Path, name: str, spike_steps: list[int], loss_scale: dict, max_steps: int = 8) -> tuple:
