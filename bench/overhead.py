@@ -6,7 +6,7 @@ through bench/plain_train.py started by torchrun, alternating, several
 times; prints the medians and their ratios (mplaunch / plain). Target: both
 ratios within 1.05. Not a test: timings depend on the machine.
 
-    python bench/overhead.py [--repeats 3] [--steps 40] [--out bench/results/overhead-cpu.json]
+    python bench/overhead.py [--repeats 6] [--steps 80] [--out bench/results/overhead-cpu.json]
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def run_plain(tmp: Path, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead-cpu.json")
     args = p.parse_args()
     results: dict[str, list[tuple[float, float]]] = {"mplaunch": [], "plain": []}
@@ -98,8 +98,11 @@ def main() -> None:
         tmp = Path(d)
         run_mplaunch(tmp, args.steps)  # warms the DeepSpeed op cache and writes plan.json for the baseline
         for i in range(args.repeats):
-            results["mplaunch"].append(run_mplaunch(tmp, args.steps))
-            results["plain"].append(run_plain(tmp, args.steps))
+            # Alternate which goes first so neither always runs on a warmer (or busier) machine.
+            order = ("mplaunch", "plain") if i % 2 == 0 else ("plain", "mplaunch")
+            for which in order:
+                runner = run_mplaunch if which == "mplaunch" else run_plain
+                results[which].append(runner(tmp, args.steps))
             print(
                 f"repeat {i + 1}: mplaunch {results['mplaunch'][-1]}, plain {results['plain'][-1]}",
                 flush=True,
