@@ -40,9 +40,13 @@ class Found:
 
 
 def root_of(plan: Any) -> Path:
-    """The checkpoint directory of a plan: checkpoint.dir (relative to the run dir) or RUN_DIR/checkpoints."""
-    custom = plan.recipe.checkpoint.dir
-    return Path(plan.run_dir) / (custom if custom else "checkpoints")
+    """The checkpoint directory of a plan."""
+    return root(plan.run_dir, plan.recipe.checkpoint.dir)
+
+
+def root(run_dir: str | Path, custom: str | None) -> Path:
+    """checkpoint.dir (relative to the run directory, or absolute), or RUN_DIR/checkpoints."""
+    return Path(run_dir) / (custom if custom else "checkpoints")
 
 
 def step_dir(root: Path, step: int) -> Path:

@@ -11,6 +11,7 @@ mplaunch RECIPE --slurm [--nodes N ...] [--dry-run]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -59,10 +60,17 @@ def _run_parser() -> _Parser:
             "Overrides use the recipe's dotted keys: train.max_steps=20 precision.dtype=bf16 zero.stage=3"
         ),
     )
-    p.add_argument("recipe", help="recipe file, or the name of a shipped recipe (see `mplaunch recipes`)")
+    p.add_argument(
+        "recipe", nargs="?", help="recipe file, or the name of a shipped recipe (see `mplaunch recipes`)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, read as YAML scalars")
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved plan and command; start nothing"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint (with RUN_DIR/recipe.yaml if no recipe is given)",
     )
     p.add_argument("--version", action="version", version=f"mplaunch {__version__}")
     from launcher import slurm
@@ -73,6 +81,13 @@ def _run_parser() -> _Parser:
 
 def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_intermixed_args(argv)
+    if args.resume and args.recipe and "=" in args.recipe and not Path(args.recipe).exists():
+        # `mplaunch --resume DIR key=value`: argparse took the first override for the recipe.
+        args.recipe, args.overrides = None, [args.recipe, *args.overrides]
+    if args.resume:
+        args.recipe, args.overrides = _resume_target(args.resume, args.recipe, args.overrides, args.slurm)
+    elif args.recipe is None:
+        raise UserError("mplaunch: the following arguments are required: recipe", hint="see mplaunch --help")
     if args.slurm:
         from launcher import slurm
 
@@ -184,6 +199,28 @@ def _copy_pairs(path: Path, dest: Path) -> list[tuple[Path, Path]]:
         parent = raw.get("extends")
         src, dest = (src.parent / parent, dest.parent / parent) if isinstance(parent, str) else (None, dest)
     return pairs
+
+
+def _resume_target(
+    run_dir: str, recipe: str | None, overrides: list[str], slurm: bool
+) -> tuple[str, list[str]]:
+    """The recipe and overrides that continue the run in `run_dir` (`--resume RUN_DIR`)."""
+    from launcher import checkpoint
+
+    if slurm:
+        raise UserError(
+            "--resume: a Slurm job resumes by itself",
+            hint=f"resubmit it: sbatch {Path(run_dir) / 'slurm' / 'job.sbatch'}",
+        )
+    path = Path(run_dir).resolve()
+    saved = path / "recipe.yaml"
+    if not saved.is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no recipe.yaml in {path})")
+    where = [f"logging.dir={json.dumps(str(path.parent))}", f"name={json.dumps(path.name)}"]
+    root = checkpoint.root(path, recipe_mod.load(saved, where).checkpoint.dir)
+    if checkpoint.find_latest(root).path is None:
+        raise UserError(f"--resume {run_dir}: no complete checkpoint in {root}; nothing to resume")
+    return recipe or str(saved), [*overrides, *where, "checkpoint.resume=auto"]
 
 
 def find_recipe(name: str) -> Path:

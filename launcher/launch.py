@@ -38,10 +38,20 @@ def prepare_run_dir(plan: Plan) -> Path:
     run_dir = Path(plan.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / "plan.json", plan.to_json())
-    _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(to_dict(plan.recipe), sort_keys=False))
+    _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(_standalone_recipe(plan), sort_keys=False))
     _atomic_write(run_dir / "command.txt", plan.command_line() + "\n")
     _atomic_write(run_dir / "env.json", json.dumps(environment(), indent=2) + "\n")
     return run_dir
+
+
+def _standalone_recipe(plan: Plan) -> dict[str, object]:
+    """The resolved recipe with its file paths made absolute, so RUN_DIR/recipe.yaml loads from
+    anywhere (`mplaunch --resume RUN_DIR`)."""
+    recipe = to_dict(plan.recipe)
+    recipe["data"]["paths"] = list(plan.data_paths)
+    if plan.tokenizer_dir is not None:
+        recipe["data"]["tokenizer"] = plan.tokenizer_dir
+    return recipe
 
 
 def environment() -> dict[str, object]:

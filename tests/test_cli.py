@@ -288,7 +288,7 @@ def test_run_parser_flags_are_frozen() -> None:
     slurm.add_arguments(slurm_parser)
     slurm_flags = _flags(slurm_parser)
     assert "--slurm" in slurm_flags
-    assert _flags(cli._run_parser()) - slurm_flags == {"-h", "--help", "--dry-run", "--version"}
+    assert _flags(cli._run_parser()) - slurm_flags == {"-h", "--help", "--dry-run", "--resume", "--version"}
 
 
 # --------------------------------------------------------------------------- env

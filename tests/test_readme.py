@@ -56,6 +56,8 @@ def test_readme_mplaunch_commands_parse(
         pytest.skip(f"`mplaunch {argv[0]}` is not a check or a run; its own tests cover it")
     if "--slurm" in argv:
         pytest.skip("Slurm commands are covered by the Slurm tests")
+    if "--resume" in argv:
+        pytest.skip("needs an existing run directory; tests/test_resume.py covers --resume")
     if argv and argv[0] != "check" and "--dry-run" not in argv:
         argv.append("--dry-run")  # a run command must at least plan
     monkeypatch.chdir(ROOT)

@@ -193,3 +193,26 @@ def test_resuming_with_another_world_size_is_refused_clearly(tmp_path: Path) -> 
     assert lines[-1].startswith("error: cannot resume from ")
     assert "the checkpoint was written with world size 2, this run has 1" in lines[-1]
     assert "Traceback" not in again.stderr
+
+
+def test_resume_flag_continues_a_run_directory(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "earlier", "deepspeed", 2, "fp32", {"train": {"max_steps": 2}})
+    first = mplaunch(str(recipe))
+    assert first.returncode == 0, explain(first)
+    run_dir = tmp_path / "runs" / "earlier"
+    # From the run directory alone (its recipe.yaml), with a new step budget.
+    again = mplaunch("--resume", str(run_dir), "train.max_steps=4")
+    assert again.returncode == 0, explain(again)
+    assert "resuming from step 2" in again.stdout
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+
+
+def test_resume_flag_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "empty"
+    run_dir.mkdir(parents=True)
+    result = mplaunch("--resume", str(run_dir))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: --resume {run_dir}: not a run directory (no recipe.yaml in {run_dir})"
+    )
