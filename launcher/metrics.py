@@ -142,10 +142,18 @@ class Meter:
                 dtype = flops.matmul_dtype(self.plan.precision.dtype, self.plan.precision.allow_tf32)
                 out["mfu"] = flops.mfu(self.flops_per_step, step_time, name, dtype, world)
         if self.plan.device == "cuda":
-            out["mem_peak_bytes"] = torch.cuda.max_memory_allocated()
-            out["mem_reserved_bytes"] = torch.cuda.memory_reserved()
+            mine = torch.tensor(
+                [torch.cuda.max_memory_allocated(), torch.cuda.memory_reserved()], device="cuda"
+            )
+            out["mem_peak_bytes"], out["mem_reserved_bytes"] = (int(x) for x in mine.tolist())
+            if self.world > 1:  # the rank closest to running out is the one that matters
+                import torch.distributed as dist
+
+                dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            out["mem_peak_bytes_max"], out["mem_reserved_bytes_max"] = (int(x) for x in mine.tolist())
         else:
             out["mem_peak_bytes"] = out["mem_reserved_bytes"] = None
+            out["mem_peak_bytes_max"] = out["mem_reserved_bytes_max"] = None
         return out
 
     def event(self, step: int, event: str, message: str, **fields: Any) -> None:
@@ -197,6 +205,8 @@ _TB_FIELDS = {
         "mfu",
         "mem_peak_bytes",
         "mem_reserved_bytes",
+        "mem_peak_bytes_max",
+        "mem_reserved_bytes_max",
         "data_wait_frac",
         "overflow_rate",
     ),

@@ -45,11 +45,13 @@ TRAIN_FIELDS: dict[str, tuple[type, ...]] = {
     "mfu": (float, type(None)),
     "mem_peak_bytes": (int, type(None)),
     "mem_reserved_bytes": (int, type(None)),
+    "mem_peak_bytes_max": (int, type(None)),
+    "mem_reserved_bytes_max": (int, type(None)),
     "data_wait_frac": (float, int),
     "overflow_rate": (float, int),
     "epoch": (int,),
 }
-EVENTS = {"start", "resume", "checkpoint", "overflow", "stop", "finish", "error"}
+EVENTS = {"start", "resume", "checkpoint", "overflow", "warning", "stop", "finish", "error"}
 # TensorBoard tags the Meter writes for a CPU fp32 run (null fields such as loss_scale and mfu are left out).
 TB_TAGS = {
     "train/loss",
