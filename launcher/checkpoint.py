@@ -86,6 +86,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads((path / MANIFEST).read_text())
 
 
+def structure(plan: Any) -> dict[str, Any]:
+    """What a checkpoint's shards depend on: a resume must match it exactly."""
+    return {
+        "world_size": plan.world_size,
+        "backend": plan.recipe.backend,
+        "zero_stage": plan.recipe.zero.stage,
+    }
+
+
 def mismatch(manifest: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What makes a checkpoint unusable for the current plan, one line each."""
     names = {"world_size": "world size", "backend": "backend", "zero_stage": "ZeRO stage"}

@@ -110,12 +110,7 @@ def check_resume(plan: Plan) -> str | None:
             "nothing was started so nothing is overwritten",
             hint="use another name, or checkpoint.resume=auto to continue it",
         )
-    current = {
-        "world_size": plan.world_size,
-        "backend": plan.recipe.backend,
-        "zero_stage": plan.recipe.zero.stage,
-    }
-    problems = checkpoint.mismatch(found.manifest, current)
+    problems = checkpoint.mismatch(found.manifest, checkpoint.structure(plan))
     if problems:
         raise UserError(
             f"cannot resume from {found.path}: {'; '.join(problems)}",

@@ -347,7 +347,7 @@ def _metrics_or_empty(run_dir: str) -> Metrics:
 
 def report(pair: Pair, result: Comparison) -> int:
     """Plot both loss curves, write parity.json, print the table; return the exit code."""
-    from launcher.report import plot_loss
+    from launcher.plots import plot_loss
 
     dtype, plan = result.dtype, pair.mixed
     context = f"{plan.recipe.backend}, {plan.device}, {result.steps} steps"

@@ -259,9 +259,7 @@ def _manifest(plan: Plan, step: int, backend: Backend, epoch: int, in_epoch: int
         "step": step,
         "epoch": epoch,
         "step_in_epoch": in_epoch,
-        "world_size": plan.world_size,
-        "backend": plan.recipe.backend,
-        "zero_stage": plan.recipe.zero.stage,
+        **checkpoint.structure(plan),
         "precision": plan.precision.dtype,
         "skipped_steps": backend.skipped_steps(),
         "loss_scale": backend.loss_scale(),
@@ -280,12 +278,7 @@ def _resume(plan: Plan, backend: Backend, root: Path, d: Dist) -> int:
             print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
     if found.path is None:
         return 0
-    current = {
-        "world_size": plan.world_size,
-        "backend": plan.recipe.backend,
-        "zero_stage": plan.recipe.zero.stage,
-    }
-    problems = checkpoint.mismatch(found.manifest, current)
+    problems = checkpoint.mismatch(found.manifest, checkpoint.structure(plan))
     if problems:
         raise ValueError(f"cannot resume from {found.path}: {'; '.join(problems)}")
     backend.load(found.path)

@@ -88,6 +88,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run_dir, "train")}
 
 
+def last_loss(run_dir: Path, n: int = 3) -> float:
+    """Mean training loss of the last `n` recorded steps (smooths one step's noise)."""
+    by_step = losses(run_dir)
+    last = max(by_step)
+    return sum(by_step[s] for s in range(last - n + 1, last + 1)) / n
+
+
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Block until metrics.jsonl records `step` (or the process ends)."""
     deadline = time.monotonic() + timeout

@@ -11,18 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import FAST, explain, losses, mplaunch, records, write_recipe
+from tests.runs import FAST, explain, last_loss, mplaunch, records, write_recipe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 GPU = {"launch": {"device": "cuda", "nproc_per_node": "auto"}}
 TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 3e-2, "fp16": 3e-2}
-
-
-def _last_loss(run_dir: Path) -> float:
-    by_step = losses(run_dir)
-    last = max(by_step)
-    return sum(by_step[s] for s in range(last - 2, last + 1)) / 3
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def reference(workdir: Path) -> float:
     )
     result = mplaunch(str(recipe))
     assert result.returncode == 0, explain(result)
-    return _last_loss(workdir / "runs" / "reference")
+    return last_loss(workdir / "runs" / "reference")
 
 
 MATRIX = [("deepspeed", stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("fp32", "bf16", "fp16")] + [
@@ -62,7 +56,7 @@ def test_gpu_loss_matches_fp32(workdir: Path, reference: float, backend: str, st
     result = mplaunch(str(recipe))
     assert result.returncode == 0, explain(result)
     run_dir = workdir / "runs" / name
-    loss = _last_loss(run_dir)
+    loss = last_loss(run_dir)
     assert abs(loss - reference) / reference < TOLERANCE[dtype], (loss, reference)
     train = records(run_dir, "train")
     assert (train[-1]["loss_scale"] is not None) == (dtype == "fp16")

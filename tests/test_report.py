@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from launcher import cli
-from launcher.report import Metrics, plot_loss, read_metrics, summarize
+from launcher.plots import plot_loss
+from launcher.report import Metrics, read_metrics, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("loss.png", "lr.png", "loss_scale.png", "throughput.png", "memory.png")
