@@ -43,6 +43,8 @@ class LMLoss(nn.Module):
         super().__init__()
         self.lm = lm
         self.causal = causal
+        # FSDP's transformer-based wrapping (accelerate) looks for the block classes here.
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         logits = self.lm(input_ids=input_ids, **kwargs).logits
