@@ -155,7 +155,7 @@ def commit(tmp: Path, manifest: dict[str, Any], keep: int) -> Path:
         The final `step-N` directory.
     """
     manifest = {**manifest, "format": FORMAT_VERSION, "time": time.time()}
-    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
     for path in sorted(tmp.rglob("*")):
         if path.is_file():
             _fsync_file(path)
@@ -172,7 +172,7 @@ def commit(tmp: Path, manifest: dict[str, Any], keep: int) -> Path:
     else:
         tmp.rename(final)
     _fsync_dir(final.parent)
-    _write_synced(final.parent / LATEST, final.name + "\n")
+    write_atomic(final.parent / LATEST, final.name + "\n")
     prune(final.parent, keep)
     return final
 
@@ -194,7 +194,9 @@ def prune(root: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def _write_synced(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` all at once (temporary file, fsync, rename): readers see
+    the old content or the new, never part of it."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)

@@ -26,21 +26,20 @@ import yaml
 
 from launcher import checkpoint
 from launcher.errors import UserError
-from launcher.plan import Plan
+from launcher.plan import FINISHED_FILE, METRICS_FILE, Plan, finished_step
 from launcher.recipe import to_dict
-
-FINISHED = "FINISHED"
-METRICS = "metrics.jsonl"
 
 
 def prepare_run_dir(plan: Plan) -> Path:
     """Create RUN_DIR and write plan.json, recipe.yaml, command.txt and env.json into it."""
     run_dir = Path(plan.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "plan.json", plan.to_json())
-    _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(_standalone_recipe(plan), sort_keys=False))
-    _atomic_write(run_dir / "command.txt", plan.command_line() + "\n")
-    _atomic_write(run_dir / "env.json", json.dumps(environment(), indent=2) + "\n")
+    checkpoint.write_atomic(run_dir / "plan.json", plan.to_json())
+    checkpoint.write_atomic(
+        run_dir / "recipe.yaml", yaml.safe_dump(_standalone_recipe(plan), sort_keys=False)
+    )
+    checkpoint.write_atomic(run_dir / "command.txt", plan.command_line() + "\n")
+    checkpoint.write_atomic(run_dir / "env.json", json.dumps(environment(), indent=2) + "\n")
     return run_dir
 
 
@@ -85,12 +84,6 @@ def _git_commit() -> str | None:
     return out + ("-dirty" if dirty.strip() else "")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def check_resume(plan: Plan) -> str | None:
     """What the run will resume from, or None for a fresh start.
 
@@ -129,20 +122,12 @@ def run(plan: Plan) -> int:
     """Run the plan's workers to completion; return their exit status (128+N after signal N)."""
     resume_from = check_resume(plan)
     run_dir = Path(plan.run_dir)
-    finished = run_dir / FINISHED
-    if finished.exists():
-        done = json.loads(finished.read_text()).get("step", 0)
-        if done >= plan.recipe.train.max_steps:
-            print(
-                f"mplaunch: {run_dir} already finished {done} steps; nothing to do "
-                f"(raise train.max_steps to train further, or use another name)"
-            )
-            return 0
-        finished.unlink()
+    if finished_run(plan, "nothing to do (raise train.max_steps to train further, or use another name)"):
+        return 0
     if resume_from is None:
-        if (run_dir / METRICS).exists():
+        if (run_dir / METRICS_FILE).exists():
             # A fresh start keeps the earlier attempt's metrics beside the new ones.
-            (run_dir / METRICS).rename(run_dir / f"metrics-{int(time.time())}.jsonl")
+            (run_dir / METRICS_FILE).rename(run_dir / f"metrics-{int(time.time())}.jsonl")
         # A tokenizer trained for an earlier attempt may not match today's data files.
         shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
     prepare_run_dir(plan)
@@ -156,6 +141,22 @@ def run(plan: Plan) -> int:
     if resume_from:
         print(f"mplaunch: resuming from {resume_from}")
     return Workers(plan).wait()
+
+
+def finished_run(plan: Plan, then: str) -> bool:
+    """True (and says so) if the run directory has finished train.max_steps already.
+
+    A FINISHED file for fewer steps (train.max_steps was raised) is removed, so the run
+    trains on from its last checkpoint.
+    """
+    done = finished_step(plan.run_dir)
+    if done is None:
+        return False
+    if done >= plan.recipe.train.max_steps:
+        print(f"mplaunch: {plan.run_dir} already finished {done} steps; {then}")
+        return True
+    (Path(plan.run_dir) / FINISHED_FILE).unlink()
+    return False
 
 
 class Workers:
@@ -191,7 +192,7 @@ class Workers:
         if len(self.signals) == 1:
             # The workers checkpoint and exit at the next step boundary; torchrun itself would
             # kill them after 30 s, so it is left alone.
-            targets = _children_of_children(self.proc.pid) or [self.proc.pid]
+            targets = child_pids(self.proc.pid) or [self.proc.pid]
             print(
                 f"\nmplaunch: {signal.Signals(signum).name}: asking the workers to checkpoint and stop "
                 "(again to stop at once)",
@@ -233,8 +234,8 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _children_of_children(pid: int) -> list[int]:
-    """The workers: torchrun's child processes (Linux /proc; empty elsewhere)."""
+def child_pids(pid: int) -> list[int]:
+    """The child processes of `pid` (torchrun's are the workers); Linux /proc, empty elsewhere."""
     kids = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:

@@ -18,9 +18,7 @@ import torch
 
 from launcher.backends import Backend, StepStats
 from launcher.health import PrecisionHealth
-from launcher.plan import Plan
-
-METRICS_FILE = "metrics.jsonl"
+from launcher.plan import METRICS_FILE, Plan
 
 
 class NonFiniteLoss(Exception):

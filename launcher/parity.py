@@ -58,7 +58,7 @@ from pathlib import Path
 from launcher import recipe as recipe_mod
 from launcher.errors import UserError
 from launcher.hardware import Hardware
-from launcher.plan import Plan, resolve
+from launcher.plan import PLAN_FILE, Plan, resolve
 from launcher.report import Metrics, read_metrics
 
 DEFAULT_TOLERANCE = 0.02
@@ -249,7 +249,7 @@ def fresh(run_dir: Path) -> None:
     """Remove an earlier parity run in `run_dir`; refuse to delete anything that is not a run directory."""
     if not run_dir.exists():
         return
-    if run_dir.is_dir() and (not any(run_dir.iterdir()) or (run_dir / "plan.json").is_file()):
+    if run_dir.is_dir() and (not any(run_dir.iterdir()) or (run_dir / PLAN_FILE).is_file()):
         shutil.rmtree(run_dir)
         return
     raise UserError(

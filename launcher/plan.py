@@ -22,7 +22,18 @@ from launcher.hardware import Hardware
 from launcher.precision import PrecisionPolicy
 from launcher.recipe import Recipe, explicitly_set, to_dict
 
+# The run directory's files that several modules read or write (README: "Run directory").
 PLAN_FILE = "plan.json"
+METRICS_FILE = "metrics.jsonl"
+FINISHED_FILE = "FINISHED"
+
+
+def finished_step(run_dir: str | Path) -> int | None:
+    """The step RUN_DIR/FINISHED records, or None when the run has not finished."""
+    path = Path(run_dir) / FINISHED_FILE
+    if not path.exists():
+        return None
+    return int(json.loads(path.read_text() or "{}").get("step", 0))
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.plan import METRICS_FILE, PLAN_FILE, finished_step
 
-METRICS_FILE = "metrics.jsonl"
 # A run with no FINISHED file whose last record is older than this, and older than three logging
 # intervals, is taken to be dead rather than still running.
 STALE_AFTER_S = 600.0
@@ -140,7 +140,7 @@ def read_run_info(run_dir: Path) -> RunInfo:
     recipe: dict[str, Any] = {}
     plan: dict[str, Any] = {}
     try:
-        data = json.loads((run_dir / "plan.json").read_text())
+        data = json.loads((run_dir / PLAN_FILE).read_text())
         recipe, plan = data.get("recipe") or {}, data.get("plan") or {}
     except (OSError, ValueError, AttributeError):
         try:
@@ -172,7 +172,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 def run_state(run_dir: Path, metrics: Metrics, now: float | None = None) -> tuple[str, str]:
     """("finished" | "running" | "stopped" | "crashed", a detail) from FINISHED, events and staleness."""
-    if (run_dir / "FINISHED").exists():
+    if finished_step(run_dir) is not None:
         return "finished", ""
     last = next((e for e in reversed(metrics.events) if e.get("event") in LIFECYCLE_EVENTS), {})
     where = f"at step {last.get('step')}"

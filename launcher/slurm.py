@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import __version__
+from launcher import __version__, checkpoint
 from launcher import recipe as recipe_mod
 from launcher.errors import UserError
 from launcher.hardware import Gpu, Hardware
@@ -321,7 +321,7 @@ def submit(plan: Plan, script: str) -> int:
         raise UserError(
             "sbatch not found: submit from a Slurm login node", hint="--dry-run prints the script"
         )
-    if _already_finished(plan):
+    if launch.finished_run(plan, "nothing submitted"):
         return 0
     launch.check_resume(plan)
     paths = Paths(Path(launch.prepare_run_dir(plan)))
@@ -340,18 +340,6 @@ def submit(plan: Plan, script: str) -> int:
     follow = shlex.quote(str(paths.log("out", job_id)))
     print(f"mplaunch: run dir {paths.run_dir}; follow with: tail -f {follow}")
     return 0
-
-
-def _already_finished(plan: Plan) -> bool:
-    finished = Path(plan.run_dir) / "FINISHED"
-    if not finished.exists():
-        return False
-    done = json.loads(finished.read_text() or "{}").get("step", 0)
-    if done >= plan.recipe.train.max_steps:
-        print(f"mplaunch: {plan.run_dir} already finished {done} steps; nothing submitted")
-        return True
-    finished.unlink()  # train.max_steps was raised: train on from the last checkpoint
-    return False
 
 
 # --------------------------------------------------------------------------- inside the job
@@ -414,9 +402,7 @@ def _read_counts(path: Path) -> dict[str, int]:
 
 def _write_counts(path: Path, counts: dict[str, int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(counts, indent=2) + "\n")
-    tmp.replace(path)
+    checkpoint.write_atomic(path, json.dumps(counts, indent=2) + "\n")
 
 
 def _log(message: str) -> None:

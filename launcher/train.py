@@ -26,12 +26,11 @@ from launcher import checkpoint, data
 from launcher.backends import Backend, LossScaleFloor, load_backend
 from launcher.metrics import Meter, NonFiniteLoss
 from launcher.models import ModelError, build
-from launcher.plan import Plan
+from launcher.plan import FINISHED_FILE, Plan
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 RNG_FILE = "rng-rank{rank}.pt"
-FINISHED = "FINISHED"
 
 
 @dataclass(frozen=True)
@@ -298,10 +297,9 @@ def _write_memory_report(plan: Plan, backend: Backend, rank: int, step: int) -> 
 def _write_finished(plan: Plan, step: int) -> None:
     import json
 
-    path = Path(plan.run_dir) / FINISHED
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
-    tmp.replace(path)
+    checkpoint.write_atomic(
+        Path(plan.run_dir) / FINISHED_FILE, json.dumps({"step": step, "time": time.time()}) + "\n"
+    )
 
 
 def _flops_per_step(plan: Plan, vocab_size: int) -> float | None:

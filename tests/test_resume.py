@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from launcher.launch import child_pids
 from tests.runs import FAST, explain, losses, mplaunch, records, start, wait_for_step, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -148,16 +148,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
 
 def _workers(launcher_pid: int) -> list[int]:
     """The launcher's torchrun's children."""
-
-    def children(pid: int) -> list[int]:
-        out = []
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                out += [int(x) for x in (task / "children").read_text().split()]
-        return out
-
-    torchrun = children(launcher_pid)
-    return [w for t in torchrun for w in children(t)]
+    return [w for torchrun in child_pids(launcher_pid) for w in child_pids(torchrun)]
 
 
 def test_a_killed_rank_is_restarted_and_resumes_to_the_same_result(tmp_path: Path) -> None:
