@@ -200,9 +200,13 @@ class Batches:
         rows: the sample rows to draw from (training or evaluation).
         plan: the run's plan (batch triple, seed, model kind, masking).
         rank: this data-parallel rank.
+        evaluation: the held-out rows, read micro-batch by micro-batch (`collate`), so they
+            need not fill a global batch.
     """
 
-    def __init__(self, tokens: Tokens, rows: np.ndarray, plan: Plan, rank: int) -> None:
+    def __init__(
+        self, tokens: Tokens, rows: np.ndarray, plan: Plan, rank: int, evaluation: bool = False
+    ) -> None:
         b = plan.batch
         self.tokens, self.rows, self.rank = tokens, rows, rank
         self.micro, self.accum, self.world, self.global_ = (
@@ -216,7 +220,7 @@ class Batches:
         self.causal = plan.recipe.model.name == "gpt2-lm" and plan.recipe.model.target is None
         self.pin = plan.device == "cuda"
         self.steps_per_epoch = len(rows) // self.global_
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0 and not evaluation:
             raise ValueError(
                 f"{len(rows)} samples cannot fill one global batch of {self.global_}; "
                 "add data, lower train.global_batch_size, or raise data.num_samples"

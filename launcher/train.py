@@ -155,7 +155,7 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     _seed(plan.recipe.train.seed + d.rank)
     backend = load_backend(plan, model)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
-    evals = data.Batches(tokens, rows.eval, plan, d.rank) if len(rows.eval) else None
+    evals = data.Batches(tokens, rows.eval, plan, d.rank, evaluation=True) if len(rows.eval) else None
     root = checkpoint.root_of(plan)
     start = _resume(plan, backend, root, d)
     meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan, tokens.vocab_size))

@@ -128,3 +128,17 @@ def test_too_little_data_for_one_global_batch_is_a_clear_error(tmp_path: Path) -
     tokens = data.load_tokens(plan, 0, lambda: None)
     with pytest.raises(ValueError, match="cannot fill one global batch of 32"):
         data.Batches(tokens, np.arange(len(tokens.ids)), plan, 0)
+
+
+def test_the_shipped_bert_recipe_has_training_and_evaluation_batches(tmp_path: Path) -> None:
+    # Its held-out 5 % is smaller than one global batch of 256: evaluation reads it micro-batch
+    # by micro-batch and must not demand a full global batch (it once stopped the main job at start).
+    plan = resolve(load(ROOT / "recipes" / "bert.yaml", [f"logging.dir={tmp_path}"]), CPU)
+    tokens = data.load_tokens(plan, 0, lambda: None)
+    rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
+    assert 0 < len(rows.eval) < plan.batch.global_batch_size
+    train = data.Batches(tokens, rows.train, plan, 0)
+    evals = data.Batches(tokens, rows.eval, plan, 0, evaluation=True)
+    assert train.steps_per_epoch >= 1
+    batch = evals.collate(evals.rows[: evals.micro], epoch=0)
+    assert batch["input_ids"].shape == (min(evals.micro, len(rows.eval)), plan.recipe.data.seq_len)
