@@ -220,6 +220,8 @@ class Batches:
         self.causal = plan.recipe.model.name == "gpt2-lm" and plan.recipe.model.target is None
         self.pin = plan.device == "cuda"
         self.steps_per_epoch = len(rows) // self.global_
+        self._order_epoch: int | None = None
+        self._order = rows
         if self.steps_per_epoch == 0 and not evaluation:
             raise ValueError(
                 f"{len(rows)} samples cannot fill one global batch of {self.global_}; "
@@ -233,10 +235,16 @@ class Batches:
     def step_rows(self, step: int) -> list[np.ndarray]:
         """The sample rows of each of this rank's micro-batches in optimizer step `step`."""
         epoch, k = self.position(step)
-        perm = self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]
-        batch = perm[k * self.global_ : (k + 1) * self.global_]
+        batch = self._epoch_order(epoch)[k * self.global_ : (k + 1) * self.global_]
         starts = ((j * self.world + self.rank) * self.micro for j in range(self.accum))
         return [batch[s : s + self.micro] for s in starts]
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's seeded shuffle of the rows, computed once per epoch, not once per step."""
+        if self._order_epoch != epoch:
+            self._order = self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]
+            self._order_epoch = epoch
+        return self._order
 
     def for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
         epoch, _ = self.position(step)
