@@ -42,7 +42,6 @@ class Meter:
         self.world = plan.world_size
         self.is_rank0 = is_rank0
         self.every = plan.recipe.logging.every_steps
-        self.start_step = start_step
         self.flops_per_step = flops_per_step
         self.samples_per_step = plan.batch.global_batch_size
         self.tokens_per_step = plan.batch.global_batch_size * plan.recipe.data.seq_len
@@ -51,7 +50,6 @@ class Meter:
         self.tb = _tensorboard(plan) if is_rank0 and plan.recipe.logging.tensorboard else None
         self.health = PrecisionHealth(plan) if is_rank0 else None
         self._reset(time.perf_counter())
-        self.skipped_at_start: int | None = None
 
     def _reset(self, now: float) -> None:
         self.interval_start = now
