@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from launcher import flops
-from launcher.launch import _children_of_children
+from launcher.launch import child_pids
 from launcher.recipe import Model
 from launcher.shapes import shape_of
 
@@ -179,7 +179,7 @@ def test_flops_per_step_is_the_formula_for_the_run_shape(finished: Path) -> None
 
 
 def _descendants(pid: int) -> list[int]:
-    kids = _children_of_children(pid)
+    kids = child_pids(pid)
     return kids + [d for k in kids for d in _descendants(k)]
 
 
