@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.precision import PrecisionPolicy, deepspeed_fp16_block, grad_scaler_settings
+from launcher.precision import PrecisionPolicy, deepspeed_fp16_block
 from launcher.recipe import Recipe
 
 
@@ -58,25 +58,41 @@ def deepspeed_config(
 
 
 def accelerate_settings(recipe: Recipe, policy: PrecisionPolicy, device: str, accum: int) -> dict[str, Any]:
-    """Accelerator arguments, FSDP sharding for ZeRO stages, and the fp16 loss scaler."""
-    z = recipe.zero
-    mixed = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[policy.dtype]
-    if z.stage == 0 or device == "cpu":
-        sharding = "DDP"
-        fsdp = None
-    else:
-        sharding = "FSDP"
-        # FSDP has no optimizer-only sharding: stage 1 runs as ZeRO-2 (SHARD_GRAD_OP).
+    """Everything the accelerate engine consumes: Accelerator and FSDP plugin arguments, autocast,
+    the fp16 loss scale, accumulation, clipping and the optimizer.
+
+    mplaunch, not Accelerate, owns autocast and the loss scaler: Accelerate has neither for fp16
+    on CPU, and its scaler lacks DeepSpeed's hysteresis and floor, so `precision.loss_scale`
+    would mean something else on each backend. The Accelerator therefore runs with
+    mixed_precision "no" and never wraps the forward pass itself.
+    """
+    z, opt = recipe.zero, recipe.optimizer
+    fsdp = None
+    if z.stage > 0 and device == "cuda":
         fsdp = {
+            # FSDP has no optimizer-only sharding: stage 1 runs as ZeRO-2 (SHARD_GRAD_OP).
             "sharding_strategy": "FULL_SHARD" if z.stage == 3 else "SHARD_GRAD_OP",
             "cpu_offload": z.offload_params,
             "use_orig_params": True,
+            "auto_wrap_policy": "transformer_based_wrap",
+            "state_dict_type": "SHARDED_STATE_DICT",
+            # The sharded parameters stay fp32 (the master weights); FSDP gathers them for
+            # compute, and reduces gradients, in the 16-bit dtype.
+            "mixed_precision_policy": policy.dtype if policy.autocast else None,
         }
     return {
-        "mixed_precision": mixed,
-        "gradient_accumulation_steps": accum,
-        "max_grad_norm": recipe.train.grad_clip,
-        "distributed": sharding,
-        "fsdp": fsdp,
-        "grad_scaler": grad_scaler_settings(policy),
+        "accelerator": {"mixed_precision": "no", "cpu": device == "cpu"},
+        "fsdp_plugin": fsdp,
+        "autocast": policy.dtype if policy.autocast else None,
+        "loss_scale": policy.loss_scale.model_dump() if policy.loss_scale else None,
+        "grad_accum": accum,
+        "grad_clip": recipe.train.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "lr": opt.lr,
+            "betas": list(opt.betas),
+            "eps": opt.eps,
+            "weight_decay": opt.weight_decay,
+            "fused": device == "cuda",
+        },
     }

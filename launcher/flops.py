@@ -214,11 +214,6 @@ def match_gpu(name: str | None) -> str | None:
     return next((key for pattern, key in _GPU_PATTERNS if re.search(pattern, text)), None)
 
 
-def matmul_dtype(dtype: str, allow_tf32: bool) -> str:
-    """The PEAK_TFLOPS column a run's matmuls use: fp32 with TF32 allowed runs at the tf32 peak."""
-    return "tf32" if dtype == "fp32" and allow_tf32 else dtype
-
-
 def peak_flops(gpu_name: str | None, dtype: str) -> float | None:
     """Dense peak FLOP/s of one GPU for dtype (fp32, tf32, bf16, fp16); None if unknown or unsupported."""
     key = match_gpu(gpu_name)
@@ -235,7 +230,7 @@ def mfu(
         flops_per_step: model FLOPs of one optimizer step across all ranks.
         step_time_s: wall time of one optimizer step.
         gpu_name: device name (None or "cpu" on CPU).
-        dtype: the PEAK_TFLOPS column (see `matmul_dtype`).
+        dtype: the PEAK_TFLOPS column (the precision policy's `matmul_dtype`).
         num_gpus: GPUs the step ran on (the world size).
 
     Returns:

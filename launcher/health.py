@@ -23,8 +23,8 @@ single skip in a 10-step interval would read as a 10 % overflow rate. Each
 check warns at most once per kind, so a warning repeats at most once per block
 while the problem lasts, never once per step.
 
-Light side: no torch; the GPUs are read through launcher.hardware (only for an
-fp16 run on cuda), and tests pass a Hardware value in.
+Light side: no torch. Whether the GPUs have bf16 is read from the plan's
+precision policy, never probed again at run time.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.hardware import Hardware
 from launcher.plan import Plan
 
 
@@ -51,7 +50,6 @@ class PrecisionHealth:
 
     Args:
         plan: the run's plan (dtype, device, loss-scale settings).
-        hardware: the machine's GPUs; probed with nvidia-smi when None and needed.
         overflow_threshold: skipped fraction of a block's steps above which to warn.
         block_steps: fewest steps judged together.
         falling_checks: consecutive blocks with a falling scale before warning.
@@ -60,21 +58,18 @@ class PrecisionHealth:
     def __init__(
         self,
         plan: Plan,
-        hardware: Hardware | None = None,
         *,
         overflow_threshold: float = 0.05,
         block_steps: int = 50,
         falling_checks: int = 3,
     ) -> None:
-        self.active = plan.precision.dtype == "fp16"
+        self.active = plan.precision.loss_scale is not None
         self.overflow_threshold = overflow_threshold
         self.block_steps = block_steps
         self.falling_checks = falling_checks
         self.grace_steps = initial_search_steps(plan) if self.active else 0
-        self.bf16_available = False
-        if self.active and plan.device == "cuda":
-            gpus = (hardware or Hardware.probe()).gpus
-            self.bf16_available = bool(gpus) and all(g.supports_bf16 for g in gpus)
+        # The plan decided bf16 support for the hardware it runs on; a CPU run has no GPUs to advise on.
+        self.bf16_available = self.active and plan.device == "cuda" and plan.precision.bf16_supported
         self.mark: _Mark | None = None
         self.falls = 0
         self.advised_bf16 = False
@@ -119,8 +114,8 @@ class PrecisionHealth:
 
 def initial_search_steps(plan: Plan) -> int:
     """Most steps a dynamic scaler can skip walking down from its initial scale to its minimum."""
-    ls = plan.recipe.precision.loss_scale
-    if not ls.dynamic or ls.initial <= ls.min:
+    ls = plan.precision.loss_scale
+    if ls is None or not ls.dynamic or ls.initial <= ls.min:
         return 0
     return ls.hysteresis * math.ceil(math.log2(ls.initial / ls.min))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from launcher.recipe import LossScale
+
 
 class ScaleAtMinimum(Exception):
     """An overflow at the minimum loss scale: fp16 cannot represent this run's gradients."""
@@ -65,13 +67,13 @@ class DynamicScale:
         return asdict(self)
 
     @classmethod
-    def from_settings(cls, settings: dict) -> DynamicScale:
-        """From the plan's accelerate `grad_scaler` settings (precision.grad_scaler_settings)."""
+    def from_recipe(cls, ls: LossScale) -> DynamicScale:
+        """From the policy's loss-scale settings (`precision.loss_scale`, in the recipe's names)."""
         return cls(
-            scale=settings["init_scale"],
-            window=settings["growth_interval"],
-            min_scale=settings["min_scale"],
-            hysteresis=settings["hysteresis"],
-            consecutive_hysteresis=settings["consecutive_hysteresis"],
-            dynamic=settings["dynamic"],
+            scale=ls.initial,
+            window=ls.window,
+            min_scale=ls.min,
+            hysteresis=ls.hysteresis,
+            consecutive_hysteresis=ls.consecutive_hysteresis,
+            dynamic=ls.dynamic,
         )

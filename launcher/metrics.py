@@ -135,8 +135,9 @@ class Meter:
             if self.plan.device == "cuda":
                 name = torch.cuda.get_device_name()
                 # fp32 matmuls run on TF32 tensor cores when allowed: measure against that peak.
-                dtype = flops.matmul_dtype(self.plan.precision.dtype, self.plan.precision.allow_tf32)
-                out["mfu"] = flops.mfu(self.flops_per_step, step_time, name, dtype, world)
+                out["mfu"] = flops.mfu(
+                    self.flops_per_step, step_time, name, self.plan.precision.matmul_dtype, world
+                )
         if self.plan.device == "cuda":
             mine = torch.tensor(
                 [torch.cuda.max_memory_allocated(), torch.cuda.memory_reserved()], device="cuda"
@@ -232,7 +233,7 @@ class Console:
 
     def __init__(self, plan: Plan, start_step: int) -> None:
         self.total = plan.recipe.train.max_steps
-        self.fp16 = plan.precision.dtype == "fp16"
+        self.fp16 = plan.precision.loss_scale is not None
         self.live = plan.recipe.logging.progress and sys.stderr.isatty()
         self.progress = None
         if self.live:

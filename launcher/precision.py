@@ -1,12 +1,17 @@
-"""Precision modes: which dtype a run computes in and what that demands of the hardware.
+"""The precision contract: decided once, in the plan, and read by everyone else.
 
-Shared by the plan (which must reject impossible combinations before any
-process starts) and by both backends. Master weights and optimizer state are
-always fp32; only the forward/backward compute dtype changes.
+`resolve` turns the recipe's `precision` section and the planned hardware into
+a `PrecisionPolicy`: the compute dtype (and why), whether autocast runs,
+whether TF32 is allowed, the loss-scale settings in the recipe's own names
+(only for fp16), and whether the planned hardware has bf16. The plan
+serialises it whole into plan.json; the backends, metrics, the memory planner,
+the FLOP counter and the health checks read it and never re-derive it.
+Master weights and optimizer state are always fp32.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,33 +23,72 @@ Dtype = Literal["fp32", "fp16", "bf16"]
 
 @dataclass(frozen=True)
 class PrecisionPolicy:
-    """The resolved precision of a run."""
+    """The resolved precision of a run.
+
+    Attributes:
+        dtype: the forward/backward compute dtype.
+        reason: why this dtype (the recipe, or what `auto` found).
+        allow_tf32: fp32 matrix products may use TF32 tensor cores.
+        loss_scale: the fp16 loss-scale settings, named as in the recipe; None unless fp16.
+        bf16_supported: the planned devices compute in bf16 (every GPU Ampere or newer; any CPU).
+    """
 
     dtype: Dtype
     reason: str
     allow_tf32: bool
-    loss_scale: LossScale
-
+    loss_scale: LossScale | None
+    bf16_supported: bool
     master_dtype: str = "fp32"
 
     @property
-    def uses_loss_scaling(self) -> bool:
-        # bf16 has fp32's exponent range, so its gradients do not underflow.
-        return self.dtype == "fp16"
+    def autocast(self) -> bool:
+        """Compute runs under autocast in a 16-bit dtype; fp32 runs without it."""
+        return self.dtype != "fp32"
+
+    @property
+    def matmul_dtype(self) -> str:
+        """The PEAK_TFLOPS column the run's matmuls use: fp32 with TF32 allowed runs at the tf32 peak."""
+        return "tf32" if self.dtype == "fp32" and self.allow_tf32 else self.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "reason": self.reason,
+            "allow_tf32": self.allow_tf32,
+            "loss_scale": self.loss_scale.model_dump() if self.loss_scale else None,
+            "bf16_supported": self.bf16_supported,
+            "master_dtype": self.master_dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrecisionPolicy:
+        scale = data["loss_scale"]
+        return cls(
+            dtype=data["dtype"],
+            reason=data["reason"],
+            allow_tf32=data["allow_tf32"],
+            loss_scale=LossScale(**scale) if scale is not None else None,
+            bf16_supported=data["bf16_supported"],
+            master_dtype=data["master_dtype"],
+        )
 
 
 def resolve(recipe: Recipe, device: str, hardware: Hardware) -> PrecisionPolicy:
-    """Turn `precision.dtype` (maybe `auto`) into a concrete policy for `device`."""
+    """Turn `precision.dtype` (maybe `auto`) into the policy for `device` on `hardware`."""
     p = recipe.precision
+    # PyTorch computes bf16 on any CPU: natively with AVX512-BF16 or AMX, emulated (slower) otherwise.
+    bf16 = True if device == "cpu" else bool(hardware.gpus) and all(g.supports_bf16 for g in hardware.gpus)
     if p.dtype != "auto":
         dtype, reason = p.dtype, "set in the recipe"
     elif device == "cpu":
         dtype, reason = "bf16", "auto: bf16 on CPU"
-    elif all(g.supports_bf16 for g in hardware.gpus):
+    elif bf16:
         dtype, reason = "bf16", "auto: every visible GPU is Ampere or newer"
     else:
         dtype, reason = "fp16", "auto: a visible GPU predates Ampere (no bf16)"
-    return PrecisionPolicy(dtype, reason, p.allow_tf32, p.loss_scale)
+    # bf16 has fp32's exponent range, so only fp16 gradients need a loss scale.
+    scale = p.loss_scale if dtype == "fp16" else None
+    return PrecisionPolicy(dtype, reason, p.allow_tf32, scale, bf16)
 
 
 def problems(policy: PrecisionPolicy, backend: str, device: str, hardware: Hardware) -> list[str]:
@@ -66,45 +110,18 @@ def problems(policy: PrecisionPolicy, backend: str, device: str, hardware: Hardw
 
 
 def deepspeed_fp16_block(policy: PrecisionPolicy) -> dict[str, Any]:
-    """DeepSpeed's `fp16` section: all six loss-scale knobs from `precision.loss_scale`."""
+    """DeepSpeed's `fp16` section: all six loss-scale knobs when fp16, else only `enabled: false`."""
     ls = policy.loss_scale
+    if ls is None:
+        return {"enabled": False}
     return {
-        "enabled": policy.dtype == "fp16",
+        "enabled": True,
         # DeepSpeed reads loss_scale 0 as "dynamic"; any other value is a static scale.
         "loss_scale": 0 if ls.dynamic else ls.initial,
-        "initial_scale_power": int(round(_log2(ls.initial))),
+        "initial_scale_power": round(math.log2(ls.initial)),
         "loss_scale_window": ls.window,
         "hysteresis": ls.hysteresis,
         "consecutive_hysteresis": ls.consecutive_hysteresis,
         # DeepSpeed's min_loss_scale is an int field (the recipe rules make it whole).
         "min_loss_scale": int(ls.min) if ls.min == int(ls.min) else ls.min,
     }
-
-
-def grad_scaler_settings(policy: PrecisionPolicy) -> dict[str, Any]:
-    """The same loss-scale fields for the accelerate backend's scaler, named as torch's GradScaler names them.
-
-    torch's GradScaler unscales, checks for inf/NaN and skips the step; its own
-    rule (halve on every overflow, no floor, no static mode) is replaced by
-    launcher.loss_scale.DynamicScale, which follows DeepSpeed's: hysteresis,
-    a minimum that stops the run, and a static scale when dynamic is false.
-    """
-    ls = policy.loss_scale
-    return {
-        "enabled": policy.dtype == "fp16",
-        "dynamic": ls.dynamic,
-        "init_scale": ls.initial,
-        # DeepSpeed's dynamic scaler doubles and halves; match it.
-        "growth_factor": 2.0 if ls.dynamic else 1.0,
-        "backoff_factor": 0.5 if ls.dynamic else 1.0,
-        "growth_interval": ls.window,
-        "hysteresis": ls.hysteresis,
-        "consecutive_hysteresis": ls.consecutive_hysteresis,
-        "min_scale": ls.min,
-    }
-
-
-def _log2(x: float) -> float:
-    import math
-
-    return math.log2(x)

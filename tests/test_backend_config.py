@@ -102,12 +102,15 @@ def test_deepspeed_reads_back_what_the_recipe_says(
     assert c.zero_optimization_stage == stage
     assert c.float16_config.enabled is (dtype == "fp16")
     assert c.bfloat16_config.enabled is (dtype == "bf16")
-    assert c.float16_config.loss_scale == 0  # dynamic
-    assert c.float16_config.initial_scale_power == 12
-    assert c.float16_config.loss_scale_window == 250
-    assert c.float16_config.hysteresis == 3
-    assert c.float16_config.consecutive_hysteresis is True
-    assert c.float16_config.min_loss_scale == 2
+    if dtype == "fp16":  # the loss-scale knobs are written only where they act
+        assert c.float16_config.loss_scale == 0  # dynamic
+        assert c.float16_config.initial_scale_power == 12
+        assert c.float16_config.loss_scale_window == 250
+        assert c.float16_config.hysteresis == 3
+        assert c.float16_config.consecutive_hysteresis is True
+        assert c.float16_config.min_loss_scale == 2
+    else:
+        assert plan.backend_config["fp16"] == {"enabled": False}
     assert (c.train_batch_size, c.train_micro_batch_size_per_gpu, c.gradient_accumulation_steps) == (64, 2, 4)
     assert c.gradient_clipping == 0.5
     offloaded_optimizer = c.zero_config.offload_optimizer
@@ -165,77 +168,79 @@ def test_deepspeed_optimizer_follows_the_device_and_offload() -> None:
 
 
 def test_min_loss_scale_is_written_as_an_int() -> None:
-    assert resolve(make(), H100x8).backend_config["fp16"]["min_loss_scale"] == 2
-    assert isinstance(resolve(make(), H100x8).backend_config["fp16"]["min_loss_scale"], int)
+    fp16 = resolve(make(dtype="fp16"), H100x8).backend_config["fp16"]
+    assert fp16["min_loss_scale"] == 2
+    assert isinstance(fp16["min_loss_scale"], int)
 
 
 # --------------------------------------------------------------------------- Accelerate
 
 
 @pytest.mark.parametrize(
-    ("stage", "offload", "hw", "distributed", "strategy"),
+    ("stage", "offload", "hw", "strategy"),
     [
-        (0, "none", H100x8, "DDP", None),
-        (1, "none", H100x8, "FSDP", "SHARD_GRAD_OP"),
-        (2, "none", H100x8, "FSDP", "SHARD_GRAD_OP"),
-        (3, "none", H100x8, "FSDP", "FULL_SHARD"),
-        (3, "both", H100x8, "FSDP", "FULL_SHARD"),
-        (3, "none", CPU, "DDP", None),  # no FSDP on CPU: plain DDP, with a warning
+        (0, "none", H100x8, None),
+        (1, "none", H100x8, "SHARD_GRAD_OP"),
+        (2, "none", H100x8, "SHARD_GRAD_OP"),
+        (3, "none", H100x8, "FULL_SHARD"),
+        (3, "both", H100x8, "FULL_SHARD"),
+        (3, "none", CPU, None),  # no FSDP on CPU: plain DDP, with a warning
     ],
 )
 def test_accelerate_sharding_follows_zero_stage(
-    stage: int, offload: str, hw: Hardware, distributed: str, strategy: str | None
+    stage: int, offload: str, hw: Hardware, strategy: str | None
 ) -> None:
     s = resolve(make("accelerate", stage=stage, offload=offload), hw).backend_config
-    assert s["distributed"] == distributed
     if strategy is None:
-        assert s["fsdp"] is None
+        assert s["fsdp_plugin"] is None
     else:
-        assert s["fsdp"] == {
+        assert s["fsdp_plugin"] == {
             "sharding_strategy": strategy,
             "cpu_offload": offload == "both",
             "use_orig_params": True,
+            "auto_wrap_policy": "transformer_based_wrap",
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "mixed_precision_policy": "bf16",
         }
 
 
-@pytest.mark.parametrize(("dtype", "mixed"), [("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "no")])
-def test_accelerate_mixed_precision_and_grad_scaler(dtype: str, mixed: str) -> None:
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_accelerate_autocast_and_loss_scale_have_one_owner(dtype: str) -> None:
     s = resolve(make("accelerate", dtype=dtype), H100x8).backend_config
-    assert s["mixed_precision"] == mixed
-    assert (s["gradient_accumulation_steps"], s["max_grad_norm"]) == (4, 0.5)
-    assert s["grad_scaler"] == {
-        "enabled": dtype == "fp16",
-        "dynamic": True,
-        "init_scale": 4096.0,
-        "growth_factor": 2.0,
-        "backoff_factor": 0.5,
-        "growth_interval": 250,
-        "hysteresis": 3,
-        "consecutive_hysteresis": True,
-        "min_scale": 2.0,
-    }
+    # mplaunch autocasts and scales; the Accelerator must not do either a second time.
+    assert s["accelerator"] == {"mixed_precision": "no", "cpu": False}
+    assert s["autocast"] == (None if dtype == "fp32" else dtype)
+    assert (s["grad_accum"], s["grad_clip"]) == (4, 0.5)
+    expected = {"dynamic": True, "initial": 4096.0, **{k: v for k, v in LOSS_SCALE.items() if k != "initial"}}
+    assert s["loss_scale"] == (expected if dtype == "fp16" else None)
 
 
-def test_grad_scaler_arguments_are_accepted_by_torch_and_accelerate() -> None:
+def test_loss_scale_settings_drive_the_accelerate_scaler() -> None:
+    from launcher.loss_scale import DynamicScale
+    from launcher.recipe import LossScale
+
+    s = resolve(make("accelerate", dtype="fp16"), H100x8).backend_config["loss_scale"]
+    rule = DynamicScale.from_recipe(LossScale(**s))
+    assert (rule.scale, rule.window, rule.hysteresis, rule.min_scale) == (4096.0, 250, 3, 2.0)
+    assert rule.consecutive_hysteresis is True
+
+
+@pytest.mark.parametrize(
+    ("stage", "offload", "dtype"), [(1, "none", "bf16"), (3, "both", "fp16"), (2, "none", "fp32")]
+)
+def test_fsdp_settings_are_accepted_by_accelerate(stage: int, offload: str, dtype: str) -> None:
     torch = pytest.importorskip("torch")
     accelerate_utils = pytest.importorskip("accelerate.utils")
-    s = resolve(make("accelerate", dtype="fp16"), H100x8).backend_config["grad_scaler"]
-    torch_args = {
-        k: s[k] for k in ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
-    }
-    scaler = torch.amp.GradScaler("cpu", **torch_args)
-    assert scaler.get_scale() == 4096.0
-    assert scaler.get_growth_interval() == 250
-    assert accelerate_utils.GradScalerKwargs(**torch_args).to_kwargs() == {
-        "init_scale": 4096.0,
-        "growth_interval": 250,
-    }
-
-
-@pytest.mark.parametrize(("stage", "offload"), [(1, "none"), (3, "both")])
-def test_fsdp_settings_are_accepted_by_accelerate(stage: int, offload: str) -> None:
-    accelerate_utils = pytest.importorskip("accelerate.utils")
-    fsdp = resolve(make("accelerate", stage=stage, offload=offload), H100x8).backend_config["fsdp"]
+    fsdp = resolve(make("accelerate", stage=stage, offload=offload, dtype=dtype), H100x8).backend_config[
+        "fsdp_plugin"
+    ]
     plugin = accelerate_utils.FullyShardedDataParallelPlugin(**fsdp)
     assert plugin.sharding_strategy.name == fsdp["sharding_strategy"]
     assert plugin.cpu_offload.offload_params is fsdp["cpu_offload"]
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+    if dtype == "fp32":
+        assert plugin.mixed_precision_policy is None
+    else:  # fp32 shards (the master weights), gathered and reduced in the 16-bit dtype
+        want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        assert plugin.mixed_precision_policy.param_dtype == want
+        assert plugin.mixed_precision_policy.reduce_dtype == want

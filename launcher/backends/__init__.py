@@ -78,10 +78,6 @@ def lr_lambda(plan: Plan):
     return factor
 
 
-def compute_dtype(plan: Plan) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[plan.precision.dtype]
-
-
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     # Pinned host memory makes these copies asynchronous on CUDA.
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

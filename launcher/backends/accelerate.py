@@ -1,10 +1,11 @@
 """HF Accelerate behind the Backend interface: DDP, or FSDP for ZeRO stages on GPU.
 
-Gradient accumulation, autocast and fp16 loss scaling are done here
-explicitly rather than through Accelerate's implicit versions, because
-Accelerate has no autocast and no GradScaler for fp16 on CPU and its scaler
-lacks DeepSpeed's hysteresis and floor: `precision.loss_scale` must mean the
-same on both backends.
+The engine consumes exactly the plan's accelerate settings (what the dry run
+prints; backend_config.accelerate_settings). Gradient accumulation, autocast
+and fp16 loss scaling are done here explicitly, and only here: the
+Accelerator runs with mixed_precision "no", because Accelerate has no autocast
+and no GradScaler for fp16 on CPU and its scaler lacks DeepSpeed's hysteresis
+and floor: `precision.loss_scale` must mean the same on both backends.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from torch import nn
 from launcher.backends import (
     LossScaleFloor,
     StepStats,
-    compute_dtype,
     lr_lambda,
     optimizer_state_bytes,
     param_groups,
@@ -29,8 +29,10 @@ from launcher.backends import (
 from launcher.loss_scale import DynamicScale, ScaleAtMinimum
 from launcher.models import loss_of
 from launcher.plan import Plan
+from launcher.recipe import LossScale
 
 EXTRA_STATE = "mplaunch_accelerate.json"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _scaler_class(sharded: bool) -> type:
@@ -77,39 +79,34 @@ class Engine:
 
         self.plan = plan
         settings = plan.backend_config
-        self.accum = plan.batch.grad_accum
-        self.clip = plan.recipe.train.grad_clip
-        self.dtype = compute_dtype(plan)
-        self.acc = Accelerator(
-            mixed_precision=settings["mixed_precision"],
-            cpu=plan.device == "cpu",
-            fsdp_plugin=_fsdp_plugin(settings),
-        )
+        self.accum = settings["grad_accum"]
+        self.clip = settings["grad_clip"]
+        self.dtype = DTYPES.get(settings["autocast"]) if settings["autocast"] else None
+        self.acc = Accelerator(**settings["accelerator"], fsdp_plugin=_fsdp_plugin(settings["fsdp_plugin"]))
         self.device = self.acc.device
-        opt = plan.recipe.optimizer
+        opt = settings["optimizer"]
+        assert opt["type"] == "AdamW"
         optimizer = torch.optim.AdamW(
-            param_groups(model, opt.weight_decay),
-            lr=opt.lr,
-            betas=opt.betas,
-            eps=opt.eps,
-            fused=plan.device == "cuda",
+            param_groups(model, opt["weight_decay"]),
+            lr=opt["lr"],
+            betas=tuple(opt["betas"]),
+            eps=opt["eps"],
+            fused=opt["fused"],
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan))
         if plan.recipe.train.compile:
             model.compile()  # in place: parameter names, and so checkpoints, stay the same
-        # Our scaler, not Accelerate's: see the module docstring.
-        self.acc.scaler = None
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.scaler = None
-        if plan.precision.dtype == "fp16":
-            rule = DynamicScale.from_settings(settings["grad_scaler"])
-            self.scaler = _scaler_class(settings["fsdp"] is not None)(self.device.type, rule)
+        if settings["loss_scale"] is not None:
+            rule = DynamicScale.from_recipe(LossScale(**settings["loss_scale"]))
+            self.scaler = _scaler_class(settings["fsdp_plugin"] is not None)(self.device.type, rule)
         self.skipped = 0
         self.grad_bytes: int | None = None
         self.measure_grads = False
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
+        if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
@@ -202,16 +199,9 @@ class Engine:
             self.scaler._init_scale = self.scaler.rule.scale
 
 
-def _fsdp_plugin(settings: dict):
-    fsdp = settings["fsdp"]
+def _fsdp_plugin(fsdp: dict | None):
     if fsdp is None:
         return None
     from accelerate import FullyShardedDataParallelPlugin
 
-    return FullyShardedDataParallelPlugin(
-        sharding_strategy=fsdp["sharding_strategy"],
-        cpu_offload=fsdp["cpu_offload"],
-        use_orig_params=fsdp["use_orig_params"],
-        auto_wrap_policy="transformer_based_wrap",
-        state_dict_type="SHARDED_STATE_DICT",
-    )
+    return FullyShardedDataParallelPlugin(**fsdp)

@@ -78,7 +78,8 @@ class Engine:
                     raise LossScaleFloor(str(exc)) from None
                 raise
             total += loss.detach().float()
-        skipped = self.engine.skipped_steps > skipped_before if self.plan.precision.dtype == "fp16" else None
+        scaled = self.plan.precision.loss_scale is not None
+        skipped = self.engine.skipped_steps > skipped_before if scaled else None
         return StepStats(total / len(micro_batches), self.engine.get_global_grad_norm(), skipped)
 
     @torch.no_grad()
@@ -90,7 +91,7 @@ class Engine:
             self.engine.train()
 
     def loss_scale(self) -> float | None:
-        if self.plan.precision.dtype != "fp16":
+        if self.plan.precision.loss_scale is None:
             return None
         opt = self.engine.optimizer
         for attr in ("cur_scale", "loss_scale"):
