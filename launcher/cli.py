@@ -22,7 +22,7 @@ from launcher import __version__
 from launcher import recipe as recipe_mod
 from launcher.errors import EXIT_USAGE, UserError
 from launcher.hardware import Hardware
-from launcher.plan import Plan, resolve
+from launcher.plan import Plan, prepare_vocab, resolve
 from launcher.recipe import RECIPES_DIR
 
 
@@ -92,10 +92,12 @@ def cmd_run(argv: list[str]) -> int:
         from launcher import slurm
 
         return slurm.run(args)
-    plan = _plan(args.recipe, args.overrides, keep_machine_problems=args.dry_run)
+    plan = _plan(args.recipe, args.overrides, keep_machine_problems=args.dry_run, train_tokenizer=not args.dry_run)
     if args.dry_run:
         print("mplaunch dry run: nothing is started")
-        print(plan.describe())
+        from launcher import memory
+
+        print(plan.describe(memory.describe(plan)))
         # The whole plan is shown (it may be meant for another machine), but
         # the exit code is what a real run here would give: scripts that use
         # --dry-run as a pre-flight check must not be told "ok".
@@ -228,8 +230,12 @@ def find_recipe(name: str) -> Path:
     return recipe_mod.locate(name, verbs=[v for v in VERBS if v != "run"])
 
 
-def _plan(recipe_arg: str, overrides: list[str], keep_machine_problems: bool = False) -> Plan:
+def _plan(
+    recipe_arg: str, overrides: list[str], keep_machine_problems: bool = False, train_tokenizer: bool = False
+) -> Plan:
     recipe = recipe_mod.load(find_recipe(recipe_arg), overrides)
+    if train_tokenizer:  # a real launch: the plan then knows the trained tokenizer's exact vocabulary
+        prepare_vocab(recipe)
     return resolve(recipe, Hardware.probe(), keep_machine_problems=keep_machine_problems)
 
 

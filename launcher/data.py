@@ -10,8 +10,6 @@ Masked-LM masking is seeded per (seed, epoch, sample) for the same reason.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from launcher import vocab
 from launcher.plan import Plan
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-_MAX_TRAINED_VOCAB = 8192
+SPECIALS = vocab.SPECIALS
 
 
 @dataclass(frozen=True)
@@ -44,17 +42,21 @@ def load_tokens(plan: Plan, rank: int, barrier: callable) -> Tokens:
     """
     d = plan.recipe.data
     if d.kind == "synthetic":
-        vocab = _synthetic_vocab(plan)
         gen = torch.Generator().manual_seed(plan.recipe.train.seed)
         # Ids below len(SPECIALS) are reserved so the MLM mask id is never a real token.
-        ids = torch.randint(len(SPECIALS), vocab, (d.num_samples, d.seq_len), generator=gen)
-        return Tokens(ids, vocab, mask_id=4, special_ids=(0, 1, 2, 3, 4))
+        ids = torch.randint(len(SPECIALS), plan.vocab_size, (d.num_samples, d.seq_len), generator=gen)
+        return Tokens(ids, plan.vocab_size, mask_id=4, special_ids=(0, 1, 2, 3, 4))
     tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else Path(plan.run_dir) / "tokenizer"
     if plan.tokenizer_dir is None and rank == 0 and not (tok_dir / "tokenizer.json").exists():
-        _trained_tokenizer(plan, tok_dir)
+        _copy_trained_tokenizer(plan, tok_dir)
     barrier()
     tokenizer = _load_tokenizer(tok_dir)
-    ids = _chunk(tokenizer, _read_texts(plan), d.seq_len)
+    if tokenizer.get_vocab_size() > plan.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} tokens but the model's vocabulary is "
+            f"{plan.vocab_size} ({plan.vocab_source}); raise model.vocab_size or leave it unset"
+        )
+    ids = _chunk(tokenizer, vocab.read_texts(plan.recipe, plan.data_paths), d.seq_len)
     mask_id = tokenizer.token_to_id("[MASK]")
     if mask_id is None:
         raise ValueError(f"tokenizer in {tok_dir} has no [MASK] token; masked-LM needs one")
@@ -62,86 +64,14 @@ def load_tokens(plan: Plan, rank: int, barrier: callable) -> Tokens:
     return Tokens(ids, tokenizer.get_vocab_size(), mask_id, specials)
 
 
-def _synthetic_vocab(plan: Plan) -> int:
-    from launcher.shapes import shape_of
-
-    m = plan.recipe.model
-    if m.vocab_size:
-        return m.vocab_size
-    return shape_of(m).vocab_size if m.name else 30522
-
-
-def _read_texts(plan: Plan) -> list[str]:
-    field = plan.recipe.data.text_field
-    texts: list[str] = []
-    for path in plan.data_paths:
-        with open(path, encoding="utf-8") as f:
-            if plan.recipe.data.kind == "jsonl":
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        record = json.loads(line)
-                        if field not in record:
-                            raise ValueError(f"{path}:{n}: record has no field {field!r} (data.text_field)")
-                        texts.append(str(record[field]))
-            else:
-                texts.extend(line.strip() for line in f if line.strip())
-    if not texts:
-        raise ValueError(f"no text found in {', '.join(plan.data_paths)}")
-    return texts
-
-
-def _trained_tokenizer(plan: Plan, out_dir: Path) -> None:
-    """Put a WordPiece tokenizer trained on the recipe's files into `out_dir`.
-
-    The trainer breaks frequency ties in no fixed order, so two trainings on
-    the same files can number tokens differently. One training per data set
-    is therefore kept in a cache (MPLAUNCH_CACHE, default ~/.cache/mplaunch)
-    and every run on those files gets a copy: runs that should be comparable
-    see the same token ids.
-    """
-    import hashlib
+def _copy_trained_tokenizer(plan: Plan, out_dir: Path) -> None:
+    """Put the tokenizer trained on the recipe's files (vocab.prepare, cached) into `out_dir`."""
     import shutil
 
-    import tokenizers
-
-    key = hashlib.sha256()
-    for part in (
-        tokenizers.__version__,
-        plan.recipe.data.kind,
-        plan.recipe.data.text_field,
-        str(_MAX_TRAINED_VOCAB),
-    ):
-        key.update(part.encode() + b"\0")
-    for path in plan.data_paths:
-        key.update(Path(path).read_bytes())
-    cache_root = Path(os.environ.get("MPLAUNCH_CACHE", Path.home() / ".cache" / "mplaunch"))
-    cached = cache_root / "tokenizers" / key.hexdigest()[:24]
-    if not (cached / "tokenizer.json").exists():
-        try:
-            _train_wordpiece(_read_texts(plan), cached)
-        except OSError:  # an unwritable cache: train for this run only
-            _train_wordpiece(_read_texts(plan), out_dir)
-            return
+    cached = vocab.prepare(plan.recipe, plan.data_paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached / "tokenizer.json", out_dir / "tokenizer.json.tmp")
-    (out_dir / "tokenizer.json.tmp").replace(out_dir / "tokenizer.json")
-
-
-def _train_wordpiece(texts: list[str], out_dir: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=_MAX_TRAINED_VOCAB, special_tokens=SPECIALS, show_progress=False
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"tokenizer.json.{os.getpid()}.tmp"
-    tokenizer.save(str(tmp))
-    tmp.replace(out_dir / "tokenizer.json")
+    shutil.copyfile(cached / vocab.TOKENIZER_FILE, out_dir / "tokenizer.json.tmp")
+    (out_dir / "tokenizer.json.tmp").replace(out_dir / vocab.TOKENIZER_FILE)
 
 
 def _load_tokenizer(tok_dir: Path):  # -> tokenizers.Tokenizer

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 
 from launcher import flops
 from launcher.errors import UserError
-from launcher.shapes import Shape, shape_of
+from launcher.shapes import Shape
 
 if TYPE_CHECKING:
     from launcher.hardware import Hardware
@@ -365,7 +365,7 @@ def setting_of(plan: Plan, num_params: int | None = None) -> Setting:
         UserError: the model has no parameter count and num_params is None.
     """
     r, b = plan.recipe, plan.batch
-    shape = shape_of(r.model) if r.model.target is None and r.model.name is not None else None
+    shape = plan.shape
     if num_params is not None or shape is None or flops.param_tensors(shape) is None:
         if num_params is None:
             raise UserError(

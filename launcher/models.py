@@ -14,18 +14,18 @@ import torch
 from torch import nn
 
 from launcher.recipe import Model
-from launcher.shapes import Shape, shape_of
+from launcher.shapes import Shape
 
 
 class ModelError(Exception):
     """A user's model factory could not be imported or called: reported as one clear line."""
 
 
-def build(model: Model, vocab_size: int) -> nn.Module:
-    """The recipe's model, with its vocabulary sized to the data's tokenizer."""
+def build(model: Model, shape: Shape | None) -> nn.Module:
+    """The recipe's model: a user's factory (model.target), or a built-in one of the plan's `shape`."""
     if model.target is not None:
         return _from_target(model.target, dict(model.kwargs))
-    shape = shape_of(model, vocab_size=vocab_size)
+    assert shape is not None, "the plan derives a shape for every built-in model"
     built = BUILDERS[shape.family](shape, model.dropout)
     return built if shape.family == "tiny-mlp" else LMLoss(built, causal=shape.family == "gpt2-lm")
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import yaml
 
-from launcher import backend_config, precision
+from launcher import backend_config, precision, vocab
 from launcher.errors import UserError
 from launcher.hardware import Hardware
 from launcher.precision import PrecisionPolicy
 from launcher.recipe import Recipe, explicitly_set, to_dict
+from launcher.shapes import Shape, shape_of
 
 # The run directory's files that several modules read or write (README: "Run directory").
 PLAN_FILE = "plan.json"
@@ -71,6 +72,9 @@ class Plan:
     backend_config: dict[str, Any]
     env: dict[str, str]
     command: tuple[str, ...]
+    vocab_size: int
+    vocab_source: str
+    shape: Shape | None  # None for a user's model (model.target)
     data_paths: tuple[str, ...] = ()
     tokenizer_dir: str | None = None
     warnings: tuple[str, ...] = field(default=())
@@ -87,7 +91,7 @@ class Plan:
     def to_json(self) -> str:
         """The handoff file's content: the resolved recipe plus the plan."""
         body = {k: v for k, v in asdict(self).items() if k not in ("recipe", "precision")}
-        body["precision"] = {"dtype": self.precision.dtype, "reason": self.precision.reason}
+        body["precision"] = self.precision.to_dict()
         return json.dumps(
             {"recipe": to_dict(self.recipe), "source": self.recipe.source, "plan": body}, indent=2
         )
@@ -99,11 +103,9 @@ class Plan:
         recipe_data = dict(data["recipe"], source=data.get("source", ""))
         recipe = Recipe.model_validate_json(json.dumps(recipe_data))
         body = dict(data["plan"])
-        prec = body.pop("precision")
-        policy = PrecisionPolicy(
-            prec["dtype"], prec["reason"], recipe.precision.allow_tf32, recipe.precision.loss_scale
-        )
+        policy = PrecisionPolicy.from_dict(body.pop("precision"))
         body["batch"] = Batch(**body["batch"])
+        body["shape"] = Shape(**body["shape"]) if body["shape"] is not None else None
         body["command"] = tuple(body["command"])
         body["data_paths"] = tuple(body["data_paths"])
         body["warnings"] = tuple(body["warnings"])
@@ -114,20 +116,26 @@ class Plan:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
         return f"{env} {shlex.join(self.command)}".strip()
 
-    def describe(self) -> str:
-        """The dry run: the resolved recipe, batch equation, backend config, environment and command."""
-        from launcher import memory  # memory imports this module
+    def describe(self, memory_section: str | None = None) -> str:
+        """The dry run: the resolved recipe, batch equation, backend config, environment and command.
 
+        The backend section is the very dict the engine is built from (plan.json holds it too).
+
+        Args:
+            memory_section: the memory planner's lines for this plan (launcher.memory.describe),
+                shown after the backend section.
+        """
         label = "DeepSpeed config" if self.recipe.backend == "deepspeed" else "Accelerate settings"
         rows = [
             ("device", f"{self.device} ({self.device_reason})"),
-            ("precision", f"{self.precision.dtype} compute, fp32 master weights ({self.precision.reason})"),
+            ("precision", _precision_row(self.precision)),
             (
                 "processes",
                 f"{self.nnodes} x {self.nproc_per_node} = world_size {self.world_size}, {self.dist_backend}",
             ),
             ("batch", self.batch.equation(self.nnodes, self.nproc_per_node)),
             ("backend", f"{self.recipe.backend}, ZeRO stage {self.recipe.zero.stage}"),
+            ("vocab", f"{self.vocab_size} ({self.vocab_source})"),
             ("run dir", self.run_dir),
         ]
         ranks = f"0..{self.world_size - 1}" if self.world_size > 1 else "0"
@@ -142,7 +150,7 @@ class Plan:
             *(f"{k:<10} {v}" for k, v in rows),
             f"== {label} ==",
             json.dumps(self.backend_config, indent=2),
-            memory.describe(self),
+            *([memory_section] if memory_section else []),
             "== environment ==",
             *(f"{k}={v}" for k, v in self.env.items()),
             per_rank,
@@ -195,8 +203,9 @@ def resolve(
         cfg = backend_config.accelerate_settings(recipe, policy, device, batch.grad_accum)
     run_dir = str((Path(recipe.logging.dir) / recipe.name).resolve())
     env = _env(recipe, device, nproc, hardware)
-    base = Path(recipe.source).parent if recipe.source else Path()
-    tokenizer = str((base / recipe.data.tokenizer).resolve()) if recipe.data.tokenizer else None
+    data_paths, tokenizer = data_files(recipe)
+    vocab_ = vocab.resolve(recipe, data_paths, tokenizer, Path(run_dir) / "tokenizer")
+    shape = shape_of(recipe.model, vocab_.size) if recipe.model.target is None else None
     return Plan(
         recipe=recipe,
         run_dir=run_dir,
@@ -210,11 +219,39 @@ def resolve(
         backend_config=cfg,
         env=env,
         command=torchrun_command(recipe, nproc, run_dir),
-        data_paths=tuple(str((base / p).resolve()) for p in recipe.data.paths),
+        vocab_size=shape.vocab_size if shape else vocab_.size,
+        vocab_source=vocab_.source,
+        shape=shape,
+        data_paths=data_paths,
         tokenizer_dir=tokenizer,
         warnings=tuple(_warnings(recipe, policy, device)),
         problems=tuple(machine),
     )
+
+
+def data_files(recipe: Recipe) -> tuple[tuple[str, ...], str | None]:
+    """The recipe's data files and tokenizer directory, absolute (they are relative to the recipe)."""
+    base = Path(recipe.source).parent if recipe.source else Path()
+    tokenizer = str((base / recipe.data.tokenizer).resolve()) if recipe.data.tokenizer else None
+    return tuple(str((base / p).resolve()) for p in recipe.data.paths), tokenizer
+
+
+def prepare_vocab(recipe: Recipe) -> None:
+    """Before a real launch: train the data's tokenizer (cached) so the plan knows its exact vocabulary."""
+    if vocab.needs_training(recipe):
+        try:
+            vocab.prepare(recipe, data_files(recipe)[0])
+        except (OSError, ValueError) as exc:
+            raise UserError(f"data.paths: {exc}") from None
+
+
+def _precision_row(p: PrecisionPolicy) -> str:
+    row = f"{p.dtype} compute, {p.master_dtype} master weights ({p.reason})"
+    if p.loss_scale is not None:
+        ls = p.loss_scale
+        kind = f"dynamic from {ls.initial:g}" if ls.dynamic else f"static {ls.initial:g}"
+        row += f"; loss scale {kind}"
+    return row
 
 
 def resolve_batch(recipe: Recipe, world: int, problems: list[str]) -> Batch | None:

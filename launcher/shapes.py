@@ -4,8 +4,28 @@ model builder, the memory planner and the FLOP counter."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from launcher.recipe import Model
+
+class ModelFields(Protocol):
+    """The recipe's model section, as far as a shape depends on it (launcher.recipe.Model)."""
+
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def size(self) -> str: ...
+    @property
+    def hidden_size(self) -> int | None: ...
+    @property
+    def num_layers(self) -> int | None: ...
+    @property
+    def num_heads(self) -> int | None: ...
+    @property
+    def intermediate_size(self) -> int | None: ...
+    @property
+    def vocab_size(self) -> int | None: ...
+    @property
+    def max_position_embeddings(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -46,12 +66,20 @@ _DEFAULTS = {
 }
 
 
-def shape_of(model: Model, vocab_size: int | None = None) -> Shape:
+def default_vocab_size(name: str | None) -> int:
+    """The vocabulary of a built-in model when no tokenizer decides it (BERT's for a user's model)."""
+    return int(_DEFAULTS.get(name or "bert-mlm", _BERT)["vocab_size"])
+
+
+def shape_of(model: ModelFields, vocab_size: int | None = None) -> Shape:
     """The built-in model's shape: its size preset, then the recipe's overrides.
+
+    The one derivation of a model's dimensions: the plan calls it with the run's
+    vocabulary (launcher.vocab) and the builder, planner and FLOP counter read `Plan.shape`.
 
     Args:
         model: the recipe's model section (model.name must be set).
-        vocab_size: the tokenizer's vocabulary, when a tokenizer decides it.
+        vocab_size: the run's vocabulary, when a tokenizer decides it.
     """
     assert model.name is not None, "shape_of needs a built-in model"
     hidden, layers, heads, inter = _SIZES[model.name][model.size]

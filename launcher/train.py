@@ -151,14 +151,14 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     _seed(plan.recipe.train.seed)
     tokens = data.load_tokens(plan, d.rank, d.barrier)
     # Same seed on every rank for the weights; the backends also broadcast rank 0's.
-    model = build(plan.recipe.model, tokens.vocab_size)
+    model = build(plan.recipe.model, plan.shape)
     _seed(plan.recipe.train.seed + d.rank)
     backend = load_backend(plan, model)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
     evals = data.Batches(tokens, rows.eval, plan, d.rank, evaluation=True) if len(rows.eval) else None
     root = checkpoint.root_of(plan)
     start = _resume(plan, backend, root, d)
-    meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan, tokens.vocab_size))
+    meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan))
     return Run(
         plan, backend, data.Batches(tokens, rows.train, plan, d.rank), evals, meter, root, stop, d, start
     )
@@ -302,13 +302,10 @@ def _write_finished(plan: Plan, step: int) -> None:
     )
 
 
-def _flops_per_step(plan: Plan, vocab_size: int) -> float | None:
+def _flops_per_step(plan: Plan) -> float | None:
     from launcher import flops
-    from launcher.shapes import shape_of
 
-    model = plan.recipe.model
-    shape = shape_of(model, vocab_size=vocab_size) if model.target is None else None
-    return flops.flops_per_step(shape, plan.recipe.data.seq_len, plan.batch.global_batch_size)
+    return flops.flops_per_step(plan.shape, plan.recipe.data.seq_len, plan.batch.global_batch_size)
 
 
 def _init_distributed(plan: Plan) -> Dist:

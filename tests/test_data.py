@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher import data
+from launcher import data, vocab
 from launcher.hardware import Hardware
 from launcher.plan import resolve
 from launcher.recipe import load
@@ -106,12 +106,12 @@ def test_a_trained_tokenizer_is_the_same_for_every_run_on_the_same_files(tmp_pat
 def test_a_local_tokenizer_directory_is_used_as_given(tmp_path: Path) -> None:
     trained = tmp_path / "tok"
     texts = (ROOT / "recipes" / "data" / "corpus.txt").read_text().splitlines()[:200]
-    data._train_wordpiece(texts, trained)
+    vocab._train_wordpiece(texts, trained)
     plan = _plan(tmp_path, f"data.tokenizer={json.dumps(str(trained))}")
     tokens = data.load_tokens(plan, 0, lambda: None)
-    vocab = json.loads((trained / "tokenizer.json").read_text())["model"]["vocab"]
-    assert tokens.vocab_size == len(vocab)
-    assert tokens.mask_id == vocab["[MASK]"]
+    ids = json.loads((trained / "tokenizer.json").read_text())["model"]["vocab"]
+    assert tokens.vocab_size == len(ids) == plan.vocab_size
+    assert tokens.mask_id == ids["[MASK]"]
 
 
 def test_synthetic_data_is_seeded_and_avoids_special_ids(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import torch
 import torch._dynamo
 
 from launcher import flops, models
+from launcher.precision import PrecisionPolicy
 from launcher.recipe import Model
 from launcher.shapes import Shape, shape_of
 
@@ -44,7 +45,7 @@ def test_param_count_matches_the_built_model(name: str, size: str) -> None:
     model = Model(name=name, size=size)
     shape = shape_of(model)
     with torch.device("meta"):  # shapes without memory: BERT-base builds in a blink
-        built = models.build(model, vocab_size=shape.vocab_size)
+        built = models.build(model, shape)
     assert flops.param_count(shape) == sum(p.numel() for p in built.parameters())
     inner = getattr(built, "lm", built)  # the transformers model inside mplaunch's fp32-loss wrapper
     assert [n for n, _ in flops.param_tensors(shape)] == [n for n, _ in inner.named_parameters()]
@@ -135,9 +136,12 @@ def test_mfu_is_none_without_flops() -> None:
 
 
 def test_matmul_dtype() -> None:
-    assert flops.matmul_dtype("fp32", allow_tf32=True) == "tf32"
-    assert flops.matmul_dtype("fp32", allow_tf32=False) == "fp32"
-    assert flops.matmul_dtype("bf16", allow_tf32=True) == "bf16"
+    def policy(dtype: str, tf32: bool) -> PrecisionPolicy:
+        return PrecisionPolicy(dtype, "test", tf32, None, True)  # type: ignore[arg-type]
+
+    assert policy("fp32", tf32=True).matmul_dtype == "tf32"
+    assert policy("fp32", tf32=False).matmul_dtype == "fp32"
+    assert policy("bf16", tf32=True).matmul_dtype == "bf16"
 
 
 def test_every_table_entry_is_dense_and_ordered() -> None:

@@ -169,6 +169,7 @@ def test_flops_per_step_is_the_formula_for_the_run_shape(finished: Path) -> None
     plan = json.loads((finished / "plan.json").read_text())
     vocab = Tokenizer.from_file(str(finished / "tokenizer" / "tokenizer.json")).get_vocab_size()
     shape = shape_of(Model.model_validate(plan["recipe"]["model"]), vocab_size=vocab)
+    assert plan["plan"]["vocab_size"] == vocab  # the launcher knew the trained tokenizer's size
     seq, batch = plan["recipe"]["data"]["seq_len"], plan["plan"]["batch"]["global_batch_size"]
     expected = flops.flops_per_step(shape, seq, batch)
     assert {r["flops_per_step"] for r in records(finished, "train")} == {expected}

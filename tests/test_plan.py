@@ -189,11 +189,7 @@ def test_static_fp16_scale_is_fine_with_accelerate() -> None:
     p = resolve(
         make(backend="accelerate", precision={"dtype": "fp16", "loss_scale": {"dynamic": False}}), H100x8
     )
-    assert p.backend_config["grad_scaler"]["dynamic"] is False
-    assert (
-        p.backend_config["grad_scaler"]["growth_factor"],
-        p.backend_config["grad_scaler"]["backoff_factor"],
-    ) == (1.0, 1.0)
+    assert p.backend_config["loss_scale"]["dynamic"] is False
 
 
 def test_fp16_on_cpu_is_fine_with_accelerate() -> None:
@@ -346,7 +342,28 @@ def test_plan_round_trips_through_json() -> None:
     p = resolve(make(precision={"dtype": "fp16", "loss_scale": {"window": 77}}, zero={"stage": 2}), H100x8)
     back = Plan.from_json(p.to_json())
     assert back == p
-    assert json.loads(p.to_json())["plan"]["precision"] == {"dtype": "fp16", "reason": "set in the recipe"}
+    precision = json.loads(p.to_json())["plan"]["precision"]
+    # The whole policy travels: the worker reads it and never re-derives it from the recipe.
+    assert {k: precision[k] for k in ("dtype", "reason", "allow_tf32", "bf16_supported", "master_dtype")} == {
+        "dtype": "fp16",
+        "reason": "set in the recipe",
+        "allow_tf32": True,
+        "bf16_supported": True,
+        "master_dtype": "fp32",
+    }
+    assert precision["loss_scale"]["window"] == 77
+
+
+@pytest.mark.parametrize(("dtype", "scaled"), [("fp16", True), ("bf16", False), ("fp32", False)])
+def test_only_fp16_carries_loss_scale_settings(dtype: str, scaled: bool) -> None:
+    p = resolve(make(precision={"dtype": dtype}), H100x8)
+    assert (p.precision.loss_scale is not None) is scaled
+    assert p.precision.autocast is (dtype != "fp32")
+
+
+def test_bf16_support_is_decided_by_the_plan() -> None:
+    assert resolve(make(precision={"dtype": "fp16"}), H100x8).precision.bf16_supported
+    assert not resolve(make(precision={"dtype": "fp16"}), V100x4).precision.bf16_supported
 
 
 def test_describe_has_every_part_of_the_dry_run() -> None:

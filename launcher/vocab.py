@@ -1,0 +1,171 @@
+"""The vocabulary a run will have, known to the plan before any worker starts.
+
+One answer for the model builder, the memory planner and the FLOP counter:
+`model.vocab_size` when the recipe sets it; for synthetic data the built-in
+model's default; else the size of the tokenizer the workers will load (the
+recipe's `data.tokenizer`, the run directory's copy on a resume, or the one
+trained on the data files). A tokenizer trained on the data is cached by the
+content of the files (MPLAUNCH_CACHE, default ~/.cache/mplaunch) and trained by
+the launcher before it resolves a plan (`prepare`), so a real run always knows
+its exact size; a dry run on a cold cache shows the trainer's cap as an upper bound.
+
+Light side: tokenizer files are read as JSON; the `tokenizers` library is
+imported only to train one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from launcher.recipe import Recipe
+from launcher.shapes import default_vocab_size
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MAX_TRAINED_VOCAB = 8192
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The vocabulary size of a run and where it comes from."""
+
+    size: int
+    source: str
+    exact: bool = True
+
+
+def resolve(
+    recipe: Recipe, data_paths: tuple[str, ...], tokenizer_dir: str | None, run_tokenizer: Path
+) -> Vocab:
+    """The run's vocabulary.
+
+    Args:
+        recipe: the validated recipe.
+        data_paths: its data files, resolved.
+        tokenizer_dir: the recipe's `data.tokenizer`, resolved, or None.
+        run_tokenizer: RUN_DIR's tokenizer directory (a resumed run reuses the one it trained).
+    """
+    m, d = recipe.model, recipe.data
+    if m.vocab_size is not None:
+        return Vocab(m.vocab_size, "model.vocab_size")
+    if d.kind == "synthetic":
+        return Vocab(default_vocab_size(m.name), f"the {m.name or 'default'} vocabulary (synthetic data)")
+    if tokenizer_dir is not None:
+        size = tokenizer_size(Path(tokenizer_dir))
+        if size is None:
+            return Vocab(default_vocab_size(m.name), f"{tokenizer_dir} has no {TOKENIZER_FILE}", exact=False)
+        return Vocab(size, f"the tokenizer in {tokenizer_dir}")
+    for where, label in (
+        (run_tokenizer, "the run's trained tokenizer"),
+        (trained_dir(recipe, data_paths), "the tokenizer trained on the data"),
+    ):
+        size = tokenizer_size(where)
+        if size is not None:
+            return Vocab(size, label)
+    return Vocab(
+        MAX_TRAINED_VOCAB, "the trained tokenizer's cap; the tokenizer is trained at launch", exact=False
+    )
+
+
+def tokenizer_size(directory: Path) -> int | None:
+    """Embedding rows a tokenizer needs (its largest id + 1), read from tokenizer.json; None without one."""
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab", {})
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [t["id"] for t in data.get("added_tokens", [])]
+    return max(ids) + 1 if ids else None
+
+
+def trained_dir(recipe: Recipe, data_paths: tuple[str, ...]) -> Path:
+    """Where the tokenizer trained on these files is cached (keyed by their content).
+
+    The trainer breaks frequency ties in no fixed order, so two trainings on the
+    same files can number tokens differently; one training per data set is kept
+    and every run on those files gets a copy, so comparable runs see the same ids.
+    """
+    key = hashlib.sha256()
+    for part in (_tokenizers_version(), recipe.data.kind, recipe.data.text_field, str(MAX_TRAINED_VOCAB)):
+        key.update(part.encode() + b"\0")
+    for path in data_paths:
+        key.update(Path(path).read_bytes())
+    cache_root = Path(os.environ.get("MPLAUNCH_CACHE", Path.home() / ".cache" / "mplaunch"))
+    return cache_root / "tokenizers" / key.hexdigest()[:24]
+
+
+def needs_training(recipe: Recipe) -> bool:
+    """A tokenizer must be trained on the data files (no `data.tokenizer` given)."""
+    return recipe.data.kind != "synthetic" and recipe.data.tokenizer is None
+
+
+def prepare(recipe: Recipe, data_paths: tuple[str, ...], texts: list[str] | None = None) -> Path:
+    """Train the data's tokenizer into the cache unless it is there; return its directory.
+
+    An unwritable cache falls back to a directory of this process's own.
+
+    Raises:
+        OSError, ValueError: a data file cannot be read or holds no text.
+    """
+    cached = trained_dir(recipe, data_paths)
+    if (cached / TOKENIZER_FILE).exists():
+        return cached
+    texts = read_texts(recipe, data_paths) if texts is None else texts
+    try:
+        _train_wordpiece(texts, cached)
+    except OSError:
+        import tempfile
+
+        cached = Path(tempfile.mkdtemp(prefix="mplaunch-tokenizer-"))
+        _train_wordpiece(texts, cached)
+    return cached
+
+
+def read_texts(recipe: Recipe, data_paths: tuple[str, ...]) -> list[str]:
+    """Every text of the data files: lines of text files, or `data.text_field` of jsonl records."""
+    field = recipe.data.text_field
+    texts: list[str] = []
+    for path in data_paths:
+        with open(path, encoding="utf-8") as f:
+            if recipe.data.kind == "jsonl":
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if field not in record:
+                            raise ValueError(f"{path}:{n}: record has no field {field!r} (data.text_field)")
+                        texts.append(str(record[field]))
+            else:
+                texts.extend(line.strip() for line in f if line.strip())
+    if not texts:
+        raise ValueError(f"no text found in {', '.join(data_paths)}")
+    return texts
+
+
+def _train_wordpiece(texts: list[str], out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=MAX_TRAINED_VOCAB, special_tokens=list(SPECIALS), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f"{TOKENIZER_FILE}.{os.getpid()}.tmp"
+    tokenizer.save(str(tmp))
+    tmp.replace(out_dir / TOKENIZER_FILE)
+
+
+def _tokenizers_version() -> str:
+    try:
+        return metadata.version("tokenizers")
+    except metadata.PackageNotFoundError:
+        return "none"
