@@ -10,7 +10,7 @@ Masked-LM masking is seeded per (seed, epoch, sample) for the same reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ class Tokens:
     special_ids: tuple[int, ...]
 
 
-def load_tokens(plan: Plan, rank: int, barrier: callable) -> Tokens:
+def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
     """The samples of the run: synthetic tokens, or the recipe's files tokenized.
 
     A tokenizer trained on the files is written once, by rank 0, into
@@ -187,10 +187,11 @@ class Batches:
     def _mask(self, ids: torch.Tensor, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         # BERT's recipe: of the chosen positions 80% become [MASK], 10% a random
         # token, 10% stay; the loss is taken on chosen positions only.
-        draws = np.stack(
-            [np.random.default_rng([self.seed, epoch, int(r)]).random((3, ids.shape[1])) for r in rows]
+        draws = torch.from_numpy(
+            np.stack(
+                [np.random.default_rng([self.seed, epoch, int(r)]).random((3, ids.shape[1])) for r in rows]
+            )
         )
-        draws = torch.from_numpy(draws)
         special = torch.isin(ids, torch.tensor(self.tokens.special_ids))
         chosen = (draws[:, 0] < self.mask_prob) & ~special
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))

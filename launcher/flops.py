@@ -166,7 +166,9 @@ def flops_per_step(shape: Shape | None, seq_len: int, samples_per_step: int) -> 
     Returns:
         FLOPs, or None when no formula is registered for the model.
     """
-    fn = FLOPS_PER_SEQUENCE.get(shape.family) if shape is not None else None
+    if shape is None:
+        return None
+    fn = FLOPS_PER_SEQUENCE.get(shape.family)
     return None if fn is None else fn(shape, seq_len) * samples_per_step
 
 

@@ -63,7 +63,7 @@ class DynamicScale:
                 self.scale *= 2.0
         self.iteration += 1
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod

@@ -118,7 +118,7 @@ class Meter:
             **self._hardware(step_time),
         }
         self._reset(now)
-        if self.is_rank0:
+        if self.console is not None and self.health is not None:  # rank 0
             self.write(record)
             self.console.show(record)
             for warning in self.health.check(record):
@@ -155,7 +155,7 @@ class Meter:
 
     def event(self, step: int, event: str, message: str, **fields: Any) -> None:
         """Record and print a notable event (rank 0 only)."""
-        if not self.is_rank0:
+        if self.console is None:
             return
         self.write(
             {"kind": "event", "step": step, "time": time.time(), "event": event, "message": message, **fields}
@@ -163,7 +163,7 @@ class Meter:
         self.console.note(message)
 
     def eval(self, step: int, loss: float) -> None:
-        if not self.is_rank0:
+        if self.console is None:
             return
         self.write({"kind": "eval", "step": step, "time": time.time(), "eval_loss": loss})
         self.console.note(f"step {step}: eval loss {loss:.4f}")

@@ -67,7 +67,7 @@ def _bert(shape: Shape, dropout: float) -> nn.Module:
         max_position_embeddings=shape.max_position_embeddings,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa",  # type: ignore[call-arg]  # a PretrainedConfig keyword
     )
     return BertForMaskedLM(config)
 
@@ -87,7 +87,7 @@ def _gpt2(shape: Shape, dropout: float) -> nn.Module:
         attn_pdrop=dropout,
         bos_token_id=None,
         eos_token_id=None,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa",  # type: ignore[call-arg]  # a PretrainedConfig keyword
     )
     return GPT2LMHeadModel(config)
 

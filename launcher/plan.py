@@ -370,7 +370,7 @@ def _warnings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> list[str]
         for k in scale_keys
         if k.rsplit(".", 1)[1] in ("window", "hysteresis", "consecutive_hysteresis", "min")
     ]
-    if dynamic_only and policy.dtype == "fp16" and not policy.loss_scale.dynamic:
+    if dynamic_only and policy.loss_scale is not None and not policy.loss_scale.dynamic:
         out.append(
             f"{dynamic_only[0]}: has no effect with a static loss scale (precision.loss_scale.dynamic=false)"
         )

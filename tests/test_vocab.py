@@ -33,7 +33,8 @@ def test_a_cold_cache_plans_the_cap_and_a_launch_plans_the_exact_size(
     warm = resolve(recipe, CPU)
     trained = json.loads(next((tmp_path / "cache").rglob("tokenizer.json")).read_text())
     assert warm.vocab_size == len(trained["model"]["vocab"]) < vocab.MAX_TRAINED_VOCAB
-    assert warm.shape is not None and warm.shape.vocab_size == warm.vocab_size
+    assert warm.shape is not None
+    assert warm.shape.vocab_size == warm.vocab_size
 
 
 def test_model_vocab_size_and_synthetic_data_decide_without_a_tokenizer(tmp_path: Path) -> None:

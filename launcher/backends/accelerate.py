@@ -38,13 +38,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def _scaler_class(sharded: bool) -> type:
     from torch.amp import GradScaler
 
-    base = GradScaler
+    base: type[GradScaler] = GradScaler
     if sharded:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         base = ShardedGradScaler
 
-    class HysteresisScaler(base):
+    class HysteresisScaler(base):  # type: ignore[valid-type,misc]  # a base chosen at run time
         """torch's GradScaler (which unscales, checks for inf and skips the step) whose
         scale follows DeepSpeed's rules (hysteresis, window, floor) instead of its own.
 
