@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
-from launcher import cli, memory
+from launcher import cli, memory, state_bytes
 from launcher.hardware import Gpu, Hardware
-from launcher.memory import Config, Params, Setting, model_state_bytes
+from launcher.memory import Config, Setting
 from launcher.plan import resolve
 from launcher.recipe import load
 from launcher.shapes import Shape
+from launcher.state_bytes import Params, model_state_bytes
 from tests.conftest import RECIPES, ROOT
 
 PSI = 800_000_000  # parameters
@@ -21,7 +22,7 @@ BERT_TINY = Shape("bert-mlm", 128, 2, 2, 512, 30522, 512)
 BERT_BASE = Shape("bert-mlm", 768, 12, 12, 3072, 30522, 512)
 
 
-def _state(stage: int, dtype: str = "bf16", **kw: object) -> memory.ModelState:
+def _state(stage: int, dtype: str = "bf16", **kw: object) -> state_bytes.ModelState:
     return model_state_bytes(PSI, dtype, "deepspeed", stage, N, **kw)  # type: ignore[arg-type]
 
 
@@ -108,17 +109,17 @@ def test_accelerate_keeps_fp32_params_and_shards_with_fsdp() -> None:
 )
 def test_activations_grow_linearly_in_micro_batch(family: str, dtype: str, backend: str) -> None:
     shape = Shape(family, 256, 4, 4, 1024, 30522, 512)
-    one = memory.activation_bytes(shape, 128, 1, dtype, backend, 0.1)
+    one = state_bytes.activation_bytes(shape, 128, 1, dtype, backend, 0.1)
     assert one > 0
     for b in (2, 7, 32):
-        assert memory.activation_bytes(shape, 128, b, dtype, backend, 0.1) == b * one
+        assert state_bytes.activation_bytes(shape, 128, b, dtype, backend, 0.1) == b * one
 
 
 def test_layer_activations_are_korthikanti_with_sdpa() -> None:
     # 16-bit, I = 4h, dropout on: 34*s*b*h bytes per layer; SDPA replaces the 5*a*s^2*b
     # score terms with a 4-byte log-sum-exp per head and position.
     s, b, h, a = 128, 8, 768, 12
-    got = memory._layer_activation_bytes(BERT_BASE, s, b, e=2, e_ln=2, mask=1)
+    got = state_bytes._layer_activation_bytes(BERT_BASE, s, b, e=2, e_ln=2, mask=1)
     assert got == 34 * s * b * h + 4 * a * s * b
 
 
@@ -128,7 +129,7 @@ def test_activations_of_bert_base_by_hand() -> None:
     embeddings_and_head = s * b * h * (2 + 1 + 3 * 2 + 2)
     loss_tail = 3 * 4 * s * b * vocab  # fp32 log-softmax, its gradient, the logits' gradient (LMLoss)
     expected = layers * per_layer + embeddings_and_head + loss_tail
-    assert memory.activation_bytes(BERT_BASE, s, b, "bf16", "deepspeed", 0.1) == expected
+    assert state_bytes.activation_bytes(BERT_BASE, s, b, "bf16", "deepspeed", 0.1) == expected
 
 
 def _setting(params: Params, shape: Shape | None = None, micro: int = 8, world: int = 1) -> Setting:

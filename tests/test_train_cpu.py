@@ -121,7 +121,7 @@ PLANNER_TOLERANCE = 0.05
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_memory_planner_matches_what_each_rank_holds(workdir: Path, stage: int, dtype: str) -> None:
-    from launcher import memory
+    from launcher import state_bytes
     from launcher.recipe import Model
     from launcher.shapes import shape_of
 
@@ -129,7 +129,7 @@ def test_memory_planner_matches_what_each_rank_holds(workdir: Path, stage: int, 
     _held(workdir, stage, dtype, 0)  # skips unless the matrix above ran
     vocab = len(json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
     shape = shape_of(Model(name="bert-mlm", size="tiny", max_position_embeddings=512), vocab_size=vocab)
-    predicted = memory.model_state_bytes(
+    predicted = state_bytes.model_state_bytes(
         shape, dtype, "deepspeed", stage, 2, overlap_comm=False, grad_accum=2
     )
     for rank in (0, 1):
