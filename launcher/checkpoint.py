@@ -7,7 +7,9 @@ last file written before the rename. A crash at any point therefore leaves
 either the previous complete checkpoint or the new one, never a torn one.
 
 This module reads manifests without torch so the launcher can check a resume
-before starting any worker; saving and RNG state live on the worker side.
+before starting any worker; where the checkpoint root is comes from
+launcher.rundir, and when and what to save (RNG state, data position) from the
+worker-side launcher.checkpointer.
 """
 
 from __future__ import annotations
@@ -39,16 +41,6 @@ class Found:
     ignored: tuple[str, ...]
 
 
-def root_of(plan: Any) -> Path:
-    """The checkpoint directory of a plan."""
-    return root(plan.run_dir, plan.recipe.checkpoint.dir)
-
-
-def root(run_dir: str | Path, custom: str | None) -> Path:
-    """checkpoint.dir (relative to the run directory, or absolute), or RUN_DIR/checkpoints."""
-    return Path(run_dir) / (custom if custom else "checkpoints")
-
-
 def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
@@ -72,9 +64,9 @@ def find_latest(root: Path) -> Found:
         named = root / pointer.read_text().strip()
         if _complete(named):
             candidates.append(named)
-    complete = sorted((p for p in _step_dirs(root) if _complete(p)), key=lambda p: p.name)
-    if complete:
-        candidates.append(complete[-1])
+    sealed = complete(root)
+    if sealed:
+        candidates.append(sealed[-1])
     if not candidates:
         return Found(None, None, tuple(ignored))
     # The pointer may lag the newest rename by one checkpoint if the writer died in between.
@@ -83,7 +75,8 @@ def find_latest(root: Path) -> Found:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    return json.loads((path / MANIFEST).read_text())
+    manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text())
+    return manifest
 
 
 def structure(plan: Any) -> dict[str, Any]:
@@ -115,6 +108,11 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             out.append(prefix + key)
     return out
+
+
+def complete(root: Path) -> list[Path]:
+    """The complete checkpoints under `root` (a manifest with a step), oldest first."""
+    return sorted((p for p in _step_dirs(root) if _complete(p)), key=lambda p: p.name)
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -181,8 +179,7 @@ def prune(root: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints; never the one `latest` names."""
     pointer = root / LATEST
     protected = pointer.read_text().strip() if pointer.is_file() else None
-    complete = sorted((p for p in _step_dirs(root) if _complete(p)), key=lambda p: p.name)
-    doomed = [p for p in complete[:-keep] if p.name != protected] if keep else []
+    doomed = [p for p in complete(root)[:-keep] if p.name != protected] if keep else []
     for path in doomed:
         # Renamed first so a crash mid-delete leaves no directory that looks complete.
         trash = root / f"{TMP_PREFIX}del-{path.name}"

@@ -19,6 +19,7 @@ import torch
 
 from launcher import vocab
 from launcher.plan import Plan
+from launcher.rundir import RunDir
 
 SPECIALS = vocab.SPECIALS
 
@@ -46,7 +47,7 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
         # Ids below len(SPECIALS) are reserved so the MLM mask id is never a real token.
         ids = torch.randint(len(SPECIALS), plan.vocab_size, (d.num_samples, d.seq_len), generator=gen)
         return Tokens(ids, plan.vocab_size, mask_id=4, special_ids=(0, 1, 2, 3, 4))
-    tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else Path(plan.run_dir) / "tokenizer"
+    tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else RunDir.from_plan(plan).tokenizer
     if plan.tokenizer_dir is None and rank == 0 and not (tok_dir / "tokenizer.json").exists():
         _copy_trained_tokenizer(plan, tok_dir)
     barrier()

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,21 +25,19 @@ import yaml
 
 from launcher import checkpoint
 from launcher.errors import UserError
-from launcher.plan import FINISHED_FILE, METRICS_FILE, Plan, finished_step
+from launcher.plan import Plan
 from launcher.recipe import to_dict
+from launcher.rundir import RunDir
 
 
 def prepare_run_dir(plan: Plan) -> Path:
     """Create RUN_DIR and write plan.json, recipe.yaml, command.txt and env.json into it."""
-    run_dir = Path(plan.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_atomic(run_dir / "plan.json", plan.to_json())
-    checkpoint.write_atomic(
-        run_dir / "recipe.yaml", yaml.safe_dump(_standalone_recipe(plan), sort_keys=False)
+    return RunDir.from_plan(plan).prepare(
+        plan_json=plan.to_json(),
+        recipe_yaml=yaml.safe_dump(_standalone_recipe(plan), sort_keys=False),
+        command=plan.command_line() + "\n",
+        env_json=json.dumps(environment(), indent=2) + "\n",
     )
-    checkpoint.write_atomic(run_dir / "command.txt", plan.command_line() + "\n")
-    checkpoint.write_atomic(run_dir / "env.json", json.dumps(environment(), indent=2) + "\n")
-    return run_dir
 
 
 def _standalone_recipe(plan: Plan) -> dict[str, object]:
@@ -55,7 +52,7 @@ def _standalone_recipe(plan: Plan) -> dict[str, object]:
 
 def environment() -> dict[str, object]:
     """Versions, host and git commit: enough to reproduce or report a run."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("mplaunch", "torch", "deepspeed", "accelerate", "transformers", "tokenizers", "pydantic"):
         try:
             versions[dist] = metadata.version(dist)
@@ -91,15 +88,16 @@ def check_resume(plan: Plan) -> str | None:
         UserError: the run directory holds a checkpoint this plan cannot use,
             or checkpoints a fresh start would bury (checkpoint.resume=never).
     """
-    root = checkpoint.root_of(plan)
-    found = checkpoint.find_latest(root)
+    run_dir = RunDir.from_plan(plan)
+    found = run_dir.resume_point()
+    # The one warning about torn checkpoints: the workers skip them silently.
     for line in found.ignored:
         print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
-    if found.path is None:
+    if found.path is None or found.manifest is None:
         return None
     if plan.recipe.checkpoint.resume == "never":
         raise UserError(
-            f"{root}: holds checkpoints of an earlier run and checkpoint.resume is never; "
+            f"{run_dir.checkpoints}: holds checkpoints of an earlier run and checkpoint.resume is never; "
             "nothing was started so nothing is overwritten",
             hint="use another name, or checkpoint.resume=auto to continue it",
         )
@@ -121,22 +119,19 @@ def check_resume(plan: Plan) -> str | None:
 def run(plan: Plan) -> int:
     """Run the plan's workers to completion; return their exit status (128+N after signal N)."""
     resume_from = check_resume(plan)
-    run_dir = Path(plan.run_dir)
+    run_dir = RunDir.from_plan(plan)
     if finished_run(plan, "nothing to do (raise train.max_steps to train further, or use another name)"):
         return 0
     if resume_from is None:
-        if (run_dir / METRICS_FILE).exists():
-            # A fresh start keeps the earlier attempt's metrics beside the new ones.
-            (run_dir / METRICS_FILE).rename(run_dir / f"metrics-{int(time.time())}.jsonl")
+        run_dir.archive_metrics()  # a fresh start keeps the earlier attempt's metrics beside the new ones
         # A tokenizer trained for an earlier attempt may not match today's data files.
-        shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
+        run_dir.remove_tokenizer()
     prepare_run_dir(plan)
-    for stale in (run_dir / "logs").glob("rank-*.err"):
-        stale.unlink()  # an earlier attempt's errors would be mistaken for this one's
+    run_dir.clear_rank_errors()
     print(f"mplaunch: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
     print(
         f"mplaunch: {plan.recipe.backend}, ZeRO {plan.recipe.zero.stage}, {plan.precision.dtype} on "
-        f"{plan.device}; run dir {run_dir}"
+        f"{plan.device}; run dir {run_dir.path}"
     )
     if resume_from:
         print(f"mplaunch: resuming from {resume_from}")
@@ -149,13 +144,14 @@ def finished_run(plan: Plan, then: str) -> bool:
     A FINISHED file for fewer steps (train.max_steps was raised) is removed, so the run
     trains on from its last checkpoint.
     """
-    done = finished_step(plan.run_dir)
+    run_dir = RunDir.from_plan(plan)
+    done = run_dir.finished_step()
     if done is None:
         return False
     if done >= plan.recipe.train.max_steps:
         print(f"mplaunch: {plan.run_dir} already finished {done} steps; {then}")
         return True
-    (Path(plan.run_dir) / FINISHED_FILE).unlink()
+    run_dir.clear_finished()
     return False
 
 
@@ -265,12 +261,11 @@ class _TorchrunFilter:
 
 
 def _report_failure(plan: Plan, code: int) -> None:
-    logs = sorted((Path(plan.run_dir) / "logs").glob("rank-*.err"), key=lambda p: p.stat().st_mtime)
-    if logs:
-        first = logs[0]
-        message = first.read_text().split("\n\n", 1)[0]
-        print(f"mplaunch: the run failed on {first.stem}: {message}", file=sys.stderr)
-        print(f"mplaunch: full traceback: {first}", file=sys.stderr)
+    run_dir = RunDir.from_plan(plan)
+    first = run_dir.first_rank_error()
+    if first is not None:
+        print(f"mplaunch: the run failed on {first.label}: {first.message}", file=sys.stderr)
+        print(f"mplaunch: full traceback: {first.path}", file=sys.stderr)
     else:
         print(
             f"mplaunch: the workers exited with status {code} without an error report "
@@ -278,7 +273,7 @@ def _report_failure(plan: Plan, code: int) -> None:
             file=sys.stderr,
         )
     print(
-        f"mplaunch: checkpoints, if any, are in {checkpoint.root_of(plan)}; running the same recipe again "
+        f"mplaunch: checkpoints, if any, are in {run_dir.checkpoints}; running the same recipe again "
         "resumes from the latest",
         file=sys.stderr,
     )

@@ -11,14 +11,14 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from launcher.backends import Backend, StepStats
 from launcher.health import PrecisionHealth
-from launcher.plan import METRICS_FILE, Plan
+from launcher.plan import Plan
+from launcher.rundir import RunDir
 
 
 class NonFiniteLoss(Exception):
@@ -45,7 +45,7 @@ class Meter:
         self.flops_per_step = flops_per_step
         self.samples_per_step = plan.batch.global_batch_size
         self.tokens_per_step = plan.batch.global_batch_size * plan.recipe.data.seq_len
-        self.path = Path(plan.run_dir) / METRICS_FILE
+        self.path = RunDir.from_plan(plan).metrics
         self.console = Console(plan, start_step) if is_rank0 else None
         self.tb = _tensorboard(plan) if is_rank0 and plan.recipe.logging.tensorboard else None
         self.health = PrecisionHealth(plan) if is_rank0 else None
@@ -217,7 +217,7 @@ def _tensorboard(plan: Plan):
     except ImportError:
         print("mplaunch: warning: tensorboard is not installed; logging.tensorboard is off", file=sys.stderr)
         return None
-    return SummaryWriter(log_dir=str(Path(plan.run_dir) / "tb"))
+    return SummaryWriter(log_dir=str(RunDir.from_plan(plan).tensorboard))
 
 
 def _to_tensorboard(writer, record: dict[str, Any]) -> None:

@@ -10,18 +10,16 @@ are drawn by launcher.plots (`plot_loss` overlays the loss curves of several run
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.plan import METRICS_FILE, PLAN_FILE, finished_step
+from launcher.rundir import FINISHED_FILE, METRICS_FILE, RunDir
 
 # A run with no FINISHED file whose last record is older than this, and older than three logging
 # intervals, is taken to be dead rather than still running.
@@ -90,7 +88,7 @@ def read_metrics(run_dir: str | Path) -> Metrics:
                 continue
             kind, step = record.get("kind"), record["step"]
             if kind == "event" and record.get("event") == "resume":
-                resumes.append(int(record.get("from_step", step)))
+                resumes.append(int(record["from_step"]) if "from_step" in record else step)
                 resumed = True
             elif kind == "train":
                 # A step logged again with no resume event before it still means a restart.
@@ -113,7 +111,7 @@ def read_metrics(run_dir: str | Path) -> Metrics:
 def _metrics_path(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    path = run_dir / METRICS_FILE
+    path = RunDir.of(run_dir).metrics
     if not path.is_file():
         raise UserError(f"{run_dir}: no {METRICS_FILE}", hint="is this a run directory (logging.dir/name)?")
     if path.stat().st_size == 0:
@@ -129,6 +127,7 @@ class RunInfo:
     max_steps: int | None = None
     dtype: str | None = None
     device: str | None = None
+    checkpoint_dir: str | None = None  # checkpoint.dir; None: the default
 
     @property
     def context(self) -> str:
@@ -136,43 +135,43 @@ class RunInfo:
 
 
 def read_run_info(run_dir: Path) -> RunInfo:
-    """Name, max_steps, dtype and device from plan.json, else recipe.yaml, else the directory name."""
+    """Name, max_steps, dtype, device and checkpoint.dir from plan.json, else recipe.yaml, else
+    the directory name."""
     recipe: dict[str, Any] = {}
     plan: dict[str, Any] = {}
+    files = RunDir.of(run_dir)
     try:
-        data = json.loads((run_dir / PLAN_FILE).read_text())
+        data = json.loads(files.plan_file.read_text())
         recipe, plan = data.get("recipe") or {}, data.get("plan") or {}
     except (OSError, ValueError, AttributeError):
         try:
             import yaml
 
-            recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+            recipe = yaml.safe_load(files.recipe_file.read_text()) or {}
         except (OSError, ValueError):
             pass
     recipe = recipe if isinstance(recipe, dict) else {}
     max_steps = (recipe.get("train") or {}).get("max_steps")
     dtype = (plan.get("precision") or {}).get("dtype") or (recipe.get("precision") or {}).get("dtype")
+    checkpoint_dir = (recipe.get("checkpoint") or {}).get("dir")
     return RunInfo(
         name=str(recipe.get("name") or run_dir.resolve().name),
         max_steps=max_steps if isinstance(max_steps, int) else None,
         dtype=dtype if isinstance(dtype, str) else None,
         device=plan.get("device") if isinstance(plan.get("device"), str) else None,
+        checkpoint_dir=checkpoint_dir if isinstance(checkpoint_dir, str) else None,
     )
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints (those with a manifest.json) under RUN_DIR/checkpoints."""
-    steps = []
-    for path in (run_dir / "checkpoints").glob("step-*"):
-        number = path.name.removeprefix("step-")
-        if number.isdigit() and (path / "manifest.json").is_file():
-            steps.append(int(number))
-    return sorted(steps)
+def checkpoint_steps(run_dir: Path, checkpoint_dir: str | None = None) -> list[int]:
+    """Steps of the complete checkpoints under checkpoint.dir (default RUN_DIR/checkpoints), by the
+    rules a resume uses: only a directory with a valid manifest counts."""
+    return RunDir.of(run_dir, checkpoint_dir).checkpoint_steps()
 
 
 def run_state(run_dir: Path, metrics: Metrics, now: float | None = None) -> tuple[str, str]:
     """("finished" | "running" | "stopped" | "crashed", a detail) from FINISHED, events and staleness."""
-    if finished_step(run_dir) is not None:
+    if RunDir.of(run_dir).finished_step() is not None:
         return "finished", ""
     last = next((e for e in reversed(metrics.events) if e.get("event") in LIFECYCLE_EVENTS), {})
     where = f"at step {last.get('step')}"
@@ -180,18 +179,18 @@ def run_state(run_dir: Path, metrics: Metrics, now: float | None = None) -> tupl
     if message:
         where += f": {message[-1][:100]}"
     if last.get("event") == "finish":
-        return "finished", "finish event, but no FINISHED file"
+        return "finished", f"finish event, but no {FINISHED_FILE} file"
     if last.get("event") in ("error", "stop"):
         return ("crashed" if last["event"] == "error" else "stopped"), where
     times = metrics.times()
     if not times:
-        return "crashed", "no FINISHED file and no timestamps"
+        return "crashed", f"no {FINISHED_FILE} file and no timestamps"
     gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > a]
     stale_after = max(STALE_AFTER_S, 3 * statistics.median(gaps)) if gaps else STALE_AFTER_S
     age = (time.time() if now is None else now) - times[-1]
     if age <= stale_after:
         return "running", f"last record {format_duration(max(age, 0))} ago"
-    return "crashed", f"no FINISHED file, and no record for {format_duration(age)}"
+    return "crashed", f"no {FINISHED_FILE} file, and no record for {format_duration(age)}"
 
 
 @dataclass(frozen=True)
@@ -258,7 +257,7 @@ def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -
         median_samples_per_s=statistics.median(samples) if samples else None,
         median_mfu=statistics.median(mfu) if mfu else None,
         skipped_steps=int(skipped[-1]) if skipped else 0,
-        checkpoints=tuple(checkpoint_steps(run_dir)),
+        checkpoints=tuple(checkpoint_steps(run_dir, info.checkpoint_dir)),
         wall_s=times[-1] - times[0] if times else None,
     )
 
@@ -293,32 +292,3 @@ def print_summary(summary: Summary) -> None:
 
 def is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}", hint=f"see {self.prog} --help")
-
-
-def main(argv: Sequence[str]) -> int:
-    """`mplaunch report RUN_DIR [--out DIR]`: write the plots, print the summary; returns the exit code."""
-    p = _Parser(prog="mplaunch report", description="Plot a run's metrics and print a summary table.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory: finished, running, crashed or copied")
-    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR/report)")
-    args = p.parse_args(list(argv))
-    run_dir = Path(args.run_dir)
-    from launcher.plots import write_plots  # matplotlib only when drawing
-
-    metrics = read_metrics(run_dir)
-    summary = summarize(run_dir, metrics)
-    out_dir = Path(args.out) if args.out else run_dir / "report"
-    paths = write_plots(metrics, out_dir, summary.context)
-    print_summary(summary)
-    print(f"plots: {', '.join(p.name for p in paths)} in {out_dir}")
-    if metrics.bad_lines:
-        print(
-            f"note: skipped {metrics.bad_lines} unreadable line(s) of {METRICS_FILE}"
-            " (a half-written last line is normal for a running or killed run)",
-            file=sys.stderr,
-        )
-    return 0

@@ -22,15 +22,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher import checkpoint, data
+from launcher import data
 from launcher.backends import Backend, LossScaleFloor, load_backend
+from launcher.checkpointer import Checkpointer
 from launcher.metrics import Meter, NonFiniteLoss
 from launcher.models import ModelError, build
-from launcher.plan import FINISHED_FILE, Plan
+from launcher.plan import Plan
+from launcher.rundir import RunDir
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-RNG_FILE = "rng-rank{rank}.pt"
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _explain(plan: Plan, exc: Exception) -> str:
     if isinstance(exc, LossScaleFloor):
-        ls = plan.recipe.precision.loss_scale
+        floor = plan.precision.loss_scale.min if plan.precision.loss_scale else 1.0
         return (
-            f"fp16 gradients overflow even at the minimum loss scale {ls.min:g}: the run cannot continue in fp16. "
+            f"fp16 gradients overflow even at the minimum loss scale {floor:g}: the run cannot continue in fp16. "
             "Use precision.dtype=bf16 (same speed on Ampere or newer GPUs, no loss scaling), or lower the "
             "learning rate; the last complete checkpoint is kept"
         )
@@ -109,9 +110,7 @@ def _explain(plan: Plan, exc: Exception) -> str:
 
 
 def _fail(plan: Plan, rank: int, message: str) -> int:
-    logs = Path(plan.run_dir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    (logs / f"rank-{rank}.err").write_text(f"{message}\n\n{traceback.format_exc()}")
+    RunDir.from_plan(plan).write_rank_error(rank, message, traceback.format_exc())
     print(f"mplaunch: rank {rank}: error: {message}", file=sys.stderr, flush=True)
     return EXIT_FAILED
 
@@ -125,7 +124,7 @@ class Run:
     batches: data.Batches
     evals: data.Batches | None
     meter: Meter
-    root: Path  # the checkpoint directory
+    ckpt: Checkpointer
     stop: StopRequest
     d: Dist
     start: int  # the step training starts (or resumes) at
@@ -156,11 +155,11 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     backend = load_backend(plan, model)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
     evals = data.Batches(tokens, rows.eval, plan, d.rank, evaluation=True) if len(rows.eval) else None
-    root = checkpoint.root_of(plan)
-    start = _resume(plan, backend, root, d)
+    ckpt = Checkpointer(plan, RunDir.from_plan(plan), d)
+    start = ckpt.restore(backend)
     meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan))
     return Run(
-        plan, backend, data.Batches(tokens, rows.train, plan, d.rank), evals, meter, root, stop, d, start
+        plan, backend, data.Batches(tokens, rows.train, plan, d.rank), evals, meter, ckpt, stop, d, start
     )
 
 
@@ -197,30 +196,20 @@ def fit(r: Run) -> int:
         if r.evals is not None and t.eval_every and done % t.eval_every == 0:
             meter.eval(done, evaluate(backend, r.evals, t.eval_steps, r.d))
         stopping = r.d.any(r.stop.signal is not None)  # every rank stops at the same step
-        if stopping or done == t.max_steps or _checkpoint_due(r.plan, done):
-            save(r, done)
+        if r.ckpt.due(done, stopping):
+            r.ckpt.save(done, backend, meter, r.batches.position(done))
         if stopping:
             return _stopped(r, done)
-    if r.d.rank == 0:
-        _write_finished(r.plan, t.max_steps)
+    r.ckpt.finish(t.max_steps)
     meter.event(t.max_steps, "finish", f"finished {t.max_steps} steps")
     return EXIT_OK
 
 
-def _checkpoint_due(plan: Plan, step: int) -> bool:
-    every = plan.recipe.checkpoint.every_steps
-    return bool(every) and step % every == 0
-
-
 def _stopped(r: Run, step: int) -> int:
-    """After a stop request's checkpoint: tell the user, and let Slurm requeue the job."""
-    from launcher import slurm
-
+    """After a stop request's checkpoint: record the stop (a Slurm job's script requeues on it)."""
     name = signal.Signals(r.stop.signal).name if r.stop.signal else "a signal on another rank"
     r.meter.event(step, "stop", f"stopped at step {step} on {name}; checkpoint saved, run again to resume")
     r.d.barrier()
-    if r.d.rank == 0:
-        slurm.after_stop(r.plan)
     return EXIT_OK
 
 
@@ -232,74 +221,13 @@ def evaluate(backend: Backend, evals: data.Batches, num_batches: int, d: Dist) -
     return d.mean(sum(losses) / len(losses) if losses else float("nan"))
 
 
-def save(r: Run, step: int) -> None:
-    """Write checkpoint `step` from every rank, then seal it atomically from rank 0."""
-    r.meter.check_finite()  # never seal a checkpoint of a diverged run
-    if r.d.rank == 0:
-        checkpoint.begin(r.root, step)
-    r.d.barrier()
-    tmp = checkpoint.tmp_dir(r.root, step)
-    r.backend.save(tmp)
-    torch.save(_rng_state(), tmp / RNG_FILE.format(rank=r.d.rank))
-    r.d.barrier()
-    if r.d.rank == 0:
-        epoch, in_epoch = r.batches.position(step)
-        manifest = _manifest(r.plan, step, r.backend, epoch, in_epoch)
-        final = checkpoint.commit(tmp, manifest, r.plan.recipe.checkpoint.keep)
-        r.meter.event(step, "checkpoint", f"step {step}: checkpoint saved to {final}", path=str(final))
-    r.d.barrier()
-
-
-def _manifest(plan: Plan, step: int, backend: Backend, epoch: int, in_epoch: int) -> dict:
-    from launcher.recipe import to_dict
-
-    recipe = to_dict(plan.recipe)
-    return {
-        "step": step,
-        "epoch": epoch,
-        "step_in_epoch": in_epoch,
-        **checkpoint.structure(plan),
-        "precision": plan.precision.dtype,
-        "skipped_steps": backend.skipped_steps(),
-        "loss_scale": backend.loss_scale(),
-        "recipe_hash": checkpoint.recipe_hash(recipe),
-        "recipe": recipe,
-    }
-
-
-def _resume(plan: Plan, backend: Backend, root: Path, d: Dist) -> int:
-    """Load the latest complete checkpoint (checkpoint.resume=auto); return the step to start at."""
-    if plan.recipe.checkpoint.resume == "never":
-        return 0
-    found = checkpoint.find_latest(root)
-    if d.rank == 0:
-        for line in found.ignored:
-            print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
-    if found.path is None:
-        return 0
-    problems = checkpoint.mismatch(found.manifest, checkpoint.structure(plan))
-    if problems:
-        raise ValueError(f"cannot resume from {found.path}: {'; '.join(problems)}")
-    backend.load(found.path)
-    _set_rng_state(torch.load(found.path / RNG_FILE.format(rank=d.rank), weights_only=False))
-    return int(found.manifest["step"])
-
-
 def _write_memory_report(plan: Plan, backend: Backend, rank: int, step: int) -> None:
     import json
 
     report = {"rank": rank, "step": step, "world_size": plan.world_size, "bytes": backend.state_bytes()}
-    out = Path(plan.run_dir) / "memory"
-    out.mkdir(exist_ok=True)
-    (out / f"rank-{rank}.json").write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _write_finished(plan: Plan, step: int) -> None:
-    import json
-
-    checkpoint.write_atomic(
-        Path(plan.run_dir) / FINISHED_FILE, json.dumps({"step": step, "time": time.time()}) + "\n"
-    )
+    path = RunDir.from_plan(plan).memory_report(rank)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _flops_per_step(plan: Plan) -> float | None:
@@ -330,21 +258,6 @@ def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _exit(code: int) -> None:

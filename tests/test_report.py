@@ -91,7 +91,7 @@ def make_run(
     for step in checkpoints:
         ckpt = run / "checkpoints" / f"step-{step:08d}"
         ckpt.mkdir(parents=True)
-        (ckpt / "manifest.json").write_text("{}")
+        (ckpt / "manifest.json").write_text(json.dumps({"step": step}))
     if finished:
         (run / "FINISHED").write_text(json.dumps({"step": max_steps, "time": T0}))
     return run
