@@ -5,7 +5,10 @@ short run on synthetic tokens and reads samples/s, tokens/s, achieved
 TFLOP/s, MFU and peak memory from the run's metrics.jsonl (medians over
 the records after warm-up), then prints one table with the speedup of
 each mixed precision over fp32 and over tf32, and writes a JSON file
-naming the device, driver and versions.
+naming the device, driver and versions (rewritten after every
+configuration, so an interrupted suite keeps what it measured).
+`--micro N` sets one micro-batch for every configuration instead of the
+MICRO table, and adds `-mbN` to the config names.
 
     python bench/gpu.py                                   # the full suite on one GPU
     python bench/gpu.py --device cpu --sizes tiny --seqs 32 --dtypes fp32,bf16 --steps 4   # a smoke run
@@ -41,8 +44,8 @@ PRECISION = {
 
 
 def recipe(tmp: Path, size: str, seq: int, precision: str, backend: str, args: argparse.Namespace) -> Path:
-    name = f"{size}-{seq}-{precision}-{backend}"
-    micro = MICRO.get((size, seq), 8)
+    micro = args.micro or MICRO.get((size, seq), 8)
+    name = f"{size}-{seq}-{precision}-{backend}" + (f"-mb{micro}" if args.micro else "")
     body = {
         "name": name,
         "model": {"name": "bert-mlm", "size": size},
@@ -136,9 +139,9 @@ def speedups(rows: list[dict[str, Any]]) -> None:
     """Add speedup_vs_fp32 and speedup_vs_tf32 to every row, from the same size, seq and backend."""
     by_name = {r["config"]: r for r in rows}
     for row in rows:
-        size, seq, precision, backend = row["config"].split("-")
+        size, seq, precision, rest = row["config"].split("-", 3)
         for base in ("fp32", "tf32"):
-            ref = by_name.get(f"{size}-{seq}-{base}-{backend}", {})
+            ref = by_name.get(f"{size}-{seq}-{base}-{rest}", {})
             ok = row.get("samples_per_s") and ref.get("samples_per_s")
             row[f"speedup_vs_{base}"] = row["samples_per_s"] / ref["samples_per_s"] if ok else None
 
@@ -173,11 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--warmup-records", type=int, default=2, help="metrics records skipped as warm-up")
     p.add_argument("--zero", type=int, default=0)
+    p.add_argument(
+        "--micro", type=int, default=None, help="micro-batch for every config (default: MICRO table)"
+    )
     p.add_argument("--compile", action="store_true", help="train.compile=true")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    rows = []
+    info = device_info(args.device)
+    out = (
+        args.out or ROOT / "bench" / "results" / f"gpu-{info.get('gpu', args.device).replace(' ', '_')}.json"
+    )
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for size in args.sizes.split(","):
@@ -187,27 +197,25 @@ def main(argv: list[str] | None = None) -> int:
                         row = measure(recipe(tmp, size, seq, precision, backend, args), args.warmup_records)
                         rows.append(row)
                         print(f"{row['config']}: {row.get('samples_per_s', row.get('error'))}", flush=True)
-    speedups(rows)
+                        speedups(rows)
+                        # after every row, so a killed suite keeps what it measured
+                        write(out, info, args, rows)
     print(table(rows))
-    info = device_info(args.device)
-    out = (
-        args.out or ROOT / "bench" / "results" / f"gpu-{info.get('gpu', args.device).replace(' ', '_')}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "info": info,
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "rows": rows,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
     print(f"wrote {out}")
     return 0
+
+
+def write(out: Path, info: dict[str, Any], args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "info": info,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "rows": rows,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":
