@@ -1,29 +1,46 @@
-"""Command line: parse argv into a verb, turn UserError into one line per problem and exit 2.
+"""Command line: every verb's arguments are parsed here; each verb then calls one plain function.
 
 mplaunch RECIPE [key=value ...] [--dry-run] [--resume RUN_DIR]
-mplaunch check RECIPE [key=value ...] [--explain]
+mplaunch RECIPE --slurm [--nodes N ...] [--dry-run]
+mplaunch check RECIPE [key=value ...] [--explain [--markdown]]
 mplaunch env
 mplaunch recipes [NAME] [--copy PATH]
-mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE]
-mplaunch RECIPE --slurm [--nodes N ...] [--dry-run]
+mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE] [--num-params N]
+mplaunch report RUN_DIR [--out DIR]
+mplaunch parity RECIPE [key=value ...] --steps N [--tolerance F] [--out DIR]
+
+A UserError becomes one line per problem and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from launcher import __version__
+from launcher import (
+    __version__,
+    environment,
+    launch,
+    memory,
+    parity,
+    plots,
+    recipe_files,
+    recipe_reference,
+    slurm,
+)
 from launcher import recipe as recipe_mod
 from launcher.errors import EXIT_USAGE, UserError
 from launcher.hardware import Hardware
 from launcher.plan import Plan, prepare_vocab, resolve
-from launcher.recipe import RECIPES_DIR
+from launcher.recipe_files import RECIPES_DIR
+from launcher.rundir import RunDir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,12 +68,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _recipe_arguments(
+    p: argparse.ArgumentParser, overrides_help: str = "dotted overrides, read as YAML scalars"
+) -> None:
+    p.add_argument("recipe", help="recipe file, or the name of a shipped recipe (see `mplaunch recipes`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+
+# --------------------------------------------------------------------------- run (and --slurm)
+
+# Each Slurm flag sets one recipe key and is validated like `key=value`:
+# (flag, key, metavar, help, whether its text is read as a YAML scalar like an override's).
+SLURM_FLAGS = (
+    ("--nodes", "launch.nnodes", "N", "nodes", True),
+    ("--partition", "slurm.partition", "P", "partition", False),
+    ("--time", "slurm.time", "T", "time limit, e.g. 04:00:00 or 1-00:00:00", False),
+    ("--account", "slurm.account", "A", "account", False),
+    ("--qos", "slurm.qos", "Q", "quality of service", False),
+    ("--gpus-per-node", "slurm.gpus_per_node", "G", "GPUs per node, 0 for CPU", True),
+)
+
+
 def _run_parser() -> _Parser:
     p = _Parser(
         prog="mplaunch",
         description="Train the model a YAML recipe names, on DeepSpeed or Accelerate, with mixed precision.",
         epilog=(
-            "other commands: mplaunch check RECIPE | mplaunch env | mplaunch recipes [NAME]. "
+            f"other commands: {', '.join(f'mplaunch {v}' for v in VERBS if v != 'run')} (each with --help). "
             "Overrides use the recipe's dotted keys: train.max_steps=20 precision.dtype=bf16 zero.stage=3"
         ),
     )
@@ -73,30 +111,57 @@ def _run_parser() -> _Parser:
         help="continue the run in RUN_DIR from its latest checkpoint (with RUN_DIR/recipe.yaml if no recipe is given)",
     )
     p.add_argument("--version", action="version", version=f"mplaunch {__version__}")
-    from launcher import slurm
-
-    slurm.add_arguments(p)
+    g = p.add_argument_group("Slurm (with --slurm; each flag is the override of the recipe key named)")
+    g.add_argument(
+        "--slurm", action="store_true", help="render an sbatch script into RUN_DIR/slurm and submit it"
+    )
+    for flag, key, metavar, text, _ in SLURM_FLAGS:
+        g.add_argument(flag, metavar=metavar, help=f"{text} ({key})")
+    g.add_argument(
+        "--slurm-template",
+        metavar="PATH",
+        help=f"your own Jinja2 template (default {slurm.DEFAULT_TEMPLATE.name})",
+    )
     return p
+
+
+def slurm_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The Slurm flags given, as recipe values; applied after the user's overrides (so the flags win)."""
+    values: dict[str, Any] = {}
+    for flag, key, _, _, as_yaml in SLURM_FLAGS:
+        text = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if text is not None:
+            # Counts are read like `key=value`; names and times stay text (1:00:00 is no number).
+            values[key] = recipe_mod.parse_value(key, text) if as_yaml else text
+    return values
 
 
 def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_intermixed_args(argv)
-    if args.resume and args.recipe and "=" in args.recipe and not Path(args.recipe).exists():
+    recipe, overrides = args.recipe, args.overrides
+    if args.resume and recipe and "=" in recipe and not Path(recipe).exists():
         # `mplaunch --resume DIR key=value`: argparse took the first override for the recipe.
-        args.recipe, args.overrides = None, [args.recipe, *args.overrides]
+        recipe, overrides = None, [recipe, *overrides]
+    values: dict[str, Any] = {}
     if args.resume:
-        args.recipe, args.overrides = _resume_target(args.resume, args.recipe, args.overrides, args.slurm)
-    elif args.recipe is None:
+        if args.slurm:
+            raise UserError(
+                "--resume: a Slurm job resumes by itself",
+                hint=f"resubmit it: sbatch {RunDir.of(args.resume).slurm_script}",
+            )
+        saved, values = _resume_target(args.resume)
+        recipe = recipe or saved
+    elif recipe is None:
         raise UserError("mplaunch: the following arguments are required: recipe", hint="see mplaunch --help")
     if args.slurm:
-        from launcher import slurm
-
-        return slurm.run(args)
-    plan = _plan(args.recipe, args.overrides, keep_machine_problems=args.dry_run, train_tokenizer=not args.dry_run)
+        template = Path(args.slurm_template) if args.slurm_template else None
+        loaded = recipe_mod.load(find_recipe(recipe), overrides, slurm_values(args))
+        return slurm.run(loaded, template, dry_run=args.dry_run)
+    plan = _plan(
+        recipe, overrides, values, keep_machine_problems=args.dry_run, train_tokenizer=not args.dry_run
+    )
     if args.dry_run:
         print("mplaunch dry run: nothing is started")
-        from launcher import memory
-
         print(plan.describe(memory.describe(plan)))
         # The whole plan is shown (it may be meant for another machine), but
         # the exit code is what a real run here would give: scripts that use
@@ -105,9 +170,41 @@ def cmd_run(argv: list[str]) -> int:
             raise UserError([f"this machine cannot run the plan above: {p}" for p in plan.problems])
         return 0
     _print_warnings(plan.warnings)
-    from launcher import launch
-
     return launch.run(plan)
+
+
+def _resume_target(run_dir: str) -> tuple[str, dict[str, Any]]:
+    """The saved recipe of the run in `run_dir` and the values that continue it there (`--resume RUN_DIR`)."""
+    path = Path(run_dir).resolve()
+    saved = RunDir.of(path).recipe_file
+    if not saved.is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no {saved.name} in {path})")
+    where = {"logging.dir": str(path.parent), "name": path.name}
+    run = RunDir.of(path, recipe_mod.load(saved, values=where).checkpoint.dir)
+    if run.resume_point().path is None:
+        raise UserError(f"--resume {run_dir}: no complete checkpoint in {run.checkpoints}; nothing to resume")
+    return str(saved), {**where, "checkpoint.resume": "auto"}
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path as given, or a shipped recipe by name; a mistyped verb gets a hint."""
+    return recipe_files.locate(name, verbs=[v for v in VERBS if v != "run"])
+
+
+def _plan(
+    recipe_arg: str,
+    overrides: list[str],
+    values: dict[str, Any] | None = None,
+    keep_machine_problems: bool = False,
+    train_tokenizer: bool = False,
+) -> Plan:
+    recipe = recipe_mod.load(find_recipe(recipe_arg), overrides, values)
+    if train_tokenizer:  # a real launch: the plan then knows the trained tokenizer's exact vocabulary
+        prepare_vocab(recipe)
+    return resolve(recipe, Hardware.probe(), keep_machine_problems=keep_machine_problems)
+
+
+# --------------------------------------------------------------------------- check, env, recipes
 
 
 def cmd_check(argv: list[str]) -> int:
@@ -126,18 +223,16 @@ def cmd_check(argv: list[str]) -> int:
         _print_warnings(plan.warnings)
         print(f"ok: {plan.recipe.source} ({plan.batch.equation(plan.nnodes, plan.nproc_per_node)})")
     if args.explain and args.markdown:
-        print(recipe_mod.reference_markdown())
+        print(recipe_reference.reference_markdown())
     elif args.explain:
-        for key, type_, default, doc in recipe_mod.reference_rows():
+        for key, type_, default, doc in recipe_reference.reference_rows():
             print(f"{key:<44} {type_:<34} {default:<10} {doc}")
     return 0
 
 
 def cmd_env(argv: list[str]) -> int:
     _Parser(prog="mplaunch env", description="Report versions and GPUs.").parse_args(argv)
-    from launcher.environment import report
-
-    print(report())
+    print(environment.report())
     return 0
 
 
@@ -192,7 +287,7 @@ def _copy_pairs(path: Path, dest: Path) -> list[tuple[Path, Path]]:
     src: Path | None = path
     while src is not None and src.resolve() not in {s.resolve() for s, _ in pairs}:
         pairs.append((src, dest))
-        raw = recipe_mod.read_file(src)
+        raw = recipe_files.read_file(src)
         data = raw.get("data")
         names = data.get("paths", []) if isinstance(data, dict) else []
         for name in names if isinstance(names, list) else []:
@@ -203,58 +298,80 @@ def _copy_pairs(path: Path, dest: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _resume_target(
-    run_dir: str, recipe: str | None, overrides: list[str], slurm: bool
-) -> tuple[str, list[str]]:
-    """The recipe and overrides that continue the run in `run_dir` (`--resume RUN_DIR`)."""
-    from launcher import checkpoint
+# --------------------------------------------------------------------------- plan, report, parity
 
-    if slurm:
-        raise UserError(
-            "--resume: a Slurm job resumes by itself",
-            hint=f"resubmit it: sbatch {Path(run_dir) / 'slurm' / 'job.sbatch'}",
-        )
-    path = Path(run_dir).resolve()
-    saved = path / "recipe.yaml"
-    if not saved.is_file():
-        raise UserError(f"--resume {run_dir}: not a run directory (no recipe.yaml in {path})")
-    where = [f"logging.dir={json.dumps(str(path.parent))}", f"name={json.dumps(path.name)}"]
-    root = checkpoint.root(path, recipe_mod.load(saved, where).checkpoint.dir)
-    if checkpoint.find_latest(root).path is None:
-        raise UserError(f"--resume {run_dir}: no complete checkpoint in {root}; nothing to resume")
-    return recipe or str(saved), [*overrides, *where, "checkpoint.resume=auto"]
+_UNITS = {"k": 1, "m": 2, "g": 3, "t": 4}
 
 
-def find_recipe(name: str) -> Path:
-    """A recipe path as given, or a shipped recipe by name; a mistyped verb gets a hint."""
-    return recipe_mod.locate(name, verbs=[v for v in VERBS if v != "run"])
+def parse_size(text: str) -> int:
+    """80GB (decimal), 80GiB or 80G (binary, as Slurm reads it), 512MiB, ... -> bytes.
+
+    Raises:
+        UserError: not a positive size with a unit.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt])(i?b?)\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--gpu-memory: expected a size such as 80GB, 80GiB or 24G, got {text!r}")
+    number, unit, suffix = match.groups()
+    base = 1000 if suffix.lower() == "b" else 1024
+    return int(float(number) * base ** _UNITS[unit.lower()])
 
 
-def _plan(
-    recipe_arg: str, overrides: list[str], keep_machine_problems: bool = False, train_tokenizer: bool = False
-) -> Plan:
-    recipe = recipe_mod.load(find_recipe(recipe_arg), overrides)
-    if train_tokenizer:  # a real launch: the plan then knows the trained tokenizer's exact vocabulary
-        prepare_vocab(recipe)
-    return resolve(recipe, Hardware.probe(), keep_machine_problems=keep_machine_problems)
+def parse_count(text: str) -> int:
+    """350M, 1.3B, 20k, 1000 -> a parameter count (`--num-params`)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmb]?)\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--num-params: expected a count such as 350M or 1.3B, got {text!r}")
+    return int(float(match.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match.group(2).lower()])
 
 
 def cmd_plan(argv: list[str]) -> int:
-    from launcher import memory
-
-    return memory.main(argv)
+    p = _Parser(prog="mplaunch plan", description="Estimate per-GPU memory under ZeRO stages 0-3.")
+    _recipe_arguments(p)
+    p.add_argument("--gpu-memory", metavar="SIZE", help="80GB (10^9 bytes), 80GiB or 80G; default: the GPU's")
+    p.add_argument("--num-params", metavar="N", help="parameter count of a model.target model, e.g. 350M")
+    args = p.parse_intermixed_args(argv)
+    num_params = parse_count(args.num_params) if args.num_params is not None else None
+    gpu_memory = (parse_size(args.gpu_memory), args.gpu_memory) if args.gpu_memory is not None else None
+    hardware = Hardware.probe()
+    recipe = recipe_mod.load(find_recipe(args.recipe), args.overrides)
+    plan = resolve(recipe, hardware, nnodes_allowed=True, keep_machine_problems=True)
+    memory.show(plan, hardware, gpu_memory, num_params)
+    return 0
 
 
 def cmd_report(argv: list[str]) -> int:
-    from launcher import report
-
-    return report.main(argv)
+    p = _Parser(prog="mplaunch report", description="Plot a run's metrics and print a summary table.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory: finished, running, crashed or copied")
+    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR/report)")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    plots.write_report(run_dir, Path(args.out) if args.out else RunDir.of(run_dir).report)
+    return 0
 
 
 def cmd_parity(argv: list[str]) -> int:
-    from launcher import parity
-
-    return parity.main(argv)
+    p = _Parser(
+        prog="mplaunch parity",
+        description="Train N steps in fp32 and in the recipe's mixed precision from the same seed and data; "
+        "compare the losses. Exit 0 on PASS, 1 on FAIL.",
+    )
+    _recipe_arguments(p, overrides_help="dotted overrides for both runs")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps of each run")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=parity.DEFAULT_TOLERANCE,
+        help=f"largest final relative loss difference that passes (default {parity.DEFAULT_TOLERANCE})",
+    )
+    p.add_argument("--out", metavar="DIR", help="where the two runs go (default LOGGING_DIR/parity-NAME)")
+    args = p.parse_intermixed_args(argv)
+    if args.steps < 1:
+        raise UserError(f"--steps: {args.steps}; need at least 1")
+    if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
+        raise UserError(f"--tolerance: {args.tolerance}; need a fraction >= 0, e.g. 0.02 for 2 %")
+    out = Path(args.out) if args.out else None
+    return parity.check(find_recipe(args.recipe), args.overrides, args.steps, args.tolerance, out)
 
 
 def _print_warnings(warnings: Sequence[str]) -> None:

@@ -9,9 +9,6 @@ suggests what fits and prints the table and the dry run's memory section.
 
 from __future__ import annotations
 
-import argparse
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -230,71 +227,38 @@ def describe(plan: Plan, gpu_memory_bytes: int | None = None) -> str:
     return f"{title}\n{line}"
 
 
-# --------------------------------------------------------------------------- command line
-
-_UNITS = {"k": 1, "m": 2, "g": 3, "t": 4}
+# --------------------------------------------------------------------------- mplaunch plan
 
 
-def parse_size(text: str) -> int:
-    """80GB (decimal), 80GiB or 80G (binary, as Slurm reads it), 512MiB, ... -> bytes.
-
-    Raises:
-        UserError: not a positive size with a unit.
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt])(i?b?)\s*", text, flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"--gpu-memory: expected a size such as 80GB, 80GiB or 24G, got {text!r}")
-    number, unit, suffix = match.groups()
-    base = 1000 if suffix.lower() == "b" else 1024
-    return int(float(number) * base ** _UNITS[unit.lower()])
-
-
-def _parse_count(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmb]?)\s*", text, flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"--num-params: expected a count such as 350M or 1.3B, got {text!r}")
-    return int(float(match.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match.group(2).lower()])
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}", hint=f"see {self.prog} --help")
-
-
-def _target(gpu_memory: str | None, hardware: Hardware) -> tuple[int, str]:
+def _target(gpu_memory: tuple[int, str] | None, hardware: Hardware) -> tuple[int, str]:
     """Bytes of GPU memory to plan for, and where that number comes from."""
     if gpu_memory is not None:
-        size = parse_size(gpu_memory)
-        return size, f"{_gib(size)} GiB per GPU (--gpu-memory {gpu_memory})"
+        size, text = gpu_memory
+        return size, f"{_gib(size)} GiB per GPU (--gpu-memory {text})"
     if hardware.gpus:
         gpu = min(hardware.gpus, key=lambda g: g.memory_bytes)
         return gpu.memory_bytes, f"{_gib(gpu.memory_bytes)} GiB per GPU ({gpu.name})"
     return DEFAULT_GPU_BYTES, "80.00 GiB per GPU (assumed: no GPU is visible and --gpu-memory was not given)"
 
 
-def main(argv: Sequence[str]) -> int:
-    """`mplaunch plan`: print the per-GPU memory table for ZeRO stages 0-3 and a suggestion."""
-    from launcher import recipe as recipe_mod
-    from launcher.hardware import Hardware
-    from launcher.plan import resolve
+def show(
+    plan: Plan, hardware: Hardware, gpu_memory: tuple[int, str] | None = None, num_params: int | None = None
+) -> None:
+    """`mplaunch plan`: print the per-GPU memory table for ZeRO stages 0-3 and a suggestion.
 
-    p = _Parser(prog="mplaunch plan", description="Estimate per-GPU memory under ZeRO stages 0-3.")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--gpu-memory", metavar="SIZE", help="80GB (10^9 bytes), 80GiB or 80G; default: the GPU's")
-    p.add_argument("--num-params", metavar="N", help="parameter count of a model.target model, e.g. 350M")
-    args = p.parse_intermixed_args(list(argv))
-    num_params = _parse_count(args.num_params) if args.num_params is not None else None
-    hardware = Hardware.probe()
-    gpu_bytes, target = _target(args.gpu_memory, hardware)
-    recipe = recipe_mod.load(recipe_mod.locate(args.recipe), args.overrides)
-    plan = resolve(recipe, hardware, nnodes_allowed=True, keep_machine_problems=True)
+    Args:
+        plan: the recipe's plan (resolved with its problems kept: it may be meant for another machine).
+        hardware: this machine; its smallest GPU is the target unless `gpu_memory` is given.
+        gpu_memory: bytes per GPU to plan for, and the --gpu-memory text they were read from.
+        num_params: parameter count of a model.target model (--num-params).
+    """
+    gpu_bytes, target = _target(gpu_memory, hardware)
     s = setting_of(plan, num_params)
     usable = int(gpu_bytes * HEADROOM)
-    m = recipe.model
+    m = plan.recipe.model
     model = f"{m.name} {m.size}" if s.shape else (m.target or m.name)
     print(
-        f"memory plan for {recipe.name}: {model}, {s.params.total / 1e6:.1f}M parameters,"
+        f"memory plan for {plan.recipe.name}: {model}, {s.params.total / 1e6:.1f}M parameters,"
         f" {s.dtype} ({plan.precision.reason}), {s.backend}, world_size {s.world_size},"
         f" micro_batch_size {s.micro_batch_size}, seq_len {s.seq_len}"
     )
@@ -306,4 +270,3 @@ def main(argv: Sequence[str]) -> int:
     if s.shape is None:
         print("activations: unknown for this model, left out of the totals")
     print(suggest(s, usable))
-    return 0

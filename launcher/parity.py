@@ -45,21 +45,23 @@ Light side: the workers import torch; this module does not.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from launcher import launch, plots
 from launcher import recipe as recipe_mod
 from launcher.errors import UserError
 from launcher.hardware import Hardware
-from launcher.plan import PLAN_FILE, Plan, resolve
+from launcher.plan import Plan, prepare_vocab, resolve
 from launcher.report import Metrics, read_metrics
+from launcher.rundir import RunDir
 
 DEFAULT_TOLERANCE = 0.02
 FINAL_FRACTION = 0.10
@@ -149,7 +151,7 @@ def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: fl
     window = common[-max(1, math.ceil(FINAL_FRACTION * len(common))) :] if common else []
     final_ref = statistics.fmean(ref[s] for s in window) if window else None
     final_got = statistics.fmean(got[s] for s in window) if window else None
-    final = abs(final_got - final_ref) / abs(final_ref) if final_ref else None
+    final = abs(final_got - final_ref) / abs(final_ref) if final_ref and final_got is not None else None
     if final is None:
         problems.append("no step has a loss in both runs")
     worst = max(range(len(diffs)), key=diffs.__getitem__) if diffs else None
@@ -189,12 +191,13 @@ def _median(metrics: Metrics, key: str) -> float | None:
 
 @dataclass(frozen=True)
 class Pair:
-    """The two plans of a parity check, the directory that holds them, and the mixed run's overrides."""
+    """The two plans of a parity check, the directory that holds them, and how the mixed run was loaded."""
 
     out: Path
     fp32: Plan
     mixed: Plan
-    mixed_overrides: tuple[str, ...]
+    overrides: tuple[str, ...]  # the user's, for both runs
+    mixed_values: Mapping[str, Any]  # the parity settings of the mixed run
 
 
 def plan_pair(
@@ -205,22 +208,22 @@ def plan_pair(
     Raises:
         UserError: the recipe or overrides are invalid, or the recipe's precision is fp32.
     """
-    base = recipe_mod.load(recipe_path, list(overrides))
+    base = recipe_mod.load(recipe_path, overrides)
+    prepare_vocab(base)  # both runs train on the tokenizer's exact vocabulary
     out_dir = (Path(out) if out else Path(base.logging.dir) / f"parity-{base.name}").resolve()
-    common = [
-        *overrides,
-        f"train.max_steps={steps}",
-        "logging.every_steps=1",
-        f"logging.dir={json.dumps(str(out_dir))}",
+    common: dict[str, Any] = {
+        "train.max_steps": steps,
+        "logging.every_steps": 1,
+        "logging.dir": str(out_dir),
         # Fresh runs: no resume, and only the final checkpoint, in each run's own directory.
-        "checkpoint.resume=never",
-        "checkpoint.every_steps=0",
-        "checkpoint.dir=null",
-    ]
+        "checkpoint.resume": "never",
+        "checkpoint.every_steps": 0,
+        "checkpoint.dir": None,
+    }
     if base.train.eval_every > steps:
-        common.append("train.eval_every=0")
-    mixed_overrides = (*common, "name=mixed")
-    mixed = resolve(recipe_mod.load(recipe_path, list(mixed_overrides)), hardware)
+        common["train.eval_every"] = 0
+    mixed_values = {**common, "name": "mixed"}
+    mixed = resolve(recipe_mod.load(recipe_path, overrides, mixed_values), hardware)
     if mixed.precision.dtype == "fp32":
         raise UserError(
             f"{recipe_path}: precision resolves to fp32 ({mixed.precision.reason}); "
@@ -228,28 +231,27 @@ def plan_pair(
             hint="pass precision.dtype=bf16 or precision.dtype=fp16",
         )
     # TF32 is a reduced-precision matmul too: the reference must be plain fp32.
-    reference = ["name=fp32", "precision.dtype=fp32", "precision.allow_tf32=false"]
-    fp32 = resolve(recipe_mod.load(recipe_path, [*common, *reference]), hardware)
-    return Pair(out_dir, fp32, mixed, mixed_overrides)
+    reference = {**common, "name": "fp32", "precision.dtype": "fp32", "precision.allow_tf32": False}
+    fp32 = resolve(recipe_mod.load(recipe_path, overrides, reference), hardware)
+    return Pair(out_dir, fp32, mixed, tuple(overrides), mixed_values)
 
 
 def pin_tokenizer(pair: Pair, recipe_path: Path, hardware: Hardware) -> Pair:
     """Give the mixed run the tokenizer the fp32 run trained, so both see exactly the same token ids."""
-    tokenizer = Path(pair.fp32.run_dir) / "tokenizer"
+    tokenizer = RunDir.from_plan(pair.fp32).tokenizer
     data = pair.mixed.recipe.data
     if data.kind == "synthetic" or data.tokenizer is not None or not (tokenizer / "tokenizer.json").is_file():
         return pair
-    overrides = (*pair.mixed_overrides, f"data.tokenizer={json.dumps(str(tokenizer))}")
-    return Pair(
-        pair.out, pair.fp32, resolve(recipe_mod.load(recipe_path, list(overrides)), hardware), overrides
-    )
+    values = {**pair.mixed_values, "data.tokenizer": str(tokenizer)}
+    mixed = resolve(recipe_mod.load(recipe_path, pair.overrides, values), hardware)
+    return Pair(pair.out, pair.fp32, mixed, pair.overrides, values)
 
 
 def fresh(run_dir: Path) -> None:
     """Remove an earlier parity run in `run_dir`; refuse to delete anything that is not a run directory."""
     if not run_dir.exists():
         return
-    if run_dir.is_dir() and (not any(run_dir.iterdir()) or (run_dir / PLAN_FILE).is_file()):
+    if run_dir.is_dir() and (not any(run_dir.iterdir()) or RunDir.of(run_dir).is_run_dir()):
         shutil.rmtree(run_dir)
         return
     raise UserError(
@@ -258,60 +260,34 @@ def fresh(run_dir: Path) -> None:
 
 
 def _run(plan: Plan, label: str) -> int:
-    from launcher import launch
-
     print(f"parity: {label} run -> {plan.run_dir}", flush=True)
     return launch.run(plan)
 
 
 def _failure(plan: Plan, code: int) -> str:
-    logs = sorted((Path(plan.run_dir) / "logs").glob("rank-*.err"))
-    first = logs[0].read_text().split("\n\n", 1)[0].strip() if logs else ""
-    return f"the {plan.precision.dtype} run failed (exit {code})" + (f": {first}" if first else "")
+    first = RunDir.from_plan(plan).first_rank_error()
+    message = first.message if first is not None else ""
+    return f"the {plan.precision.dtype} run failed (exit {code})" + (f": {message}" if message else "")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}", hint=f"see {self.prog} --help")
-
-
-def _parser() -> _Parser:
-    p = _Parser(
-        prog="mplaunch parity",
-        description="Train N steps in fp32 and in the recipe's mixed precision from the same seed and data; "
-        "compare the losses. Exit 0 on PASS, 1 on FAIL.",
-    )
-    p.add_argument("recipe", help="recipe file or shipped recipe name")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for both runs")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps of each run")
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=DEFAULT_TOLERANCE,
-        help=f"largest final relative loss difference that passes (default {DEFAULT_TOLERANCE})",
-    )
-    p.add_argument("--out", metavar="DIR", help="where the two runs go (default LOGGING_DIR/parity-NAME)")
-    return p
-
-
-def main(argv: Sequence[str]) -> int:
+def check(path: Path, overrides: Sequence[str], steps: int, tolerance: float, out: Path | None) -> int:
     """`mplaunch parity`: run both, compare, plot, write parity.json.
+
+    Args:
+        path: the recipe file.
+        overrides: the user's dotted overrides, for both runs.
+        steps: optimizer steps of each run (>= 1).
+        tolerance: the largest final relative loss difference that passes (>= 0).
+        out: where the two runs go; default LOGGING_DIR/parity-NAME.
 
     Returns:
         0 on PASS, 1 on FAIL (or a failed run), 128+N when signal N interrupted a run.
 
     Raises:
-        UserError: bad arguments or recipe; nothing is started.
+        UserError: bad recipe; nothing is started.
     """
-
-    args = _parser().parse_intermixed_args(list(argv))
-    if args.steps < 1:
-        raise UserError(f"--steps: {args.steps}; need at least 1")
-    if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
-        raise UserError(f"--tolerance: {args.tolerance}; need a fraction >= 0, e.g. 0.02 for 2 %")
-    path = recipe_mod.locate(args.recipe)
     hardware = Hardware.probe()
-    pair = plan_pair(path, args.overrides, args.steps, args.out, hardware)
+    pair = plan_pair(path, overrides, steps, str(out) if out else None, hardware)
     for warning in pair.mixed.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for plan in (pair.fp32, pair.mixed):
@@ -330,8 +306,8 @@ def main(argv: Sequence[str]) -> int:
         read_metrics(pair.fp32.run_dir),
         _metrics_or_empty(pair.mixed.run_dir),
         pair.mixed.precision.dtype,
-        args.steps,
-        args.tolerance,
+        steps,
+        tolerance,
     )
     if code != 0:
         result = Comparison(**{**asdict(result), "problems": (_failure(pair.mixed, code), *result.problems)})
@@ -347,12 +323,12 @@ def _metrics_or_empty(run_dir: str) -> Metrics:
 
 def report(pair: Pair, result: Comparison) -> int:
     """Plot both loss curves, write parity.json, print the table; return the exit code."""
-    from launcher.plots import plot_loss
-
     dtype, plan = result.dtype, pair.mixed
     context = f"{plan.recipe.backend}, {plan.device}, {result.steps} steps"
     curves = {"fp32": read_metrics(pair.fp32.run_dir), dtype: _metrics_or_empty(plan.run_dir)}
-    plot = plot_loss(curves, pair.out / PLOT_FILE, title=f"Parity: {dtype} vs fp32 loss", context=context)
+    plot = plots.plot_loss(
+        curves, pair.out / PLOT_FILE, title=f"Parity: {dtype} vs fp32 loss", context=context
+    )
     body = {
         "verdict": "pass" if result.passed else "fail",
         **asdict(result),

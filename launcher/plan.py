@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,43 +18,13 @@ from typing import Any
 import yaml
 
 from launcher import backend_config, precision, vocab
+from launcher.batch import Batch, resolve_batch
 from launcher.errors import UserError
 from launcher.hardware import Hardware
 from launcher.precision import PrecisionPolicy
 from launcher.recipe import Recipe, explicitly_set, to_dict
+from launcher.rundir import PLAN_FILE, RunDir
 from launcher.shapes import Shape, shape_of
-
-# The run directory's files that several modules read or write (README: "Run directory").
-PLAN_FILE = "plan.json"
-METRICS_FILE = "metrics.jsonl"
-FINISHED_FILE = "FINISHED"
-
-
-def finished_step(run_dir: str | Path) -> int | None:
-    """The step RUN_DIR/FINISHED records, or None when the run has not finished."""
-    path = Path(run_dir) / FINISHED_FILE
-    if not path.exists():
-        return None
-    return int(json.loads(path.read_text() or "{}").get("step", 0))
-
-
-@dataclass(frozen=True)
-class Batch:
-    """The batch triple; global = micro x grad_accum x world (data-parallel)."""
-
-    micro_batch_size: int
-    grad_accum: int
-    global_batch_size: int
-    world_size: int
-
-    def equation(self, nnodes: int, nproc_per_node: int) -> str:
-        node_word = "node" if nnodes == 1 else "nodes"
-        proc_word = "proc" if nproc_per_node == 1 else "procs"
-        return (
-            f"global_batch_size {self.global_batch_size} = micro_batch_size {self.micro_batch_size}"
-            f" x grad_accum {self.grad_accum} x world_size {self.world_size}"
-            f" ({nnodes} {node_word} x {nproc_per_node} {proc_word})"
-        )
 
 
 @dataclass(frozen=True)
@@ -86,7 +57,7 @@ class Plan:
 
     @property
     def plan_path(self) -> Path:
-        return Path(self.run_dir) / PLAN_FILE
+        return RunDir.from_plan(self).plan_file
 
     def to_json(self) -> str:
         """The handoff file's content: the resolved recipe plus the plan."""
@@ -204,7 +175,7 @@ def resolve(
     run_dir = str((Path(recipe.logging.dir) / recipe.name).resolve())
     env = _env(recipe, device, nproc, hardware)
     data_paths, tokenizer = data_files(recipe)
-    vocab_ = vocab.resolve(recipe, data_paths, tokenizer, Path(run_dir) / "tokenizer")
+    vocab_ = vocab.resolve(recipe, data_paths, tokenizer, RunDir.of(Path(run_dir)).tokenizer)
     shape = shape_of(recipe.model, vocab_.size) if recipe.model.target is None else None
     return Plan(
         recipe=recipe,
@@ -254,43 +225,6 @@ def _precision_row(p: PrecisionPolicy) -> str:
     return row
 
 
-def resolve_batch(recipe: Recipe, world: int, problems: list[str]) -> Batch | None:
-    """Derive the batch triple from any two of its members (or one, with grad_accum 1)."""
-    t = recipe.train
-    m, g, a = t.micro_batch_size, t.global_batch_size, t.grad_accum
-    if m is None and g is None:
-        problems.append("train.micro_batch_size: set it (or train.global_batch_size) to size the batch")
-        return None
-    if m is not None and g is not None and a is not None:
-        if g != m * a * world:
-            problems.append(
-                f"train.global_batch_size: {g} != micro_batch_size {m} x grad_accum {a} x world_size {world}"
-                f" (= {m * a * world}); set only two of the three"
-            )
-            return None
-    elif m is not None and g is not None:
-        if g % (m * world):
-            problems.append(
-                f"train.global_batch_size: {g} is not divisible by micro_batch_size {m} x world_size {world}"
-                f" (= {m * world})"
-            )
-            return None
-        a = g // (m * world)
-    elif m is not None:
-        a = a or 1
-        g = m * a * world
-    else:
-        assert g is not None
-        a = a or 1
-        if g % (a * world):
-            problems.append(
-                f"train.global_batch_size: {g} is not divisible by grad_accum {a} x world_size {world} (= {a * world})"
-            )
-            return None
-        m = g // (a * world)
-    return Batch(m, a, g, world)
-
-
 def _device(recipe: Recipe, hardware: Hardware, problems: list[str]) -> tuple[str, str]:
     wanted = recipe.launch.device
     if wanted == "cuda" and not hardware.gpus:
@@ -317,28 +251,52 @@ def _nproc(recipe: Recipe, hardware: Hardware, device: str, problems: list[str])
     return n
 
 
-def torchrun_command(recipe: Recipe, nproc: int, run_dir: str) -> tuple[str, ...]:
-    """The exact single-node torchrun invocation of the worker."""
-    rdzv = (
-        ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{recipe.launch.master_port}"]
-        if recipe.launch.master_port
-        else ["--standalone"]
-    )
+def torchrun_command(
+    recipe: Recipe,
+    nproc: int,
+    run_dir: str,
+    *,
+    nnodes: int = 1,
+    rendezvous: Sequence[str] | None = None,
+    python: str = sys.executable,
+    plan_path: str | None = None,
+    extra: Sequence[str] = (),
+) -> tuple[str, ...]:
+    """The torchrun invocation of the worker: the local launch's, and each Slurm node's.
+
+    Args:
+        recipe: for launch.max_restarts and launch.master_port.
+        nproc: processes on each node.
+        run_dir: the run directory; the worker reads its plan.json.
+        nnodes: nodes of the job (1 for a local launch).
+        rendezvous: torchrun's rendezvous flags; default the local ones (--standalone, or c10d
+            on localhost:launch.master_port).
+        python: the interpreter (a Slurm node's may be a shell reference such as "$MPLAUNCH_PYTHON").
+        plan_path: the plan file as the worker sees it; default RUN_DIR/plan.json.
+        extra: further torchrun flags, before the worker module.
+    """
+    if rendezvous is None:
+        port = recipe.launch.master_port
+        rendezvous = (
+            ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}"] if port else ["--standalone"]
+        )
     return (
-        sys.executable,
+        python,
         "-m",
         "torch.distributed.run",
-        *rdzv,
-        "--nnodes=1",
+        *rendezvous,
+        f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc}",
         f"--max-restarts={recipe.launch.max_restarts}",
+        *extra,
         "-m",
         "launcher.train",
-        str(Path(run_dir) / PLAN_FILE),
+        plan_path or str(Path(run_dir) / PLAN_FILE),
     )
 
 
 def _env(recipe: Recipe, device: str, nproc: int, hardware: Hardware) -> dict[str, str]:
+    """mplaunch's environment for the workers: the local launch's, and the sbatch script's below slurm.env."""
     env = {
         "PYTHONUNBUFFERED": "1",
         # torchrun would set 1 thread per worker; on CPU that starves the run.

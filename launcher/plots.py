@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import bisect
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
-from launcher.report import Metrics, is_number
+from launcher.report import Metrics, is_number, print_summary, read_metrics, summarize
+from launcher.rundir import METRICS_FILE
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -66,7 +68,7 @@ def _finish(fig: Figure, axes: list[Axes], path: Path, title: str, context: str)
 
     axes[0].set_title(f"{title} — {context}" if context else title, loc="left")
     for ax in axes:
-        if not any(len(line.get_xdata()) for line in ax.lines):  # a note only: no scale to show
+        if not any(len(list(line.get_xdata())) for line in ax.lines):  # type: ignore[arg-type]  # a note only: no scale to show
             ax.set_xticks([])
             continue
         ax.grid(True, alpha=0.3)
@@ -109,16 +111,16 @@ def plot_loss(curves: Mapping[str, Metrics], path: Path, *, title: str = "Loss",
         color = f"C{i}"
         ax.plot(steps, loss, color=color, lw=1.4, label=f"{prefix}train loss")
         if eval_steps:
-            style = {"ls": "--", "marker": "o", "ms": 4, "lw": 1}
+            style: dict[str, Any] = {"ls": "--", "marker": "o", "ms": 4, "lw": 1}
             ax.plot(
                 eval_steps, eval_loss, color="C1" if single else color, **style, label=f"{prefix}eval loss"
             )
         for j, step in enumerate(metrics.resumes):
-            label = f"{prefix}resumed from checkpoint" if j == 0 else None
-            ax.axvline(step, color="0.4" if single else color, ls=":", lw=1.5, label=label)
+            mark: str | None = f"{prefix}resumed from checkpoint" if j == 0 else None
+            ax.axvline(step, color="0.4" if single else color, ls=":", lw=1.5, label=mark)
         for j, error in enumerate(metrics.named("error")):
-            label = f"{prefix}error (crash)" if j == 0 else None
-            ax.axvline(error["step"], color="C3", ls="--", lw=1.2, alpha=0.7, label=label)
+            mark = f"{prefix}error (crash)" if j == 0 else None
+            ax.axvline(error["step"], color="C3", ls="--", lw=1.2, alpha=0.7, label=mark)
     if not any(m.series("loss")[0] for m in curves.values()):
         _note(ax, "no training step logged yet")
     ax.set_ylabel("loss")
@@ -140,6 +142,15 @@ def _plot_lr(metrics: Metrics, path: Path, context: str) -> Path:
     axes[0].set_ylim(bottom=0)
     axes[0].set_ylabel("learning rate")
     return _finish(fig, axes, path, "Learning rate", context)
+
+
+def _times(factor: float) -> Any:
+    """x -> x * factor, for a secondary axis (matplotlib passes arrays)."""
+
+    def scale(x: Any) -> Any:
+        return x * factor
+
+    return scale
 
 
 def _scale_at(steps: list[int], scales: list[float], step: int) -> float:
@@ -164,7 +175,10 @@ def _plot_loss_scale(metrics: Metrics, path: Path, context: str) -> Path:
     # cumulative skipped_steps counter went up.
     overflows = [(e["step"], e.get("loss_scale")) for e in metrics.named("overflow")]
     if overflows:
-        marks = [(s, v if is_number(v) else _scale_at(steps, scales, s)) for s, v in overflows]
+        marks = [
+            (s, float(v) if v is not None and is_number(v) else _scale_at(steps, scales, s))
+            for s, v in overflows
+        ]
         label = f"overflow, step skipped ({len(marks)})"
     else:
         went_up = [s for s, a, b in zip(skip_steps[1:], skipped, skipped[1:], strict=False) if b > a]
@@ -209,7 +223,7 @@ def _plot_throughput(metrics: Metrics, path: Path, context: str) -> Path:
     ax.yaxis.set_major_formatter(_number_formatter())
     ratio = _constant_ratio(samples, tokens)
     if ratio:  # one curve, read on two scales
-        secondary = ax.secondary_yaxis("right", functions=(lambda x: x * ratio, lambda x: x / ratio))
+        secondary = ax.secondary_yaxis("right", functions=(_times(ratio), _times(1 / ratio)))
         secondary.set_ylabel(f"tokens/s ({ratio:,.0f} tokens per sample)")
         secondary.yaxis.set_major_formatter(_number_formatter())
         _legend(ax)
@@ -259,3 +273,23 @@ def write_plots(metrics: Metrics, out_dir: Path, context: str = "") -> list[Path
         _plot_throughput(metrics, out_dir / "throughput.png", context),
         _plot_memory(metrics, out_dir / "memory.png", context),
     ]
+
+
+def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
+    """`mplaunch report`: write the run's plots into `out_dir` and print its summary table.
+
+    Raises:
+        UserError: RUN_DIR has no metrics, or matplotlib is not installed.
+    """
+    metrics = read_metrics(run_dir)
+    summary = summarize(run_dir, metrics)
+    paths = write_plots(metrics, out_dir, summary.context)
+    print_summary(summary)
+    print(f"plots: {', '.join(p.name for p in paths)} in {out_dir}")
+    if metrics.bad_lines:
+        print(
+            f"note: skipped {metrics.bad_lines} unreadable line(s) of {METRICS_FILE}"
+            " (a half-written last line is normal for a running or killed run)",
+            file=sys.stderr,
+        )
+    return paths

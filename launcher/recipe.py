@@ -7,11 +7,8 @@ keys and wrong types are reported all at once, each naming its dotted path.
 
 from __future__ import annotations
 
-import math
-import os
 import re
-import types
-import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from launcher.errors import UserError
 from launcher.recipe_errors import attribute, describe_errors, leaf_keys
+from launcher.recipe_files import Loader, read_chain, yaml_reason
+from launcher.recipe_rules import check_rules
 
 
 def _no_bool(value: Any) -> Any:
@@ -217,8 +216,6 @@ class Slurm(Section):
     """Quality of service (sbatch --qos)."""
     time: str = "01:00:00"
     """Time limit, as sbatch takes it (HH:MM:SS or D-HH:MM:SS)."""
-    nodes: PositiveInt | None = None
-    """Nodes; default launch.nnodes."""
     gpus_per_node: Annotated[int, Field(ge=0)] | None = None
     """GPUs per node; default launch.nproc_per_node on GPU, 0 on CPU."""
     cpus_per_task: PositiveInt | None = None
@@ -271,40 +268,14 @@ class Recipe(Section):
 # --------------------------------------------------------------------------- loading
 
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def locate(name: str, verbs: list[str] | tuple[str, ...] = ()) -> Path:
-    """A recipe path as given, or a shipped recipe by name (`bert`, `bert.yaml`, `recipes/bert.yaml`).
-
-    Args:
-        name: what the user typed.
-        verbs: command names; a name close to one of them gets a "did you mean" hint.
-
-    Raises:
-        UserError: no such file and no such shipped recipe.
-    """
-    import difflib
-
-    path = Path(name)
-    if path.exists():
-        return path
-    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
-    shipped = RECIPES_DIR / f"{stem}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    verb = difflib.get_close_matches(name, list(verbs), n=1, cutoff=0.75)
-    hint = f"did you mean `mplaunch {verb[0]}`?" if verb else f"shipped recipes: {names}"
-    raise UserError(f"{name}: recipe file not found", hint=hint)
-
-
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe file, apply its `extends:` chain and the dotted overrides, and validate.
+def load(path: str | Path, overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> Recipe:
+    """Read a recipe file, apply its `extends:` chain, the dotted overrides and the values, and validate.
 
     Args:
         path: the recipe file.
-        overrides: `dotted.key=value` strings; values are read as YAML scalars.
+        overrides: `dotted.key=value` strings from the user; values are read as YAML scalars.
+        values: dotted key -> value, set after the overrides exactly as they are, but taken as given
+            (no YAML reading): what mplaunch itself sets, such as `logging.dir` for `--resume`.
 
     Returns:
         The validated recipe.
@@ -313,16 +284,15 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         UserError: with one line per problem, all problems at once.
     """
     path = Path(path)
-    raw = _read_chain(path, ())
-    override_paths = []
-    for item in overrides:
-        dotted, value = parse_override(item)
+    raw = read_chain(path, ())
+    settings = [parse_override(item) for item in overrides]
+    settings += list((values or {}).items())
+    for dotted, value in settings:
         _set_dotted(raw, dotted, value)
-        override_paths.append(dotted)
     raw.setdefault("name", path.stem)
     raw.pop("extends", None)
     raw["source"] = str(path)
-    return validate(raw, str(path), override_paths)
+    return validate(raw, str(path), [dotted for dotted, _ in settings])
 
 
 def validate(raw: dict[str, Any], label: str, override_paths: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -362,136 +332,15 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
         raise UserError(f"override {item!r}: expected dotted.key=value", hint="e.g. train.max_steps=20")
+    return key, parse_value(key, text)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A command-line value for `key`, read as a YAML scalar the way `key=value` reads it."""
     try:
-        return key, yaml.load(text, Loader=_Loader) if text else ""
+        return yaml.load(text, Loader=Loader) if text else ""
     except yaml.YAMLError as exc:
-        raise UserError(f"override {key}: value {text!r} is not valid YAML ({_yaml_reason(exc)})") from None
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML that refuses duplicate keys (PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key; the base class reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
-# Numbers as YAML 1.2 reads them. YAML 1.1 needs a dot in a float, so PyYAML
-# reads lr: 1e-4 as a string; and it reads base-60 numbers, so slurm's
-# time: 1:00:00 would arrive as the integer 3600.
-_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    _INT,
-    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"),
-)
-_Loader.add_implicit_resolver(
-    _FLOAT,
-    re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"  # a dot, maybe an exponent
-        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"  # an exponent without a dot: 1e-4
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(text: str) -> Any:
-    """Parse YAML the way recipes are read (duplicate keys refused, 1e-4 is a number)."""
-    return yaml.load(text, Loader=_Loader)
-
-
-def _read_chain(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, resolved))
-        raise UserError(f"{path}: extends cycle: {cycle}")
-    raw = read_file(path)
-    parent = raw.get("extends")
-    if parent is None:
-        return raw
-    if not isinstance(parent, str) or not parent:
-        raise UserError(f"{path}: extends: expected the path of a base recipe, got {parent!r}")
-    base_file = path.parent / parent
-    if not base_file.is_file():
-        raise UserError(f"{path}: extends: base recipe not found: {base_file}")
-    base = _read_chain(base_file, (*chain, resolved))
-    _rebase_paths(base, base_file, path)
-    return deep_merge(base, {k: v for k, v in raw.items() if k != "extends"})
-
-
-def read_file(path: Path) -> dict[str, Any]:
-    """One recipe file as a mapping, without its extends chain; UserError if unreadable."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(
-            f"{path}: recipe file not found", hint="`mplaunch recipes` lists the shipped ones"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read recipe ({getattr(exc, 'strerror', None) or exc})") from None
-    try:
-        data = read_yaml(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({_yaml_reason(exc)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def _yaml_reason(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
-
-
-def _rebase_paths(base: dict[str, Any], base_file: Path, child_file: Path) -> None:
-    # Data paths are relative to the file that names them; after merging they
-    # are read relative to the child, so rewrite the base's to stay correct.
-    data = base.get("data")
-    if not isinstance(data, dict):
-        return
-    rel = Path(_relpath(base_file.parent, child_file.parent))
-    if isinstance(data.get("paths"), list):
-        data["paths"] = [
-            p if not isinstance(p, str) or Path(p).is_absolute() else str(rel / p) for p in data["paths"]
-        ]
-    if isinstance(data.get("tokenizer"), str) and not Path(data["tokenizer"]).is_absolute():
-        data["tokenizer"] = str(rel / data["tokenizer"])
-
-
-def _relpath(target: Path, start: Path) -> str:
-    return os.path.relpath(target.resolve(), start.resolve())
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key; anything else in `top` replaces what `base` had."""
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+        raise UserError(f"override {key}: value {text!r} is not valid YAML ({yaml_reason(exc)})") from None
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -506,88 +355,6 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
             raise UserError(f"override {dotted}: {prefix} is a value, not a section")
         node = child
     node[parts[-1]] = value
-
-
-# --------------------------------------------------------------------------- cross-field rules
-
-
-def check_rules(recipe: Recipe) -> list[str]:
-    """Rules that span fields and need no knowledge of the machine; one line per broken rule."""
-    z = recipe.zero
-    problems: list[str] = []
-    if z.offload_optimizer and z.stage < 1:
-        problems.append(f"zero.offload_optimizer: needs zero.stage >= 1, got stage {z.stage}")
-    if z.offload_params and z.stage != 3:
-        problems.append(f"zero.offload_params: needs zero.stage 3, got stage {z.stage}")
-    if recipe.backend == "accelerate" and z.offload_optimizer and not z.offload_params:
-        problems.append(
-            "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together; "
-            "set zero.offload_params=true too, or use backend=deepspeed"
-        )
-    problems += _model_rules(recipe)
-    problems += _data_rules(recipe)
-    problems += _loss_scale_rules(recipe)
-    if recipe.launch.nnodes > 1 and recipe.slurm.nodes not in (None, recipe.launch.nnodes):
-        problems.append(
-            f"slurm.nodes: {recipe.slurm.nodes} disagrees with launch.nnodes {recipe.launch.nnodes}"
-        )
-    return problems
-
-
-def _model_rules(recipe: Recipe) -> list[str]:
-    from launcher.shapes import shape_of  # shapes imports this module
-
-    m = recipe.model
-    if m.target is None and m.name is None:
-        return ["model: set model.name to a built-in model or model.target to your own factory"]
-    if m.target is not None:
-        return []
-    problems = ["model.kwargs: only used with model.target"] if m.kwargs else []
-    shape = shape_of(m)
-    if m.name != "tiny-mlp" and shape.hidden_size % shape.num_heads:
-        problems.append(
-            f"model.num_heads: {shape.num_heads} does not divide model.hidden_size {shape.hidden_size}"
-            f" (the {m.size} preset's, unless set)"
-        )
-    if m.name != "tiny-mlp" and recipe.data.seq_len > shape.max_position_embeddings:
-        problems.append(
-            f"data.seq_len: {recipe.data.seq_len} is longer than model.max_position_embeddings"
-            f" {shape.max_position_embeddings}"
-        )
-    return problems
-
-
-def _loss_scale_rules(recipe: Recipe) -> list[str]:
-    ls = recipe.precision.loss_scale
-    key = "precision.loss_scale"
-    problems = []
-    # DeepSpeed takes the dynamic scale as an exponent (initial_scale_power);
-    # a static scale is used as written.
-    if ls.dynamic and ls.initial != 2.0 ** round(math.log2(ls.initial)):
-        problems.append(f"{key}.initial: expected a power of two for a dynamic scale, got {ls.initial:g}")
-    if ls.dynamic and ls.min > ls.initial:
-        problems.append(f"{key}.min: {ls.min:g} is above {key}.initial {ls.initial:g}")
-    if recipe.backend == "deepspeed" and ls.min != int(ls.min):
-        problems.append(f"{key}.min: DeepSpeed's min_loss_scale is a whole number, got {ls.min:g}")
-    return problems
-
-
-def _data_rules(recipe: Recipe) -> list[str]:
-    d = recipe.data
-    problems: list[str] = []
-    if d.kind == "synthetic" and d.paths:
-        problems.append("data.paths: only used with data.kind text or jsonl")
-    if d.kind != "synthetic" and not d.paths:
-        problems.append(f"data.paths: data.kind {d.kind} needs at least one file")
-    base = Path(recipe.source).parent if recipe.source else Path()
-    for i, p in enumerate(d.paths if d.kind != "synthetic" else []):
-        if not (base / p).is_file():
-            problems.append(f"data.paths[{i}]: file not found: {base / p}")
-    if d.tokenizer is not None and not (base / d.tokenizer).is_dir():
-        problems.append(f"data.tokenizer: directory not found: {base / d.tokenizer}")
-    if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
-        problems.append("data.kind: the tiny-mlp model trains on synthetic data only")
-    return problems
 
 
 def explicitly_set(recipe: Recipe) -> set[str]:
@@ -614,78 +381,3 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
 def all_keys() -> list[str]:
     """Every valid dotted key of the recipe, for suggestions and the reference table."""
     return leaf_keys(Recipe)
-
-
-def reference_rows() -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, description) for every recipe key: `check --explain` and the README."""
-    rows = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            sub = field.annotation
-            if field.exclude:
-                continue
-            if isinstance(sub, type) and issubclass(sub, BaseModel):
-                walk(sub, f"{prefix}{name}.")
-                continue
-            default = "file name" if field.is_required() else _default_text(field.default)
-            rows.append(
-                (prefix + name, _type_name(sub, tuple(field.metadata)), default, field.description or "")
-            )
-
-    walk(Recipe, "")
-    return rows
-
-
-def reference_markdown() -> str:
-    """The README's recipe reference: one table row per key, from the field docstrings."""
-    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-    for key, type_, default, doc in reference_rows():
-        cells = (f"`{key}`", type_, f"`{default}`", doc)
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def _type_name(annotation: Any, metadata: tuple[Any, ...] = ()) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _type_name(args[0], (*metadata, *args[1:]))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in args)
-    if origin is Literal:
-        return " | ".join(str(a) for a in args)
-    if annotation is type(None):
-        return "null"
-    if origin is list:
-        return f"list of {_type_name(args[0])}"
-    if origin is tuple and len(set(args)) == 1:
-        return f"list of {len(args)} ({_type_name(args[0])})"
-    if origin is dict:
-        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    name = {"Any": "any"}.get(
-        getattr(annotation, "__name__", ""), getattr(annotation, "__name__", str(annotation))
-    )
-    bounds = [f"{op} {getattr(m, attr)}" for m in _flat(metadata) for attr, op in _OPS if hasattr(m, attr)]
-    return " ".join([name, ", ".join(bounds)]) if bounds else name
-
-
-_OPS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-
-
-def _flat(metadata: tuple[Any, ...]) -> list[Any]:
-    # A FieldInfo inside Annotated keeps its constraints in its own metadata.
-    return [m for item in metadata for m in (getattr(item, "metadata", None) or [item])]
-
-
-def _default_text(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value >= 1024:
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(str(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{}" if not value else str(value)
-    return str(value)

@@ -12,8 +12,9 @@ Slurm signals every process of the job steps (torchrun and, through the
 process tracker, the workers too); torchrun is told to handle SIGUSR1 as well,
 so it forwards it to the workers (needed where the tracker only reaches the
 task) and waits up to signal_s seconds for them before SIGKILL. The workers
-checkpoint at the next step boundary and rank 0 calls `after_stop`, which
-requeues the job. A requeued job starts its script again and the workers
+checkpoint at the next step boundary, record a "stop" event and exit; once
+srun returns, the script runs `python -m launcher.requeue`, which requeues the
+job (launcher.requeue). A requeued job starts its script again and the workers
 resume from the latest checkpoint; RUN_DIR/FINISHED ends it at once.
 
 Light side: no torch import.
@@ -21,9 +22,7 @@ Light side: no torch import.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
 import shlex
 import shutil
@@ -33,15 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import __version__, checkpoint
+from launcher import __version__, launch
 from launcher import recipe as recipe_mod
 from launcher.errors import UserError
 from launcher.hardware import Gpu, Hardware
-from launcher.plan import Plan, resolve
+from launcher.plan import Plan, prepare_vocab, resolve, torchrun_command
+from launcher.rundir import RunDir
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "sbatch.sh.j2"
-SCRIPT_NAME = "job.sbatch"
-REQUEUES_FILE = "requeues.json"
 STOP_SIGNAL = "USR1"
 # How long srun lets the other nodes finish after the first task exits; a crashed
 # node takes the job down after this, a clean stop is done long before.
@@ -49,10 +47,18 @@ SRUN_WAIT_S = 60
 # GPUs on the cluster are not visible from the login node; precision "auto"
 # assumes they are Ampere or newer (bf16). Set precision.dtype to be explicit.
 CLUSTER_GPU = Gpu(index=0, name="GPU on the Slurm nodes", capability=(8, 0), memory_bytes=80 * 2**30)
-DEFAULT_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN", "PYTHONUNBUFFERED": "1"}
+# Each node's torchrun meets the others on the allocation's first node. These are
+# shell words of the per-task script, expanded there (see the template).
+RENDEZVOUS = (
+    "--rdzv-backend=c10d",
+    "--rdzv-endpoint=$MPLAUNCH_HEAD:$MPLAUNCH_PORT",
+    "--rdzv-id=$SLURM_JOB_ID",
+    "--rdzv-conf=is_host=$is_host",
+)
+SAFE_WORD = re.compile(r"[A-Za-z0-9_.,:=/@%+-]+")
 # Options mplaunch writes itself; set them through the slurm.* keys instead.
 MANAGED_OPTIONS = {
-    "job-name": "name", "nodes": "slurm.nodes", "ntasks-per-node": None, "ntasks": None,
+    "job-name": "name", "nodes": "launch.nnodes", "ntasks-per-node": None, "ntasks": None,
     "gpus-per-node": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem",
     "time": "slurm.time", "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
     "output": None, "error": None, "signal": "slurm.signal_s", "requeue": None, "no-requeue": None,
@@ -66,47 +72,15 @@ TIME_VALUE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 EXTRA_OPTION = re.compile(r"--([a-z][a-z0-9-]*)(=[^\s'\"`\\]+)?")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --slurm flags; each is the dotted override of the same slurm.* key (validated the same way)."""
-    g = parser.add_argument_group("Slurm (with --slurm; each flag is the override slurm.KEY=VALUE)")
-    g.add_argument(
-        "--slurm", action="store_true", help="render an sbatch script into RUN_DIR/slurm and submit it"
-    )
-    g.add_argument("--nodes", metavar="N", help="nodes (slurm.nodes and launch.nnodes)")
-    g.add_argument("--partition", metavar="P", help="partition (slurm.partition)")
-    g.add_argument("--time", metavar="T", help="time limit, e.g. 04:00:00 or 1-00:00:00 (slurm.time)")
-    g.add_argument("--account", metavar="A", help="account (slurm.account)")
-    g.add_argument("--qos", metavar="Q", help="quality of service (slurm.qos)")
-    g.add_argument("--gpus-per-node", metavar="G", help="GPUs per node, 0 for CPU (slurm.gpus_per_node)")
-    g.add_argument(
-        "--slurm-template", metavar="PATH", help=f"your own Jinja2 template (default {DEFAULT_TEMPLATE.name})"
-    )
-
-
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The Slurm flags as dotted overrides, applied after the user's own (so the flags win)."""
-    out = []
-    if args.nodes is not None:
-        out += [f"slurm.nodes={args.nodes}", f"launch.nnodes={args.nodes}"]
-    if args.gpus_per_node is not None:
-        out.append(f"slurm.gpus_per_node={args.gpus_per_node}")
-    for key in ("partition", "time", "account", "qos"):
-        value = getattr(args, key)
-        if value is not None:
-            out.append(f"slurm.{key}={json.dumps(value)}")  # a quoted YAML scalar: 1:00:00 stays text
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
+def run(recipe: recipe_mod.Recipe, template: Path | None = None, dry_run: bool = False) -> int:
     """`mplaunch RECIPE --slurm`: resolve for the cluster, render, write the run dir, submit (or print)."""
-
-    recipe = recipe_mod.load(recipe_mod.locate(args.recipe), [*args.overrides, *flag_overrides(args)])
-    template = Path(args.slurm_template) if args.slurm_template else DEFAULT_TEMPLATE
+    if not dry_run:  # the submitted plan knows the trained tokenizer's exact vocabulary
+        prepare_vocab(recipe)
     plan = resolve_for_cluster(recipe)
-    script = render(plan, template)
+    script = render(plan, template or DEFAULT_TEMPLATE)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    if args.dry_run:
+    if dry_run:
         print(script, end="")
         return 0
     return submit(plan, script)
@@ -144,10 +118,6 @@ def resolve_for_cluster(recipe: recipe_mod.Recipe) -> Plan:
     problems = check_values(recipe)
     if problems:
         raise UserError(problems)
-    if recipe.slurm.nodes is not None and recipe.slurm.nodes != recipe.launch.nnodes:
-        # check_rules rejects two different counts; an unset launch.nnodes follows slurm.nodes.
-        launch = recipe.launch.model_copy(update={"nnodes": recipe.slurm.nodes})
-        recipe = recipe.model_copy(update={"launch": launch})
     if recipe.launch.device == "cuda" and gpus_per_node(recipe) == 0:
         raise UserError("slurm.gpus_per_node: 0 GPUs but launch.device is cuda", hint="use --gpus-per-node N")
     return resolve(recipe, cluster_hardware(recipe), nnodes_allowed=True)
@@ -206,6 +176,7 @@ def time_limit_s(text: str) -> int | None:
     if m is None:
         return None
     days, first, second, third = (int(g) if g is not None else None for g in m.groups())
+    assert first is not None  # TIME_VALUE always captures the first number
     if days is not None:  # D-H, D-H:M, D-H:M:S
         return days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)
     if third is not None:  # H:M:S
@@ -218,20 +189,24 @@ def time_limit_s(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class Paths:
-    """Where the job's files go: RUN_DIR/slurm/."""
+    """Where the job's files go: RUN_DIR/slurm/ (named by launcher.rundir)."""
 
     run_dir: Path
 
     @property
+    def files(self) -> RunDir:
+        return RunDir.of(self.run_dir)
+
+    @property
     def slurm_dir(self) -> Path:
-        return self.run_dir / "slurm"
+        return self.files.slurm_dir
 
     @property
     def script(self) -> Path:
-        return self.slurm_dir / SCRIPT_NAME
+        return self.files.slurm_script
 
     def log(self, suffix: str, job_id: str = "%j") -> Path:
-        return self.slurm_dir / f"slurm-{job_id}.{suffix}"
+        return self.files.slurm_log(suffix, job_id)
 
 
 def context(plan: Plan) -> dict[str, Any]:
@@ -252,6 +227,13 @@ def context(plan: Plan) -> dict[str, Any]:
         "account": s.account,
         "qos": s.qos,
         "slurm_dir": str(paths.slurm_dir),
+        # File names inside slurm_dir and run_dir, as launcher.rundir names them.
+        "slurm_out": paths.log("out").name,
+        "slurm_err": paths.log("err").name,
+        "plan_file": paths.files.plan_file.name,
+        "finished_file": paths.files.finished.name,
+        "logs_dir": paths.files.logs.name,
+        "metrics_file": paths.files.metrics.name,
         "signal": STOP_SIGNAL,
         "signal_s": s.signal_s,
         "extra_sbatch": list(s.extra_sbatch),
@@ -260,6 +242,7 @@ def context(plan: Plan) -> dict[str, Any]:
         "plan_path": str(plan.plan_path),
         "python": plan.command[0] if plan.command else sys.executable,
         "env": layered_env(plan),
+        "torchrun": task_torchrun(plan),
         "setup": list(s.setup),
         "max_restarts": recipe.launch.max_restarts,
         "master_port": recipe.launch.master_port,
@@ -268,10 +251,41 @@ def context(plan: Plan) -> dict[str, Any]:
 
 
 def layered_env(plan: Plan) -> dict[str, str]:
-    """mplaunch's defaults, then the plan's environment, then slurm.env, in that order in the script."""
+    """The plan's environment (the one a local launch gets), then slurm.env, in that order in the script."""
     top = plan.recipe.slurm.env
-    below = {k: v for k, v in {**DEFAULT_ENV, **plan.env}.items() if k not in top}
+    below = {k: v for k, v in plan.env.items() if k not in top}
     return {**below, **top}
+
+
+def task_torchrun(plan: Plan) -> list[str]:
+    """The torchrun command of each node's task, as shell words of the single-quoted task script.
+
+    It is launcher.plan's torchrun command with the rendezvous on the first node, the stop
+    signal handled, and the interpreter and plan path taken from the task's environment.
+    """
+    handled = f"--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIG{STOP_SIGNAL}"
+    argv = torchrun_command(
+        plan.recipe,
+        plan.nproc_per_node,
+        plan.run_dir,
+        nnodes=plan.nnodes,
+        rendezvous=RENDEZVOUS,
+        python="$MPLAUNCH_PYTHON",
+        plan_path="$MPLAUNCH_PLAN",
+        extra=(handled, f"--shutdown-timeout={plan.recipe.slurm.signal_s}"),
+    )
+    return [_task_word(word) for word in argv]
+
+
+def _task_word(word: str) -> str:
+    # Words naming a variable are double-quoted for the task's shell (`--flag="$X:$Y"`);
+    # every other word is a plain token. None may hold a quote, which would end the script.
+    if "$" not in word:
+        assert SAFE_WORD.fullmatch(word), word
+        return word
+    assert not any(ch in word for ch in "'\"`\\"), word
+    flag, eq, value = word.partition("=") if word.startswith("--") else ("", "", word)
+    return f'{flag}="{value}"' if eq else f'"{word}"'
 
 
 def render(plan: Plan, template: Path = DEFAULT_TEMPLATE) -> str:
@@ -314,8 +328,6 @@ def sbatch_path(directory: str, pattern: str = "") -> str:
 
 def submit(plan: Plan, script: str) -> int:
     """Write the run directory and the script, submit it, print the job id and the log paths."""
-    from launcher import launch
-
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UserError(
@@ -327,7 +339,7 @@ def submit(plan: Plan, script: str) -> int:
     paths = Paths(Path(launch.prepare_run_dir(plan)))
     paths.slurm_dir.mkdir(parents=True, exist_ok=True)
     paths.script.write_text(script)
-    (paths.run_dir / "command.txt").write_text(f"sbatch {shlex.quote(str(paths.script))}\n")
+    paths.files.command_file.write_text(f"sbatch {shlex.quote(str(paths.script))}\n")
     done = subprocess.run([sbatch, "--parsable", str(paths.script)], capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
@@ -340,70 +352,3 @@ def submit(plan: Plan, script: str) -> int:
     follow = shlex.quote(str(paths.log("out", job_id)))
     print(f"mplaunch: run dir {paths.run_dir}; follow with: tail -f {follow}")
     return 0
-
-
-# --------------------------------------------------------------------------- inside the job
-
-
-def after_stop(plan: Plan) -> None:
-    """Rank 0, after every rank has checkpointed on a stop request: requeue the Slurm job.
-
-    Outside Slurm (no SLURM_JOB_ID) it does nothing. A job Slurm is already
-    ending or requeueing (cancelled, timed out, preempted) is left to Slurm.
-    At most slurm.max_requeues requeues per job id, counted in
-    RUN_DIR/slurm/requeues.json. Never raises: the checkpoint is already safe.
-    """
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return
-    state = _job_state(job_id)
-    if state not in (None, "RUNNING"):
-        _log(f"job {job_id} is {state}; Slurm ends or requeues it, so mplaunch does not")
-        return
-    cap = plan.recipe.slurm.max_requeues
-    counts_path = Paths(Path(plan.run_dir)).slurm_dir / REQUEUES_FILE
-    counts = _read_counts(counts_path)
-    used = counts.get(job_id, 0)
-    if used >= cap:
-        _log(f"job {job_id} was requeued {used} times (slurm.max_requeues={cap}); not again. "
-             f"The checkpoint is saved: resubmit {Paths(Path(plan.run_dir)).script} to continue")  # fmt: skip
-        return
-    counts[job_id] = used + 1
-    _write_counts(counts_path, counts)
-    # The requeue ends this job at once (SIGTERM to every process), so say it first.
-    _log(f"requeueing job {job_id} ({used + 1} of {cap}); it resumes from the latest checkpoint")
-    try:
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        _log(f"scontrol requeue {job_id} failed: {exc}")
-        return
-    if done.returncode != 0:
-        _log(f"scontrol requeue {job_id} failed: {done.stderr.strip() or done.stdout.strip()}")
-
-
-def _job_state(job_id: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"\bJobState=(\S+)", out)
-    return m.group(1) if m else None
-
-
-def _read_counts(path: Path) -> dict[str, int]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
-def _write_counts(path: Path, counts: dict[str, int]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_atomic(path, json.dumps(counts, indent=2) + "\n")
-
-
-def _log(message: str) -> None:
-    print(f"mplaunch: slurm: {message}", flush=True)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 import launcher
-from launcher import cli
+from launcher import cli, launch
 from launcher.hardware import Gpu, Hardware
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,12 +43,9 @@ def machine(monkeypatch: pytest.MonkeyPatch) -> object:
 
 @pytest.fixture
 def no_launch(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Replace launcher.launch so that nothing can start; records the plans it was given."""
+    """Replace launcher.launch.run so that nothing can start; records the plans it was given."""
     started: list[object] = []
-    fake = types.ModuleType("launcher.launch")
-    fake.run = lambda plan: started.append(plan) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "launcher.launch", fake)
-    monkeypatch.setattr(launcher, "launch", fake, raising=False)
+    monkeypatch.setattr(launch, "run", lambda plan: started.append(plan) or 0)
     return started
 
 
@@ -130,7 +126,7 @@ def test_check_explain_lists_every_key(capsys: pytest.CaptureFixture[str], machi
 
 
 def test_explain_needs_no_recipe_and_can_print_markdown(capsys: pytest.CaptureFixture[str]) -> None:
-    from launcher.recipe import reference_markdown
+    from launcher.recipe_reference import reference_markdown
 
     code, out, _ = run(capsys, "check", "--explain", "--markdown")
     assert code == 0
@@ -281,14 +277,20 @@ def test_run_parser_flags_are_frozen() -> None:
     # Settings belong in the recipe and reach the command line as dotted
     # overrides (train.max_steps=20); a flag per knob is what this prevents.
     # A new launcher-level flag is a design decision: add it here on purpose.
-    # The Slurm flags are launcher.slurm's to freeze; they are only counted out.
-    from launcher import slurm
-
-    slurm_parser = argparse.ArgumentParser(add_help=False)
-    slurm.add_arguments(slurm_parser)
-    slurm_flags = _flags(slurm_parser)
-    assert "--slurm" in slurm_flags
+    # Each Slurm flag is the override of one recipe key (cli.SLURM_FLAGS).
+    slurm_flags = {"--slurm", "--slurm-template", *(flag for flag, *_ in cli.SLURM_FLAGS)}
+    assert slurm_flags == {
+        "--slurm", "--slurm-template", "--nodes", "--partition", "--time", "--account", "--qos", "--gpus-per-node",
+    }  # fmt: skip
     assert _flags(cli._run_parser()) - slurm_flags == {"-h", "--help", "--dry-run", "--resume", "--version"}
+
+
+def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for verb in ("check", "env", "recipes", "plan", "report", "parity"):
+        assert f"mplaunch {verb}" in out, verb
 
 
 # --------------------------------------------------------------------------- env

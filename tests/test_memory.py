@@ -185,7 +185,7 @@ def test_nothing_fits_says_what_to_do() -> None:
     ],
 )
 def test_parse_size(text: str, size: int) -> None:
-    assert memory.parse_size(text) == size
+    assert cli.parse_size(text) == size
 
 
 @pytest.mark.parametrize("bad", ["80", "lots", "0GB", "-4G", "80 GX", ""])
@@ -258,8 +258,8 @@ def test_describe_for_the_dry_run() -> None:
 
 def test_planner_imports_no_torch() -> None:
     code = (
-        "import sys, launcher.flops, launcher.memory as m;"
-        f" m.main([{str(RECIPES / 'bert.yaml')!r}, '--gpu-memory', '80GiB']);"
+        "import sys, launcher.flops, launcher.cli as c;"
+        f" c.main(['plan', {str(RECIPES / 'bert.yaml')!r}, '--gpu-memory', '80GiB']);"
         " print(sorted(x for x in ('torch', 'deepspeed', 'accelerate', 'transformers') if x in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

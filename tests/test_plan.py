@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import hardware, plan
+from launcher import hardware
+from launcher.batch import resolve_batch
 from launcher.errors import UserError
 from launcher.hardware import Gpu, Hardware
 from launcher.plan import Plan, resolve
@@ -55,7 +56,7 @@ def test_batch_triple_is_derived_from_any_two(
 ) -> None:
     r = make(train={"micro_batch_size": micro, "global_batch_size": global_, "grad_accum": accum})
     problems: list[str] = []
-    batch = plan.resolve_batch(r, world, problems)
+    batch = resolve_batch(r, world, problems)
     assert problems == []
     assert batch is not None
     assert (batch.micro_batch_size, batch.grad_accum, batch.global_batch_size) == expected
@@ -95,7 +96,7 @@ def test_batch_triple_must_divide_and_says_the_equation(
 ) -> None:
     r = make(train={"micro_batch_size": micro, "global_batch_size": global_, "grad_accum": accum})
     problems: list[str] = []
-    assert plan.resolve_batch(r, world, problems) is None
+    assert resolve_batch(r, world, problems) is None
     (line,) = problems
     assert line.startswith(message)
 

@@ -10,7 +10,7 @@ import pytest
 
 from launcher import cli
 from launcher.hardware import Hardware
-from launcher.recipe import reference_markdown
+from launcher.recipe_reference import reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -8,8 +8,10 @@ import pytest
 import yaml
 
 from launcher import recipe as recipe_mod
+from launcher import recipe_files, recipe_reference
 from launcher.errors import UserError
-from launcher.recipe import Recipe, check_rules, load
+from launcher.recipe import Recipe, load
+from launcher.recipe_rules import check_rules
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MINIMAL = {"name": "t", "model": {"name": "tiny-mlp"}, "train": {"micro_batch_size": 2, "max_steps": 10}}
@@ -22,7 +24,7 @@ def write(tmp_path: Path, body: dict | str, name: str = "r.yaml") -> Path:
 
 
 def merged(**sections: object) -> dict:
-    return recipe_mod.deep_merge(MINIMAL, sections)
+    return recipe_files.deep_merge(MINIMAL, sections)
 
 
 def problems(tmp_path: Path, body: dict | str, overrides: tuple[str, ...] = ()) -> list[str]:
@@ -191,8 +193,8 @@ def test_every_broken_rule_is_reported_at_once() -> None:
     assert keys == [
         "zero.offload_optimizer",
         "zero.offload_params",
+        "data.paths",
         "precision.loss_scale.initial",
-        "slurm.nodes",
     ]
 
 
@@ -420,7 +422,6 @@ def test_override_applies_after_the_extends_chain() -> None:
             {"precision": {"loss_scale": {"min": 0.5}}},
             "precision.loss_scale.min: DeepSpeed's min_loss_scale is a whole number, got 0.5",
         ),
-        ({"launch": {"nnodes": 2}, "slurm": {"nodes": 3}}, "slurm.nodes: 3 disagrees with launch.nnodes 2"),
     ],
 )
 def test_each_cross_field_rule(tmp_path: Path, sections: dict, line: str) -> None:
@@ -449,6 +450,23 @@ def test_valid_combinations_pass_the_rules(tmp_path: Path, sections: dict) -> No
     load(write(tmp_path, merged(**sections)))
 
 
+def test_slurm_nodes_is_gone_and_names_launch_nnodes(tmp_path: Path) -> None:
+    (got,) = problems(tmp_path, merged(slurm={"nodes": 2}))
+    assert "slurm.nodes: unknown key; did you mean launch.nnodes?" in got, got
+
+
+def test_values_are_set_as_given_after_the_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    # A value is not read as YAML: "1:00:00" stays text, "null" stays a string.
+    got = load(
+        path, ["slurm.time=2:00:00", "name=user"], values={"slurm.time": "1:00:00", "data.text_field": "null"}
+    )
+    assert (got.slurm.time, got.data.text_field, got.name) == ("1:00:00", "null", "user")
+    assert load(path, values={"checkpoint.dir": None, "logging.dir": "/x y"}).logging.dir == "/x y"
+    with pytest.raises(UserError, match="train.max_steps"):
+        load(path, values={"train.max_steps": "10"})  # typed: a string is not an integer
+
+
 def test_check_rules_is_empty_for_defaults() -> None:
     assert check_rules(Recipe(name="x")) == []
 
@@ -457,14 +475,14 @@ def test_check_rules_is_empty_for_defaults() -> None:
 
 
 def test_every_key_has_a_description() -> None:
-    rows = recipe_mod.reference_rows()
+    rows = recipe_reference.reference_rows()
     assert [r[0] for r in rows] == recipe_mod.all_keys()
     assert all(doc.strip() for _, _, _, doc in rows), [k for k, _, _, doc in rows if not doc]
     assert "source" not in recipe_mod.all_keys()
 
 
 def test_reference_types_are_readable() -> None:
-    rows = {key: (type_, default) for key, type_, default, _ in recipe_mod.reference_rows()}
+    rows = {key: (type_, default) for key, type_, default, _ in recipe_reference.reference_rows()}
     assert rows["zero.stage"] == ("0 | 1 | 2 | 3", "0")
     assert rows["launch.nproc_per_node"] == ("auto | int >= 1", "auto")
     assert rows["model.hidden_size"] == ("int >= 1 | null", "null")

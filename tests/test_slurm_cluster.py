@@ -117,12 +117,15 @@ def test_rendered_job_rejects_a_loopback_head_on_a_real_cluster(
 
 STUB_TORCHRUN = """#!{python}
 import os, signal, sys, time
+if sys.argv[1:3] == ["-m", "launcher.requeue"]:  # the script's requeue helper: the real one
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 log = open(os.environ["STUB_LOG"], "a", buffering=1)
 def stop(signum, frame):
     log.write(f"node {{os.environ['SLURM_NODEID']}} got USR1\\n")
     sys.exit(0)
 signal.signal(signal.SIGUSR1, stop)
-log.write(f"node {{os.environ['SLURM_NODEID']}} ready {{' '.join(sys.argv[1:4])}}\\n")
+nnodes = next(a for a in sys.argv if a.startswith("--nnodes="))
+log.write(f"node {{os.environ['SLURM_NODEID']}} ready {{' '.join(sys.argv[1:3])}} {{nnodes}}\\n")
 time.sleep(60)
 """
 

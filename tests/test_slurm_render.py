@@ -15,11 +15,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from launcher import cli, slurm
+from launcher import cli, requeue, slurm
 from launcher import recipe as recipe_mod
 from launcher.errors import UserError
 from launcher.plan import Plan
@@ -35,7 +36,7 @@ def load(tmp_path: Path, *overrides: str, recipe: Path = TINY) -> recipe_mod.Rec
 
 def plan_for(tmp_path: Path, nodes: int, gpus: int, *overrides: str) -> Plan:
     device = ["launch.device=cuda", "launch.nproc_per_node=auto"] if gpus else ["launch.device=cpu"]
-    args = [f"slurm.nodes={nodes}", f"launch.nnodes={nodes}", f"slurm.gpus_per_node={gpus}", *device,
+    args = [f"launch.nnodes={nodes}", f"slurm.gpus_per_node={gpus}", *device,
             "train.global_batch_size=null", *overrides]  # fmt: skip
     return slurm.resolve_for_cluster(load(tmp_path, *args))
 
@@ -93,12 +94,22 @@ def test_render_topology(tmp_path: Path, nodes: int, gpus: int) -> None:
         assert flag in flat
     assert f'[ "$SLURM_JOB_NUM_NODES" != {nodes} ]' in script
     assert (f'[ "${{SLURM_GPUS_ON_NODE:-0}}" != {gpus} ]' in script) == bool(gpus)
-    for line in (
-        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-        "export NCCL_DEBUG=WARN",
-        "export PYTHONUNBUFFERED=1",
-    ):
-        assert line in script.splitlines()
+    # The environment is the plan's, the one a local launch gets (NCCL's settings on GPUs only).
+    exports = [line.removeprefix("export ") for line in script.splitlines() if line.startswith("export ")]
+    assert exports[: len(plan.env)] == [f"{k}={shlex.quote(v)}" for k, v in plan.env.items()]
+    assert "PYTHONUNBUFFERED=1" in exports
+    for line in ("TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_DEBUG=WARN"):
+        assert (line in exports) == bool(gpus)
+
+
+def test_task_runs_the_plans_torchrun_command(tmp_path: Path) -> None:
+    """One torchrun builder: the task's words are the local command's, with the cluster's rendezvous."""
+    plan = plan_for(tmp_path, 2, 4, "launch.max_restarts=1")
+    words = slurm.task_torchrun(plan)
+    assert words[0] == '"$MPLAUNCH_PYTHON"'
+    assert words[-1] == '"$MPLAUNCH_PLAN"'
+    local = [w for w in plan.command[1:-1] if w not in ("--standalone", "--nnodes=1")]
+    assert [w for w in words if w in local] == local  # same flags, same order
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 8])
@@ -130,7 +141,7 @@ def test_plan_is_for_the_cluster_not_this_machine(tmp_path: Path) -> None:
     assert plan.device == "cuda"
     assert plan.batch.world_size == 16
     cpu = slurm.resolve_for_cluster(
-        load(tmp_path, "slurm.nodes=3", "slurm.cpus_per_task=8", "train.global_batch_size=96")
+        load(tmp_path, "launch.nnodes=3", "slurm.cpus_per_task=8", "train.global_batch_size=96")
     )
     assert cpu.nnodes == 3
     assert cpu.device == "cpu"
@@ -256,22 +267,20 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_flags_are_the_dotted_overrides() -> None:
     args = parse("--slurm", "--nodes", "4", "--partition", "gpu", "--time", "2:00:00", "--account", "p",
                  "--qos", "high", "--gpus-per-node", "8")  # fmt: skip
-    assert slurm.flag_overrides(args) == [
-        "slurm.nodes=4", "launch.nnodes=4", "slurm.gpus_per_node=8",
-        'slurm.partition="gpu"', 'slurm.time="2:00:00"', 'slurm.account="p"', 'slurm.qos="high"',
-    ]  # fmt: skip
+    assert cli.slurm_values(args) == {
+        "launch.nnodes": 4, "slurm.gpus_per_node": 8,
+        "slurm.partition": "gpu", "slurm.time": "2:00:00", "slurm.account": "p", "slurm.qos": "high",
+    }  # fmt: skip
 
 
-def test_flag_validation_matches_the_override(tmp_path: Path) -> None:
+def test_flag_validation_matches_the_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     errors = []
-    for extra in (["--nodes", "two"], ["slurm.nodes=two", "launch.nnodes=two"]):
-        args = parse("--slurm", "--dry-run", f"logging.dir={tmp_path}", *extra)
-        args.recipe = str(TINY)
-        with pytest.raises(UserError) as err:
-            slurm.run(args)
-        errors.append(err.value.lines)
-    assert sorted(errors[0]) == sorted(errors[1])
-    assert len(errors[0]) == 2
+    for extra in (["--nodes", "two"], ["launch.nnodes=two"]):
+        assert cli.main([str(TINY), "--slurm", "--dry-run", f"logging.dir={tmp_path}", *extra]) == 2
+        errors.append(capsys.readouterr().err.splitlines())
+    assert errors[0] == errors[1]
+    assert len(errors[0]) == 1
+    assert "launch.nnodes" in errors[0][0]
 
 
 def test_time_flag_stays_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -306,7 +315,10 @@ STUBS = {
     'SLURM_NODEID=1 SLURM_PROCID=1 SLURMD_NODENAME=n2 exec "$@"\n',
     "scontrol": '#!/bin/bash\necho "$*" >> "$STUB_LOG/scontrol.calls"\nprintf "n1\\nn2\\n"\n',
     "scancel": '#!/bin/bash\necho "$*" >> "$STUB_LOG/scancel.calls"\n',
-    "python": '#!/bin/bash\nprintf "%s\\0" "$@" > "$STUB_LOG/python.argv"\n'
+    # torchrun's argv and environment; the requeue helper's call, run by the real Python.
+    "python": '#!/bin/bash\nif [ "$2" = launcher.requeue ]; then\n'
+    '  printf "%s\\0" "$@" > "$STUB_LOG/requeue.argv"; exec "$REAL_PYTHON" "$@"\nfi\n'
+    'printf "%s\\0" "$@" > "$STUB_LOG/python.argv"\n'
     'printf "%s" "$HOSTILE" > "$STUB_LOG/hostile.env"\n',
 }
 HOSTILE = "a$(touch pwned)b`touch pwned`c;touch pwned;d'e\"f\ntouch pwned\n$HOME"
@@ -330,7 +342,8 @@ def run_with_stubs(
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     job_env = {"PATH": f"{stubs}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", "/root"),
                "STUB_LOG": str(log), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": str(plan.nnodes),
-               "SLURM_JOB_NODELIST": "n[1-2]", **env}  # fmt: skip
+               "SLURM_JOB_NODELIST": "n[1-2]", "REAL_PYTHON": sys.executable,
+               "PYTHONPATH": str(ROOT), **env}  # fmt: skip
     return subprocess.run(
         ["bash", str(script)], cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=60
     )
@@ -350,7 +363,7 @@ def test_injection_corpus_executes_nothing(tmp_path: Path) -> None:
             f"logging.dir={json.dumps(str(tmp_path / HOSTILE_PATH))}",
             f"slurm.env={json.dumps({'HOSTILE': HOSTILE, 'OTHER': '`touch pwned`'})}",
             "slurm.extra_sbatch=['--comment=$(touch${IFS}pwned)']",
-            "slurm.nodes=2",
+            "launch.nnodes=2",
         ])
     )  # fmt: skip
     done = run_with_stubs(tmp_path, plan)
@@ -444,11 +457,33 @@ def fake_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str) -
     return calls
 
 
+def stopped_run(plan: Plan, at: float | None = None) -> Path:
+    """The run directory as the workers leave it after a stop: plan.json, and a "stop" event."""
+    run_dir = Path(plan.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan.plan_path.write_text(plan.to_json())
+    if at is not None:
+        stop = {"kind": "event", "step": 12, "time": at, "event": "stop", "message": "stopped at step 12"}
+        (run_dir / "metrics.jsonl").write_text(json.dumps(stop) + "\n")
+    return run_dir
+
+
 def test_after_stop_outside_slurm_does_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     calls = fake_scontrol(tmp_path, monkeypatch, "RUNNING")
-    slurm.after_stop(plan_for(tmp_path, 1, 0))
+    assert not requeue.after_stop(stopped_run(plan_for(tmp_path, 1, 0), time.time()), 0)
     assert not calls.exists()
+
+
+def test_after_stop_needs_a_stop_of_this_attempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "76")
+    calls = fake_scontrol(tmp_path, monkeypatch, "RUNNING")
+    plan = plan_for(tmp_path, 2, 0)
+    assert not requeue.after_stop(stopped_run(plan), 0)  # no metrics: the workers never started
+    assert not requeue.after_stop(stopped_run(plan, at=1000.0), 1001.0)  # an earlier attempt's stop
+    assert not calls.exists()
+    assert requeue.after_stop(stopped_run(plan, at=1001.0), 1001.0)
+    assert "requeue 76" in calls.read_text().splitlines()
 
 
 def test_after_stop_requeues_up_to_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -456,8 +491,8 @@ def test_after_stop_requeues_up_to_the_cap(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     calls = fake_scontrol(tmp_path, monkeypatch, "RUNNING")
     plan = plan_for(tmp_path, 2, 0, "slurm.max_requeues=2")
-    for _ in range(3):
-        slurm.after_stop(plan)
+    run_dir = stopped_run(plan, time.time())
+    assert [requeue.after_stop(run_dir, 0) for _ in range(3)] == [True, True, False]
     requeues = [line for line in calls.read_text().splitlines() if line.startswith("requeue")]
     assert requeues == ["requeue 77", "requeue 77"]
     assert json.loads((Path(plan.run_dir) / "slurm" / "requeues.json").read_text()) == {"77": 2}
@@ -471,8 +506,29 @@ def test_after_stop_leaves_an_ending_job_to_slurm(tmp_path: Path, monkeypatch: p
                                                   state: str) -> None:  # fmt: skip
     monkeypatch.setenv("SLURM_JOB_ID", "78")
     calls = fake_scontrol(tmp_path, monkeypatch, state)
-    slurm.after_stop(plan_for(tmp_path, 2, 0))
+    assert not requeue.after_stop(stopped_run(plan_for(tmp_path, 2, 0), time.time()), 0)
     assert "requeue" not in calls.read_text()
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_script_requeues_after_the_workers_stop(tmp_path: Path, stopped: bool) -> None:
+    """After srun returns, the script (not a worker) calls the requeue helper, which requeues a stopped run."""
+    plan = plan_for(tmp_path, 2, 0)
+    stopped_run(plan, time.time() + 5 if stopped else None)  # srun's start is stamped when the script runs
+    done = run_with_stubs(tmp_path, plan)
+    log = tmp_path / "log"
+    assert read0(log / "requeue.argv")[2:3] == [plan.run_dir], done.stderr
+    assert ("requeue 4242" in (log / "scontrol.calls").read_text().splitlines()) == stopped, done.stdout
+    assert done.returncode == 0
+    assert ("requeueing job 4242 (1 of 3)" in done.stdout) == stopped
+    assert ("workers exited with status 0 before train.max_steps" in done.stderr) != stopped
+
+
+def test_requeue_helper_is_light() -> None:
+    heavy = "('torch', 'deepspeed', 'accelerate', 'transformers', 'jinja2')"
+    code = f"import sys, launcher.requeue; print(any(m in sys.modules for m in {heavy}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_slurm_module_is_light() -> None:

@@ -35,6 +35,7 @@ class StepStats:
 
 class Backend(Protocol):
     model: nn.Module
+    measure_grads: bool  # read the gradients' bytes during this step (logging.memory_report)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats: ...
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...

@@ -1,0 +1,89 @@
+"""Cross-field rules of a recipe: combinations the schema's field types cannot express.
+
+They need no knowledge of the machine (that is launcher.plan's); each broken
+rule is one line naming its dotted key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from launcher.shapes import shape_of
+
+if TYPE_CHECKING:
+    from launcher.recipe import Recipe
+
+
+def check_rules(recipe: Recipe) -> list[str]:
+    """Rules that span fields and need no knowledge of the machine; one line per broken rule."""
+    z = recipe.zero
+    problems: list[str] = []
+    if z.offload_optimizer and z.stage < 1:
+        problems.append(f"zero.offload_optimizer: needs zero.stage >= 1, got stage {z.stage}")
+    if z.offload_params and z.stage != 3:
+        problems.append(f"zero.offload_params: needs zero.stage 3, got stage {z.stage}")
+    if recipe.backend == "accelerate" and z.offload_optimizer and not z.offload_params:
+        problems.append(
+            "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together; "
+            "set zero.offload_params=true too, or use backend=deepspeed"
+        )
+    problems += _model_rules(recipe)
+    problems += _data_rules(recipe)
+    problems += _loss_scale_rules(recipe)
+    return problems
+
+
+def _model_rules(recipe: Recipe) -> list[str]:
+    m = recipe.model
+    if m.target is None and m.name is None:
+        return ["model: set model.name to a built-in model or model.target to your own factory"]
+    if m.target is not None:
+        return []
+    problems = ["model.kwargs: only used with model.target"] if m.kwargs else []
+    shape = shape_of(m)
+    if m.name != "tiny-mlp" and shape.hidden_size % shape.num_heads:
+        problems.append(
+            f"model.num_heads: {shape.num_heads} does not divide model.hidden_size {shape.hidden_size}"
+            f" (the {m.size} preset's, unless set)"
+        )
+    if m.name != "tiny-mlp" and recipe.data.seq_len > shape.max_position_embeddings:
+        problems.append(
+            f"data.seq_len: {recipe.data.seq_len} is longer than model.max_position_embeddings"
+            f" {shape.max_position_embeddings}"
+        )
+    return problems
+
+
+def _loss_scale_rules(recipe: Recipe) -> list[str]:
+    ls = recipe.precision.loss_scale
+    key = "precision.loss_scale"
+    problems = []
+    # DeepSpeed takes the dynamic scale as an exponent (initial_scale_power);
+    # a static scale is used as written.
+    if ls.dynamic and ls.initial != 2.0 ** round(math.log2(ls.initial)):
+        problems.append(f"{key}.initial: expected a power of two for a dynamic scale, got {ls.initial:g}")
+    if ls.dynamic and ls.min > ls.initial:
+        problems.append(f"{key}.min: {ls.min:g} is above {key}.initial {ls.initial:g}")
+    if recipe.backend == "deepspeed" and ls.min != int(ls.min):
+        problems.append(f"{key}.min: DeepSpeed's min_loss_scale is a whole number, got {ls.min:g}")
+    return problems
+
+
+def _data_rules(recipe: Recipe) -> list[str]:
+    d = recipe.data
+    problems: list[str] = []
+    if d.kind == "synthetic" and d.paths:
+        problems.append("data.paths: only used with data.kind text or jsonl")
+    if d.kind != "synthetic" and not d.paths:
+        problems.append(f"data.paths: data.kind {d.kind} needs at least one file")
+    base = Path(recipe.source).parent if recipe.source else Path()
+    for i, p in enumerate(d.paths if d.kind != "synthetic" else []):
+        if not (base / p).is_file():
+            problems.append(f"data.paths[{i}]: file not found: {base / p}")
+    if d.tokenizer is not None and not (base / d.tokenizer).is_dir():
+        problems.append(f"data.tokenizer: directory not found: {base / d.tokenizer}")
+    if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
+        problems.append("data.kind: the tiny-mlp model trains on synthetic data only")
+    return problems
