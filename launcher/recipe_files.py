@@ -33,6 +33,11 @@ def locate(name: str, verbs: list[str] | tuple[str, ...] = ()) -> Path:
         return path
     stem = path.name.removesuffix(".yaml").removesuffix(".yml")
     shipped = RECIPES_DIR / f"{stem}.yaml"
+    if path.parent not in (Path(), Path("recipes")):
+        # A path into another folder names that file: training a shipped recipe of the same
+        # name instead would run the wrong recipe without a word.
+        hint = f"the shipped recipe of that name is `{stem}`" if shipped.is_file() else "check the path"
+        raise UserError(f"{name}: recipe file not found", hint=hint)
     if shipped.is_file():
         return shipped
     names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))

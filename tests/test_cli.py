@@ -114,6 +114,16 @@ def test_check_accepts_shipped_names(capsys: pytest.CaptureFixture[str], machine
     assert run(capsys, "check", "bert.yaml")[0] == 0
 
 
+def test_a_mistyped_path_is_not_taken_for_the_shipped_recipe(
+    capsys: pytest.CaptureFixture[str], machine: object
+) -> None:
+    code, out, err = run(capsys, "check", "/nonexistent/dir/bert.yaml")
+    assert (code, out) == (2, "")
+    assert err == [
+        "error: /nonexistent/dir/bert.yaml: recipe file not found (hint: the shipped recipe of that name is `bert`)"
+    ]
+
+
 def test_check_explain_lists_every_key(capsys: pytest.CaptureFixture[str], machine: object) -> None:
     from launcher.recipe import all_keys
 
