@@ -161,11 +161,16 @@ def _check_extra(i: int, line: str) -> list[str]:
             "(no spaces, quotes, backslashes or short options)"
         ]
     option = match.group(1)
-    if option not in MANAGED_OPTIONS:
+    # sbatch takes any unambiguous prefix of a long option (--parti is --partition): refuse
+    # every prefix of a managed one, or the guard and the requeue contract could be bypassed.
+    managed = [name for name in MANAGED_OPTIONS if name.startswith(option)]
+    if not managed:
         return []
-    key = MANAGED_OPTIONS[option]
+    name = option if option in MANAGED_OPTIONS else managed[0]
+    key = MANAGED_OPTIONS[name]
     where = f"set {key} instead" if key else "mplaunch sets it"
-    return [f"slurm.extra_sbatch[{i}]: --{option} is written by mplaunch ({where})"]
+    shown = f"--{option}" if name == option else f"--{option} (sbatch reads it as --{name})"
+    return [f"slurm.extra_sbatch[{i}]: {shown} is written by mplaunch ({where})"]
 
 
 def time_limit_s(text: str) -> int | None:

@@ -215,6 +215,32 @@ def test_unsafe_values_are_rejected(tmp_path: Path, override: str, message: str)
     assert any(line.startswith(message) for line in err.value.lines), err.value.lines
 
 
+@pytest.mark.parametrize(
+    ("option", "managed"),
+    [
+        ("--parti=x", "partition"),
+        ("--sig=KILL@10", "signal"),
+        ("--no-req", "no-requeue"),
+        ("--job=y", "job-name"),
+    ],
+)
+def test_prefixes_of_managed_options_are_rejected(tmp_path: Path, option: str, managed: str) -> None:
+    # sbatch reads an unambiguous prefix as the whole option.
+    with pytest.raises(UserError) as err:
+        slurm.resolve_for_cluster(load(tmp_path, f"slurm.extra_sbatch=['{option}']"))
+    typed = option[2:].split("=")[0]
+    assert len(err.value.lines) == 1
+    assert err.value.lines[0].startswith(
+        f"slurm.extra_sbatch[0]: --{typed} (sbatch reads it as --{managed}) is written by mplaunch"
+    )
+
+
+def test_unmanaged_options_that_only_share_a_start_pass(tmp_path: Path) -> None:
+    slurm.resolve_for_cluster(
+        load(tmp_path, "slurm.extra_sbatch=['--time-min=10', '--nodelist=n1', '--exclusive']")
+    )
+
+
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         slurm.resolve_for_cluster(
