@@ -131,7 +131,8 @@ class Train(Section):
     """Micro-batches per evaluation."""
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
-    seed: Annotated[int, Field(ge=0)] = 1234
+    # torch seeds are 64-bit; below 2**63 the per-rank and per-step offsets stay in range.
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 1234
     """Seed for python, numpy and torch (offset by rank where ranks must differ)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
@@ -235,8 +236,8 @@ class Slurm(Section):
 
 
 class Recipe(Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-    """Run name (letters, digits, . _ -); the run directory is logging.dir/name."""
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)]
+    """Run name (letters, digits, . _ -; at most 128); the run directory is logging.dir/name."""
     model: Model = Model()
     """What to train."""
     data: Data = Data()

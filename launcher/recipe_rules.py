@@ -31,6 +31,7 @@ def check_rules(recipe: Recipe) -> list[str]:
         )
     problems += _model_rules(recipe)
     problems += _data_rules(recipe)
+    problems += _logging_rules(recipe)
     problems += _loss_scale_rules(recipe)
     return problems
 
@@ -54,6 +55,14 @@ def _model_rules(recipe: Recipe) -> list[str]:
             f" {shape.max_position_embeddings}"
         )
     return problems
+
+
+def _logging_rules(recipe: Recipe) -> list[str]:
+    parent = Path(recipe.logging.dir)
+    for path, key in ((parent, "logging.dir"), (parent / recipe.name, "name")):
+        if path.exists() and not path.is_dir():
+            return [f"{key}: {path} is a file, not a directory; a run directory cannot go there"]
+    return []
 
 
 def _loss_scale_rules(recipe: Recipe) -> list[str]:

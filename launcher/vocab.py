@@ -75,9 +75,10 @@ def resolve(
 def tokenizer_size(directory: Path) -> int | None:
     """Embedding rows a tokenizer needs (its largest id + 1), read from tokenizer.json; None without one."""
     path = directory / TOKENIZER_FILE
-    if not path.is_file():
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none there (or unreadable): the workers will say more
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
     vocab = data.get("model", {}).get("vocab", {})
     ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
     ids += [t["id"] for t in data.get("added_tokens", [])]

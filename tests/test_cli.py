@@ -249,6 +249,15 @@ def test_run_hands_the_plan_to_launch(
         (["chekc", BERT], "error: chekc: recipe file not found (hint: did you mean `mplaunch check`?)"),
         (["nope.yaml"], "error: nope.yaml: recipe file not found (hint: shipped recipes: bert, bert_tiny"),
         ([BERT, "launch.nnodes=2"], "error: launch.nnodes: 2 nodes need --slurm; a local run uses one node"),
+        ([BERT, "name=" + "a" * 300], "error: override name: string should have at most 128 characters"),
+        (
+            [BERT, "train.seed=100000000000000000000000"],
+            "error: override train.seed: expected a value < 9223372036854775808",
+        ),
+        (
+            [BERT, "logging.dir=/etc/passwd"],
+            "error: override logging.dir: /etc/passwd is a file, not a directory",
+        ),
         (["recipes", "--copy", "x.yaml"], "error: mplaunch recipes: --copy needs a recipe name"),
         (["env", "extra"], "error: mplaunch env: unrecognized arguments: extra"),
         ([], "error: mplaunch: the following arguments are required: recipe"),
