@@ -190,7 +190,7 @@ def resolve(
         backend_config=cfg,
         env=env,
         command=torchrun_command(recipe, nproc, run_dir),
-        vocab_size=shape.vocab_size if shape else vocab_.size,
+        vocab_size=vocab_.size,
         vocab_source=vocab_.source,
         shape=shape,
         data_paths=data_paths,

@@ -35,8 +35,7 @@ class Vocab:
     """The vocabulary size of a run and where it comes from."""
 
     size: int
-    source: str
-    exact: bool = True
+    source: str  # says so when the size is only an upper bound (a tokenizer not trained yet)
 
 
 def resolve(
@@ -58,7 +57,7 @@ def resolve(
     if tokenizer_dir is not None:
         size = tokenizer_size(Path(tokenizer_dir))
         if size is None:
-            return Vocab(default_vocab_size(m.name), f"{tokenizer_dir} has no {TOKENIZER_FILE}", exact=False)
+            return Vocab(default_vocab_size(m.name), f"{tokenizer_dir} has no {TOKENIZER_FILE}")
         return Vocab(size, f"the tokenizer in {tokenizer_dir}")
     for where, label in (
         (run_tokenizer, "the run's trained tokenizer"),
@@ -67,9 +66,7 @@ def resolve(
         size = tokenizer_size(where)
         if size is not None:
             return Vocab(size, label)
-    return Vocab(
-        MAX_TRAINED_VOCAB, "the trained tokenizer's cap; the tokenizer is trained at launch", exact=False
-    )
+    return Vocab(MAX_TRAINED_VOCAB, "the trained tokenizer's cap; the tokenizer is trained at launch")
 
 
 def tokenizer_size(directory: Path) -> int | None:

@@ -81,7 +81,7 @@ class Engine:
         settings = plan.backend_config
         self.accum = settings["grad_accum"]
         self.clip = settings["grad_clip"]
-        self.dtype = DTYPES.get(settings["autocast"]) if settings["autocast"] else None
+        self.dtype = DTYPES[settings["autocast"]] if settings["autocast"] else None
         self.acc = Accelerator(**settings["accelerator"], fsdp_plugin=_fsdp_plugin(settings["fsdp_plugin"]))
         self.device = self.acc.device
         opt = settings["optimizer"]
