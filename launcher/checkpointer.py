@@ -19,6 +19,7 @@ from launcher import checkpoint
 from launcher.backends import Backend
 from launcher.metrics import Meter
 from launcher.plan import Plan
+from launcher.recipe import to_dict
 from launcher.rundir import RunDir
 
 RNG_FILE = "rng-rank{rank}.pt"
@@ -77,8 +78,6 @@ class Checkpointer:
         self.group.barrier()
 
     def _manifest(self, step: int, backend: Backend, position: tuple[int, int]) -> dict[str, Any]:
-        from launcher.recipe import to_dict
-
         recipe = to_dict(self.plan.recipe)
         epoch, in_epoch = position
         return {
