@@ -169,7 +169,13 @@ def cmd_run(argv: list[str]) -> int:
         if plan.problems:
             raise UserError([f"this machine cannot run the plan above: {p}" for p in plan.problems])
         return 0
-    _print_warnings(plan.warnings)
+    if args.resume:
+        # The saved recipe spells out every key, so each "has no effect" warning would fire on
+        # defaults; the run's first start showed the ones that applied. Only keys changed now count.
+        changed = {item.split("=", 1)[0] for item in overrides}
+        _print_warnings([w for w in plan.warnings if w.split(":", 1)[0] in changed])
+    else:
+        _print_warnings(plan.warnings)
     return launch.run(plan)
 
 

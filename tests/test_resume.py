@@ -79,8 +79,8 @@ def _assert_bitwise_equal(left: Path, right: Path) -> None:
     assert not differ, f"{len(differ)} entries differ, e.g. {differ[:5]}"
 
 
-def _final(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / f"step-{STEPS:08d}"
+def _final(run_dir: Path, step: int = STEPS) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
 def _recipe(tmp: Path, name: str, backend: str, stage: int, dtype: str, extra: dict | None = None) -> Path:
@@ -92,12 +92,6 @@ def _recipe(tmp: Path, name: str, backend: str, stage: int, dtype: str, extra: d
         {"backend": backend, "zero": {"stage": stage}, "precision": {"dtype": dtype}},
         extra or {},
     )
-
-
-def _uninterrupted(tmp: Path, backend: str, stage: int, dtype: str) -> Path:
-    result = mplaunch(str(_recipe(tmp, "straight", backend, stage, dtype)))
-    assert result.returncode == 0, explain(result)
-    return tmp / "runs" / "straight"
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +116,11 @@ def _deepspeed_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_stop_and_resume_equals_an_uninterrupted_run(
     tmp_path: Path, backend: str, stage: int, dtype: str
 ) -> None:
-    recipe = _recipe(tmp_path, "stopped", backend, stage, dtype)
+    # The stopped run cannot finish before the signal arrives, however loaded the machine: it is
+    # set to train far longer, with a constant schedule so that its length does not change the LR.
+    # It is resumed to a few steps past the stop, and compared with a run of exactly that length.
+    constant = {"scheduler": {"name": "constant"}}
+    recipe = _recipe(tmp_path, "stopped", backend, stage, dtype, {**constant, "train": {"max_steps": 10_000}})
     run_dir = tmp_path / "runs" / "stopped"
     proc = start(str(recipe))
     wait_for_step(run_dir, 3, proc)
@@ -133,17 +131,21 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
     assert proc.returncode == 128 + signal.SIGTERM, err
     stopped_at = [r for r in records(run_dir, "event") if r["event"] == "stop"]
     assert len(stopped_at) == 1, (out, err)
-    assert 3 <= stopped_at[0]["step"] < STEPS, (out, err)
     k = stopped_at[0]["step"]
+    assert k >= 3, (out, err)
+    end = k + 3
 
-    resumed = mplaunch(str(recipe))
+    resumed = mplaunch(str(recipe), f"train.max_steps={end}")
     assert resumed.returncode == 0, explain(resumed)
     assert f"resuming from step {k}" in resumed.stdout
+    assert f"train.max_steps 10000 -> {end}" in resumed.stderr
 
-    straight = _uninterrupted(tmp_path, backend, stage, dtype)
-    _assert_bitwise_equal(_final(run_dir), _final(straight))
+    straight = _recipe(tmp_path, "straight", backend, stage, dtype, {**constant, "train": {"max_steps": end}})
+    result = mplaunch(str(straight))
+    assert result.returncode == 0, explain(result)
+    _assert_bitwise_equal(_final(run_dir, end), _final(tmp_path / "runs" / "straight", end))
     # One continuous curve: every step's loss equals the uninterrupted run's.
-    assert losses(run_dir) == losses(straight)
+    assert losses(run_dir) == losses(tmp_path / "runs" / "straight")
 
 
 def _workers(launcher_pid: int) -> list[int]:
