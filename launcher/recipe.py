@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from launcher.errors import UserError
 from launcher.recipe_errors import attribute, describe_errors, leaf_keys
-from launcher.recipe_files import Loader, read_chain, yaml_reason
+from launcher.recipe_files import Loader, TooLarge, read_chain, yaml_reason
 from launcher.recipe_rules import check_rules
 
 
@@ -42,7 +42,10 @@ class Section(BaseModel):
     )
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
+# Counts become torch int64 values (tensor sizes, indices, seeds): larger ones are refused here.
+INT_LIMIT = 2**63
+PositiveInt = Annotated[int, Field(ge=1, lt=INT_LIMIT)]
+Count = Annotated[int, Field(ge=0, lt=INT_LIMIT)]
 # torch's AdamW refuses betas outside [0, 1).
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 TARGET_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -90,7 +93,7 @@ class Data(Section):
     """Samples in the synthetic dataset (one epoch)."""
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     """Fraction of the samples held out for evaluation."""
-    num_workers: Annotated[int, Field(ge=0)] = 0
+    num_workers: Count = 0
     """DataLoader worker processes per rank."""
 
 
@@ -110,7 +113,7 @@ class Optimizer(Section):
 class Scheduler(Section):
     name: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warmup: linear or cosine to min_lr_ratio x lr, or constant."""
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_steps: Count = 0
     """Optimizer steps of linear warmup from 0 to lr."""
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """Final learning rate as a fraction of lr."""
@@ -125,14 +128,14 @@ class Train(Section):
     """Micro-batches accumulated per optimizer step."""
     max_steps: PositiveInt = 1000
     """Optimizer steps to train."""
-    eval_every: Annotated[int, Field(ge=0)] = 0
+    eval_every: Count = 0
     """Evaluate every this many steps (0: never)."""
     eval_steps: PositiveInt = 10
     """Micro-batches per evaluation."""
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
     # torch seeds are 64-bit; below 2**63 the per-rank and per-step offsets stay in range.
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 1234
+    seed: Count = 1234
     """Seed for python, numpy and torch (offset by rank where ranks must differ)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
@@ -171,6 +174,10 @@ class Zero(Section):
     """Keep parameters on the CPU; needs stage 3."""
 
 
+# A duration in seconds: finite, and within what a timedelta (the collectives' timeout) takes.
+Seconds = Annotated[float, Field(gt=0, le=10**7, allow_inf_nan=False)]
+
+
 class Launch(Section):
     nnodes: PositiveInt = 1
     """Nodes; more than one needs --slurm."""
@@ -178,16 +185,20 @@ class Launch(Section):
     """Processes per node: auto is one per visible GPU, or 1 on CPU."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where to train; auto is cuda when a GPU is visible."""
-    max_restarts: Annotated[int, Field(ge=0)] = 0
+    max_restarts: Count = 0
     """Times torchrun restarts the workers after a failure."""
     master_port: Annotated[int, Field(ge=1024, le=65535)] | None = None
     """Rendezvous port; default: torchrun's --standalone picks a free one."""
+    hang_timeout: Literal["auto"] | Seconds = "auto"
+    """Seconds without a completed step on any rank before the launcher dumps the ranks' stacks to RUN_DIR/logs and stops them; auto: max(600, 20x the slowest step after 3 warm-up steps). A rank's setup before its first step gets at least 1800 s; a collective waits at most this plus 60 s (auto: 900 s)."""
+    stop_grace: Literal["auto"] | Seconds = "auto"
+    """Seconds the workers get after the first Ctrl-C or SIGTERM to checkpoint and exit before the launcher dumps their stacks and kills them; auto: the hang timeout's current limit."""
 
 
 class Checkpoint(Section):
     dir: str | None = None
     """Checkpoint directory; default RUN_DIR/checkpoints."""
-    every_steps: Annotated[int, Field(ge=0)] = 0
+    every_steps: Count = 0
     """Save every this many steps (0: only at the end and on a stop request)."""
     keep: PositiveInt = 3
     """Newest checkpoints kept."""
@@ -217,7 +228,7 @@ class Slurm(Section):
     """Quality of service (sbatch --qos)."""
     time: str = "01:00:00"
     """Time limit, as sbatch takes it (HH:MM:SS or D-HH:MM:SS)."""
-    gpus_per_node: Annotated[int, Field(ge=0)] | None = None
+    gpus_per_node: Count | None = None
     """GPUs per node; default launch.nproc_per_node on GPU, 0 on CPU."""
     cpus_per_task: PositiveInt | None = None
     """CPU cores for each node's task."""
@@ -231,7 +242,7 @@ class Slurm(Section):
     """Environment variables for the job, on top of mplaunch's defaults."""
     signal_s: Annotated[int, Field(ge=10)] = 120
     """Seconds before the time limit at which the job is told to checkpoint and requeue."""
-    max_requeues: Annotated[int, Field(ge=0)] = 3
+    max_requeues: Count = 3
     """Requeues allowed after time limits or preemption."""
 
 
@@ -340,6 +351,8 @@ def parse_value(key: str, text: str) -> Any:
     """A command-line value for `key`, read as a YAML scalar the way `key=value` reads it."""
     try:
         return yaml.load(text, Loader=Loader) if text else ""
+    except TooLarge as exc:
+        raise UserError(f"override {key}: value {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"override {key}: value {text!r} is not valid YAML ({yaml_reason(exc)})") from None
 

@@ -143,7 +143,10 @@ def _expected(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"expected one of {ctx.get('expected', '').replace(' or ', ', ')}"
     if kind in _BOUNDS:
-        return f"expected a value {_BOUNDS[kind]} {next(iter(ctx.values()), '')}"
+        bound = next(iter(ctx.values()), "")
+        if bound == 2**63:
+            return "expected a value < 2**63 (torch's 64-bit integers hold no more)"
+        return f"expected a value {_BOUNDS[kind]} {bound}"
     if kind == "string_pattern_mismatch":
         return f"expected text matching {ctx.get('pattern')}"
     if kind in ("too_short", "too_long"):

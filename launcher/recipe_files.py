@@ -1,4 +1,7 @@
-"""Recipe files: shipped recipes found by name, YAML read the way recipes are (duplicate keys refused, YAML 1.2 numbers), `extends:` chains.
+"""Recipe files: shipped recipes found by name, YAML read the way recipes are, `extends:` chains.
+
+Recipe YAML refuses duplicate keys, reads numbers as YAML 1.2 does, and refuses a document
+whose aliases would expand it past a bound (MAX_VALUES, MAX_TEXT_CHARS).
 
 The result is a plain merged mapping; launcher.recipe applies the overrides and validates it.
 """
@@ -46,8 +49,32 @@ def locate(name: str, verbs: list[str] | tuple[str, ...] = ()) -> Path:
     raise UserError(f"{name}: recipe file not found", hint=hint)
 
 
+# What one YAML document may expand to, aliases counted at every use. The biggest shipped
+# recipe (bert.yaml) is 62 values and 325 characters of scalars; these bounds leave room for
+# big lists in a recipe's model.kwargs while refusing a "billion laughs" of nested aliases
+# before anything (a merge, validation, the dry run's printout) expands it.
+MAX_VALUES = 100_000
+MAX_TEXT_CHARS = 10_000_000
+
+
+class TooLarge(yaml.YAMLError):
+    """A YAML document expands past MAX_VALUES values or MAX_TEXT_CHARS characters of scalars."""
+
+
 class Loader(yaml.SafeLoader):
-    """Safe YAML that refuses duplicate keys (PyYAML silently keeps the last)."""
+    """Safe YAML that refuses duplicate keys (PyYAML silently keeps the last) and documents
+    whose aliases would expand them past MAX_VALUES values or MAX_TEXT_CHARS characters."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        values, chars = expanded_size(node, {}, set()) if node is not None else (0, 0)
+        if values > MAX_VALUES or chars > MAX_TEXT_CHARS:
+            raise TooLarge(
+                f"expands to more than {MAX_VALUES:,} values or {MAX_TEXT_CHARS:,} characters once its "
+                "aliases (*name) are counted at every use; a recipe is far smaller, so check its anchors "
+                "(&name) and aliases"
+            )
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -91,8 +118,38 @@ Loader.add_implicit_resolver(
 )
 
 
+def expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]], open_: set[int]) -> tuple[int, int]:
+    """(values, scalar characters) of `node` with every alias expanded; linear in the nodes,
+    since an aliased node is one object whose size is computed once."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_:  # an alias inside its own anchor: it expands without end
+        return MAX_VALUES + 1, 0
+    if isinstance(node, yaml.ScalarNode):
+        return 1, len(node.value)
+    open_.add(key)
+    children: list[yaml.Node] = (
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else list(node.value)
+    )
+    values, chars = 1, 0
+    for child in children:
+        v, c = expanded_size(child, memo, open_)
+        values, chars = values + v, chars + c
+        if values > MAX_VALUES or chars > MAX_TEXT_CHARS:
+            break  # enough to refuse it; the counts stay small
+    open_.discard(key)
+    memo[key] = (values, chars)
+    return values, chars
+
+
 def read_yaml(text: str) -> Any:
-    """Parse YAML the way recipes are read (duplicate keys refused, 1e-4 is a number)."""
+    """Parse YAML the way recipes are read (duplicate keys refused, 1e-4 is a number, size bounded).
+
+    Raises:
+        TooLarge: the document's aliases expand it past MAX_VALUES or MAX_TEXT_CHARS.
+        yaml.YAMLError: it is not valid YAML.
+    """
     return yaml.load(text, Loader=Loader)
 
 
@@ -127,6 +184,8 @@ def read_file(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read recipe ({getattr(exc, 'strerror', None) or exc})") from None
     try:
         data = read_yaml(text)
+    except TooLarge as exc:
+        raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({yaml_reason(exc)})") from None
     if data is None:

@@ -63,7 +63,13 @@ def _type_name(annotation: Any, metadata: tuple[Any, ...] = ()) -> str:
     name = {"Any": "any"}.get(
         getattr(annotation, "__name__", ""), getattr(annotation, "__name__", str(annotation))
     )
-    bounds = [f"{op} {getattr(m, attr)}" for m in _flat(metadata) for attr, op in _OPS if hasattr(m, attr)]
+    # Every integer is below 2**63 (torch's int64); the reference says so once, not on every row.
+    bounds = [
+        f"{op} {getattr(m, attr)}"
+        for m in _flat(metadata)
+        for attr, op in _OPS
+        if hasattr(m, attr) and getattr(m, attr) != 2**63
+    ]
     return " ".join([name, ", ".join(bounds)]) if bounds else name
 
 

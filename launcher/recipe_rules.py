@@ -89,9 +89,15 @@ def _data_rules(recipe: Recipe) -> list[str]:
         problems.append(f"data.paths: data.kind {d.kind} needs at least one file")
     base = Path(recipe.source).parent if recipe.source else Path()
     for i, p in enumerate(d.paths if d.kind != "synthetic" else []):
-        if not (base / p).is_file():
+        if (base / p).is_dir():
+            problems.append(f"data.paths[{i}]: {base / p} is a directory; list the files in it")
+        elif not (base / p).is_file():
             problems.append(f"data.paths[{i}]: file not found: {base / p}")
-    if d.tokenizer is not None and not (base / d.tokenizer).is_dir():
+    if d.tokenizer is not None and (base / d.tokenizer).is_file():
+        problems.append(
+            f"data.tokenizer: {base / d.tokenizer} is a file; expected the directory save_pretrained wrote"
+        )
+    elif d.tokenizer is not None and not (base / d.tokenizer).is_dir():
         problems.append(f"data.tokenizer: directory not found: {base / d.tokenizer}")
     if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
         problems.append("data.kind: the tiny-mlp model trains on synthetic data only")

@@ -252,7 +252,15 @@ def test_run_hands_the_plan_to_launch(
         ([BERT, "name=" + "a" * 300], "error: override name: string should have at most 128 characters"),
         (
             [BERT, "train.seed=100000000000000000000000"],
-            "error: override train.seed: expected a value < 9223372036854775808",
+            "error: override train.seed: expected a value < 2**63 (torch's 64-bit integers hold no more)",
+        ),
+        (
+            [BERT, "model.hidden_size=100000000000000000000"],
+            "error: override model.hidden_size: expected a value < 2**63",
+        ),
+        (
+            [BERT, "data.num_samples=100000000000000000000"],
+            "error: override data.num_samples: expected a value < 2**63",
         ),
         (
             [BERT, "logging.dir=/etc/passwd"],
