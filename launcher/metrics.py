@@ -1,8 +1,10 @@
 """What a run shows and records: metrics.jsonl, TensorBoard, and the console (rank 0).
 
 The loss is accumulated on the device and read back only at log intervals,
-so the training loop never waits for the GPU between steps. Record fields
-are documented in README.md ("Run directory").
+so the training loop never waits for the GPU between steps; so is the first
+step whose loss or gradient norm was not finite, read back at every log
+interval and before every save. Record fields are documented in README.md
+("Run directory").
 """
 
 from __future__ import annotations
@@ -15,14 +17,25 @@ from typing import Any
 
 import torch
 
-from launcher.backends import Backend, StepStats
+from launcher.backends import Backend, NonFiniteStep, StepStats, non_finite_message
 from launcher.health import PrecisionHealth
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 
 
-class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite."""
+class NonFiniteLoss(NonFiniteStep):
+    """The loss of a step became NaN or infinite."""
+
+
+class NonFiniteGrads(NonFiniteStep):
+    """The gradients of a step became NaN or infinite while its loss was finite."""
+
+
+# The first bad step is kept on the device as one int64: 4 * step + what went wrong, so
+# the minimum over steps (and over ranks) is the earliest step, a bad loss before bad
+# gradients at the same step (a NaN loss makes NaN gradients; it is the cause to report).
+_LOSS, _GRADS = 1, 2
+_NONE = 2**62
 
 
 class Meter:
@@ -49,6 +62,8 @@ class Meter:
         self.console = Console(plan, start_step) if is_rank0 else None
         self.tb = _tensorboard(plan) if is_rank0 and plan.recipe.logging.tensorboard else None
         self.health = PrecisionHealth(plan) if is_rank0 else None
+        self.step = start_step  # the step the last `record` was of
+        self.first_bad: torch.Tensor | None = None  # 4 * step + _LOSS/_GRADS, or _NONE
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
@@ -66,13 +81,29 @@ class Meter:
     def record(self, stats: StepStats) -> None:
         """Add one optimizer step; no host-device synchronisation."""
         self.steps += 1
+        self.step += 1
         if stats.skipped:
-            # A skipped fp16 step has an overflowed loss that says nothing about training.
+            # A skipped fp16 step has an overflowed loss that says nothing about training,
+            # and the loss scaler kept its gradients out of the weights.
             self.skipped_in_interval += 1
         else:
             self.loss_sum = self.loss_sum + stats.loss
             self.loss_count += 1
+            self._watch(stats)
         self.grad_norm = stats.grad_norm
+
+    def _watch(self, stats: StepStats) -> None:
+        """Keep the first step whose loss or gradient norm is not finite, on the device."""
+        loss_ok = torch.isfinite(stats.loss.detach()).all()
+        g = stats.grad_norm
+        if isinstance(g, torch.Tensor):
+            grads_ok = torch.isfinite(g.detach().to(loss_ok.device, non_blocking=True)).all()
+            grads = torch.where(grads_ok, _NONE, 4 * self.step + _GRADS)
+        else:  # a host number (or none): known here without a sync
+            code = _NONE if g is None or math.isfinite(float(g)) else 4 * self.step + _GRADS
+            grads = torch.full((), code, device=loss_ok.device)
+        here = torch.where(loss_ok, grads, 4 * self.step + _LOSS)
+        self.first_bad = here if self.first_bad is None else torch.minimum(self.first_bad, here)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.plan.recipe.train.max_steps
@@ -88,15 +119,35 @@ class Meter:
         return total / self.world
 
     def check_finite(self) -> None:
-        """Raise NonFiniteLoss (on every rank alike) if the loss since the last record is not finite."""
-        if self.loss_count and not math.isfinite(float(self._global_sum())):
-            raise NonFiniteLoss(self.plan.precision.dtype)
+        """Raise, on every rank alike, if the loss or the gradient norm of any step so far was not finite.
+
+        A collective (every rank calls it at the same step) and one read from the device.
+
+        Raises:
+            NonFiniteLoss: a rank's loss was NaN or infinite; the message names the first such step.
+            NonFiniteGrads: the gradients were, while every rank's loss was finite.
+        """
+        if self.first_bad is None:  # no step recorded yet (the same on every rank)
+            return
+        first = self.first_bad.clone()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step, kind = divmod(int(first), 4)
+        if kind == 0:
+            return
+        error = NonFiniteLoss if kind == _LOSS else NonFiniteGrads
+        raise error(non_finite_message(step, self.plan.precision.dtype, loss_finite=kind == _GRADS))
 
     def flush(self, step: int, backend: Backend, epoch: int) -> dict[str, Any]:
-        """Read the interval's numbers back from the device, record and show them."""
+        """Check the interval's steps, then read its numbers back from the device, record and show them.
+
+        Raises:
+            NonFiniteLoss, NonFiniteGrads: as check_finite.
+        """
+        self.check_finite()
         loss = float(self._global_sum()) / self.loss_count if self.loss_count else float("nan")
-        if self.loss_count and not math.isfinite(loss):
-            raise NonFiniteLoss(self.plan.precision.dtype)
         now = time.perf_counter()
         elapsed = max(now - self.interval_start, 1e-9)
         step_time = elapsed / max(self.steps, 1)

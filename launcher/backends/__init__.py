@@ -7,7 +7,7 @@ plan's dtype; both report the loss scale and skipped steps the same way.
 from __future__ import annotations
 
 import importlib
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from launcher import schedule
 from launcher.plan import Plan
 
 BACKENDS = {"deepspeed": "launcher.backends.deepspeed", "accelerate": "launcher.backends.accelerate"}
@@ -22,6 +23,41 @@ BACKENDS = {"deepspeed": "launcher.backends.deepspeed", "accelerate": "launcher.
 
 class LossScaleFloor(Exception):
     """fp16 gradients still overflow at the minimum loss scale: training cannot continue."""
+
+
+class NonFiniteStep(Exception):
+    """A step's loss or gradients were NaN or infinite and the run stopped; str() is the whole message."""
+
+
+class SkippedStep(NonFiniteStep):
+    """DeepSpeed skipped a step for non-finite gradients outside fp16 loss scaling (nothing adapts to it)."""
+
+
+def non_finite_message(step: int, dtype: str, loss_finite: bool, skipped_by: str | None = None) -> str:
+    """What happened at `step`, what it means for the checkpoints, and what to try.
+
+    The checkpointer checks every step since the last check before it saves, so a save never
+    seals a step at or after `step`.
+
+    Args:
+        step: the first bad step (1-based, as the logs count).
+        dtype: the compute dtype (precision.dtype as resolved).
+        loss_finite: the loss was finite on every rank, so only the gradients were not.
+        skipped_by: the library that skipped the step's update, if one did.
+    """
+    if loss_finite:
+        what = f"the gradients became NaN or infinite in {dtype} at step {step} while the loss was finite"
+        advice = "check the model's backward pass, or lower optimizer.lr"
+    else:
+        what = f"the loss became NaN or infinite in {dtype} at step {step}"
+        advice = "lower optimizer.lr, raise scheduler.warmup_steps or check the data"
+    if skipped_by is not None:
+        what += f"; {skipped_by} skipped that step, and {dtype} has no loss scale to lower"
+    return (
+        f"{what}: the run stopped and nothing from step {step} on was saved "
+        f"(the last complete checkpoint, if any, is kept); {advice} "
+        "(`mplaunch --resume RUN_DIR optimizer.lr=...` resumes from the last checkpoint with the new value)"
+    )
 
 
 @dataclass
@@ -63,21 +99,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(plan: Plan):
-    """The multiplier of the peak LR after `n` applied optimizer steps: warmup, then decay."""
-    s, total = plan.recipe.scheduler, plan.recipe.train.max_steps
-    warmup, floor = s.warmup_steps, s.min_lr_ratio
-
-    def factor(n: int) -> float:
-        if n < warmup:
-            return (n + 1) / (warmup + 1)
-        if s.name == "constant" or total <= warmup:
-            return 1.0
-        progress = min(1.0, (n - warmup) / (total - warmup))
-        shape = 1.0 - progress if s.name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return floor + (1.0 - floor) * shape
-
-    return factor
+def lr_lambda(plan: Plan) -> Callable[[int], float]:
+    """The multiplier of the peak LR after `n` applied optimizer steps (launcher.schedule)."""
+    return schedule.factor(plan.recipe)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from launcher import schedule
 from launcher.backends import (
     LossScaleFloor,
     StepStats,
@@ -142,6 +143,9 @@ class Engine:
             skipped = self.scaler.last_overflow
             self.skipped += int(skipped)
         else:
+            # Nothing skips a step with non-finite gradients here (deciding on the host would
+            # sync every step): the returned grad_norm marks it in the Meter, on the device, and
+            # the check at the next log interval or save stops the run before any of it is saved.
             inner.step()
         # A skipped step must not advance the LR schedule (DeepSpeed's rule too).
         if not skipped:
@@ -192,6 +196,7 @@ class Engine:
         self.acc.load_state(str(directory))
         extra = json.loads((directory / EXTRA_STATE).read_text())
         self.scheduler.load_state_dict(extra["scheduler"])
+        schedule.continue_on(self.scheduler, self.plan.recipe)
         self.skipped = extra["skipped_steps"]
         if self.scaler is not None and extra["scale"] is not None:
             self.scaler.rule = DynamicScale(**extra["scale"])

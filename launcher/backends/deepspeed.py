@@ -13,10 +13,13 @@ import deepspeed
 import torch
 from torch import nn
 
+from launcher import schedule
 from launcher.backends import (
     LossScaleFloor,
+    SkippedStep,
     StepStats,
     lr_lambda,
+    non_finite_message,
     optimizer_state_bytes,
     param_groups,
     tensor_bytes,
@@ -79,8 +82,24 @@ class Engine:
                 raise
             total += loss.detach().float()
         scaled = self.plan.precision.loss_scale is not None
-        skipped = self.engine.skipped_steps > skipped_before if scaled else None
-        return StepStats(total / len(micro_batches), self.engine.get_global_grad_norm(), skipped)
+        skipped = self.engine.skipped_steps > skipped_before  # a host int: free to read
+        if skipped and not scaled:
+            # DeepSpeed skips a step with non-finite gradients in fp32 and bf16 too, and would
+            # go on skipping without a word: there is no loss scale for a skip to lower.
+            raise self._skipped(total)
+        grad_norm = self.engine.get_global_grad_norm()
+        return StepStats(total / len(micro_batches), grad_norm, skipped if scaled else None)
+
+    def _skipped(self, loss_sum: torch.Tensor) -> SkippedStep:
+        """The error for a step DeepSpeed skipped outside fp16 loss scaling (every rank skips it alike)."""
+        bad = (~torch.isfinite(loss_sum)).float()
+        if torch.distributed.is_initialized():  # so every rank names the same cause
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        step = int(self.engine.global_steps)  # already counts the skipped step
+        message = non_finite_message(
+            step, self.plan.precision.dtype, loss_finite=not bad.item(), skipped_by="DeepSpeed"
+        )
+        return SkippedStep(message)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -136,3 +155,4 @@ class Engine:
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+        schedule.continue_on(self.engine.lr_scheduler, self.plan.recipe)

@@ -1,0 +1,245 @@
+"""Hostile values, as a user meets them: nothing bad is sealed, nothing stops silently.
+
+NaN gradients under a finite loss (Accelerate), a learning rate of 1e37, DeepSpeed
+skipping steps in fp32, a YAML alias bomb and a data path that is a directory.
+The training runs are 2-rank CPU runs of a tiny model, one per fixture.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launcher.backends import StepStats
+from launcher.errors import UserError
+from launcher.hardware import Hardware
+from launcher.metrics import Meter, NonFiniteGrads, NonFiniteLoss
+from launcher.plan import resolve
+from launcher.recipe import load
+from launcher.recipe_files import MAX_VALUES, Loader, expanded_size
+from tests.runs import FAST, TINY, explain, mplaunch, records, write_recipe
+
+NAN_STEP = 3
+GRADS_MESSAGE = f"the gradients became NaN or infinite in fp32 at step {NAN_STEP} while the loss was finite"
+# Weights this large come from a blown-up update, never from training: their squares overflow fp32.
+HUGE = 1e19
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bad_values")
+
+
+def _nan_grads(workdir: Path, backend: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """fp32, a checkpoint every step, gradients NaN (loss finite) at step NAN_STEP."""
+    name = f"nan-grads-{backend}"
+    recipe = write_recipe(
+        workdir,
+        name,
+        FAST,
+        {
+            "backend": backend,
+            "precision": {"dtype": "fp32"},
+            "model": {
+                "name": None,
+                "vocab_size": 512,
+                "target": "nan_grad_model:build",
+                "kwargs": {"vocab_size": 512, "nan_steps": [NAN_STEP], "accum": 2},
+            },
+            "data": {"kind": "synthetic", "paths": [], "num_samples": 512},
+            "train": {"max_steps": 8},
+            "checkpoint": {"every_steps": 1},
+        },
+    )
+    return mplaunch(str(recipe)), workdir / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def accelerate_nan(workdir: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    return _nan_grads(workdir, "accelerate")
+
+
+@pytest.fixture(scope="module")
+def deepspeed_nan(workdir: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    return _nan_grads(workdir, "deepspeed")
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if "the run failed" in line]
+    assert len(lines) == 1, explain(result)
+    return lines[0]
+
+
+def _sealed(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def _weights(checkpoint_dir: Path) -> list[torch.Tensor]:
+    """The model weights a checkpoint holds (Accelerate's model file, or DeepSpeed's model states)."""
+    accelerate = checkpoint_dir / "pytorch_model.bin"
+    if accelerate.exists():
+        state = torch.load(accelerate, map_location="cpu", weights_only=True)
+    else:
+        states = checkpoint_dir / "deepspeed" / "mp_rank_00_model_states.pt"
+        state = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    return [t for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _assert_sound_checkpoints(run_dir: Path) -> None:
+    for step in _sealed(run_dir):
+        for w in _weights(run_dir / "checkpoints" / f"step-{step:08d}"):
+            assert torch.isfinite(w).all(), f"checkpoint {step} holds non-finite weights"
+            assert w.abs().max() < HUGE, f"checkpoint {step} holds weights of {w.abs().max():g}"
+
+
+def test_nan_gradients_under_a_finite_loss_stop_the_run_and_are_never_sealed(accelerate_nan: tuple) -> None:
+    result, run_dir = accelerate_nan
+    assert result.returncode == 1, explain(result)
+    line = _error_line(result)
+    assert GRADS_MESSAGE in line
+    assert "stopped before saving" not in line
+    assert "optimizer.lr" in line
+    assert "Traceback" not in result.stderr
+    assert _sealed(run_dir) == list(range(1, NAN_STEP)), explain(result)
+    _assert_sound_checkpoints(run_dir)
+    assert not (run_dir / "FINISHED").exists()
+
+
+def test_deepspeed_skipping_a_step_in_fp32_stops_the_run(deepspeed_nan: tuple) -> None:
+    result, run_dir = deepspeed_nan
+    assert result.returncode == 1, explain(result)
+    line = _error_line(result)
+    assert GRADS_MESSAGE in line
+    assert "DeepSpeed skipped that step, and fp32 has no loss scale to lower" in line
+    assert "finished" not in result.stdout
+    # It stops at the first skipped step: no later step is trained or recorded.
+    assert max(r["step"] for r in records(run_dir, "train")) == NAN_STEP - 1
+    assert _sealed(run_dir) == list(range(1, NAN_STEP)), explain(result)
+    _assert_sound_checkpoints(run_dir)
+
+
+@pytest.mark.parametrize("backend", ["accelerate", "deepspeed"])
+def test_a_huge_learning_rate_stops_the_run_and_seals_no_huge_weights(workdir: Path, backend: str) -> None:
+    name = f"lr-{backend}"
+    recipe = write_recipe(workdir, name, FAST, {"backend": backend, "checkpoint": {"every_steps": 1}})
+    result = mplaunch(str(recipe), "optimizer.lr=1e37")
+    assert result.returncode == 1, explain(result)
+    line = _error_line(result)
+    assert "NaN or infinite" in line or "not finite" in line, line
+    assert "Traceback" not in result.stderr
+    _assert_sound_checkpoints(workdir / "runs" / name)
+
+
+# --------------------------------------------------------------------------- the Meter, in process
+
+
+@pytest.fixture
+def meter(tmp_path: Path) -> Meter:
+    plan = resolve(
+        load(TINY, [f"logging.dir={tmp_path}", "launch.nproc_per_node=1", "logging.tensorboard=false"]),
+        Hardware(cpu_count=2),
+    )
+    return Meter(plan, is_rank0=False, start_step=10)
+
+
+def _no_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError("Meter.record read a tensor back to the host")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def test_the_meter_marks_the_first_bad_step_without_a_host_sync(
+    meter: Meter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good, nan = torch.tensor(2.0), torch.tensor(math.nan)
+    with monkeypatch.context() as m:
+        _no_host_reads(m)
+        meter.record(StepStats(good, torch.tensor(1.0), None))  # step 11
+        meter.record(StepStats(good, torch.tensor(math.inf), None))  # step 12: gradients
+        meter.record(StepStats(nan, torch.tensor(math.nan), None))  # step 13: the loss too
+    with pytest.raises(NonFiniteGrads, match="gradients became NaN or infinite in fp32 at step 12 while"):
+        meter.check_finite()
+
+
+@pytest.mark.gpu
+def test_the_meter_never_waits_for_the_gpu(meter: Meter) -> None:
+    loss, norm = torch.tensor(2.0, device="cuda"), torch.tensor(math.inf, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        for _ in range(3):
+            meter.record(StepStats(loss, norm, None))
+            meter.record(StepStats(loss, 1.0, None))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(NonFiniteGrads, match="at step 11 while"):
+        meter.check_finite()
+
+
+def test_the_meter_names_a_bad_loss_and_ignores_fp16_skipped_steps(meter: Meter) -> None:
+    meter.record(StepStats(torch.tensor(math.inf), torch.tensor(math.nan), True))  # skipped: the scaler's
+    meter.check_finite()
+    meter.record(StepStats(torch.tensor(math.nan), 1.0, None))
+    with pytest.raises(NonFiniteLoss, match="the loss became NaN or infinite in fp32 at step 12") as exc:
+        meter.check_finite()
+    assert "nothing from step 12 on was saved" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def _alias_bomb(path: Path) -> Path:
+    # Nine levels of nine: 9**9 (387 million) values once every alias is expanded.
+    levels = ["    l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path.write_text(
+        f"extends: {TINY}\nname: bomb\nmodel:\n  name: null\n  target: spiky_model:build\n  kwargs:\n"
+        + "\n".join(levels)
+        + "\n"
+    )
+    return path
+
+
+def test_a_yaml_alias_bomb_is_refused_at_check_time_in_one_line(tmp_path: Path) -> None:
+    path = _alias_bomb(tmp_path / "bomb.yaml")
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=re.escape(f"{path}: expands to more than {MAX_VALUES:,} values")):
+        load(path)
+    assert time.perf_counter() - started < 0.5
+    for args in (["check", str(path)], [str(path), "--dry-run"]):
+        result = mplaunch(*args, timeout=60)
+        assert result.returncode == 2, explain(result)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, explain(result)
+        assert str(path) in lines[0] and f"{MAX_VALUES:,} values" in lines[0]
+
+
+def test_a_recipe_that_refers_to_itself_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text(f"extends: {TINY}\nname: loop\nmodel:\n  kwargs: &k {{again: *k}}\n")
+    with pytest.raises(UserError, match="expands to more than"):
+        load(path)
+
+
+def test_the_shipped_recipes_are_far_below_the_size_limit() -> None:
+    for path in TINY.parent.glob("*.yaml"):
+        values, _ = expanded_size(yaml.compose(path.read_text(), Loader=Loader), {}, set())
+        assert values * 100 < MAX_VALUES, path
+
+
+def test_a_data_path_naming_a_directory_says_so(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    recipe = write_recipe(tmp_path, "dirdata", {"data": {"kind": "text", "paths": ["corpus"]}})
+    result = mplaunch("check", str(recipe), timeout=60)
+    assert result.returncode == 2, explain(result)
+    assert f"data.paths[0]: {tmp_path / 'corpus'} is a directory" in result.stderr
+    assert "not found" not in result.stderr
