@@ -1,4 +1,4 @@
-"""Checkpoint directories: sealing, pruning, finding the latest, and crashes at every write."""
+"""Checkpoint directories: sealing, pruning, finding the latest, crashes at every write (checksums too)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,18 @@ def _write_step(root: Path, step: int, keep: int = 3, payload: bytes | None = No
     tmp = checkpoint.begin(root, step)
     (tmp / "deepspeed").mkdir()
     (tmp / "deepspeed" / "weights.bin").write_bytes(payload or os.urandom(4096))
-    return checkpoint.commit(
-        tmp, {"step": step, "world_size": 2, "backend": "deepspeed", "zero_stage": 2}, keep
-    )
+    return checkpoint.commit(tmp, {**_MANIFEST, "step": step, "files": _checksums(tmp)}, keep)
+
+
+_MANIFEST = {"world_size": 2, "backend": "deepspeed", "zero_stage": 2}
+
+
+def _checksums(tmp: Path, world: int = 2) -> list[dict]:
+    """The manifest's file list as the ranks make it: each hashes its share, rank 0 merges."""
+    files = checkpoint.list_files(tmp)
+    for rank in range(world):
+        checkpoint.write_checksums(tmp, rank, checkpoint.share(files, rank, world))
+    return checkpoint.merge_checksums(tmp, files)
 
 
 def test_commit_seals_a_complete_directory_and_points_latest_at_it(tmp_path: Path) -> None:
@@ -116,7 +125,11 @@ _CHILD = textwrap.dedent(
     tmp = checkpoint.begin(root, 2)
     (tmp / "deepspeed").mkdir()
     (tmp / "deepspeed" / "weights.bin").write_bytes(bytes.fromhex(sys.argv[2]))
-    checkpoint.commit(tmp, {"step": 2, "world_size": 2, "backend": "deepspeed", "zero_stage": 2}, keep=1)
+    files = checkpoint.list_files(tmp)
+    for rank in range(2):
+        checkpoint.write_checksums(tmp, rank, checkpoint.share(files, rank, 2))
+    manifest = {"step": 2, "world_size": 2, "backend": "deepspeed", "zero_stage": 2}
+    checkpoint.commit(tmp, {**manifest, "files": checkpoint.merge_checksums(tmp, files)}, keep=1)
     print(count)
     """
 )
@@ -152,6 +165,9 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path: P
         weights = (found.path / "deepspeed" / "weights.bin").read_bytes()
         expected = {1: old_payload, 2: new_payload}[found.manifest["step"]]
         assert hashlib.sha256(weights).digest() == hashlib.sha256(expected).digest(), crash_at
+        names = [e["path"] for e in found.manifest["files"]]
+        assert names == ["deepspeed/weights.bin"], crash_at  # no rank's partial checksum file
+        assert checkpoint.check_checksums(found.path, found.manifest, names) is None, crash_at
         # The next save after the crash works and cleans up what the crash left behind.
         _write_step(root, 3, keep=1)
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000003"]

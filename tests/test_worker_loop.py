@@ -49,12 +49,11 @@ SMALL = [
 class FakeBackend:
     """The Backend protocol with scripted losses; it records what the loop asked of it."""
 
-    model = None
-
     def __init__(
         self, losses: dict[int, float] | None = None, skipped: tuple[int, ...] = (), on_step: Any = None
     ):
         self.losses, self.skipped, self.on_step = losses or {}, skipped, on_step
+        self.model = torch.nn.Linear(2, 2)  # what the checkpointer's finite check reads
         self.calls: list[tuple[str, Any]] = []
         self.measure_grads = False
         self.steps = 0
