@@ -20,6 +20,7 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.rundir import FINISHED_FILE, METRICS_FILE, RunDir
+from launcher.runlock import holder_if_held
 
 # A run with no FINISHED file whose last record is older than this, and older than three logging
 # intervals, is taken to be dead rather than still running.
@@ -170,7 +171,13 @@ def checkpoint_steps(run_dir: Path, checkpoint_dir: str | None = None) -> list[i
 
 
 def run_state(run_dir: Path, metrics: Metrics, now: float | None = None) -> tuple[str, str]:
-    """("finished" | "running" | "stopped" | "crashed", a detail) from FINISHED, events and staleness."""
+    """("finished" | "running" | "queued" | "stopped" | "crashed", a detail) from FINISHED, events,
+    the lock and staleness.
+
+    A run directory whose lock file nobody holds (launcher.runlock) is not running, however
+    recent its last record; one without a lock file (older runs, some copies) is judged by
+    how long it has been silent.
+    """
     if RunDir.of(run_dir).finished_step() is not None:
         return "finished", ""
     last = next((e for e in reversed(metrics.events) if e.get("event") in LIFECYCLE_EVENTS), {})
@@ -182,6 +189,19 @@ def run_state(run_dir: Path, metrics: Metrics, now: float | None = None) -> tupl
         return "finished", f"finish event, but no {FINISHED_FILE} file"
     if last.get("event") in ("error", "stop"):
         return ("crashed" if last["event"] == "error" else "stopped"), where
+    files = RunDir.of(run_dir)
+    try:
+        holder = holder_if_held(files.lock)
+    except OSError:
+        pass  # no lock file: judge by the records alone
+    else:
+        if holder is None:
+            return "crashed", (
+                f"no {FINISHED_FILE} file, no process holds its {files.lock.name}; "
+                f"last record at step {metrics.last_step}"
+            )
+        if holder.state == "submitted":
+            return "queued", holder.describe()
     times = metrics.times()
     if not times:
         return "crashed", f"no {FINISHED_FILE} file and no timestamps"

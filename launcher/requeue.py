@@ -1,11 +1,14 @@
 """Inside a Slurm job, once its workers have exited: requeue the job if they stopped on a signal.
 
-The sbatch script runs `python -m launcher.requeue RUN_DIR SINCE` after srun
-returns, on the batch host. The workers' side of the contract is only what they
+The sbatch script runs `python -m launcher.requeue RUN_DIR SINCE STATUS` after
+srun returns, on the batch host. The workers' side of the contract is only what they
 record: on a stop request every rank checkpoints, rank 0 writes a "stop" event
 to metrics.jsonl, and they exit without writing FINISHED. A stop recorded at or
 after SINCE (Unix seconds, when this attempt's srun started) is this attempt's,
-so the job is requeued and resumes from that checkpoint.
+so the job is requeued and resumes from that checkpoint. Workers that failed
+(STATUS not 0) without a stop get their cause (launcher.rundir.RunDir.failed_rank)
+printed to the job's log and recorded as an "error" event in metrics.jsonl, as
+a local launch does, so that `mplaunch report` calls the run crashed.
 
 Light side: no torch import, and nothing the workers import.
 """
@@ -109,10 +112,29 @@ def _log(message: str) -> None:
     print(f"mplaunch: slurm: {message}", flush=True)
 
 
+def record_failure(run_dir: Path, status: int) -> None:
+    """Print and record (an "error" event) why the workers failed; never raises."""
+    files = RunDir.of(run_dir)
+    first = files.failed_rank()
+    headline = (
+        f"the run failed on {first.label}: {first.message}"
+        if first is not None
+        else f"the workers exited with status {status} without an error report"
+    )
+    _log(headline)
+    files.append_event(files.last_step(), "error", headline)
+
+
 def main(argv: Sequence[str]) -> int:
-    """`python -m launcher.requeue RUN_DIR SINCE` (the sbatch script's call): 0 when the job was requeued."""
-    run_dir, since = argv
-    return 0 if after_stop(Path(run_dir), float(since)) else 1
+    """`python -m launcher.requeue RUN_DIR SINCE [STATUS]` (the sbatch script's call): 0 when the
+    job was requeued; a failure (STATUS not 0) that was no stop is recorded."""
+    run_dir, since, *rest = argv
+    if after_stop(Path(run_dir), float(since)):
+        return 0
+    status = int(rest[0]) if rest else 0
+    if status != 0 and not _stopped_since(Path(run_dir), float(since)):
+        record_failure(Path(run_dir), status)
+    return 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Every module that reads or writes a run's files asks a `RunDir` for the path;
 no other module spells a file name of the run directory. It also owns the few
 operations on those files that several modules share: preparing the directory,
-the FINISHED marker, the resume point, and the per-rank error reports.
+the FINISHED marker, the resume point, the per-rank error reports (and which of
+them caused a failure), the ranks' heartbeats, and the launcher's own events.
+The lock file's protocol is launcher.runlock's.
 
 Light side: the standard library only (and the light checkpoint module), so the
 launcher, `report` and `parity` use it without importing torch.
@@ -12,6 +14,8 @@ launcher, `report` and `parity` use it without importing torch.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,8 +43,31 @@ REPORT_DIR = "report"
 SLURM_DIR = "slurm"
 SLURM_SCRIPT = "job.sbatch"
 SLURM_REQUEUES = "requeues.json"
-_RANK = "rank-"  # logs/rank-N.err, memory/rank-N.json
+_RANK = "rank-"  # logs/rank-N.err, logs/rank-N.heartbeat, logs/rank-N.stack, memory/rank-N.json
+_HEARTBEAT = ".heartbeat"
+_STACK = ".stack"
 _ARCHIVED_METRICS = "metrics-"  # metrics-UNIXTIME.jsonl: an earlier attempt's metrics
+
+# What a rank reports when another rank left or stalled: a closed or reset connection, a timed
+# out or aborted collective. Such an error is a consequence; the cause is the other rank's.
+SECONDARY = re.compile(
+    r"connection (closed|reset) by peer|broken pipe|connection refused|"
+    r"timed? ?out|timeout|watchdog|abort|NCCL communicator|DistBackendError|"
+    r"process group.*(destroyed|shut ?down)|\bgloo\b.*(recv|send|read|write)|"
+    r"^interrupted$",
+    re.IGNORECASE,
+)
+
+
+def is_secondary(message: str) -> bool:
+    """True for an error a rank reports because another rank failed (see SECONDARY)."""
+    return bool(SECONDARY.search(message.strip()))
+
+
+def cause(errors: list[RankError]) -> RankError | None:
+    """The error that failed the run, from errors in the order they happened: the first that is
+    not a consequence of another rank leaving (is_secondary), else the first."""
+    return next((e for e in errors if not is_secondary(e.message)), errors[0] if errors else None)
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,14 @@ class RunDir:
     def rank_error(self, rank: int) -> Path:
         return self.logs / f"{_RANK}{rank}.err"
 
+    def heartbeat(self, rank: int) -> Path:
+        """A rank's last sign of life: step, time, pid and phase (launcher.watchdog reads it)."""
+        return self.logs / f"{_RANK}{rank}{_HEARTBEAT}"
+
+    def stack_dump(self, rank: int) -> Path:
+        """Where a rank's Python stacks (all threads) go when the launcher sends it SIGUSR2."""
+        return self.logs / f"{_RANK}{rank}{_STACK}"
+
     @property
     def memory(self) -> Path:
         return self.path / MEMORY_DIR
@@ -211,12 +246,79 @@ class RunDir:
 
     # ------------------------------------------------------------------ rank errors
 
-    def write_rank_error(self, rank: int, message: str, details: str) -> Path:
-        """A failed rank's report: `message` (one line) first, a blank line, then `details` (a traceback)."""
-        self.logs.mkdir(parents=True, exist_ok=True)
+    def write_rank_error(self, rank: int, message: str, details: str) -> Path | None:
+        """A failed rank's report: `message` (one line) first, a blank line, then `details` (a traceback).
+
+        Never raises: on a full disk the report is lost (the caller printed the line before)
+        and None is returned.
+        """
         path = self.rank_error(rank)
-        path.write_text(f"{message}\n\n{details}")
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{message}\n\n{details}")
+        except OSError:
+            return None
         return path
+
+    def append_event(self, step: int, event: str, message: str) -> bool:
+        """Append an event record to metrics.jsonl, in the workers' format; False when it could not.
+
+        The launcher uses it for what the workers could not record themselves (an "error"
+        after they failed). Never raises: a full disk must not hide the error it records.
+        """
+        record = {"kind": "event", "step": step, "time": time.time(), "event": event, "message": message}
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError:
+            return False
+        return True
+
+    def last_step(self) -> int:
+        """The highest step metrics.jsonl records (0 without one); half-written lines are skipped."""
+        step = 0
+        try:
+            with open(self.metrics, errors="replace") as lines:
+                for line in lines:
+                    try:
+                        value = json.loads(line).get("step")
+                    except (ValueError, AttributeError):
+                        continue
+                    step = max(step, value) if isinstance(value, int) else step
+        except OSError:
+            return 0
+        return step
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def write_heartbeat(self, rank: int, step: int, phase: str) -> None:
+        """Rewrite this rank's heartbeat (a rename, no fsync: it must stay cheap). Never raises."""
+        path = self.heartbeat(rank)
+        tmp = path.with_name(path.name + ".tmp")
+        beat = {"rank": rank, "step": step, "time": time.time(), "pid": os.getpid(), "phase": phase}
+        try:
+            tmp.write_text(json.dumps(beat))
+            tmp.replace(path)
+        except OSError:
+            pass
+
+    def heartbeats(self) -> dict[int, dict[str, object]]:
+        """Every rank's latest heartbeat, by rank; unreadable ones are left out."""
+        beats: dict[int, dict[str, object]] = {}
+        for path in self.logs.glob(f"{_RANK}*{_HEARTBEAT}"):
+            try:
+                beat = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(beat, dict) and isinstance(beat.get("rank"), int):
+                beats[beat["rank"]] = beat
+        return beats
+
+    def clear_heartbeats(self) -> None:
+        """Remove an earlier attempt's heartbeats and stack dumps, which would be taken for this one's."""
+        for pattern in (f"{_RANK}*{_HEARTBEAT}", f"{_RANK}*{_STACK}"):
+            for stale in self.logs.glob(pattern):
+                stale.unlink(missing_ok=True)
 
     def rank_errors(self) -> list[RankError]:
         """Every rank's error report, the earliest written first (ties: the lower rank).
@@ -238,9 +340,16 @@ class RunDir:
         return [error for _, _, error in sorted(found, key=lambda item: item[:2])]
 
     def first_rank_error(self) -> RankError | None:
-        """The error that failed the run: the earliest written."""
-        errors = self.rank_errors()
-        return errors[0] if errors else None
+        """The error that failed the run: the earliest written that is not another rank's
+        consequence (`cause`)."""
+        return cause(self.rank_errors())
+
+    def failed_rank(self, printed: list[RankError] | None = None) -> RankError | None:
+        """The rank error that failed the run, from the error files and, for ranks whose file is
+        missing (a full disk), the error lines they `printed`, in the order they came."""
+        written = self.rank_errors()
+        have = {e.rank for e in written}
+        return cause(written + [e for e in printed or [] if e.rank not in have])
 
     def clear_rank_errors(self) -> None:
         """Remove an earlier attempt's error reports, which would be mistaken for this one's."""

@@ -17,11 +17,16 @@ srun returns, the script runs `python -m launcher.requeue`, which requeues the
 job (launcher.requeue). A requeued job starts its script again and the workers
 resume from the latest checkpoint; RUN_DIR/FINISHED ends it at once.
 
+One run per directory (launcher.runlock): the batch script holds RUN_DIR/.lock with
+`flock` for the job's life and names the job in it; submission is refused while a
+local run or a queued or running job holds it.
+
 Light side: no torch import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -38,12 +43,16 @@ from launcher.errors import UserError
 from launcher.hardware import Gpu, Hardware
 from launcher.plan import Plan, prepare_vocab, resolve, torchrun_command
 from launcher.rundir import RunDir
+from launcher.runlock import Holder, RunLock
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "sbatch.sh.j2"
 STOP_SIGNAL = "USR1"
 # How long srun lets the other nodes finish after the first task exits; a crashed
 # node takes the job down after this, a clean stop is done long before.
 SRUN_WAIT_S = 60
+# How long a starting job waits for RUN_DIR/.lock: the submitter holds it until sbatch has
+# answered; a live local run or job keeps it longer, and the job then fails with its name.
+LOCK_WAIT_S = 60
 # GPUs on the cluster are not visible from the login node; precision "auto"
 # assumes they are Ampere or newer (bf16). Set precision.dtype to be explicit.
 CLUSTER_GPU = Gpu(index=0, name="GPU on the Slurm nodes", capability=(8, 0), memory_bytes=80 * 2**30)
@@ -237,6 +246,8 @@ def context(plan: Plan) -> dict[str, Any]:
         "slurm_err": paths.log("err").name,
         "plan_file": paths.files.plan_file.name,
         "finished_file": paths.files.finished.name,
+        "lock_file": paths.files.lock.name,
+        "lock_wait_s": LOCK_WAIT_S,
         "logs_dir": paths.files.logs.name,
         "metrics_file": paths.files.metrics.name,
         "signal": STOP_SIGNAL,
@@ -338,20 +349,25 @@ def submit(plan: Plan, script: str) -> int:
         raise UserError(
             "sbatch not found: submit from a Slurm login node", hint="--dry-run prints the script"
         )
-    if launch.finished_run(plan, "nothing submitted"):
-        return 0
-    launch.check_resume(plan)
-    paths = Paths(Path(launch.prepare_run_dir(plan)))
-    paths.slurm_dir.mkdir(parents=True, exist_ok=True)
-    paths.script.write_text(script)
-    paths.files.command_file.write_text(f"sbatch {shlex.quote(str(paths.script))}\n")
-    done = subprocess.run([sbatch, "--parsable", str(paths.script)], capture_output=True, text=True)
-    if done.returncode != 0:
-        reason = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
-        raise UserError(
-            f"sbatch refused the job: {' / '.join(reason)}", hint=f"script kept at {paths.script}"
-        )
-    job_id = done.stdout.strip().split(";")[0]
+    # Refused while a local run or a live job holds the run directory; held until sbatch has
+    # answered, then left naming the queued job, which takes it when it starts.
+    with RunLock.acquire(RunDir.from_plan(plan).lock) as lock:
+        if launch.finished_run(plan, "nothing submitted"):
+            return 0
+        launch.check_resume(plan)
+        paths = Paths(Path(launch.prepare_run_dir(plan)))
+        paths.slurm_dir.mkdir(parents=True, exist_ok=True)
+        paths.script.write_text(script)
+        paths.files.command_file.write_text(f"sbatch {shlex.quote(str(paths.script))}\n")
+        done = subprocess.run([sbatch, "--parsable", str(paths.script)], capture_output=True, text=True)
+        if done.returncode != 0:
+            reason = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
+            raise UserError(
+                f"sbatch refused the job: {' / '.join(reason)}", hint=f"script kept at {paths.script}"
+            )
+        job_id = done.stdout.strip().split(";")[0]
+        submitted = Holder.this_process()
+        lock.release(keep=dataclasses.replace(submitted, pid=None, job_id=job_id, state="submitted"))
     print(f"mplaunch: submitted job {job_id}: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
     print(f"mplaunch: logs {paths.log('out', job_id)} and {paths.log('err', job_id)}")
     follow = shlex.quote(str(paths.log("out", job_id)))

@@ -1,21 +1,30 @@
 """The worker: one per rank, started by torchrun as `python -m launcher.train RUN_DIR/plan.json`.
 
 `main` sets up (process group, seeds, data, model, backend, resume) and
-`fit` is the loop. A rank never prints a traceback: it writes it to
-RUN_DIR/logs/rank-N.err and prints one line, so the launcher can show the
-failing rank's error instead of torchrun's noise.
+`fit` is the loop. A rank never prints a traceback: it prints one line
+(`mplaunch: rank N: error: ...`) and then writes the traceback to
+RUN_DIR/logs/rank-N.err, so the launcher can show the failing rank's error
+instead of torchrun's noise, even when the disk is too full for the file.
+Each rank beats a heartbeat (RUN_DIR/logs/rank-N.heartbeat) after every step
+and checkpoint, and dumps its threads' stacks to RUN_DIR/logs/rank-N.stack on
+SIGUSR2: the launcher's hang watch (launcher.watchdog) reads both.
 """
 
 from __future__ import annotations
 
+import errno
+import faulthandler
 import os
 import random
+import re
+import shutil
 import signal
 import sys
 import time
 import traceback
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +32,20 @@ import torch
 import torch.distributed as dist
 
 from launcher import data
-from launcher.backends import Backend, LossScaleFloor, load_backend
+from launcher.backends import Backend, LossScaleFloor, NonFiniteStep, load_backend
 from launcher.checkpointer import Checkpointer
-from launcher.metrics import Meter, NonFiniteLoss
+from launcher.metrics import Meter
 from launcher.models import ModelError, build
 from launcher.plan import Plan
 from launcher.rundir import RunDir
+from launcher.watchdog import collective_timeout_s
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+# A file system with less free space than this is full for a checkpoint: torch.save's
+# opaque write errors then mean no space left, whatever the few bytes left over.
+NEARLY_FULL_BYTES = 1 << 20
+_TORCH_WRITE_FAILED = re.compile(r"file write failed|inline_container\.cc|PytorchStreamWriter")
 
 
 @dataclass(frozen=True)
@@ -83,14 +97,68 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     plan = Plan.from_json(Path(args[0]).read_text())
     rank = int(os.environ.get("RANK", "0"))
+    files = RunDir.from_plan(plan)
+    _dump_stacks_on_sigusr2(files, rank)  # creates RUN_DIR/logs
+    files.write_heartbeat(rank, 0, "setup")
     try:
         return run(plan)
-    except (ModelError, LossScaleFloor, NonFiniteLoss, ValueError, FileNotFoundError) as exc:
-        return _fail(plan, rank, _explain(plan, exc))
+    except (ModelError, LossScaleFloor, NonFiniteStep, ValueError, FileNotFoundError) as exc:
+        return _fail(plan, rank, _disk_full(plan, exc) or _explain(plan, exc))
     except KeyboardInterrupt:
         return _fail(plan, rank, "interrupted")
     except Exception as exc:
-        return _fail(plan, rank, f"{type(exc).__name__}: {exc}")
+        return _fail(plan, rank, _disk_full(plan, exc) or f"{type(exc).__name__}: {exc}".rstrip(": "))
+    finally:
+        files.write_heartbeat(rank, 0, "exit")
+
+
+def _dump_stacks_on_sigusr2(files: RunDir, rank: int) -> None:
+    """On SIGUSR2 write every thread's Python stack to RUN_DIR/logs/rank-N.stack (the hang watch
+    sends it). faulthandler writes from its C signal handler, so a rank stuck in C code or in a
+    collective answers too."""
+    try:
+        files.logs.mkdir(parents=True, exist_ok=True)
+        out = open(files.stack_dump(rank), "w")  # noqa: SIM115 (kept open for the process's life)
+    except OSError:
+        return
+    faulthandler.register(signal.SIGUSR2, file=out, all_threads=True)
+
+
+def _disk_full(plan: Plan, exc: BaseException) -> str | None:
+    """"no space left on device: PATH (N bytes free); ..." when `exc` is a full file system's doing.
+
+    An OSError with errno ENOSPC names its path. torch.save's writer fails on a full disk
+    with an opaque RuntimeError from inline_container.cc ("file write failed", "unexpected
+    pos ..."), naming no path: it counts when the checkpoint directory's (or the run
+    directory's) file system has less than NEARLY_FULL_BYTES free.
+    """
+    files = RunDir.from_plan(plan)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        path = str(exc.filename) if exc.filename else str(files.checkpoints)
+        free = _free_bytes(path)
+    elif isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(str(exc)):
+        candidates = [(_free_bytes(str(p)), str(p)) for p in (files.checkpoints, files.path)]
+        known = sorted((f, p) for f, p in candidates if f is not None)
+        if not known or known[0][0] >= NEARLY_FULL_BYTES:
+            return None
+        free, path = known[0]
+    else:
+        return None
+    shown = "unknown bytes free" if free is None else f"{free:,} bytes free"
+    return (
+        f"no space left on device: {path} ({shown}); free space there (or set checkpoint.dir or "
+        "logging.dir to a larger file system) and run again: it resumes from the latest complete checkpoint"
+    )
+
+
+def _free_bytes(path: str) -> int | None:
+    """Free bytes on the file system of `path` or its nearest existing parent."""
+    for candidate in (Path(path), *Path(path).parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
 
 
 def _explain(plan: Plan, exc: Exception) -> str:
@@ -101,17 +169,14 @@ def _explain(plan: Plan, exc: Exception) -> str:
             "Use precision.dtype=bf16 (same speed on Ampere or newer GPUs, no loss scaling), or lower the "
             "learning rate; the last complete checkpoint is kept"
         )
-    if isinstance(exc, NonFiniteLoss):
-        return (
-            f"the loss became NaN or infinite in {exc}: the run stopped before saving a bad checkpoint; "
-            "lower optimizer.lr, raise scheduler.warmup_steps or check the data; the last complete checkpoint is kept"
-        )
-    return str(exc)
+    return str(exc)  # NonFiniteStep and the rest carry their whole message
 
 
 def _fail(plan: Plan, rank: int, message: str) -> int:
-    RunDir.from_plan(plan).write_rank_error(rank, message, traceback.format_exc())
+    """Print the rank's one-line error, then write its report (which a full disk may lose)."""
+    message = " ".join(message.split()) or "an error without a message (the traceback is in the rank's log)"
     print(f"mplaunch: rank {rank}: error: {message}", file=sys.stderr, flush=True)
+    RunDir.from_plan(plan).write_rank_error(rank, message, traceback.format_exc())
     return EXIT_FAILED
 
 
@@ -158,6 +223,7 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     ckpt = Checkpointer(plan, RunDir.from_plan(plan), d)
     start = ckpt.restore(backend)
     meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan))
+    ckpt.report(meter)  # checkpoints the restore rejected, as metrics events
     return Run(
         plan, backend, data.Batches(tokens, rows.train, plan, d.rank), evals, meter, ckpt, stop, d, start
     )
@@ -166,6 +232,12 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
 def fit(r: Run) -> int:
     """The training loop: one optimizer step per iteration, from `r.start` to train.max_steps."""
     t, meter, backend = r.plan.recipe.train, r.meter, r.backend
+    files = RunDir.from_plan(r.plan)
+
+    def beat(step: int, phase: str) -> None:  # the hang watch's sign of life (a small file, no sync)
+        files.write_heartbeat(r.d.rank, step, phase)
+
+    beat(r.start, "train")
     steps = data.loader(r.batches, r.start, t.max_steps, r.plan.recipe.data.num_workers)
     meter.event(
         r.start,
@@ -180,6 +252,7 @@ def fit(r: Run) -> int:
         backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
         stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
         done = step + 1
+        beat(done, "step")
         meter.record(stats)
         if stats.skipped:
             scale = backend.loss_scale()
@@ -198,6 +271,7 @@ def fit(r: Run) -> int:
         stopping = r.d.any(r.stop.signal is not None)  # every rank stops at the same step
         if r.ckpt.due(done, stopping):
             r.ckpt.save(done, backend, meter, r.batches.position(done))
+            beat(done, "checkpoint")
         if stopping:
             return _stopped(r, done)
     r.ckpt.finish(t.max_steps)
@@ -248,9 +322,12 @@ def _init_distributed(plan: Plan) -> Dist:
         torch.backends.cudnn.allow_tf32 = plan.precision.allow_tf32
     control = None
     if world > 1 or "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend=plan.dist_backend, rank=rank, world_size=world)
+        # A collective waiting on a stuck rank fails after this instead of gloo's 30 min; it is
+        # longer than the launcher's hang watch, which reports a hang first, with stacks.
+        timeout = timedelta(seconds=collective_timeout_s(plan.recipe.launch.hang_timeout))
+        dist.init_process_group(backend=plan.dist_backend, rank=rank, world_size=world, timeout=timeout)
         # Host-side agreement (stop requests, barriers) goes over gloo so it never waits on the GPU stream.
-        control = dist.new_group(backend="gloo") if plan.dist_backend != "gloo" else None
+        control = dist.new_group(backend="gloo", timeout=timeout) if plan.dist_backend != "gloo" else None
     return Dist(rank, world, local_rank, control)
 
 

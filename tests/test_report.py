@@ -311,3 +311,17 @@ def test_live_run_is_running(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     records = [dict(r, time=now - 100 + r["step"]) for r in [event(0, "start"), train(10), train(20)]]
     run = make_run(tmp_path, records, tail='{"kind"')
     assert report(run, capsys)["state"].startswith("running (last record")
+
+
+def test_a_recent_run_nobody_holds_is_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The lock tells: a free RUN_DIR/.lock means no process runs it, however fresh its records."""
+    from launcher.runlock import RunLock
+
+    now = time.time()
+    records = [dict(r, time=now - 100 + r["step"]) for r in [event(0, "start"), train(10), train(20)]]
+    run = make_run(tmp_path, records)
+    with RunLock.acquire(run / ".lock"):
+        assert report(run, capsys)["state"].startswith("running (last record")
+    state = report(run, capsys)["state"]
+    assert state.startswith("crashed (no FINISHED file, no process holds its .lock"), state
+    assert "last record at step 20" in state

@@ -187,3 +187,35 @@ def test_the_resume_point_is_the_latest_complete_checkpoint(tmp_path: Path, cust
     assert any(line.startswith("step-00000006: incomplete") for line in found.ignored)
     # `report` counts checkpoints by the same rules.
     assert run.checkpoint_steps() == [2, 4]
+
+
+def test_heartbeats_round_trip_and_are_cleared(tmp_path: Path) -> None:
+    run = RunDir.of(tmp_path / "run")
+    assert run.heartbeat(1) == tmp_path / "run" / "logs" / "rank-1.heartbeat"
+    assert run.stack_dump(1) == tmp_path / "run" / "logs" / "rank-1.stack"
+    assert run.lock == tmp_path / "run" / ".lock"
+    run.write_heartbeat(0, 3, "step")  # no logs directory yet: dropped, never raised
+    assert run.heartbeats() == {}
+    run.logs.mkdir(parents=True)
+    run.write_heartbeat(0, 3, "step")
+    run.write_heartbeat(1, 2, "checkpoint")
+    run.stack_dump(1).write_text("Current thread 0x1 (most recent call first):\n")
+    beats = run.heartbeats()
+    assert {r: (b["step"], b["phase"], b["pid"]) for r, b in beats.items()} == {
+        0: (3, "step", os.getpid()),
+        1: (2, "checkpoint", os.getpid()),
+    }
+    run.clear_heartbeats()
+    assert run.heartbeats() == {} and not run.stack_dump(1).exists()
+
+
+def test_the_cause_is_preferred_over_an_earlier_peer_error(tmp_path: Path) -> None:
+    from launcher.rundir import RankError
+
+    run = RunDir.of(tmp_path / "run")
+    run.write_rank_error(1, "RuntimeError: Connection closed by peer [::1]:29500", "")
+    os.utime(run.rank_error(1), (1000, 1000))
+    printed = [RankError(0, "no space left on device: /x (0 bytes free)", run.rank_error(0))]
+    first = run.failed_rank(printed)
+    assert first is not None and first.rank == 0  # printed only: its file was lost to a full disk
+    assert run.first_rank_error() is not None and run.first_rank_error().rank == 1  # type: ignore[union-attr]

@@ -345,7 +345,9 @@ STUBS = {
     "python": '#!/bin/bash\nif [ "$2" = launcher.requeue ]; then\n'
     '  printf "%s\\0" "$@" > "$STUB_LOG/requeue.argv"; exec "$REAL_PYTHON" "$@"\nfi\n'
     'printf "%s\\0" "$@" > "$STUB_LOG/python.argv"\n'
-    'printf "%s" "$HOSTILE" > "$STUB_LOG/hostile.env"\n',
+    'printf "%s" "$HOSTILE" > "$STUB_LOG/hostile.env"\n'
+    # the lock file as the workers' torchrun sees it (the job holds it while they run)
+    'cp "$(dirname "${@: -1}")/.lock" "$STUB_LOG/lock.seen" 2>/dev/null || true\n',
 }
 HOSTILE = "a$(touch pwned)b`touch pwned`c;touch pwned;d'e\"f\ntouch pwned\n$HOME"
 HOSTILE_PATH = "r$(touch pwned)`touch pwned`;touch pwned;'q $HOME"
@@ -576,3 +578,58 @@ def test_readme_slurm_commands_dry_run(
     for command in commands:
         assert cli.main([*shlex.split(command)[1:], "--dry-run"]) == 0, capsys.readouterr().err
         assert capsys.readouterr().out.startswith("#!/bin/bash\n")
+
+
+# --------------------------------------------------------------------------- one run per directory
+
+
+def test_script_holds_the_run_dir_lock_and_names_the_job(tmp_path: Path) -> None:
+    from launcher.runlock import Holder
+
+    plan = plan_for(tmp_path, 2, 0)
+    done = run_with_stubs(tmp_path, plan)
+    assert done.returncode == 0, done.stderr
+    assert "flock" in slurm.render(plan)
+    holder = Holder.parse((tmp_path / "log" / "lock.seen").read_text())
+    assert holder is not None and holder.job_id == "4242" and holder.state == "running"
+    assert (Path(plan.run_dir) / ".lock").read_text() == ""  # the ended job names nobody
+
+
+def test_script_refuses_a_run_dir_another_run_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.runlock import RunLock
+
+    monkeypatch.setattr(slurm, "LOCK_WAIT_S", 1)
+    plan = plan_for(tmp_path, 2, 0)
+    with RunLock.acquire(Path(plan.run_dir) / ".lock"):
+        done = run_with_stubs(tmp_path, plan)
+    assert done.returncode == 2
+    assert "is in use by another run" in done.stderr and f'"pid": {os.getpid()}' in done.stderr
+    assert not (tmp_path / "log" / "srun.argv").exists()
+
+
+def test_submit_is_refused_while_a_local_run_holds_the_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from launcher.runlock import RunLock
+
+    stub_on_path(tmp_path, monkeypatch, "sbatch", f"touch {tmp_path}/submitted; echo 77")
+    run_dir = tmp_path / "runs" / "bert-tiny-mlm"
+    with RunLock.acquire(run_dir / ".lock"):
+        assert cli.main([str(TINY), "--slurm", f"logging.dir={tmp_path}/runs"]) == 2
+    assert f"pid {os.getpid()}" in capsys.readouterr().err
+    assert not (tmp_path / "submitted").exists() and not (run_dir / "plan.json").exists()
+    assert cli.main([str(TINY), "--slurm", f"logging.dir={tmp_path}/runs"]) == 0
+    held = json.loads((run_dir / ".lock").read_text())
+    assert (held["job_id"], held["state"]) == ("77", "submitted")
+
+
+def test_failed_workers_are_recorded_as_an_error_event(tmp_path: Path) -> None:
+    from launcher.rundir import RunDir
+
+    plan = plan_for(tmp_path, 1, 0)
+    run_dir = stopped_run(plan)
+    files = RunDir.of(run_dir)
+    files.write_rank_error(1, "RuntimeError: Connection closed by peer", "")
+    files.write_rank_error(0, "model.target: cannot import 'x'", "")
+    assert requeue.main([str(run_dir), "0", "1"]) == 1
+    event = json.loads(files.metrics.read_text().splitlines()[-1])
+    assert (event["event"], event["message"]) == ("error", "the run failed on rank-0: model.target: cannot import 'x'")
