@@ -19,7 +19,8 @@ LIGHT = {
     "cli", "errors", "recipe", "recipe_errors", "recipe_files", "recipe_reference", "recipe_rules",
     "plan", "precision", "backend_config", "hardware", "launch", "slurm", "requeue", "shapes", "memory",
     "state_bytes", "flops", "rundir", "loss_scale", "vocab", "checkpoint", "report", "plots", "parity",
-    "environment", "health", "batch",
+    "environment", "health", "batch", "schedule", "resume", "runlock",
+    "watchdog",
 }  # fmt: skip
 
 
