@@ -11,10 +11,15 @@ times:
   files, hash them, merge into the manifest's file list) on one rank; the
   ranks of a real run hash their shares in parallel, so this is the cost of a
   one-rank job and an upper bound for more;
-- finite check: launcher.checkpointer.parameter_square_sum over the parameters.
+- finite check: launcher.checkpointer.parameter_square_sum over the parameters;
+- per step: the Meter's device-side watch for a non-finite loss or gradient norm
+  (launcher.metrics.Meter._watch, run every optimizer step), against one BERT-base
+  training step (forward, backward, AdamW) of 8 sequences of 128 tokens.
 
 Prints medians per checkpoint, per GB of checkpoint and as a ratio to the plain
-save. Not a test: timings depend on the machine (and its page cache: the
+save, and the per-step watch as a ratio to the training step. On a shared disk the
+plain save's own time swings more than the checksum pass costs; the pass measured
+alone is the figure to quote. Not a test: timings depend on the machine (and its page cache: the
 checksum pass reads files just written, as it does in a run).
 
     python bench/checkpoint_cost.py [--repeats 5] [--dir /tmp] [--out bench/results/checkpoint-cost-cpu.json]
@@ -42,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from launcher import checkpoint, models, shapes  # noqa: E402
 from launcher import recipe as recipe_mod  # noqa: E402
 from launcher.checkpointer import parameter_square_sum  # noqa: E402
+from launcher.metrics import Meter  # noqa: E402
 
 
 def bert_base() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -76,6 +82,29 @@ def checksum_pass(directory: Path) -> list[dict[str, object]]:
     return checkpoint.merge_checksums(directory, files)
 
 
+def per_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, repeats: int) -> dict[str, float]:
+    """Median seconds of one training step, and of the Meter's per-step finite watch after it."""
+    vocab = shapes.shape_of(recipe_mod.load(ROOT / "recipes" / "bert.yaml").model).vocab_size
+    batch = {"input_ids": torch.randint(0, vocab, (8, 128)), "labels": torch.randint(0, vocab, (8, 128))}
+    steps, watches = [], []
+    meter = SimpleNamespace(step=0, first_bad=None)  # the state _watch keeps
+    for _ in range(repeats):
+        started = time.perf_counter()
+        loss = models.loss_of(model(**batch))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stepped = time.perf_counter()
+        stats = SimpleNamespace(loss=loss.detach(), grad_norm=norm)
+        for _ in range(100):  # far below timer resolution once; a hundred calls, then per call
+            meter.step += 1
+            Meter._watch(meter, stats)  # type: ignore[arg-type]
+        watches.append((time.perf_counter() - stepped) / 100)
+        steps.append(stepped - started)
+    return {"step": statistics.median(steps), "watch": statistics.median(watches)}
+
+
 def measure(repeats: int, where: Path) -> dict[str, object]:
     model, optimizer = bert_base()
     params = sum(p.numel() for p in model.parameters())
@@ -83,8 +112,11 @@ def measure(repeats: int, where: Path) -> dict[str, object]:
     plain, checked, hashing, finite = [], [], [], []
     size_bytes = 0
     for i in range(repeats):
-        for label in ("plain", "checked"):  # side by side, alternating
+        # Side by side, the order swapped every round: a save right after another waits on the
+        # first one's write-back, which would otherwise always land on the same side.
+        for label in ("plain", "checked") if i % 2 == 0 else ("checked", "plain"):
             target = where / f"{label}-{i}"
+            os.sync()  # the last round's writes and deletions settle outside the timing
             started = time.perf_counter()
             plain_save(target, model, optimizer)
             saved = time.perf_counter()
@@ -101,6 +133,7 @@ def measure(repeats: int, where: Path) -> dict[str, object]:
             started = time.perf_counter()
             parameter_square_sum(backend)  # type: ignore[arg-type]
             finite.append(time.perf_counter() - started)
+    step = per_step(model, optimizer, repeats)
     gb = size_bytes / 1e9
     samples = {"plain": plain, "checked": checked, "hash": hashing, "finite": finite}
     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -113,6 +146,8 @@ def measure(repeats: int, where: Path) -> dict[str, object]:
         "repeats": repeats,
         "median_s": med,
         "s_per_gb": {k: v / gb for k, v in med.items()},
+        "per_step_s": step,
+        "watch_ratio_to_step": step["watch"] / step["step"],
         "ratio_to_plain_save": {
             "checked_save": med["checked"] / med["plain"],
             "checksum_pass": med["hash"] / med["plain"],
@@ -147,6 +182,12 @@ def main() -> None:
     )
     for label, key, times in rows:
         print(f"{label:28}{med[key]:14.3f}{per_gb[key]:10.3f}{times:14.3f}")
+    step = result["per_step_s"]
+    assert isinstance(step, dict)
+    print(
+        f"per step: training step {step['step']:.3f} s, non-finite watch {step['watch'] * 1e6:.1f} us "
+        f"({float(str(result['watch_ratio_to_step'])):.2e} x the step)"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
