@@ -7,6 +7,7 @@ LR schedule are handed over in code.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
@@ -65,6 +66,9 @@ class Engine:
         self.device = self.engine.device
         self.grad_bytes: int | None = None
         self.measure_grads = False
+        # DeepSpeed's ZeRO and 16-bit optimizers report the global gradient norm; a plain torch
+        # optimizer (ZeRO 0 in fp32) leaves it None, so the norm is taken here before the step.
+        self.own_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
         total = torch.zeros((), device=self.device)
@@ -72,8 +76,11 @@ class Engine:
         for i, batch in enumerate(micro_batches):
             loss = loss_of(self.engine(**to_device(batch, self.device)))
             self.engine.backward(loss)
-            if self.measure_grads and i == len(micro_batches) - 1:
+            last = i == len(micro_batches) - 1
+            if self.measure_grads and last:
                 self.grad_bytes = self._grad_bytes()
+            if self.own_norm and last:
+                own_norm = _grad_norm(self.engine.module.parameters())  # reduced already, before clipping
             try:
                 self.engine.step()
             except Exception as exc:
@@ -87,7 +94,7 @@ class Engine:
             # DeepSpeed skips a step with non-finite gradients in fp32 and bf16 too, and would
             # go on skipping without a word: there is no loss scale for a skip to lower.
             raise self._skipped(total)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = own_norm if self.own_norm else self.engine.get_global_grad_norm()
         return StepStats(total / len(micro_batches), grad_norm, skipped if scaled else None)
 
     def _skipped(self, loss_sum: torch.Tensor) -> SkippedStep:
@@ -156,3 +163,12 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
         schedule.continue_on(self.engine.lr_scheduler, self.plan.recipe)
+
+
+def _grad_norm(parameters: Iterator[nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of the gradients, on the device (no host sync)."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2)
