@@ -286,6 +286,7 @@ def check(path: Path, overrides: Sequence[str], steps: int, tolerance: float, ou
     Raises:
         UserError: bad recipe; nothing is started.
     """
+    plots.require_matplotlib("parity")  # before two trainings, not after them
     hardware = Hardware.probe()
     pair = plan_pair(path, overrides, steps, str(out) if out else None, hardware)
     for warning in pair.mixed.warnings:

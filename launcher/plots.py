@@ -28,12 +28,23 @@ GIB = 1024**3
 INSTALL_HINT = "pip install -e '.[report]'"
 
 
+def require_matplotlib(verb: str) -> None:
+    """Refuse `verb` up front, before anything runs, when the plots it draws cannot be drawn.
+
+    Raises:
+        UserError: matplotlib (the `report` extra) is not installed.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError(f"mplaunch {verb} needs matplotlib (not installed)", hint=INSTALL_HINT)
+
+
 def _new_figure(nrows: int = 1, height_in: float = FIG_SIZE_IN[1]) -> tuple[Figure, list[Axes]]:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("mplaunch report needs matplotlib (not installed)", hint=INSTALL_HINT) from None
+    require_matplotlib("report")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     # A bare Figure on the Agg canvas: no pyplot, so no global backend switch and no figure registry.
     fig = Figure(figsize=(FIG_SIZE_IN[0], height_in), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)

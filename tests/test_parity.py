@@ -343,3 +343,16 @@ def test_fp16_with_underflowing_gradients_fails(tmp_path: Path) -> None:
     assert report["final_rel_diff"] > report["tolerance"]
     assert report["final_loss_mixed"] > report["final_loss_fp32"]  # the fp16 run learned less
     assert "FAIL: fp16 vs fp32: final difference over tolerance" in output
+
+
+def test_parity_without_matplotlib_refuses_before_training(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the `report` extra were not installed
+    monkeypatch.setattr(parity, "plan_pair", lambda *a, **k: pytest.fail("parity planned runs first"))
+    code = cli.main(["parity", str(TINY), "--steps", "5", "--out", str(tmp_path / "p")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: mplaunch parity needs matplotlib (not installed) (hint: pip install -e '.[report]')"
+    )
+    assert not (tmp_path / "p").exists()
