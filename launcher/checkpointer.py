@@ -250,13 +250,29 @@ def parameter_square_sum(backend: Backend) -> float:
     """The sum of squares, in fp32, of the parameters this rank holds (its ZeRO-3 partition,
     `ds_tensor`, where there is one). NaN or inf if any is, and inf once a weight passes
     about 1e19 (its square overflows fp32): the cheap test that a step is fit to save."""
-    held = [getattr(p, "ds_tensor", p) for p in backend.model.parameters()]
+    held = [_held(p) for p in backend.model.parameters()]
     tensors = [t.detach() for t in held if t.numel()]
     if not tensors:
         return 0.0
     # Norms taken in fp32 whatever the parameters' dtype: an fp16 norm overflows at 65504.
     norms = torch.stack(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
     return float((norms * norms).sum())
+
+
+def _held(param: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank holds of `param`: all of it, or the real elements of its ZeRO-3 partition.
+
+    A ZeRO-3 partition is padded to equal size on every rank, and the padding is uninitialised
+    memory no computation reads: it may hold any bits, NaN included, so it is left out.
+    """
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param
+    size = int(getattr(part, "ds_numel", part.numel()))
+    group = getattr(param, "ds_process_group", None)
+    rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+    real = max(0, min(size, int(param.ds_numel) - rank * size))
+    return part.reshape(-1).narrow(0, 0, real)
 
 
 def _say(message: str) -> None:

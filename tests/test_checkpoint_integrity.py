@@ -25,7 +25,7 @@ from launcher.checkpointer import Checkpointer, parameter_square_sum
 from launcher.metrics import Meter
 from launcher.plan import Plan
 from launcher.rundir import RunDir
-from tests.runs import FAST, explain, losses, mplaunch, records, write_recipe
+from tests.runs import FAST, FAST_USER_MODEL, explain, losses, mplaunch, records, write_recipe
 from tests.test_resume import _assert_bitwise_equal
 from tests.test_worker_loop import FakeBackend, _plan, _run
 
@@ -243,13 +243,18 @@ def _holding(*values: float, ds_tensor: bool = False) -> SimpleNamespace:
         model.weight.copy_(torch.tensor([values]))
     if ds_tensor:  # as ZeRO-3: the parameter itself is empty, the rank's partition is ds_tensor
         weight = model.weight
-        weight.ds_tensor = weight.data.clone().flatten()  # type: ignore[attr-defined]
+        # One rank holds it all, padded to a partition size as ZeRO-3 pads, with garbage there.
+        part = torch.cat([weight.data.clone().flatten(), torch.full((3,), float("nan"))])
+        part.ds_numel = part.numel()  # type: ignore[attr-defined]
+        weight.ds_tensor = part  # type: ignore[attr-defined]
+        weight.ds_numel = len(values)  # type: ignore[attr-defined]
         weight.data = torch.empty(0)
     return SimpleNamespace(model=model)
 
 
 @pytest.mark.parametrize("ds_tensor", [False, True])
 def test_the_parameter_check_catches_nan_inf_and_weights_beyond_1e19(ds_tensor: bool) -> None:
+    # With ds_tensor the partition's NaN padding (uninitialised memory in ZeRO-3) is left out.
     assert parameter_square_sum(_holding(3.0, 4.0, ds_tensor=ds_tensor)) == pytest.approx(25.0)
     assert parameter_square_sum(_holding(1e18, -1e18, ds_tensor=ds_tensor)) == pytest.approx(2e36, rel=1e-5)
     for bad in (float("nan"), float("inf"), -float("inf"), 1e20, 1e37):
@@ -492,8 +497,8 @@ def test_a_random_fault_in_a_random_checkpoint_ends_in_a_correct_resume(base: tu
     assert losses(run_dir) == losses(base[1]), (step, name, fault)
 
 
-def _never_sealed(tmp: Path, name: str, *layers: dict) -> tuple[str, Path]:
-    result = mplaunch(str(write_recipe(tmp, name, FAST, *layers)))
+def _never_sealed(tmp: Path, name: str, *layers: dict, fast: dict = FAST) -> tuple[str, Path]:
+    result = mplaunch(str(write_recipe(tmp, name, fast, *layers)))
     assert result.returncode == 1, explain(result)
     assert "Traceback" not in result.stderr
     failed = _warnings(result.stderr, "the run failed on")
@@ -518,7 +523,6 @@ def test_nan_weights_behind_a_finite_loss_are_never_sealed(tmp_path: Path) -> No
         "backend": "accelerate",
         "model": {
             "name": None,
-            "vocab_size": 512,
             "target": "poison_model:build",
             "kwargs": {"vocab_size": 512, "poison_step": 4, "accum": 2},
         },
@@ -526,7 +530,7 @@ def test_nan_weights_behind_a_finite_loss_are_never_sealed(tmp_path: Path) -> No
         "train": {"max_steps": 4},
         "checkpoint": {"every_steps": 2},
     }
-    line, root = _never_sealed(tmp_path, "poisoned", poisoned)
+    line, root = _never_sealed(tmp_path, "poisoned", poisoned, fast=FAST_USER_MODEL)
     assert "the parameters after step 4 are not finite" in line
     assert "the last complete checkpoint, step 2, is kept" in line
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]
