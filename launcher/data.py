@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher import vocab
+from launcher import tasks, vocab
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 
@@ -53,16 +53,21 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
     barrier()
     tokenizer = _load_tokenizer(tok_dir)
     if tokenizer.get_vocab_size() > plan.vocab_size:
+        key = "model.kwargs.vocab_size" if plan.recipe.model.target else "model.vocab_size"
         raise ValueError(
             f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} tokens but the model's vocabulary is "
-            f"{plan.vocab_size} ({plan.vocab_source}); raise model.vocab_size or leave it unset"
+            f"{plan.vocab_size} ({plan.vocab_source}); raise {key} or leave it unset"
         )
-    ids = _chunk(tokenizer, vocab.read_texts(plan.recipe, plan.data_paths), d.seq_len)
+    masked = tasks.resolve(plan.recipe) == tasks.MASKED_LM
     mask_id = tokenizer.token_to_id("[MASK]")
-    if mask_id is None:
-        raise ValueError(f"tokenizer in {tok_dir} has no [MASK] token; masked-LM needs one")
+    if masked and mask_id is None:
+        raise ValueError(
+            f"the tokenizer in {tok_dir} has no [MASK] token; data.task masked-lm needs one "
+            "(a causal LM trains with data.task=causal-lm)"
+        )
+    ids = _chunk(tokenizer, vocab.read_texts(plan.recipe, plan.data_paths), d.seq_len, framed=masked)
     specials = tuple(i for i in (tokenizer.token_to_id(t) for t in SPECIALS) if i is not None)
-    return Tokens(ids, tokenizer.get_vocab_size(), mask_id, specials)
+    return Tokens(ids, tokenizer.get_vocab_size(), -1 if mask_id is None else mask_id, specials)
 
 
 def _copy_trained_tokenizer(plan: Plan, out_dir: Path) -> None:
@@ -86,21 +91,34 @@ def _load_tokenizer(tok_dir: Path):  # -> tokenizers.Tokenizer
     return AutoTokenizer.from_pretrained(str(tok_dir)).backend_tokenizer
 
 
-def _chunk(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
-    """Concatenate the texts ([SEP] between them) and cut [CLS] ... [SEP] rows of seq_len."""
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+# What separates documents in the token stream, by tokenizer family: BERT's, then the
+# end-of-text tokens of GPT-2 style BPE, SentencePiece and Llama tokenizers.
+SEPARATORS = ("[SEP]", "<|endoftext|>", "</s>", "<eos>")
+
+
+def _chunk(tokenizer, texts: list[str], seq_len: int, framed: bool) -> torch.Tensor:
+    """Concatenate the texts (a separator token between them) and cut rows of seq_len tokens.
+
+    Args:
+        framed: masked-LM rows, [CLS] ... [SEP] as BERT reads them; otherwise (causal-LM)
+            plain windows of the stream, each document ending in its separator.
+    """
+    sep_id = next((i for i in map(tokenizer.token_to_id, SEPARATORS) if i is not None), None)
+    cls_id = tokenizer.token_to_id("[CLS]")
     stream: list[int] = []
     for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
         stream.extend(enc.ids)
         if sep_id is not None:
             stream.append(sep_id)
-    body = seq_len - 2
+    body = seq_len - 2 if framed else seq_len
     rows = len(stream) // body
     if rows == 0:
         raise ValueError(
             f"the data holds {len(stream)} tokens, fewer than one sample of data.seq_len {seq_len}"
         )
     arr = np.asarray(stream[: rows * body], dtype=np.int64).reshape(rows, body)
+    if not framed:
+        return torch.from_numpy(arr)
     cls = np.full((rows, 1), cls_id if cls_id is not None else 0, dtype=np.int64)
     sep = np.full((rows, 1), sep_id if sep_id is not None else 0, dtype=np.int64)
     return torch.from_numpy(np.concatenate([cls, arr, sep], axis=1))
@@ -148,7 +166,7 @@ class Batches:
         )
         self.seed = plan.recipe.train.seed
         self.mask_prob = plan.recipe.data.mask_prob
-        self.causal = plan.recipe.model.name == "gpt2-lm" and plan.recipe.model.target is None
+        self.causal = tasks.resolve(plan.recipe) == tasks.CAUSAL_LM
         self.pin = plan.device == "cuda"
         self.steps_per_epoch = len(rows) // self.global_
         self._order_epoch: int | None = None

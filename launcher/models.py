@@ -3,11 +3,22 @@
 A model here is an nn.Module whose forward(**batch) returns the loss (a
 tensor, or an output object with a `.loss`). Built-in transformers are made
 from a config, never downloaded, with PyTorch SDPA attention.
+
+A user's factory ("module:factory") is imported with the recipe's folder
+first on the module search path (`Plan.import_dir`), then the worker's working
+directory and PYTHONPATH. It is called with `model.kwargs`, plus
+`vocab_size=<the run's vocabulary>` when its signature takes a `vocab_size`
+parameter (or **kwargs) and model.kwargs does not set it. Its embeddings are
+checked against the first batch, so ids past an embedding are one clear line
+instead of an IndexError (or a CUDA device-side assert).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,10 +32,23 @@ class ModelError(Exception):
     """A user's model factory could not be imported or called: reported as one clear line."""
 
 
-def build(model: Model, shape: Shape | None) -> nn.Module:
-    """The recipe's model: a user's factory (model.target), or a built-in one of the plan's `shape`."""
+def build(
+    model: Model, shape: Shape | None, vocab_size: int | None = None, import_dir: str | None = None
+) -> nn.Module:
+    """The recipe's model: a user's factory (model.target), or a built-in one of the plan's `shape`.
+
+    Args:
+        model: the recipe's model section.
+        shape: the plan's shape of a built-in model (None for model.target).
+        vocab_size: the run's vocabulary (`Plan.vocab_size`): given to a factory that takes it,
+            and the bound the first batch's ids are checked against.
+        import_dir: where model.target is imported from first (`Plan.import_dir`).
+
+    Raises:
+        ModelError: the factory cannot be imported or called, or returns no nn.Module.
+    """
     if model.target is not None:
-        return _from_target(model.target, dict(model.kwargs))
+        return _from_target(model.target, dict(model.kwargs), vocab_size, import_dir)
     assert shape is not None, "the plan derives a shape for every built-in model"
     built = BUILDERS[shape.family](shape, model.dropout)
     return built if shape.family == "tiny-mlp" else LMLoss(built, causal=shape.family == "gpt2-lm")
@@ -115,8 +139,12 @@ class TinyMLP(nn.Module):
 BUILDERS = {"bert-mlm": _bert, "gpt2-lm": _gpt2, "tiny-mlp": TinyMLP}
 
 
-def _from_target(target: str, kwargs: dict[str, Any]) -> nn.Module:
+def _from_target(
+    target: str, kwargs: dict[str, Any], vocab_size: int | None, import_dir: str | None
+) -> nn.Module:
     module_name, _, attr = target.partition(":")
+    if import_dir is not None and sys.path[:1] != [import_dir]:
+        sys.path.insert(0, import_dir)  # the recipe's folder first, as `check` looked (plan.find_target)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -124,13 +152,75 @@ def _from_target(target: str, kwargs: dict[str, Any]) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None:
         raise ModelError(f"model.target: {module_name!r} has no attribute {attr!r}")
+    given = ""
+    if vocab_size is not None and "vocab_size" not in kwargs and takes_vocab_size(factory):
+        kwargs["vocab_size"] = vocab_size
+        given = f" with vocab_size={vocab_size} (the run's vocabulary)"
     try:
         model = factory(**kwargs)
     except TypeError as exc:
-        raise ModelError(f"model.target: {target}(**model.kwargs) failed: {exc}") from None
+        raise ModelError(f"model.target: {target}(**model.kwargs){given} failed: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.target: {target} returned {type(model).__name__}, not a torch.nn.Module")
+    if vocab_size is not None:
+        _check_first_ids(model, target, vocab_size)
     return model
+
+
+def takes_vocab_size(factory: Callable[..., Any]) -> bool:
+    """The factory's signature has a `vocab_size` keyword, or **kwargs."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass only what the user wrote
+        return False
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any(
+        p.kind == inspect.Parameter.VAR_KEYWORD or (p.name == "vocab_size" and p.kind in keyword)
+        for p in params
+    )
+
+
+def _check_first_ids(model: nn.Module, target: str, vocab_size: int) -> None:
+    """Check each nn.Embedding's first call: no id past its rows, and input_ids' embedding holds the vocabulary.
+
+    An id past an embedding is an IndexError on CPU and a device-side assert
+    that kills the CUDA context on a GPU; one line naming both numbers says what
+    to change. The embedding that receives the batch's input_ids must have a row
+    for every id of the run's vocabulary, even if the first batch happens to hold
+    none past it (others, such as positions, are checked on their ids only).
+    Each hook removes itself after its first call, so later steps pay nothing;
+    under torch.compile the check is skipped (it would break the graph).
+    """
+    first: dict[str, Any] = {}
+
+    def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not torch.compiler.is_compiling():
+            first["input_ids"] = kwargs.get("input_ids", args[0] if args else None)
+            handles.pop("").remove()
+
+    def hook_for(name: str, embedding: nn.Embedding) -> Callable[..., None]:
+        def check(module: nn.Module, args: tuple[Any, ...]) -> None:
+            ids = args[0] if args else None
+            if torch.compiler.is_compiling() or not isinstance(ids, torch.Tensor) or not ids.numel():
+                return
+            handles.pop(name).remove()
+            rows, top = embedding.num_embeddings, int(ids.max())
+            if top >= rows or (ids is first.get("input_ids") and rows < vocab_size):
+                found = f"the first batch holds id {top}" if top >= rows else "it embeds input_ids"
+                raise ModelError(
+                    f"model.target: {target}'s embedding {name!r} has {rows} rows but {found}; the run's "
+                    f"vocabulary is {vocab_size}: build it with at least that many rows (a factory with a "
+                    "vocab_size parameter is given it, unless model.kwargs sets one)"
+                )
+            if len(handles) == 0:
+                first.clear()
+
+        return check
+
+    handles: dict[str, Any] = {"": model.register_forward_pre_hook(capture, with_kwargs=True)}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name:
+            handles[name] = module.register_forward_pre_hook(hook_for(name, module))
 
 
 def loss_of(output: Any) -> torch.Tensor:

@@ -2,6 +2,13 @@
 
 The dry run prints the plan, the launcher executes it, the workers read it
 back from `RUN_DIR/plan.json`: one set of values everywhere.
+
+A user's model (`model.target`, "module:factory") is imported by the workers
+with the recipe's folder first on the module search path (`Plan.import_dir`),
+then the working directory, then PYTHONPATH and installed packages; the plan
+checks the module can be found there without importing it (that may import
+torch). The factory is given `vocab_size=Plan.vocab_size` when it takes that
+parameter and model.kwargs does not set it (launcher.models).
 """
 
 from __future__ import annotations
@@ -12,18 +19,21 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.machinery import ModuleSpec, PathFinder
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launcher import backend_config, precision, vocab
+from launcher import backend_config, precision, tasks, vocab
 from launcher.batch import Batch, resolve_batch
 from launcher.errors import UserError
 from launcher.hardware import Hardware
 from launcher.precision import PrecisionPolicy
 from launcher.recipe import Recipe, explicitly_set, to_dict
-from launcher.rundir import PLAN_FILE, RunDir
+from launcher.recipe_rules import BUILT_IN_MODEL_KEYS
+from launcher.rundir import PLAN_FILE, RECIPE_FILE, RunDir
 from launcher.shapes import Shape, shape_of
 
 
@@ -48,6 +58,7 @@ class Plan:
     shape: Shape | None  # None for a user's model (model.target)
     data_paths: tuple[str, ...] = ()
     tokenizer_dir: str | None = None
+    import_dir: str | None = None  # model.target's module is imported from here first
     warnings: tuple[str, ...] = field(default=())
     problems: tuple[str, ...] = field(default=())
 
@@ -87,6 +98,17 @@ class Plan:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
         return f"{env} {shlex.join(self.command)}".strip()
 
+    def _target_row(self) -> str:
+        vocab_ = (
+            ""
+            if "vocab_size" in self.recipe.model.kwargs
+            else f", plus vocab_size={self.vocab_size} if it takes one"
+        )
+        return (
+            f"{self.recipe.model.target}(**model.kwargs{vocab_}), imported from {self.import_dir} first,"
+            " then the working directory and PYTHONPATH"
+        )
+
     def describe(self, memory_section: str | None = None) -> str:
         """The dry run: the resolved recipe, batch equation, backend config, environment and command.
 
@@ -106,7 +128,9 @@ class Plan:
             ),
             ("batch", self.batch.equation(self.nnodes, self.nproc_per_node)),
             ("backend", f"{self.recipe.backend}, ZeRO stage {self.recipe.zero.stage}"),
+            ("task", f"{tasks.resolve(self.recipe)} (data.task {self.recipe.data.task})"),
             ("vocab", f"{self.vocab_size} ({self.vocab_source})"),
+            *([("model", self._target_row())] if self.recipe.model.target else []),
             ("run dir", self.run_dir),
         ]
         ranks = f"0..{self.world_size - 1}" if self.world_size > 1 else "0"
@@ -153,6 +177,13 @@ def resolve(
     # on *this* machine are kept in the plan when the caller only wants to look.
     problems: list[str] = []
     machine: list[str] = []
+    import_dir = None
+    target = recipe.model.target
+    if target is not None:
+        recipe = _only_target_keys(recipe)
+        import_dir = _import_dir(recipe.source)
+        missing = find_target(target, import_dir)
+        machine += [missing] if missing else []
     device, device_reason = _device(recipe, hardware, machine)
     nproc = _nproc(recipe, hardware, device, machine)
     nnodes = recipe.launch.nnodes
@@ -176,6 +207,8 @@ def resolve(
     env = _env(recipe, device, nproc, hardware)
     data_paths, tokenizer = data_files(recipe)
     vocab_ = vocab.resolve(recipe, data_paths, tokenizer, RunDir.of(Path(run_dir)).tokenizer)
+    if recipe.model.target is not None:
+        vocab_ = target_vocab(recipe, vocab_)
     shape = shape_of(recipe.model, vocab_.size) if recipe.model.target is None else None
     return Plan(
         recipe=recipe,
@@ -195,8 +228,113 @@ def resolve(
         shape=shape,
         data_paths=data_paths,
         tokenizer_dir=tokenizer,
+        import_dir=import_dir,
         warnings=tuple(_warnings(recipe, policy, device)),
         problems=tuple(machine),
+    )
+
+
+def _only_target_keys(recipe: Recipe) -> Recipe:
+    """The recipe with the built-in model's keys at their defaults: a target ignores them.
+
+    launcher.recipe_rules refuses those a user wrote beside the target; what is left came from an
+    `extends:` base. Resetting them keeps the vocabulary from following a base's model.name or
+    model.vocab_size, and RUN_DIR/recipe.yaml (every key written out) loads again on --resume.
+    """
+    m = recipe.model
+    defaults = {
+        key: (None if key == "name" else type(m).model_fields[key].default)
+        for key in ("name", *BUILT_IN_MODEL_KEYS)
+    }
+    return recipe.model_copy(update={"model": m.model_copy(update=defaults)})
+
+
+def _import_dir(source: str) -> str | None:
+    """The recipe's folder, where model.target is imported from first.
+
+    For RUN_DIR/recipe.yaml (`--resume RUN_DIR`) that is the first launch's: its plan.json says.
+    """
+    if not source:
+        return None
+    path = Path(source).resolve()
+    saved = path.parent / PLAN_FILE
+    if path.name == RECIPE_FILE and saved.is_file():
+        try:
+            earlier = json.loads(saved.read_text(encoding="utf-8"))["plan"].get("import_dir")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            earlier = None
+        if isinstance(earlier, str):
+            return earlier
+    return str(path.parent)
+
+
+def find_target(target: str, import_dir: str | None) -> str | None:
+    """The problem with model.target's module, found the way the workers will import it; None if found.
+
+    Nothing is imported: the module's file is looked up in `import_dir` (the recipe's folder), the
+    working directory, then sys.path, and a package's submodule in the package's folder
+    (importlib.util.find_spec would run the parent package's __init__, which may import torch).
+    """
+    module_name = target.partition(":")[0]
+    parts = module_name.split(".")
+    near = [d for d in (import_dir, os.getcwd()) if d]
+    places = " and ".join(dict.fromkeys(near)) + ", then PYTHONPATH and installed packages"
+    spec: ModuleSpec | None = PathFinder.find_spec(parts[0], near) or _installed_spec(parts[0])
+    if spec is None:
+        return f"model.target: cannot import {module_name!r}: no module {parts[0]!r} in {places}"
+    for i, part in enumerate(parts[1:], 1):
+        locations = list(spec.submodule_search_locations or [])
+        parent = ".".join(parts[:i])
+        found = PathFinder.find_spec(".".join(parts[: i + 1]), locations) if locations else None
+        if found is None:
+            where = f"in {', '.join(locations)}" if locations else "(it is a module, not a package)"
+            return f"model.target: cannot import {module_name!r}: {parent!r} has no module {part!r} {where}"
+        spec = found
+    if spec.origin is None or not (spec.has_location or spec.origin in ("built-in", "frozen")):
+        folders = ", ".join(spec.submodule_search_locations or [])
+        return (
+            f"model.target: {module_name!r} is a folder without __init__.py ({folders}), not a module file;"
+            " name the module file inside it"
+        )
+    return None
+
+
+def _installed_spec(name: str) -> ModuleSpec | None:
+    """A top-level module on sys.path or from an installed package's finder (editable installs)."""
+    try:
+        return find_spec(name)  # a top-level name: nothing runs to find it
+    except (ImportError, ValueError):  # a module in sys.modules without a __spec__ (__main__)
+        return None
+
+
+def target_vocab(recipe: Recipe, data_vocab: vocab.Vocab) -> vocab.Vocab:
+    """The vocabulary of a user's model: model.kwargs.vocab_size if set, else the data's.
+
+    Synthetic data has no tokenizer, so model.kwargs.vocab_size decides it (ids are drawn below
+    it). With text data the tokenizer decides; model.kwargs.vocab_size may be larger (padded
+    embeddings) but not smaller, which is refused here when the plan knows the tokenizer's size
+    and by the worker (launcher.data) when it only knows an upper bound.
+
+    Raises:
+        UserError: model.kwargs.vocab_size is no positive whole number, or smaller than the data's.
+    """
+    given = recipe.model.kwargs.get("vocab_size")
+    if given is None:
+        return data_vocab
+    key = "model.kwargs.vocab_size"
+    lowest = len(vocab.SPECIALS) + 1 if recipe.data.kind == "synthetic" else 1
+    if isinstance(given, bool) or not isinstance(given, int) or given < lowest:
+        raise UserError(f"{key}: expected a whole number of at least {lowest}, got {given!r}")
+    if recipe.data.kind == "synthetic":
+        return vocab.Vocab(given, f"{key}; synthetic ids are drawn below it")
+    if data_vocab.exact and given < data_vocab.size:
+        raise UserError(
+            f"{key}: {given} is smaller than the data's vocabulary {data_vocab.size} ({data_vocab.source}); "
+            f"set it to at least {data_vocab.size}, or leave it out: a factory that takes vocab_size is given "
+            "the data's"
+        )
+    return vocab.Vocab(
+        given, f"{key}; the data's is {data_vocab.size}, {data_vocab.source}", data_vocab.exact
     )
 
 

@@ -53,7 +53,7 @@ TARGET_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 class Model(Section):
     name: Literal["bert-mlm", "gpt2-lm", "tiny-mlp"] | None = "bert-mlm"
-    """Built-in model; ignored when `target` is set (set it to null then)."""
+    """Built-in model; null (or left out) with `target`: the built-in keys below are refused beside a target."""
     size: Literal["tiny", "mini", "base", "large"] = "base"
     """Preset size of the built-in model (BERT-base is 110M parameters, tiny is a few hundred thousand)."""
     hidden_size: PositiveInt | None = None
@@ -65,18 +65,20 @@ class Model(Section):
     intermediate_size: PositiveInt | None = None
     """Override the preset's feed-forward width."""
     vocab_size: PositiveInt | None = None
-    """Vocabulary size; defaults to the tokenizer's, or 30522 (BERT) / 50257 (GPT-2) for synthetic data."""
+    """Vocabulary size of the built-in model; defaults to the tokenizer's, or 30522 (BERT) / 50257 (GPT-2) for synthetic data."""
     max_position_embeddings: PositiveInt | None = None
     """Longest sequence the model accepts; defaults to 512 (BERT) / 1024 (GPT-2)."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     """Dropout probability in the built-in transformers."""
     target: Annotated[str, Field(pattern=TARGET_PATTERN)] | None = None
-    """Your own model: "package.module:factory", called with `kwargs`; it returns an nn.Module whose forward(**batch) gives a loss."""
+    """Your own model: "module:factory" (the recipe's folder is searched first) returning an nn.Module whose forward(**batch) gives a loss."""
     kwargs: dict[str, Any] = {}
-    """Keyword arguments for `target`."""
+    """Keyword arguments for `target`, plus vocab_size (the run's) if the factory takes it; set here, it must be at least the tokenizer's."""
 
 
 class Data(Section):
+    task: Literal["auto", "masked-lm", "causal-lm"] = "auto"
+    """What the batches teach: masked-lm (BERT masking, labels -100 except at chosen positions) or causal-lm (labels are the inputs; the model shifts them); auto is causal-lm for gpt2-lm and masked-lm otherwise."""
     kind: Literal["synthetic", "text", "jsonl"] = "synthetic"
     """synthetic random tokens (throughput work), or local text / jsonl files."""
     paths: list[str] = []

@@ -7,10 +7,14 @@ rule is one line naming its dotted key.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from launcher.shapes import shape_of
+from launcher import tasks
+from launcher.errors import UserError
+from launcher.recipe_files import read_chain, read_file
+from launcher.shapes import Shape, shape_of
 
 if TYPE_CHECKING:
     from launcher.recipe import Recipe
@@ -31,9 +35,15 @@ def check_rules(recipe: Recipe) -> list[str]:
         )
     problems += _model_rules(recipe)
     problems += _data_rules(recipe)
+    problems += tasks.problems(recipe)
     problems += _logging_rules(recipe)
     problems += _loss_scale_rules(recipe)
     return problems
+
+
+# The built-in model's keys besides model.name (its preset, each dimension of its Shape that the
+# recipe may override, its dropout): a model.target ignores them all.
+BUILT_IN_MODEL_KEYS = ("size", *(f.name for f in fields(Shape) if f.name != "family"), "dropout")
 
 
 def _model_rules(recipe: Recipe) -> list[str]:
@@ -41,7 +51,7 @@ def _model_rules(recipe: Recipe) -> list[str]:
     if m.target is None and m.name is None:
         return ["model: set model.name to a built-in model or model.target to your own factory"]
     if m.target is not None:
-        return []
+        return _beside_target(recipe)
     problems = ["model.kwargs: only used with model.target"] if m.kwargs else []
     shape = shape_of(m)
     if m.name != "tiny-mlp" and shape.hidden_size % shape.num_heads:
@@ -55,6 +65,54 @@ def _model_rules(recipe: Recipe) -> list[str]:
             f" {shape.max_position_embeddings}"
         )
     return problems
+
+
+def _beside_target(recipe: Recipe) -> list[str]:
+    """Built-in model keys written beside model.target, which it would ignore; one line each.
+
+    A key counts when it is set (the model section's fields set, as recipe.explicitly_set reads
+    it; recipe imports this module) to a value other than its default (RUN_DIR/recipe.yaml writes
+    every key out, at its default for a target: launcher.plan), and it is written in the recipe
+    file itself or differs from what the file's `extends:` base gives it (an override): a base's
+    keys described the built-in model the target replaces. model.name may be null.
+    """
+    m = recipe.model
+    own, inherited = _model_sections(recipe.source)
+    problems = []
+    for key in ("name", *BUILT_IN_MODEL_KEYS):
+        value = getattr(m, key)
+        default = None if key == "name" else type(m).model_fields[key].default
+        if key not in m.model_fields_set or value == default:
+            continue
+        if key not in own and key in inherited and inherited[key] == value:
+            continue
+        if key == "name":
+            problems.append(
+                f"model.name: {value} is a built-in model; with model.target set it to null or leave it out"
+            )
+        else:
+            problems.append(
+                f"model.{key}: not used by model.target; pass it to your factory as model.kwargs.{key} instead"
+            )
+    return problems
+
+
+def _model_sections(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model section the recipe file writes itself, and the one its `extends:` chain gives it."""
+    if not source:
+        return {}, {}
+    try:
+        raw = read_file(Path(source))
+        parent = raw.get("extends")
+        base = read_chain(Path(source).parent / parent, ()) if isinstance(parent, str) else {}
+    except UserError:  # already reported by the recipe's loading, or not a file at all
+        return {}, {}
+    return _section(raw, "model"), _section(base, "model")
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    section = raw.get(name)
+    return section if isinstance(section, dict) else {}
 
 
 def _logging_rules(recipe: Recipe) -> list[str]:

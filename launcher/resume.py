@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from launcher import schedule
+from launcher import schedule, tasks
 from launcher.checkpoint import changed_keys, mismatch, structure
 from launcher.errors import UserError
 from launcher.recipe import to_dict, validate
@@ -64,6 +64,7 @@ def signature(plan: Plan) -> dict[str, Any]:
         "ZeRO stage": r.zero.stage,
         "precision.dtype": plan.precision.dtype,
         "model": model,
+        "data.task": tasks.resolve(r),
         "data.kind": d.kind,
         "data files": list(plan.data_paths),
         "vocabulary size": plan.vocab_size,
@@ -99,7 +100,9 @@ def refusals(manifest: dict[str, Any], plan: Plan) -> list[str]:
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
     out = []
     for key in new:
-        a, b = old.get(key), new[key]
+        if key not in old:
+            continue  # recorded only by a later mplaunch: the checkpoint does not say
+        a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict) and key == "model":
             out += _differences(a, b, f"{key} ")
         elif a != b:

@@ -215,7 +215,7 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     _seed(plan.recipe.train.seed)
     tokens = data.load_tokens(plan, d.rank, d.barrier)
     # Same seed on every rank for the weights; the backends also broadcast rank 0's.
-    model = build(plan.recipe.model, plan.shape)
+    model = build(plan.recipe.model, plan.shape, plan.vocab_size, plan.import_dir)
     _seed(plan.recipe.train.seed + d.rank)
     backend = load_backend(plan, model)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)

@@ -36,6 +36,7 @@ class Vocab:
 
     size: int
     source: str  # says so when the size is only an upper bound (a tokenizer not trained yet)
+    exact: bool = True  # false when no tokenizer file decided it (the trainer's cap, or a default)
 
 
 def resolve(
@@ -57,7 +58,7 @@ def resolve(
     if tokenizer_dir is not None:
         size = tokenizer_size(Path(tokenizer_dir))
         if size is None:
-            return Vocab(default_vocab_size(m.name), f"{tokenizer_dir} has no {TOKENIZER_FILE}")
+            return Vocab(default_vocab_size(m.name), f"{tokenizer_dir} has no {TOKENIZER_FILE}", exact=False)
         return Vocab(size, f"the tokenizer in {tokenizer_dir}")
     for where, label in (
         (run_tokenizer, "the run's trained tokenizer"),
@@ -66,7 +67,9 @@ def resolve(
         size = tokenizer_size(where)
         if size is not None:
             return Vocab(size, label)
-    return Vocab(MAX_TRAINED_VOCAB, "the trained tokenizer's cap; the tokenizer is trained at launch")
+    return Vocab(
+        MAX_TRAINED_VOCAB, "the trained tokenizer's cap; the tokenizer is trained at launch", exact=False
+    )
 
 
 def tokenizer_size(directory: Path) -> int | None:

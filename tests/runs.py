@@ -25,6 +25,8 @@ FAST = {
     "checkpoint": {"every_steps": 0},
     "scheduler": {"warmup_steps": 2},
 }
+# FAST for a model.target: built-in model keys beside a target (model.dropout) are refused.
+FAST_USER_MODEL = {k: v for k, v in FAST.items() if k != "model"}
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

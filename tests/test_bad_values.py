@@ -24,7 +24,7 @@ from launcher.metrics import Meter, NonFiniteGrads, NonFiniteLoss
 from launcher.plan import resolve
 from launcher.recipe import load
 from launcher.recipe_files import MAX_VALUES, Loader, expanded_size
-from tests.runs import FAST, TINY, explain, mplaunch, records, write_recipe
+from tests.runs import FAST, FAST_USER_MODEL, TINY, explain, mplaunch, records, write_recipe
 
 NAN_STEP = 3
 GRADS_MESSAGE = f"the gradients became NaN or infinite in fp32 at step {NAN_STEP} while the loss was finite"
@@ -43,13 +43,12 @@ def _nan_grads(workdir: Path, backend: str) -> tuple[subprocess.CompletedProcess
     recipe = write_recipe(
         workdir,
         name,
-        FAST,
+        FAST_USER_MODEL,
         {
             "backend": backend,
             "precision": {"dtype": "fp32"},
             "model": {
                 "name": None,
-                "vocab_size": 512,
                 "target": "nan_grad_model:build",
                 "kwargs": {"vocab_size": 512, "nan_steps": [NAN_STEP], "accum": 2},
             },

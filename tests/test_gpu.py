@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import FAST, explain, last_loss, mplaunch, records, write_recipe
+from tests.runs import FAST, FAST_USER_MODEL, explain, last_loss, mplaunch, records, write_recipe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -69,14 +69,13 @@ def test_gpu_fp16_overflow_is_skipped_and_scale_backs_off(workdir: Path, backend
     recipe = write_recipe(
         workdir,
         name,
-        FAST,
+        FAST_USER_MODEL,
         GPU,
         {
             "backend": backend,
             "precision": {"dtype": "fp16", "loss_scale": {"initial": 2.0**16, "hysteresis": 1}},
             "model": {
                 "name": None,
-                "vocab_size": 512,
                 "target": "spiky_model:build",
                 "kwargs": {"vocab_size": 512, "spike_steps": [3], "accum": 2},
             },

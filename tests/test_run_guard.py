@@ -23,7 +23,7 @@ from launcher.errors import UserError
 from launcher.rundir import RankError, RunDir, cause, is_secondary
 from launcher.runlock import Holder, RunLock, holder_if_held
 from launcher.watchdog import Beat, HangRule, innermost_frame
-from tests.runs import FAST, explain, mplaunch, records, start, wait_for_step, write_recipe
+from tests.runs import FAST, FAST_USER_MODEL, explain, mplaunch, records, start, wait_for_step, write_recipe
 
 # --------------------------------------------------------------------------- unit: the lock
 
@@ -161,11 +161,10 @@ def _faulty(
     return write_recipe(
         tmp_path,
         name,
-        FAST,
+        FAST_USER_MODEL,
         {
             "model": {
                 "name": None,
-                "vocab_size": 512,
                 "target": "hang_model:build",
                 "kwargs": {
                     "vocab_size": 512, "rank": rank, "step": step, "accum": 2, "fault": fault, "seconds": seconds

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import FAST, explain, last_loss, losses, mplaunch, records, write_recipe
+from tests.runs import FAST, FAST_USER_MODEL, explain, last_loss, losses, mplaunch, records, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -148,13 +148,12 @@ def _spiky(workdir: Path, name: str, spike_steps: list[int], loss_scale: dict, m
     recipe = write_recipe(
         workdir,
         name,
-        FAST,
+        FAST_USER_MODEL,
         {
             "backend": "accelerate",
             "precision": {"dtype": "fp16", "loss_scale": loss_scale},
             "model": {
                 "name": None,
-                "vocab_size": 512,
                 "target": "spiky_model:build",
                 "kwargs": {"vocab_size": 512, "spike_steps": spike_steps, "accum": 2},
             },
@@ -194,12 +193,11 @@ def test_infinite_loss_in_fp32_stops_before_a_checkpoint(workdir: Path) -> None:
     recipe = write_recipe(
         workdir,
         "nan",
-        FAST,
+        FAST_USER_MODEL,
         {
             "precision": {"dtype": "fp32"},
             "model": {
                 "name": None,
-                "vocab_size": 512,
                 "target": "spiky_model:build",
                 "kwargs": {"vocab_size": 512, "spike_steps": [3], "accum": 2, "spike": 1e39},
             },
@@ -215,11 +213,15 @@ def test_infinite_loss_in_fp32_stops_before_a_checkpoint(workdir: Path) -> None:
 
 
 def test_a_failing_rank_shows_its_error_not_torchruns_noise(workdir: Path) -> None:
+    # The module is found (check looks for it), its factory only by the ranks.
     recipe = write_recipe(
-        workdir, "badtarget", FAST, {"model": {"name": None, "target": "no_such_module:build"}}
+        workdir,
+        "badtarget",
+        FAST_USER_MODEL,
+        {"model": {"name": None, "target": "spiky_model:no_such_factory"}},
     )
     result = mplaunch(str(recipe))
     assert result.returncode == 1
-    assert "model.target: cannot import 'no_such_module'" in result.stderr
+    assert "model.target: 'spiky_model' has no attribute 'no_such_factory'" in result.stderr
     assert "ChildFailedError" not in result.stderr
     assert "Traceback" not in result.stderr
