@@ -8,6 +8,7 @@ mplaunch recipes [NAME] [--copy PATH]
 mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE] [--num-params N]
 mplaunch report RUN_DIR [--out DIR]
 mplaunch parity RECIPE [key=value ...] --steps N [--tolerance F] [--out DIR]
+mplaunch export RUN_DIR [--step N] [--dtype fp32|bf16|fp16] --out DIR [--force]
 
 A UserError becomes one line per problem and exit 2.
 """
@@ -15,10 +16,12 @@ A UserError becomes one line per problem and exit 2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -261,12 +264,17 @@ def cmd_recipes(argv: list[str]) -> int:
     if args.copy is None:
         print(path.read_text(), end="")
         return 0
-    return _copy_recipe(path, Path(args.copy))
+    return _copy_recipe(path, args.copy)
 
 
-def _copy_recipe(path: Path, dest: Path) -> int:
-    """Copy a recipe with the files it extends and the data it names, so the copy loads on its own."""
-    if dest.is_dir():
+def _copy_recipe(path: Path, where: str) -> int:
+    """Copy a recipe with the files it extends and the data it names, so the copy loads on its own.
+
+    `where` is a file name, or a folder (one that exists, or any path ending in a slash,
+    created as needed) that receives the recipe under its own name.
+    """
+    dest = Path(where)
+    if dest.is_dir() or where.endswith(("/", os.sep)):
         dest = dest / path.name
     pairs = _copy_pairs(path, dest)
     # A base or data file already there with the same bytes (an earlier copy of
@@ -380,6 +388,49 @@ def cmd_parity(argv: list[str]) -> int:
     return parity.check(find_recipe(args.recipe), args.overrides, args.steps, args.tolerance, out)
 
 
+# --------------------------------------------------------------------------- export
+
+
+def _export_parser() -> _Parser:
+    p = _Parser(
+        prog="mplaunch export",
+        description="Write a run's trained weights (a verified checkpoint's fp32 master weights, "
+        "consolidated) as a Hugging Face model directory with the run's tokenizer.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (it holds plan.json and checkpoints)")
+    p.add_argument(
+        "--step", type=int, metavar="N", help="the checkpoint's step (default: the newest complete one)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="dtype of the written weights (default fp32)",
+    )
+    p.add_argument("--out", metavar="DIR", required=True, help="where to write; a new or empty directory")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out, replacing the files an export writes (others stay)",
+    )
+    return p
+
+
+def cmd_export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    request = {
+        "run_dir": str(Path(args.run_dir).resolve()),
+        "out": str(Path(args.out).resolve()),
+        "step": args.step,
+        "dtype": args.dtype,
+        "force": args.force,
+    }
+    # Reading checkpoints takes torch, DeepSpeed and transformers: the worker-side module runs in a
+    # process of its own, so this one stays light (tests/test_import_graph.py). It prints its own
+    # one-line errors and exits 2 for them.
+    return subprocess.run([sys.executable, "-m", "launcher.export", json.dumps(request)]).returncode
+
+
 def _print_warnings(warnings: Sequence[str]) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -393,4 +444,5 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "plan": cmd_plan,
     "report": cmd_report,
     "parity": cmd_parity,
+    "export": cmd_export,
 }

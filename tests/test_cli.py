@@ -312,11 +312,16 @@ def test_run_parser_flags_are_frozen() -> None:
     assert _flags(cli._run_parser()) - slurm_flags == {"-h", "--help", "--dry-run", "--resume", "--version"}
 
 
+def test_export_flags_are_frozen() -> None:
+    # `mplaunch export` reads everything else from the run directory (plan.json, the manifest).
+    assert _flags(cli._export_parser()) == {"-h", "--help", "--step", "--dtype", "--out", "--force"}
+
+
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for verb in ("check", "env", "recipes", "plan", "report", "parity"):
+    for verb in ("check", "env", "recipes", "plan", "report", "parity", "export"):
         assert f"mplaunch {verb}" in out, verb
 
 
@@ -392,3 +397,12 @@ def test_recipes_copy_refuses_to_overwrite(capsys: pytest.CaptureFixture[str], t
     # the recipe itself is never overwritten, even with the same content
     assert run(capsys, "recipes", "bert", "--copy", str(tmp_path / "b.yaml"))[0] == 0
     assert run(capsys, "recipes", "bert", "--copy", str(tmp_path / "b.yaml"))[0] == 2
+
+
+def test_recipes_copy_to_a_new_folder_creates_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # A trailing slash names a folder, created with its parents; not a file called "dir".
+    code, _, _ = run(capsys, "recipes", "bert_tiny", "--copy", f"{tmp_path}/new/dir/")
+    assert code == 0
+    assert (tmp_path / "new" / "dir" / "bert_tiny.yaml").is_file()
+    assert not (tmp_path / "new" / "dir").is_file()
+    assert run(capsys, "check", str(tmp_path / "new" / "dir" / "bert_tiny.yaml"))[0] == 0

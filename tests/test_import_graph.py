@@ -14,12 +14,12 @@ import pytest
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "launcher"
 HEAVY = {"torch", "deepspeed", "accelerate", "transformers", "matplotlib", "tokenizers", "numpy"}
-WORKER = {"train", "backends", "models", "data", "metrics", "checkpointer"}
+WORKER = {"train", "backends", "models", "data", "metrics", "checkpointer", "export"}
 LIGHT = {
     "cli", "errors", "recipe", "recipe_errors", "recipe_files", "recipe_reference", "recipe_rules",
     "plan", "precision", "backend_config", "hardware", "launch", "slurm", "requeue", "shapes", "memory",
     "state_bytes", "flops", "rundir", "loss_scale", "vocab", "checkpoint", "report", "plots", "parity",
-    "environment", "health", "batch", "schedule", "resume", "runlock",
+    "environment", "health", "batch", "schedule", "resume", "tasks", "runlock",
     "watchdog",
 }  # fmt: skip
 
