@@ -271,7 +271,7 @@ def _held(param: torch.nn.Parameter) -> torch.Tensor:
     size = int(getattr(part, "ds_numel", part.numel()))
     group = getattr(param, "ds_process_group", None)
     rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
-    real = max(0, min(size, int(param.ds_numel) - rank * size))
+    real = max(0, min(size, int(getattr(param, "ds_numel", size)) - rank * size))
     return part.reshape(-1).narrow(0, 0, real)
 
 
