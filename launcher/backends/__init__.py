@@ -7,7 +7,6 @@ plan's dtype; both report the loss scale and skipped steps the same way.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,7 +14,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from launcher import schedule
 from launcher.plan import Plan
 
 BACKENDS = {"deepspeed": "launcher.backends.deepspeed", "accelerate": "launcher.backends.accelerate"}
@@ -97,11 +95,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(plan: Plan) -> Callable[[int], float]:
-    """The multiplier of the peak LR after `n` applied optimizer steps (launcher.schedule)."""
-    return schedule.factor(plan.recipe)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

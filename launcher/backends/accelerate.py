@@ -21,7 +21,6 @@ from launcher import schedule
 from launcher.backends import (
     LossScaleFloor,
     StepStats,
-    lr_lambda,
     optimizer_state_bytes,
     param_groups,
     tensor_bytes,
@@ -94,7 +93,7 @@ class Engine:
             eps=opt["eps"],
             fused=opt["fused"],
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor(plan.recipe))
         if plan.recipe.train.compile:
             model.compile()  # in place: parameter names, and so checkpoints, stay the same
         self.model, self.optimizer = self.acc.prepare(model, optimizer)

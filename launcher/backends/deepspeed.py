@@ -19,7 +19,6 @@ from launcher.backends import (
     LossScaleFloor,
     SkippedStep,
     StepStats,
-    lr_lambda,
     non_finite_message,
     optimizer_state_bytes,
     param_groups,
@@ -53,7 +52,7 @@ class Engine:
     def __init__(self, plan: Plan, model: nn.Module) -> None:
         self.plan = plan
         groups = param_groups(model, plan.recipe.optimizer.weight_decay)
-        factor = lr_lambda(plan)
+        factor = schedule.factor(plan.recipe)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=groups,
