@@ -39,7 +39,7 @@ from launcher import (
     slurm,
 )
 from launcher import recipe as recipe_mod
-from launcher.errors import EXIT_USAGE, UserError
+from launcher.errors import UserError, report
 from launcher.hardware import Hardware
 from launcher.plan import Plan, prepare_vocab, resolve
 from launcher.recipe_files import RECIPES_DIR
@@ -60,9 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = args[1:]
         return VERBS[verb](args)
     except UserError as err:
-        for line in err.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_USAGE
+        return report(err)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

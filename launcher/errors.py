@@ -20,6 +20,15 @@ class UserError(Exception):
         super().__init__("\n".join(self.lines))
 
 
+def report(err: UserError) -> int:
+    """Print `err` as the CLI shows every user error (one `error:` line per problem); return 2."""
+    import sys
+
+    for line in err.lines:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _one_line(text: str) -> str:
     # User input (a key, a path) can hold a newline or another line separator;
     # escape it so that one problem stays one line.

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from launcher import checkpoint, models
-from launcher.errors import EXIT_USAGE, UserError
+from launcher.errors import UserError, report
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 from launcher.vocab import SPECIALS, TOKENIZER_FILE, trained_dir
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return export(Request(**json.loads(args[0])))
     except UserError as err:  # as cli.main reports it: the user sees one process
-        print(*(f"error: {line}" for line in err.lines), sep="\n", file=sys.stderr)
-        return EXIT_USAGE
+        return report(err)
     except KeyboardInterrupt:
         return 130
 
