@@ -9,6 +9,7 @@ mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE] [--num-params N]
 mplaunch report RUN_DIR [--out DIR]
 mplaunch parity RECIPE [key=value ...] --steps N [--tolerance F] [--out DIR]
 mplaunch export RUN_DIR [--step N] [--dtype fp32|bf16|fp16] --out DIR [--force]
+mplaunch prepare RECIPE [key=value ...]
 
 A UserError becomes one line per problem and exit 2.
 """
@@ -23,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ from launcher import (
     recipe_files,
     recipe_reference,
     slurm,
+    tasks,
+    token_cache,
 )
 from launcher import recipe as recipe_mod
 from launcher.errors import UserError, report
@@ -429,6 +433,48 @@ def cmd_export(argv: list[str]) -> int:
     return subprocess.run([sys.executable, "-m", "launcher.export", json.dumps(request)]).returncode
 
 
+# --------------------------------------------------------------------------- prepare
+
+
+def cmd_prepare(argv: list[str]) -> int:
+    p = _Parser(
+        prog="mplaunch prepare",
+        description="Tokenize a recipe's data files once into the token cache (MPLAUNCH_CACHE, default "
+        "~/.cache/mplaunch), training its tokenizer first if it needs one; runs on the same files then map it.",
+    )
+    _recipe_arguments(p)
+    args = p.parse_intermixed_args(argv)
+    started = time.perf_counter()
+    plan = _plan(args.recipe, args.overrides, keep_machine_problems=True, train_tokenizer=True)
+    task = tasks.resolve(plan.recipe)
+    if plan.recipe.data.kind == "synthetic":
+        raise UserError("mplaunch prepare: data.kind is synthetic; there is nothing to tokenize")
+    if task in tasks.PER_RECORD:
+        raise UserError(
+            f"mplaunch prepare: data.task {task} tokenizes one record per row when a run starts; "
+            "the token cache is for masked-lm and causal-lm"
+        )
+    try:
+        cache, written = token_cache.ensure(
+            plan.recipe, plan.data_paths, token_cache.tokenizer_of(plan), fallback=False
+        )
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename).is_relative_to(token_cache.cache_root()):
+            raise UserError(
+                f"mplaunch prepare: cannot write the token cache: {exc}",
+                hint="set MPLAUNCH_CACHE to a writable directory",
+            ) from None
+        raise UserError(f"data.paths: {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"data.paths: {exc}") from None
+    print(
+        f"{'prepared' if written else 'cached'} {cache.directory}: {cache.num_tokens} tokens, "
+        f"{cache.num_documents} documents, {cache.size_bytes / 1e6:.2f} MB ({cache.dtype}), "
+        f"{time.perf_counter() - started:.2f} s"
+    )
+    return 0
+
+
 def _print_warnings(warnings: Sequence[str]) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -443,4 +489,5 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "report": cmd_report,
     "parity": cmd_parity,
     "export": cmd_export,
+    "prepare": cmd_prepare,
 }

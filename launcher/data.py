@@ -10,64 +10,223 @@ Masked-LM masking is seeded per (seed, epoch, sample) for the same reason.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from launcher import tasks, vocab
+from launcher import tasks, token_cache, vocab
+from launcher.examples import Examples
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 
 SPECIALS = vocab.SPECIALS
+# What pads a one-document row (data.pack false); id 0 when the tokenizer has none.
+PAD_TOKENS = ("[PAD]", "<pad>")
+
+
+class Rows(Protocol):
+    """The samples, read row by row: only the rows a batch names are ever loaded."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...  # (num_rows, seq_len)
+
+    def __len__(self) -> int: ...
+
+    def take(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input ids, attention mask or None when no row holds padding), each (len(rows), seq_len) int64."""
+        ...
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """Token ids of every sample, one row each, plus what masking needs."""
+    """The samples, one row each, plus what masking needs."""
 
-    ids: torch.Tensor  # (num_samples, seq_len) int64
+    ids: Rows
     vocab_size: int
     mask_id: int
     special_ids: tuple[int, ...]
 
 
-def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
-    """The samples of the run: synthetic tokens, or the recipe's files tokenized.
+class ArrayRows:
+    """Rows held in memory (synthetic data)."""
 
-    A tokenizer trained on the files is written once, by rank 0, into
-    RUN_DIR/tokenizer and loaded from there on resume, so every rank and every
-    restart tokenizes identically.
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+        self.shape = (int(ids.shape[0]), int(ids.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> torch.Tensor:
+        return self.take(rows)[0]
+
+    def take(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.from_numpy(self.ids[rows].astype(np.int64)), None
+
+
+class StreamRows:
+    """Rows cut from the memory-mapped token stream of a token_cache.TokenCache.
+
+    Packed (data.pack true): row i is stream[i*body:(i+1)*body], the documents run
+    on across rows. Otherwise row i is document i, cut to body tokens and padded with
+    `pad_id`; `take` then also gives the attention mask. `framing` (cls, sep), for
+    masked-LM: each row reads [CLS] body [SEP] as BERT does, body = seq_len - 2.
+    """
+
+    def __init__(
+        self,
+        cache: token_cache.TokenCache,
+        seq_len: int,
+        framing: tuple[int, int] | None,
+        pack: bool = True,
+        pad_id: int = 0,
+    ) -> None:
+        self.cache, self.seq_len, self.framing, self.pack, self.pad_id = cache, seq_len, framing, pack, pad_id
+        self.body = seq_len - 2 if framing else seq_len
+        num_rows = cache.num_tokens // self.body if pack else cache.num_documents
+        if num_rows == 0 or cache.num_tokens == 0:
+            raise ValueError(
+                f"the data holds {cache.num_tokens} tokens, fewer than one sample of data.seq_len {seq_len}"
+            )
+        self.shape = (num_rows, seq_len)
+        self._open()
+
+    def _open(self) -> None:
+        self.stream = self.cache.tokens()
+        self.offsets = None if self.pack else self.cache.offsets()
+
+    # A DataLoader worker started by spawn gets the file names, not a copy of the mapped pages.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("stream", "offsets")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> torch.Tensor:
+        return self.take(rows)[0]
+
+    def take(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = np.asarray(rows, dtype=np.int64)
+        span = np.arange(self.body, dtype=np.int64)
+        if self.pack:
+            body = self.stream[rows[:, None] * self.body + span].astype(np.int64)
+            if self.framing is None:
+                return torch.from_numpy(body), None
+            cls, sep = (np.full((len(rows), 1), i, dtype=np.int64) for i in self.framing)
+            return torch.from_numpy(np.concatenate([cls, body, sep], axis=1)), None
+        return self._documents(rows, span)
+
+    def _documents(self, rows: np.ndarray, span: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.offsets is not None
+        starts = self.offsets[rows].astype(np.int64)
+        ends = self.offsets[rows + 1].astype(np.int64)
+        if self.framing is not None and self.cache.separator_id is not None:
+            ends -= 1  # the document's own [SEP] is the frame's closing one
+        lengths = np.minimum(ends - starts, self.body)
+        inside = span < lengths[:, None]
+        body = np.where(inside, self.stream[np.where(inside, starts[:, None] + span, 0)], self.pad_id)
+        if self.framing is None:
+            return torch.from_numpy(body.astype(np.int64)), torch.from_numpy(inside.astype(np.int64))
+        cls, sep = self.framing
+        ids = np.full((len(rows), self.seq_len), self.pad_id, dtype=np.int64)
+        ids[:, 0] = cls
+        ids[:, 1 : 1 + self.body] = body
+        ids[np.arange(len(rows)), 1 + lengths] = sep
+        mask = np.arange(self.seq_len) < (lengths + 2)[:, None]
+        return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+
+
+def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
+    """The samples of the run: synthetic tokens, or rows of the recipe's files tokenized.
+
+    A tokenizer trained on the files is written once, by rank 0, into RUN_DIR/tokenizer
+    and loaded from there on resume, so every rank and every restart tokenizes
+    identically. The files are tokenized once into the token cache (launcher.token_cache;
+    `mplaunch prepare` does it ahead), by rank 0 while the others wait at `barrier`;
+    then every rank maps it read-only. A rank that finds no cache after the barrier
+    (one on another node's disk, or rank 0's fallback directory) writes its own.
     """
     d = plan.recipe.data
+    if tasks.resolve(plan.recipe) in tasks.PER_RECORD:
+        return _examples(plan, rank, barrier)
     if d.kind == "synthetic":
         gen = torch.Generator().manual_seed(plan.recipe.train.seed)
         # Ids below len(SPECIALS) are reserved so the MLM mask id is never a real token.
         ids = torch.randint(len(SPECIALS), plan.vocab_size, (d.num_samples, d.seq_len), generator=gen)
-        return Tokens(ids, plan.vocab_size, mask_id=4, special_ids=(0, 1, 2, 3, 4))
+        return Tokens(ArrayRows(ids.numpy()), plan.vocab_size, mask_id=4, special_ids=(0, 1, 2, 3, 4))
     tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else RunDir.from_plan(plan).tokenizer
-    if plan.tokenizer_dir is None and rank == 0 and not (tok_dir / "tokenizer.json").exists():
-        _copy_trained_tokenizer(plan, tok_dir)
+    masked = tasks.resolve(plan.recipe) == tasks.MASKED_LM
+    data_sha = token_cache.data_digest(plan.data_paths)  # every rank at once, rank 0 no longer alone
+    cache = None
+    if rank == 0:
+        if plan.tokenizer_dir is None and not (tok_dir / "tokenizer.json").exists():
+            _copy_trained_tokenizer(plan, tok_dir)
+        tokenizer = _checked_tokenizer(plan, tok_dir, masked)
+        cache = _open_cache(plan, tok_dir, tokenizer, data_sha)
     barrier()
-    tokenizer = _load_tokenizer(tok_dir)
+    if cache is None:
+        tokenizer = _checked_tokenizer(plan, tok_dir, masked)
+        cache = _open_cache(plan, tok_dir, tokenizer, data_sha)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), cache.separator_id
+    framing = (cls_id if cls_id is not None else 0, sep_id if sep_id is not None else 0) if masked else None
+    pad_id = next((i for i in map(tokenizer.token_to_id, PAD_TOKENS) if i is not None), 0)
+    rows = StreamRows(cache, d.seq_len, framing, pack=d.pack, pad_id=pad_id)
+    specials = tuple(i for i in (tokenizer.token_to_id(t) for t in SPECIALS) if i is not None)
+    mask_id = tokenizer.token_to_id("[MASK]")
+    return Tokens(rows, tokenizer.get_vocab_size(), -1 if mask_id is None else mask_id, specials)
+
+
+def _checked_tokenizer(plan: Plan, tok_dir: Path, masked: bool) -> Any:  # -> tokenizers.Tokenizer
+    tokenizer = token_cache.load_tokenizer(tok_dir)
     if tokenizer.get_vocab_size() > plan.vocab_size:
         key = "model.kwargs.vocab_size" if plan.recipe.model.target else "model.vocab_size"
         raise ValueError(
             f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} tokens but the model's vocabulary is "
             f"{plan.vocab_size} ({plan.vocab_source}); raise {key} or leave it unset"
         )
-    masked = tasks.resolve(plan.recipe) == tasks.MASKED_LM
-    mask_id = tokenizer.token_to_id("[MASK]")
-    if masked and mask_id is None:
+    if masked and tokenizer.token_to_id("[MASK]") is None:
         raise ValueError(
             f"the tokenizer in {tok_dir} has no [MASK] token; data.task masked-lm needs one "
             "(a causal LM trains with data.task=causal-lm)"
         )
-    ids = _chunk(tokenizer, vocab.read_texts(plan.recipe, plan.data_paths), d.seq_len, framed=masked)
-    specials = tuple(i for i in (tokenizer.token_to_id(t) for t in SPECIALS) if i is not None)
-    return Tokens(ids, tokenizer.get_vocab_size(), -1 if mask_id is None else mask_id, specials)
+    return tokenizer
+
+
+def _open_cache(plan: Plan, tok_dir: Path, tokenizer: Any, data_sha: str) -> token_cache.TokenCache:
+    started = time.perf_counter()
+    cache, written = token_cache.ensure(plan.recipe, plan.data_paths, tok_dir, tokenizer, data_sha)
+    if written:
+        print(
+            f"mplaunch: tokenized {cache.num_documents} documents ({cache.num_tokens} tokens) into "
+            f"{cache.directory} in {time.perf_counter() - started:.1f} s; later runs on these files map it "
+            "(`mplaunch prepare` does this ahead of a run)",
+            flush=True,
+        )
+    return cache
+
+
+def _examples(plan: Plan, rank: int, barrier: Callable[[], None]) -> Any:
+    """The records of a per-record task as rows (launcher.examples), with the run's tokenizer."""
+    from launcher import examples, model_setup
+
+    classify = tasks.resolve(plan.recipe) == tasks.SEQUENCE_CLASSIFICATION
+    num_labels = model_setup.num_labels(plan) if classify else None
+    if plan.recipe.data.kind == "synthetic":
+        return examples.load(plan, None, num_labels)
+    tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else RunDir.from_plan(plan).tokenizer
+    if plan.tokenizer_dir is None and rank == 0 and not (tok_dir / "tokenizer.json").exists():
+        _copy_trained_tokenizer(plan, tok_dir)
+    barrier()
+    return examples.load(plan, _checked_tokenizer(plan, tok_dir, masked=False), num_labels)
 
 
 def _copy_trained_tokenizer(plan: Plan, out_dir: Path) -> None:
@@ -78,50 +237,6 @@ def _copy_trained_tokenizer(plan: Plan, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached / vocab.TOKENIZER_FILE, out_dir / "tokenizer.json.tmp")
     (out_dir / "tokenizer.json.tmp").replace(out_dir / vocab.TOKENIZER_FILE)
-
-
-def _load_tokenizer(tok_dir: Path):  # -> tokenizers.Tokenizer
-    from tokenizers import Tokenizer
-
-    if (tok_dir / "tokenizer.json").exists():
-        return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    # A directory written by transformers' save_pretrained without a fast tokenizer file.
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tok_dir)).backend_tokenizer
-
-
-# What separates documents in the token stream, by tokenizer family: BERT's, then the
-# end-of-text tokens of GPT-2 style BPE, SentencePiece and Llama tokenizers.
-SEPARATORS = ("[SEP]", "<|endoftext|>", "</s>", "<eos>")
-
-
-def _chunk(tokenizer, texts: list[str], seq_len: int, framed: bool) -> torch.Tensor:
-    """Concatenate the texts (a separator token between them) and cut rows of seq_len tokens.
-
-    Args:
-        framed: masked-LM rows, [CLS] ... [SEP] as BERT reads them; otherwise (causal-LM)
-            plain windows of the stream, each document ending in its separator.
-    """
-    sep_id = next((i for i in map(tokenizer.token_to_id, SEPARATORS) if i is not None), None)
-    cls_id = tokenizer.token_to_id("[CLS]")
-    stream: list[int] = []
-    for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-        stream.extend(enc.ids)
-        if sep_id is not None:
-            stream.append(sep_id)
-    body = seq_len - 2 if framed else seq_len
-    rows = len(stream) // body
-    if rows == 0:
-        raise ValueError(
-            f"the data holds {len(stream)} tokens, fewer than one sample of data.seq_len {seq_len}"
-        )
-    arr = np.asarray(stream[: rows * body], dtype=np.int64).reshape(rows, body)
-    if not framed:
-        return torch.from_numpy(arr)
-    cls = np.full((rows, 1), cls_id if cls_id is not None else 0, dtype=np.int64)
-    sep = np.full((rows, 1), sep_id if sep_id is not None else 0, dtype=np.int64)
-    return torch.from_numpy(np.concatenate([cls, arr, sep], axis=1))
 
 
 # --------------------------------------------------------------------------- batches
@@ -200,10 +315,22 @@ class Batches:
         return [self.collate(rows, epoch) for rows in self.step_rows(step)]
 
     def collate(self, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
-        ids = self.tokens.ids[torch.from_numpy(rows)]
-        return {"input_ids": ids, "labels": ids.clone()} if self.causal else self._mask(ids, rows, epoch)
+        """The micro-batch of these sample rows: only they are read from the token stream."""
+        if isinstance(self.tokens, Examples):  # sequence-classification, sft: one record per row
+            return self.tokens.collate(rows)
+        ids, attention = self.tokens.ids.take(rows)
+        if self.causal:
+            labels = ids.clone() if attention is None else ids.masked_fill(attention == 0, -100)
+            batch = {"input_ids": ids, "labels": labels}
+        else:
+            batch = self._mask(ids, rows, epoch, attention)
+        if attention is not None:
+            batch["attention_mask"] = attention
+        return batch
 
-    def _mask(self, ids: torch.Tensor, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+    def _mask(
+        self, ids: torch.Tensor, rows: np.ndarray, epoch: int, attention: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         # BERT's recipe: of the chosen positions 80% become [MASK], 10% a random
         # token, 10% stay; the loss is taken on chosen positions only.
         draws = torch.from_numpy(
@@ -212,6 +339,8 @@ class Batches:
             )
         )
         special = torch.isin(ids, torch.tensor(self.tokens.special_ids))
+        if attention is not None:  # padding is never a target, whatever its id
+            special |= attention == 0
         chosen = (draws[:, 0] < self.mask_prob) & ~special
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))
         inputs = ids.clone()

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher import checkpoint, models
+from launcher import checkpoint, hf_dir, model_setup, models, tasks
 from launcher.errors import UserError, report
 from launcher.plan import Plan
 from launcher.rundir import RunDir
@@ -98,7 +98,7 @@ def export(request: Request) -> int:
     path, step = pick(run, request.step)
     _refuse_to_overwrite(out, request.force)
     state = consolidate(plan, path)
-    auto_class = HF_FAMILIES.get(plan.shape.family) if plan.shape is not None else None
+    auto_class = _auto_class(plan)
     with _staging(out) as tmp:
         if auto_class is not None:
             what = _save_pretrained(plan, state, DTYPES[request.dtype], tmp)
@@ -326,13 +326,25 @@ def _usual_modes(directory: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _auto_class(plan: Plan) -> str | None:
+    """The transformers Auto class that loads the export; None for a model without a config."""
+    if plan.hf_dir is not None:
+        return hf_dir.AUTO_CLASSES[tasks.resolve(plan.recipe)]
+    return HF_FAMILIES.get(plan.shape.family) if plan.shape is not None else None
+
+
 def _save_pretrained(plan: Plan, state: dict[str, torch.Tensor], dtype: torch.dtype, out: Path) -> str:
-    """The transformers model of the plan's shape, the weights loaded strictly, cast and saved."""
-    wrapped = _build(plan)  # LMLoss: the HF model is its `lm`
+    """The transformers model the run trained, the weights loaded strictly, LoRA adapters merged
+    into them, cast and saved."""
+    wrapped = _build(plan)  # LMLoss or ClassifierLoss: the HF model is its `lm`
     _load_exactly(wrapped, state)
     from transformers import PreTrainedModel
     from transformers.utils import logging as hf_logging
 
+    if plan.recipe.model.lora.rank:
+        from launcher import lora
+
+        wrapped = lora.merge(wrapped)
     lm = wrapped.lm
     assert isinstance(lm, nn.Module)
     lm.to(dtype)
@@ -432,7 +444,7 @@ def write_tokenizer(plan: Plan, run: RunDir, out: Path) -> str:
 def _build(plan: Plan) -> nn.Module:
     """The module the run trained, freshly initialised (launcher.models, as train.setup builds it)."""
     try:
-        return models.build(plan.recipe.model, plan.shape, plan.vocab_size, plan.import_dir)
+        return model_setup.model_for(plan, load_init=False)[0]
     except models.ModelError as exc:
         raise UserError(str(exc)) from None
 

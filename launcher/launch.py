@@ -58,6 +58,10 @@ def _standalone_recipe(plan: Plan) -> dict[str, object]:
     recipe["data"]["paths"] = list(plan.data_paths)
     if plan.tokenizer_dir is not None:
         recipe["data"]["tokenizer"] = plan.tokenizer_dir
+    if plan.hf_dir is not None:
+        recipe["model"]["hf"] = plan.hf_dir
+    if plan.init_from is not None:
+        recipe["model"]["init_from"] = plan.init_from
     return recipe
 
 

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING
 from launcher import flops
 from launcher.errors import UserError
 from launcher.shapes import Shape
-from launcher.state_bytes import ModelState, Params, activation_bytes, model_state_bytes
+from launcher.state_bytes import (
+    LoraSetting,
+    ModelState,
+    Params,
+    activation_bytes,
+    lora_activation_delta,
+    lora_params,
+    lora_unmatched,
+    model_state_bytes,
+)
 
 if TYPE_CHECKING:
     from launcher.hardware import Hardware
@@ -47,7 +56,7 @@ class Config:
 class Setting:
     """Everything but the ZeRO configuration, taken from a plan."""
 
-    params: Params
+    params: Params  # the model's own parameters (with LoRA: the frozen base)
     shape: Shape | None  # None: a model without an activation formula
     dtype: str
     backend: str
@@ -57,6 +66,11 @@ class Setting:
     grad_accum: int
     seq_len: int
     dropout: float
+    lora: LoraSetting | None = None  # model.lora: only its adapters train
+
+    @property
+    def num_params(self) -> int:
+        return self.params.total + (self.lora.params.total if self.lora else 0)
 
 
 @dataclass(frozen=True)
@@ -100,37 +114,71 @@ class Estimate:
 def estimate(setting: Setting, config: Config) -> Estimate:
     """The per-GPU estimate of `setting` under one ZeRO configuration."""
     s = setting
+    # With LoRA the adapters train (grads, masters, moments) and the base is held frozen.
+    trains, frozen = (s.lora.params, s.params) if s.lora else (s.params, None)
     state = model_state_bytes(
-        s.params, s.dtype, s.backend, config.stage, s.world_size, grad_accum=s.grad_accum,
-        offload_optimizer=config.offload_optimizer, offload_params=config.offload_params,
+        trains, s.dtype, s.backend, config.stage, s.world_size, grad_accum=s.grad_accum,
+        offload_optimizer=config.offload_optimizer, offload_params=config.offload_params, frozen=frozen,
     )  # fmt: skip
     per_sample = None
     if s.shape is not None:
         per_sample = activation_bytes(s.shape, s.seq_len, 1, s.dtype, s.backend, s.dropout)
+        if s.lora:
+            per_sample += lora_activation_delta(s.shape, s.seq_len, 1, s.dtype, s.backend, s.dropout, s.lora)
     return Estimate(config, state, per_sample)
 
 
-def setting_of(plan: Plan, num_params: int | None = None) -> Setting:
+def setting_of(plan: Plan, num_params: int | None = None, num_trainable: int | None = None) -> Setting:
     """The planner's inputs from a resolved plan; `num_params` stands in for an unknown model.
 
+    Args:
+        plan: the resolved plan.
+        num_params: the model's parameter count, for a model the planner cannot count.
+        num_trainable: with model.lora, the adapters' parameter count, for the same reason.
+
     Raises:
-        UserError: the model has no parameter count and num_params is None.
+        UserError: the model has no parameter count and num_params is None; with model.lora, the
+            adapters cannot be counted and num_trainable is None, or a target module matches nothing.
     """
     r, b = plan.recipe, plan.batch
     shape = plan.shape
     if num_params is not None or shape is None or flops.param_tensors(shape) is None:
         if num_params is None:
             raise UserError(
-                f"model {r.model.target or r.model.name}: the planner cannot count its parameters",
+                f"model {r.model.target or r.model.hf or r.model.name}: the planner cannot count its parameters",
                 hint="pass --num-params, e.g. 350M",
             )
         params, shape = Params(num_params), None
     else:
         params = Params.of(shape)
+    lora = _lora_of(plan, shape, num_trainable)
     return Setting(
         params, shape, plan.precision.dtype, r.backend, b.world_size, b.micro_batch_size,
-        b.global_batch_size, b.grad_accum, r.data.seq_len, r.model.dropout,
+        b.global_batch_size, b.grad_accum, r.data.seq_len, r.model.dropout, lora,
     )  # fmt: skip
+
+
+def _lora_of(plan: Plan, shape: Shape | None, num_trainable: int | None) -> LoraSetting | None:
+    """model.lora's adapters, counted from the built-in shape (launcher.lora adds the same ones)."""
+    lora, model = plan.recipe.model.lora, plan.recipe.model
+    if not lora.rank:
+        return None
+    targets = tuple(lora.target_modules)
+    if num_trainable is not None:
+        return LoraSetting(lora.rank, lora.dropout, Params(num_trainable), targets)
+    adapters = lora_params(shape, lora.rank, targets) if shape is not None else None
+    if shape is None or adapters is None:
+        name = model.target or model.hf or model.name
+        raise UserError(
+            f"model {name} with model.lora: the planner cannot count its adapters",
+            hint="LoRA adds rank x (in + out) parameters per adapted linear layer",
+        )
+    unmatched = lora_unmatched(shape, targets)
+    if unmatched:
+        raise UserError(
+            f"model.lora.target_modules: {unmatched[0]!r} matches no linear layer of {shape.family}"
+        )
+    return LoraSetting(lora.rank, lora.dropout, adapters, targets)
 
 
 def recipe_config(plan: Plan, stage: int) -> Config:
@@ -206,6 +254,16 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
+def _lora_line(setting: Setting) -> str:
+    lora = setting.lora
+    assert lora is not None
+    share = 100 * lora.params.total / setting.num_params
+    return (
+        f"LoRA rank {lora.rank}: {lora.params.total:,} of {setting.num_params:,} parameters train"
+        f" ({share:.2f} %); grads, master and optimizer are theirs, params the frozen base plus them"
+    )
+
+
 def describe(plan: Plan, gpu_memory_bytes: int | None = None) -> str:
     """A short section for the dry run: the recipe's own configuration, per GPU."""
     title = "== memory (estimate per GPU; `mplaunch plan` compares the ZeRO stages) =="
@@ -221,6 +279,8 @@ def describe(plan: Plan, gpu_memory_bytes: int | None = None) -> str:
     )
     if est.state.cpu:
         line += f"; {_gib(est.state.cpu)} GiB on the CPU"
+    if setting.lora is not None:
+        line += f"; {_lora_line(setting)}"
     if gpu_memory_bytes is not None:
         fits = est.total(m) <= gpu_memory_bytes * HEADROOM
         line += f"; {'fits' if fits else 'does not fit'} in {_gib(gpu_memory_bytes)} GiB"
@@ -256,12 +316,14 @@ def show(
     s = setting_of(plan, num_params)
     usable = int(gpu_bytes * HEADROOM)
     m = plan.recipe.model
-    model = f"{m.name} {m.size}" if s.shape else (m.target or m.name)
+    model = f"{m.name} {m.size}" if s.shape else (m.target or m.hf or m.name)
     print(
-        f"memory plan for {plan.recipe.name}: {model}, {s.params.total / 1e6:.1f}M parameters,"
+        f"memory plan for {plan.recipe.name}: {model}, {s.num_params / 1e6:.1f}M parameters,"
         f" {s.dtype} ({plan.precision.reason}), {s.backend}, world_size {s.world_size},"
         f" micro_batch_size {s.micro_batch_size}, seq_len {s.seq_len}"
     )
+    if s.lora is not None:
+        print(_lora_line(s))
     print(f"target: {target}; fits means total <= {HEADROOM:.0%} of it ({_gib(usable)} GiB)")
     print(table(s, plan, usable))
     print("total = params + grads + master + optimizer + context")

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from launcher import backend_config, precision, tasks, vocab
+from launcher import backend_config, hf_dir, precision, tasks, vocab
 from launcher.batch import Batch, resolve_batch
 from launcher.errors import UserError
 from launcher.hardware import Hardware
@@ -59,6 +59,9 @@ class Plan:
     data_paths: tuple[str, ...] = ()
     tokenizer_dir: str | None = None
     import_dir: str | None = None  # model.target's module is imported from here first
+    hf_dir: str | None = None  # model.hf, an absolute directory or a hub id
+    num_params: int | None = None  # model.hf's parameter count, from its safetensors headers
+    init_from: str | None = None  # model.init_from, absolute
     warnings: tuple[str, ...] = field(default=())
     problems: tuple[str, ...] = field(default=())
 
@@ -109,6 +112,14 @@ class Plan:
             " then the working directory and PYTHONPATH"
         )
 
+    def _hf_row(self) -> str:
+        m = self.recipe.model
+        auto = hf_dir.AUTO_CLASSES[tasks.resolve(self.recipe)]
+        how = "from_pretrained" if m.weights == "pretrained" else "from_config (random weights)"
+        count = f", {self.num_params:,} parameters" if self.num_params else ""
+        config = f", config overrides {dict(m.config)}" if m.config else ""
+        return f"{auto}.{how} {self.hf_dir}{count}{config}"
+
     def describe(self, memory_section: str | None = None) -> str:
         """The dry run: the resolved recipe, batch equation, backend config, environment and command.
 
@@ -131,6 +142,8 @@ class Plan:
             ("task", f"{tasks.resolve(self.recipe)} (data.task {self.recipe.data.task})"),
             ("vocab", f"{self.vocab_size} ({self.vocab_source})"),
             *([("model", self._target_row())] if self.recipe.model.target else []),
+            *([("model", self._hf_row())] if self.hf_dir else []),
+            *([("init from", f"{self.init_from} (fresh optimizer, schedule and step 0)")] if self.init_from else []),
             ("run dir", self.run_dir),
         ]
         ranks = f"0..{self.world_size - 1}" if self.world_size > 1 else "0"
@@ -179,11 +192,24 @@ def resolve(
     machine: list[str] = []
     import_dir = None
     target = recipe.model.target
-    if target is not None:
+    if target is not None or recipe.model.hf is not None:
         recipe = _only_target_keys(recipe)
+    if target is not None:
         import_dir = _import_dir(recipe.source)
         missing = find_target(target, import_dir)
         machine += [missing] if missing else []
+    hf = None
+    if recipe.model.hf is not None:
+        hf, found = hf_dir.read(recipe.model.hf, recipe.source, dict(recipe.model.config))
+        problems += found
+        if hf is not None:
+            problems += hf_dir.problems(
+                hf, recipe.model.weights, dict(recipe.model.config), recipe.data.tokenizer is not None
+            )
+            if hf.max_positions is not None and recipe.data.seq_len > hf.max_positions:
+                problems.append(
+                    f"data.seq_len: {recipe.data.seq_len} is longer than {hf.source}'s {hf.max_positions} positions"
+                )
     device, device_reason = _device(recipe, hardware, machine)
     nproc = _nproc(recipe, hardware, device, machine)
     nnodes = recipe.launch.nnodes
@@ -206,10 +232,16 @@ def resolve(
     run_dir = str((Path(recipe.logging.dir) / recipe.name).resolve())
     env = _env(recipe, device, nproc, hardware)
     data_paths, tokenizer = data_files(recipe)
+    if hf is not None and tokenizer is None and hf.has_tokenizer and recipe.data.kind != "synthetic":
+        tokenizer = hf.source  # the model's own tokenizer
     vocab_ = vocab.resolve(recipe, data_paths, tokenizer, RunDir.of(Path(run_dir)).tokenizer)
     if recipe.model.target is not None:
         vocab_ = target_vocab(recipe, vocab_)
-    shape = shape_of(recipe.model, vocab_.size) if recipe.model.target is None else None
+    if hf is not None:
+        vocab_, found = hf_dir.vocab_of(hf, vocab_, tokenizer)
+        if found:
+            raise UserError(found)
+    shape = shape_of(recipe.model, vocab_.size) if recipe.model.name is not None else None
     return Plan(
         recipe=recipe,
         run_dir=run_dir,
@@ -229,7 +261,10 @@ def resolve(
         data_paths=data_paths,
         tokenizer_dir=tokenizer,
         import_dir=import_dir,
-        warnings=tuple(_warnings(recipe, policy, device)),
+        hf_dir=hf.source if hf is not None else None,
+        num_params=hf.num_params if hf is not None else None,
+        init_from=_relative_to_recipe(recipe, recipe.model.init_from),
+        warnings=tuple(_warnings(recipe, policy, device) + _hub_warning(hf)),
         problems=tuple(machine),
     )
 
@@ -345,9 +380,23 @@ def data_files(recipe: Recipe) -> tuple[tuple[str, ...], str | None]:
     return tuple(str((base / p).resolve()) for p in recipe.data.paths), tokenizer
 
 
+def _hub_warning(hf: hf_dir.HfModel | None) -> list[str]:
+    if hf is None or hf.local:
+        return []
+    return [
+        f"model.hf: {hf.source} is no local directory, so it is a hub id: the workers download it "
+        "(check could not read its config or tokenizer)"
+    ]
+
+
+def _relative_to_recipe(recipe: Recipe, path: str | None) -> str | None:
+    base = Path(recipe.source).parent if recipe.source else Path()
+    return str((base / path).resolve()) if path is not None else None
+
+
 def prepare_vocab(recipe: Recipe) -> None:
     """Before a real launch: train the data's tokenizer (cached) so the plan knows its exact vocabulary."""
-    if vocab.needs_training(recipe):
+    if vocab.needs_training(recipe) and recipe.model.hf is None:  # model.hf brings its tokenizer
         try:
             vocab.prepare(recipe, data_files(recipe)[0])
         except (OSError, ValueError) as exc:

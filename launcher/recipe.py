@@ -51,9 +51,20 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 TARGET_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
+class Lora(Section):
+    rank: Count = 0
+    """LoRA adapter rank (peft); 0: no LoRA, every parameter trains. With a rank only the adapters train and have optimizer state."""
+    alpha: Annotated[float, Field(gt=0.0)] = 16.0
+    """LoRA scaling numerator: the adapter's update is scaled by alpha / rank."""
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = []
+    """Names (suffixes) of the linear layers that get adapters; empty: peft's default for the architecture (model.hf), else every nn.Linear."""
+
+
 class Model(Section):
     name: Literal["bert-mlm", "gpt2-lm", "tiny-mlp"] | None = "bert-mlm"
-    """Built-in model; null (or left out) with `target`: the built-in keys below are refused beside a target."""
+    """Built-in model; null (or left out) with `target` or `hf`: the built-in keys below are refused beside them."""
     size: Literal["tiny", "mini", "base", "large"] = "base"
     """Preset size of the built-in model (BERT-base is 110M parameters, tiny is a few hundred thousand)."""
     hidden_size: PositiveInt | None = None
@@ -74,19 +85,38 @@ class Model(Section):
     """Your own model: "module:factory" (the recipe's folder is searched first) returning an nn.Module whose forward(**batch) gives a loss."""
     kwargs: dict[str, Any] = {}
     """Keyword arguments for `target`, plus vocab_size (the run's) if the factory takes it; set here, it must be at least the tokenizer's."""
+    hf: str | None = None
+    """A Hugging Face model: a local directory with config.json (relative to the recipe), or a hub id the machine can reach; its Auto class follows data.task."""
+    weights: Literal["pretrained", "random"] = "pretrained"
+    """With `hf`: load its weights (pretrained), or build its architecture from the config with fresh weights (random)."""
+    config: dict[str, Any] = {}
+    """With `hf`: overrides of its config.json (e.g. num_hidden_layers: 2); with weights pretrained only keys that keep the weights' shapes."""
+    num_labels: PositiveInt | None = None
+    """Classes of data.task sequence-classification (labels 0..num_labels-1); default: the model config's, else 2."""
+    init_from: str | None = None
+    """Start a new run from these weights (a directory `mplaunch export` wrote, or any with model.safetensors or pytorch_model.bin): fresh optimizer, schedule and step 0."""
+    lora: Lora = Lora()
 
 
 class Data(Section):
-    task: Literal["auto", "masked-lm", "causal-lm"] = "auto"
-    """What the batches teach: masked-lm (BERT masking, labels -100 except at chosen positions) or causal-lm (labels are the inputs; the model shifts them); auto is causal-lm for gpt2-lm and masked-lm otherwise."""
-    kind: Literal["synthetic", "text", "jsonl"] = "synthetic"
-    """synthetic random tokens (throughput work), or local text / jsonl files."""
+    task: Literal["auto", "masked-lm", "causal-lm", "sequence-classification", "sft"] = "auto"
+    """What the batches teach (README "Batches"): masked-lm, causal-lm, sequence-classification (a label per record) or sft (prompt/response, loss on the response only); auto: the built-in model's, the hf model's architecture's, else masked-lm."""
+    kind: Literal["synthetic", "text", "jsonl", "json", "csv", "parquet", "arrow", "hf-disk"] = "synthetic"
+    """synthetic random tokens (throughput work), local text / jsonl files, or files read by Hugging Face datasets (json, csv, parquet, arrow; hf-disk: a save_to_disk directory)."""
     paths: list[str] = []
-    """Files for kind text/jsonl, relative to the recipe file."""
+    """Data files relative to the recipe file (kind hf-disk: the save_to_disk directory)."""
+    pack: bool = True
+    """masked-lm and causal-lm: concatenate the documents (a separator between them) and cut rows of seq_len; false: one document per row, cut or padded to seq_len (padding gets no loss)."""
     text_field: str = "text"
-    """Field of each jsonl record that holds the text."""
+    """Field of each record that holds the text (masked-lm, causal-lm and sequence-classification)."""
+    label_field: str = "label"
+    """Field of each record that holds its class, a whole number (sequence-classification)."""
+    prompt_field: str = "prompt"
+    """Field of each record that holds the prompt (sft; its tokens get no loss)."""
+    response_field: str = "response"
+    """Field of each record that holds the response (sft; the loss is taken on it)."""
     tokenizer: str | None = None
-    """A local tokenizer directory (from save_pretrained); when unset a WordPiece tokenizer is trained on `paths`."""
+    """A local tokenizer directory (from save_pretrained); when unset: model.hf's own, else a WordPiece tokenizer trained on `paths`."""
     seq_len: PositiveInt = 128
     """Tokens per sample."""
     mask_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
@@ -141,6 +171,8 @@ class Train(Section):
     """Seed for python, numpy and torch (offset by rank where ranks must differ)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them: less memory, about a third more compute."""
 
 
 class LossScale(Section):

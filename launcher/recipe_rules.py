@@ -48,11 +48,19 @@ BUILT_IN_MODEL_KEYS = ("size", *(f.name for f in fields(Shape) if f.name != "fam
 
 def _model_rules(recipe: Recipe) -> list[str]:
     m = recipe.model
-    if m.target is None and m.name is None:
-        return ["model: set model.name to a built-in model or model.target to your own factory"]
-    if m.target is not None:
-        return _beside_target(recipe)
-    problems = ["model.kwargs: only used with model.target"] if m.kwargs else []
+    problems = _hf_keys(recipe) + _init_from(recipe)
+    if m.target is None and m.name is None and m.hf is None:
+        return ["model: set model.name to a built-in model, model.hf to a Hugging Face model, or model.target"]
+    if m.target is not None and m.hf is not None:
+        return [*problems, "model.hf: a model is either model.hf or model.target; remove one"]
+    if m.target is not None or m.hf is not None:
+        if m.hf is not None and m.kwargs:
+            problems.append("model.kwargs: only used with model.target (model.config overrides model.hf's config)")
+        return problems + _beside_target(recipe)
+    if m.kwargs:
+        problems.append("model.kwargs: only used with model.target")
+    if m.name == "tiny-mlp" and recipe.train.activation_checkpointing:
+        problems.append("train.activation_checkpointing: tiny-mlp has no transformer layers to recompute")
     shape = shape_of(m)
     if m.name != "tiny-mlp" and shape.hidden_size % shape.num_heads:
         problems.append(
@@ -65,6 +73,34 @@ def _model_rules(recipe: Recipe) -> list[str]:
             f" {shape.max_position_embeddings}"
         )
     return problems
+
+
+def _hf_keys(recipe: Recipe) -> list[str]:
+    """model.hf's own keys written without model.hf, and num_labels without its task."""
+    m = recipe.model
+    problems = []
+    if m.hf is None:
+        if m.config:
+            problems.append("model.config: only used with model.hf (a built-in model is sized by its own keys)")
+        if m.weights != "pretrained":
+            problems.append("model.weights: only used with model.hf")
+    if m.num_labels is not None and recipe.data.task not in ("sequence-classification", "auto"):
+        problems.append(f"model.num_labels: only used with data.task sequence-classification, not {recipe.data.task}")
+    return problems
+
+
+def _init_from(recipe: Recipe) -> list[str]:
+    """model.init_from must be a directory of weights the workers can load."""
+    if recipe.model.init_from is None:
+        return []
+    base = Path(recipe.source).parent if recipe.source else Path()
+    where = base / recipe.model.init_from
+    if not where.is_dir():
+        return [f"model.init_from: directory not found: {where}"]
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if not any((where / n).is_file() for n in names):
+        return [f"model.init_from: {where} holds none of {', '.join(names)}; expected what mplaunch export wrote"]
+    return []
 
 
 def _beside_target(recipe: Recipe) -> list[str]:
@@ -86,10 +122,13 @@ def _beside_target(recipe: Recipe) -> list[str]:
             continue
         if key not in own and key in inherited and inherited[key] == value:
             continue
+        door = "model.hf" if m.hf is not None else "model.target"
         if key == "name":
             problems.append(
-                f"model.name: {value} is a built-in model; with model.target set it to null or leave it out"
+                f"model.name: {value} is a built-in model; with {door} set it to null or leave it out"
             )
+        elif m.hf is not None:
+            problems.append(f"model.{key}: not used by model.hf; override its config as model.config.<key> instead")
         else:
             problems.append(
                 f"model.{key}: not used by model.target; pass it to your factory as model.kwargs.{key} instead"
@@ -142,12 +181,16 @@ def _data_rules(recipe: Recipe) -> list[str]:
     d = recipe.data
     problems: list[str] = []
     if d.kind == "synthetic" and d.paths:
-        problems.append("data.paths: only used with data.kind text or jsonl")
+        problems.append("data.paths: only used with a data.kind other than synthetic")
     if d.kind != "synthetic" and not d.paths:
-        problems.append(f"data.paths: data.kind {d.kind} needs at least one file")
+        what = "the directory save_to_disk wrote" if d.kind == "hf-disk" else "at least one file"
+        problems.append(f"data.paths: data.kind {d.kind} needs {what}")
     base = Path(recipe.source).parent if recipe.source else Path()
     for i, p in enumerate(d.paths if d.kind != "synthetic" else []):
-        if (base / p).is_dir():
+        if d.kind == "hf-disk":
+            if not (base / p).is_dir():
+                problems.append(f"data.paths[{i}]: directory not found: {base / p} (data.kind hf-disk)")
+        elif (base / p).is_dir():
             problems.append(f"data.paths[{i}]: {base / p} is a directory; list the files in it")
         elif not (base / p).is_file():
             problems.append(f"data.paths[{i}]: file not found: {base / p}")
@@ -159,4 +202,14 @@ def _data_rules(recipe: Recipe) -> list[str]:
         problems.append(f"data.tokenizer: directory not found: {base / d.tokenizer}")
     if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
         problems.append("data.kind: the tiny-mlp model trains on synthetic data only")
+    needs = {
+        tasks.SEQUENCE_CLASSIFICATION: "data.label_field",
+        tasks.SFT: "data.prompt_field and data.response_field",
+    }
+    task = tasks.resolve(recipe) if d.kind == "text" else None
+    if task in needs:
+        problems.append(
+            f"data.kind: text has one field per line; {task} needs records with {needs[task]}: "
+            "use jsonl, json, csv, parquet, arrow or hf-disk"
+        )
     return problems

@@ -57,7 +57,11 @@ def signature(plan: Plan) -> dict[str, Any]:
         dataclasses.asdict(plan.shape)
         if plan.shape is not None
         else {"target": r.model.target, "kwargs": r.model.kwargs}
+        if r.model.target is not None
+        else {"hf": plan.hf_dir, "config": r.model.config, "num_labels": r.model.num_labels}
     )
+    if r.model.lora.rank:
+        model["lora"] = r.model.lora.model_dump(mode="json")
     return {
         "world size": plan.world_size,
         "backend": r.backend,

@@ -99,3 +99,32 @@ def shape_of(model: ModelFields, vocab_size: int | None = None) -> Shape:
     if vocab_size is not None and model.vocab_size is None:
         overrides["vocab_size"] = vocab_size
     return replace(base, **overrides)
+
+
+def linear_layers(shape: Shape) -> list[tuple[str, int, int]] | None:
+    """(module name, in_features, out_features) of the built-in model's linear layers, in module
+    order; None for a family this function does not know.
+
+    Names are those peft sees: relative to the transformers model (`LMLoss.lm`), or to TinyMLP.
+    GPT-2's are transformers Conv1D layers (weights stored (in, out)); the last one of every
+    family is the output head over the vocabulary (tied to the embedding in BERT and GPT-2).
+    """
+    h, inter, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    if shape.family == "tiny-mlp":
+        return [("mlp.0", h, inter), ("mlp.3", inter, h), ("head", h, vocab)]
+    if shape.family not in ("bert-mlm", "gpt2-lm"):
+        return None
+    out: list[tuple[str, int, int]] = []
+    for i in range(shape.num_layers):
+        if shape.family == "bert-mlm":
+            p = f"bert.encoder.layer.{i}."
+            out += [(p + f"attention.self.{n}", h, h) for n in ("query", "key", "value")]
+            out += [(p + "attention.output.dense", h, h), (p + "intermediate.dense", h, inter)]
+            out += [(p + "output.dense", inter, h)]
+        else:
+            p = f"transformer.h.{i}."
+            out += [(p + "attn.c_attn", h, 3 * h), (p + "attn.c_proj", h, h)]
+            out += [(p + "mlp.c_fc", h, inter), (p + "mlp.c_proj", inter, h)]
+    if shape.family == "bert-mlm":
+        return [*out, ("cls.predictions.transform.dense", h, h), ("cls.predictions.decoder", h, vocab)]
+    return [*out, ("lm_head", h, vocab)]

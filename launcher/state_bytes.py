@@ -34,6 +34,14 @@ moments; SHARD_GRAD_OP holds all unsharded compute-dtype params through
 forward and backward, FULL_SHARD about the root (embeddings, head) plus two
 transformer layers (current and prefetched), with their gradients.
 
+LoRA (model.lora): `model` is then the adapters, the only parameters with gradients, masters and
+Adam state, and `frozen` the base weights, held once, in the compute dtype where the backend casts
+the module (DeepSpeed) and in fp32 where it keeps fp32 parameters (Accelerate). ZeRO-3 partitions
+frozen weights as any others (and gathers them for compute); DDP buckets only trainable gradients;
+FSDP's flat gradient covers the frozen weights of a unit that holds an adapter (use_orig_params), so
+its gradient row counts them. `lora_params` counts the adapters `launcher.lora.apply` adds to a
+built-in model: rank * (in + out) per adapted linear layer.
+
 Activations per transformer layer: Korthikanti et al. 2022 count s*b*h*(34 +
 5*a*s/h) bytes in 16-bit (I = 4h); the built-in models use SDPA, which keeps Q, K,
 V, its output and an fp32 log-sum-exp instead of the s^2 score, softmax and mask
@@ -47,10 +55,11 @@ does not see it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from launcher import flops
-from launcher.shapes import Shape
+from launcher.shapes import Shape, linear_layers
 
 # DeepSpeed's zero_optimization defaults, which our generated config leaves alone.
 REDUCE_BUCKET = 500_000_000
@@ -88,6 +97,69 @@ class Params:
         """Elements of this rank's stage-3 partition: each tensor padded to a multiple of world."""
         return sum(-(-n // world) for n in self.tensors) if self.tensors else -(-self.total // world)
 
+    def plus(self, other: Params) -> Params:
+        """Both sets of parameters together (tensor sizes kept where both are known, or one is empty)."""
+        known = (bool(self.tensors) or not self.total) and (bool(other.tensors) or not other.total)
+        return Params(
+            self.total + other.total,
+            self.tensors + other.tensors if known else (),
+            self.layer + other.layer,
+            max(self.num_layers, other.num_layers),
+        )
+
+
+# peft's default LoRA targets for the built-in families' model types (bert, gpt2), from its
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; tests/test_lora.py holds the two together.
+# tiny-mlp has no model type: every linear layer but the vocabulary head (launcher.lora).
+PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"bert-mlm": ("query", "value"), "gpt2-lm": ("c_attn",)}
+
+
+def lora_layers(shape: Shape, target_modules: Sequence[str] = ()) -> list[tuple[str, int, int]] | None:
+    """(name, in, out) of the linear layers `launcher.lora.apply` adapts; None for an unknown family.
+
+    Args:
+        shape: a built-in model's shape.
+        target_modules: model.lora.target_modules, name suffixes as peft matches them; empty: the default.
+    """
+    layers = linear_layers(shape)
+    if layers is None:
+        return None
+    targets = tuple(target_modules) or PEFT_DEFAULT_TARGETS.get(shape.family, ())
+    if not targets:
+        return [layer for layer in layers if layer[2] != shape.vocab_size]
+    return [layer for layer in layers if any(layer[0] == t or layer[0].endswith("." + t) for t in targets)]
+
+
+def lora_unmatched(shape: Shape, target_modules: Sequence[str]) -> list[str]:
+    """The target modules that match no linear layer of a built-in model (`lora.apply` refuses them)."""
+    layers = linear_layers(shape) or []
+    return [t for t in target_modules if not any(n == t or n.endswith("." + t) for n, _, _ in layers)]
+
+
+def lora_params(shape: Shape, rank: int, target_modules: Sequence[str] = ()) -> Params | None:
+    """The adapter parameters LoRA adds to a built-in model: A (rank x in) and B (out x rank) per layer.
+
+    None for a family without a layer list; no tensors (total 0) when no layer matches.
+    """
+    layers = lora_layers(shape, target_modules)
+    if layers is None:
+        return None
+    tensors = tuple(n for _, fan_in, fan_out in layers for n in (rank * fan_in, fan_out * rank))
+    blocks = ("bert.encoder.layer.", "transformer.h.")
+    in_blocks = sum(rank * (i + o) for name, i, o in layers if name.startswith(blocks))
+    num_layers = shape.num_layers if in_blocks else 0
+    return Params(sum(tensors), tensors, in_blocks // num_layers if num_layers else 0, num_layers)
+
+
+@dataclass(frozen=True)
+class LoraSetting:
+    """model.lora as the planner needs it: the adapters' count, and what shapes their activations."""
+
+    rank: int
+    dropout: float
+    params: Params  # the adapters: the parameters that train
+    target_modules: tuple[str, ...] = ()  # empty: the default (lora_layers)
+
 
 @dataclass(frozen=True)
 class ModelState:
@@ -117,6 +189,7 @@ def model_state_bytes(
     offload_params: bool = False,
     overlap_comm: bool = True,
     grad_accum: int = 1,
+    frozen: Params | None = None,
 ) -> ModelState:
     """Model-state bytes per rank for Adam(W), by category.
 
@@ -147,18 +220,22 @@ def model_state_bytes(
         offload_params: stage-3 parameter offload (accelerate: FSDP cpu_offload).
         overlap_comm: DeepSpeed's zero_optimization.overlap_comm (ours: on for CUDA).
         grad_accum: micro-batches per optimizer step.
+        frozen: parameters that do not train (LoRA's base weights); `model` is then the ones that do.
     """
     p = model if isinstance(model, Params) else Params.of(model)
+    f = frozen or Params(0)
     if backend == "accelerate":
-        return _accelerate_state(p, dtype, stage, world_size, offload_params)
+        return _accelerate_state(p, f, dtype, stage, world_size, offload_params)
     if stage == 0:
         w, psi, mixed = _BYTES[dtype], p.total, dtype != "fp32"
         # DeepSpeed's unfused fp16/bf16 optimizer: fp32 master copies, fp32 grads made at the step.
         chunk = w * min(psi, ALLREDUCE_CHUNK) if world_size > 1 else 0
-        return ModelState(w * psi, w * psi, 4 * psi * mixed, 8 * psi, chunk, 4 * psi * mixed)
+        return ModelState(w * (psi + f.total), w * psi, 4 * psi * mixed, 8 * psi, chunk, 4 * psi * mixed)
     if stage < 3:
-        return _zero12_state(p, dtype, stage, world_size, offload_optimizer, overlap_comm, grad_accum)
-    return _zero3_state(p, dtype, world_size, offload_optimizer, offload_params)
+        state = _zero12_state(p, dtype, stage, world_size, offload_optimizer, overlap_comm, grad_accum)
+        # Frozen weights stay whole on every rank, cast like the rest; the optimizer never sees them.
+        return replace(state, params=state.params + _BYTES[dtype] * f.total)
+    return _zero3_state(p, f, dtype, world_size, offload_optimizer, offload_params)
 
 
 def _zero12_state(
@@ -179,15 +256,20 @@ def _zero12_state(
     return ModelState(w * psi, full_grads, 0, 0, buckets + w * largest, 0, host)
 
 
-def _zero3_state(p: Params, dtype: str, n: int, offload_optimizer: bool, offload_params: bool) -> ModelState:
-    w, psi, part = _BYTES[dtype], p.total, p.partition(n)
-    persistent = p.persistent()
-    small = [t for t in p.tensors if t <= PERSISTENCE_THRESHOLD]
-    largest = max((t for t in p.tensors if t > PERSISTENCE_THRESHOLD), default=0)
-    comm = w * (REDUCE_BUCKET + min(psi - persistent, PREFETCH_BUCKET + largest))
+def _zero3_state(
+    p: Params, f: Params, dtype: str, n: int, offload_optimizer: bool, offload_params: bool
+) -> ModelState:
+    # Every parameter, frozen or not, is partitioned and gathered alike; gradients, masters and
+    # moments exist for the trainable partition `part` only.
+    w, part, held = _BYTES[dtype], p.partition(n), p.plus(f)
+    persistent = held.persistent()
+    small = [t for t in held.tensors if t <= PERSISTENCE_THRESHOLD]
+    largest = max((t for t in held.tensors if t > PERSISTENCE_THRESHOLD), default=0)
+    comm = w * (REDUCE_BUCKET + min(held.total - persistent, PREFETCH_BUCKET + largest))
     # Persistent params keep their partition on the device even under offload_params.
-    host_params = w * (part - sum(-(-t // n) for t in small)) if offload_params else 0
-    params = w * (part + persistent) - host_params
+    held_part = held.partition(n)
+    host_params = w * (held_part - sum(-(-t // n) for t in small)) if offload_params else 0
+    params = w * (held_part + persistent) - host_params
     if not offload_optimizer:
         # The fp32 master partition is a clone of the parameter partition even in fp32
         # (measured on live tensors: separate storage), so it is never free.
@@ -196,18 +278,27 @@ def _zero3_state(p: Params, dtype: str, n: int, offload_optimizer: bool, offload
     return ModelState(params, 0, 0, 0, comm, 0, host_params + (w + 4 + 8 + 4) * part)
 
 
-def _accelerate_state(p: Params, dtype: str, stage: int, n: int, offload: bool) -> ModelState:
+def _accelerate_state(p: Params, f: Params, dtype: str, stage: int, n: int, offload: bool) -> ModelState:
     psi = p.total
     if stage == 0:
-        # DDP: fp32 params and grads, plus its gradient buckets (a second copy) when N > 1.
-        return ModelState(4 * psi, 4 * psi, 0, 8 * psi, comm_buffers=4 * psi if n > 1 else 0)
-    part = -(-psi // n)
+        # DDP: fp32 params and grads, plus its gradient buckets (a second copy) when N > 1;
+        # frozen parameters get neither a gradient nor a bucket.
+        return ModelState(4 * (psi + f.total), 4 * psi, 0, 8 * psi, comm_buffers=4 * psi if n > 1 else 0)
+    held = p.plus(f)
+    part, opt_part = -(-held.total // n), -(-psi // n)
     # FULL_SHARD: the root unit (everything outside the blocks) stays gathered, plus the
     # current and the prefetched layer; without a layer size, assume the whole model.
-    unsharded = psi if stage < 3 or not p.layer else min(psi, psi - (p.num_layers - 2) * p.layer)
+    psi_all, layer = held.total, held.layer
+    unsharded = psi_all if stage < 3 or not layer else min(psi_all, psi_all - (held.num_layers - 2) * layer)
+    # A unit's flat gradient spans its frozen parameters too (use_orig_params=True): under LoRA
+    # every block holds an adapter, so the blocks' frozen weights get gradients; the root unit's
+    # (embeddings, head) do not. Without a layer size, count them all.
+    with_grads = psi + (f.layer * f.num_layers if f.layer else f.total)
+    grad_part = -(-with_grads // n)
     # The unsharded compute-dtype params, and their gradients before the reduce-scatter.
-    state = ModelState(4 * part, 4 * part, 0, 8 * part, comm_buffers=2 * _BYTES[dtype] * unsharded)
-    return replace(state, params=0, grads=0, optimizer=0, cpu=16 * part) if offload else state
+    state = ModelState(4 * part, 4 * grad_part, 0, 8 * opt_part, comm_buffers=2 * _BYTES[dtype] * unsharded)
+    host = 4 * part + 4 * grad_part + 8 * opt_part
+    return replace(state, params=0, grads=0, optimizer=0, cpu=host) if offload else state
 
 
 # --------------------------------------------------------------------------- activations
@@ -234,6 +325,67 @@ def activation_bytes(
         return layers + s * b * h * (e_ln + mask + 3 * e + e_ln) + tail
     # GPT-2: embedding dropout; ln_f input and lm_head input.
     return layers + s * b * h * (mask + e_ln + e) + tail
+
+
+def lora_activation_delta(
+    shape: Shape,
+    seq_len: int,
+    micro_batch_size: int,
+    dtype: str,
+    backend: str,
+    dropout: float,
+    lora: LoraSetting,
+) -> int:
+    """What LoRA changes in `activation_bytes` (usually less: negative), for a built-in model.
+
+    Autograd keeps a linear layer's input only to compute its weight's gradient, so a frozen layer
+    keeps none; an adapter keeps its own input (the output of its dropout, with the dropout's mask,
+    when model.lora.dropout > 0; else the layer's input itself) and its rank-r intermediate.
+    Nothing before the first adapter needs a gradient: the embeddings keep nothing (their
+    LayerNorm input and dropout mask; GPT-2's first ln_1 input too). Inputs that another operation
+    keeps anyway (the attention output projection's: SDPA keeps its output) stay counted. Checked
+    against autograd's saved tensors on CPU (tests/test_lora.py).
+    """
+    layers = lora_layers(shape, lora.target_modules)
+    if not layers:
+        return 0
+    sb, e, r = seq_len * micro_batch_size, _BYTES[dtype], lora.rank
+    e_ln = 4 if backend == "accelerate" else e
+    mask = 1 if dropout > 0 else 0
+    adapted = {name for name, _, _ in layers}
+    delta = 0
+    for readers, width in _weight_only_inputs(shape):
+        # The base layers keep this input no longer; an adapter without dropout reads (keeps) it.
+        if lora.dropout > 0 or not adapted.intersection(readers):
+            delta -= sb * width * e
+    lora_mask = 1 if lora.dropout > 0 else 0
+    for _, fan_in, _ in layers:
+        delta += sb * r * e + (sb * fan_in * (e + lora_mask) if lora.dropout > 0 else 0)
+    h = shape.hidden_size
+    if shape.family == "bert-mlm":
+        delta -= sb * h * (e_ln + mask)  # embedding LayerNorm input and dropout mask
+    elif shape.family == "gpt2-lm":
+        delta -= sb * h * (mask + e_ln)  # embedding dropout mask, the first block's ln_1 input
+    return delta
+
+
+def _weight_only_inputs(shape: Shape) -> list[tuple[tuple[str, ...], int]]:
+    """(linear layers reading it, width) of each input kept only for those layers' weight gradients."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    if shape.family == "tiny-mlp":
+        return [(("mlp.0",), h), (("mlp.3",), inter), (("head",), h)]
+    out: list[tuple[tuple[str, ...], int]] = []
+    for i in range(shape.num_layers):
+        if shape.family == "bert-mlm":
+            p = f"bert.encoder.layer.{i}."
+            qkv = tuple(p + f"attention.self.{n}" for n in ("query", "key", "value"))
+            out += [(qkv, h), ((p + "intermediate.dense",), h), ((p + "output.dense",), inter)]
+        else:
+            p = f"transformer.h.{i}."
+            out += [((p + "attn.c_attn",), h), ((p + "mlp.c_fc",), h), ((p + "mlp.c_proj",), inter)]
+    if shape.family == "bert-mlm":
+        return [*out, (("cls.predictions.transform.dense",), h), (("cls.predictions.decoder",), h)]
+    return [*out, (("lm_head",), h)]
 
 
 def _layer_activation_bytes(shape: Shape, s: int, b: int, e: int, e_ln: int, mask: int) -> int:

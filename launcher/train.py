@@ -35,7 +35,8 @@ from launcher import data
 from launcher.backends import Backend, LossScaleFloor, NonFiniteStep, load_backend
 from launcher.checkpointer import Checkpointer
 from launcher.metrics import Meter
-from launcher.models import ModelError, build
+from launcher.model_setup import model_for
+from launcher.models import ModelError
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 from launcher.watchdog import collective_timeout_s
@@ -215,7 +216,9 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     _seed(plan.recipe.train.seed)
     tokens = data.load_tokens(plan, d.rank, d.barrier)
     # Same seed on every rank for the weights; the backends also broadcast rank 0's.
-    model = build(plan.recipe.model, plan.shape, plan.vocab_size, plan.import_dir)
+    model, notes = model_for(plan)
+    for note in notes if d.rank == 0 else []:
+        print(f"mplaunch: {note}", flush=True)
     _seed(plan.recipe.train.seed + d.rank)
     backend = load_backend(plan, model)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)

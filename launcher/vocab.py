@@ -21,9 +21,13 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launcher.recipe import Recipe
+from launcher import records
 from launcher.shapes import default_vocab_size
+
+if TYPE_CHECKING:
+    from launcher.recipe import Recipe
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_TRAINED_VOCAB = 8192
@@ -93,10 +97,9 @@ def trained_dir(recipe: Recipe, data_paths: tuple[str, ...]) -> Path:
     and every run on those files gets a copy, so comparable runs see the same ids.
     """
     key = hashlib.sha256()
-    for part in (_tokenizers_version(), recipe.data.kind, recipe.data.text_field, str(MAX_TRAINED_VOCAB)):
+    for part in (_tokenizers_version(), recipe.data.kind, *text_fields(recipe), str(MAX_TRAINED_VOCAB)):
         key.update(part.encode() + b"\0")
-    for path in data_paths:
-        key.update(Path(path).read_bytes())
+    records.hash_paths(key, data_paths)
     cache_root = Path(os.environ.get("MPLAUNCH_CACHE", Path.home() / ".cache" / "mplaunch"))
     return cache_root / "tokenizers" / key.hexdigest()[:24]
 
@@ -129,23 +132,22 @@ def prepare(recipe: Recipe, data_paths: tuple[str, ...], texts: list[str] | None
 
 
 def read_texts(recipe: Recipe, data_paths: tuple[str, ...]) -> list[str]:
-    """Every text of the data files: lines of text files, or `data.text_field` of jsonl records."""
-    field = recipe.data.text_field
-    texts: list[str] = []
-    for path in data_paths:
-        with open(path, encoding="utf-8") as f:
-            if recipe.data.kind == "jsonl":
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        record = json.loads(line)
-                        if field not in record:
-                            raise ValueError(f"{path}:{n}: record has no field {field!r} (data.text_field)")
-                        texts.append(str(record[field]))
-            else:
-                texts.extend(line.strip() for line in f if line.strip())
-    if not texts:
-        raise ValueError(f"no text found in {', '.join(data_paths)}")
-    return texts
+    """Every text of the data files (launcher.records): a text file's lines, or each record's
+    `data.text_field`; for data.task sft, its prompt and response joined by a space.
+
+    Raises:
+        OSError, ValueError: a data file cannot be read, lacks a field or holds no record.
+    """
+    fields = text_fields(recipe)
+    found = records.read_records(recipe, data_paths, fields)
+    return [" ".join(str(r[f]) for f in fields) for r in found]
+
+
+def text_fields(recipe: Recipe) -> tuple[str, ...]:
+    """The record fields the tokenizer is trained on: prompt and response for sft, else the text."""
+    d = recipe.data
+    # tasks.resolve never turns auto into sft, so the recipe's own word decides.
+    return (d.prompt_field, d.response_field) if d.task == "sft" else (d.text_field,)
 
 
 def _train_wordpiece(texts: list[str], out_dir: Path) -> None:

@@ -43,3 +43,20 @@ def _no_leaked_env() -> object:
     os.environ.clear()
     os.environ.update(before)
     assert not leaked, f"test leaked environment changes: {sorted(leaked)}"
+
+
+TINY_MODELS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    """recipes/models, holding the tiny Hugging Face model directories the shipped recipes name:
+    saved by recipes/models/make_tiny.py (in a subprocess, as a user runs it) unless they are there."""
+    import subprocess
+    import sys
+
+    out = RECIPES / "models"
+    if not all((out / name / "config.json").is_file() for name in TINY_MODELS):
+        made = subprocess.run([sys.executable, str(out / "make_tiny.py")], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr[-2000:]
+    return out

@@ -60,3 +60,25 @@ def test_gpu_suite_runs_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     assert "tiny-32-bf16-deepspeed" in result.stdout
     assert "vs fp32" in result.stdout
     assert report["info"]["device"] == "cpu"
+
+
+def test_token_rss_prepares_both_corpora_and_measures_each_rank(tmp_path: Path) -> None:
+    out = tmp_path / "token-rss.json"
+    result = subprocess.run(
+        [sys.executable, "bench/token_rss.py", "--docs", "200", "--scale", "3", "--batches", "4", "--repeats", "1",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["prepared"]) == {"1x", "3x"}
+    assert report["prepared"]["3x"]["tokens"] > 2 * report["prepared"]["1x"]["tokens"]
+    assert report["prepared"]["1x"]["prepare_line"].startswith("prepared ")
+    assert report["prepared"]["1x"]["cached_line"].startswith("cached ")
+    assert set(report["median"]) == {"cache 1x", "cache 3x", "memory 1x", "memory 3x"}
+    for run in report["median"].values():
+        assert run["peak_kb"] >= run["baseline_kb"] > 0
+        assert run["micro_batches"] >= 4
+    assert report["median"]["cache 3x"]["rows"] == report["median"]["memory 3x"]["rows"]
+    assert "token cache 3x/1x: peak RSS" in result.stdout
+    assert out.with_suffix(".txt").read_text().strip() == result.stdout.strip()

@@ -247,7 +247,7 @@ def test_run_hands_the_plan_to_launch(
         ([BERT, "--bogus"], "error: mplaunch: unrecognized arguments: --bogus (hint: see mplaunch --help)"),
         ([BERT, "train.max_steps"], "error: override 'train.max_steps': expected dotted.key=value"),
         (["chekc", BERT], "error: chekc: recipe file not found (hint: did you mean `mplaunch check`?)"),
-        (["nope.yaml"], "error: nope.yaml: recipe file not found (hint: shipped recipes: bert, bert_tiny"),
+        (["nope.yaml"], "error: nope.yaml: recipe file not found (hint: shipped recipes: bert, bert_finetune,"),
         ([BERT, "launch.nnodes=2"], "error: launch.nnodes: 2 nodes need --slurm; a local run uses one node"),
         ([BERT, "name=" + "a" * 300], "error: override name: string should have at most 128 characters"),
         (

@@ -13,14 +13,19 @@ from pathlib import Path
 import pytest
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "launcher"
-HEAVY = {"torch", "deepspeed", "accelerate", "transformers", "matplotlib", "tokenizers", "numpy"}
-WORKER = {"train", "backends", "models", "data", "metrics", "checkpointer", "export"}
+HEAVY = {
+    "torch", "deepspeed", "accelerate", "transformers", "matplotlib", "tokenizers", "numpy", "datasets", "peft",
+    "safetensors",
+}  # fmt: skip
+WORKER = {
+    "train", "backends", "models", "data", "metrics", "checkpointer", "export", "examples", "model_setup", "lora",
+}  # fmt: skip
 LIGHT = {
     "cli", "errors", "recipe", "recipe_errors", "recipe_files", "recipe_reference", "recipe_rules",
     "plan", "precision", "backend_config", "hardware", "launch", "slurm", "requeue", "shapes", "memory",
     "state_bytes", "flops", "rundir", "loss_scale", "vocab", "checkpoint", "report", "plots", "parity",
     "environment", "health", "batch", "schedule", "resume", "tasks", "runlock",
-    "watchdog",
+    "watchdog", "records", "token_cache", "hf_dir",
 }  # fmt: skip
 
 

@@ -264,3 +264,101 @@ def test_planner_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def test_lora_adapters_of_the_built_in_models() -> None:
+    # rank * (in + out) per adapted layer, peft's default targets (checked against peft in test_lora.py).
+    bert = state_bytes.lora_params(BERT_BASE, 8)
+    assert bert is not None
+    assert bert.total == 12 * 2 * 8 * (768 + 768)
+    assert len(bert.tensors) == 12 * 2 * 2  # A and B of query and value in every layer
+    assert bert.layer == 2 * 8 * (768 + 768)
+    gpt2 = state_bytes.lora_params(Shape("gpt2-lm", 768, 12, 12, 3072, 50257, 1024), 4)
+    assert gpt2 is not None
+    assert gpt2.total == 12 * 4 * (768 + 3 * 768)  # c_attn: 768 -> 2304
+    named = state_bytes.lora_params(BERT_BASE, 8, ["dense"])  # 3 per layer + the head transform
+    assert named is not None
+    assert named.total == 12 * 8 * ((768 + 768) + (768 + 3072) + (3072 + 768)) + 8 * (768 + 768)
+
+
+def test_lora_moves_grads_master_and_optimizer_to_the_adapters() -> None:
+    base, adapters = Params.of(BERT_BASE), state_bytes.lora_params(BERT_BASE, 8)
+    assert adapters is not None
+    for stage in (0, 1, 2, 3):
+        full = model_state_bytes(base, "bf16", "deepspeed", stage, N)
+        lora = model_state_bytes(adapters, "bf16", "deepspeed", stage, N, frozen=base)
+        assert lora.grads + lora.master + lora.optimizer < (full.grads + full.master + full.optimizer) / 100
+        assert lora.params >= full.params  # the frozen base, plus the adapters
+        assert lora.device_state < full.device_state
+    # ZeRO-3: the adapters are small tensors, kept whole on every rank besides their partition.
+    z3 = model_state_bytes(adapters, "bf16", "deepspeed", 3, N, frozen=base)
+    plain = model_state_bytes(base, "bf16", "deepspeed", 3, N)
+    assert z3.params == plain.params + 2 * (adapters.total + adapters.partition(N))
+
+
+def test_no_lora_leaves_every_row_as_it_was() -> None:
+    for backend, stage in [
+        ("deepspeed", 0),
+        ("deepspeed", 2),
+        ("deepspeed", 3),
+        ("accelerate", 0),
+        ("accelerate", 3),
+    ]:
+        p = Params.of(BERT_BASE)
+        assert model_state_bytes(p, "bf16", backend, stage, N, frozen=Params(0)) == model_state_bytes(
+            p, "bf16", backend, stage, N
+        )
+
+
+def test_lora_activations_drop_the_frozen_layers_inputs() -> None:
+    adapters = state_bytes.lora_params(BERT_BASE, 8)
+    assert adapters is not None
+    s, b, h, inter, e = 128, 32, 768, 3072, 2
+    no_dropout = state_bytes.LoraSetting(8, 0.0, adapters)
+    # Per layer: the MLP's two inputs go; query/value's shared input stays (the adapters read it);
+    # each adapter keeps its rank-8 intermediate. Embeddings keep nothing; the head's two linear inputs go.
+    per_layer = -s * b * (h + inter) * e + 2 * s * b * 8 * e
+    expected = 12 * per_layer - s * b * h * (e + 1) - 2 * s * b * h * e
+    assert (
+        state_bytes.lora_activation_delta(BERT_BASE, s, b, "bf16", "deepspeed", 0.1, no_dropout) == expected
+    )
+    # With LoRA dropout the shared input goes too, and each adapter keeps its dropped-out copy and mask.
+    dropout = state_bytes.LoraSetting(8, 0.05, adapters)
+    extra = 12 * (-s * b * h * e + 2 * s * b * h * (e + 1))
+    assert (
+        state_bytes.lora_activation_delta(BERT_BASE, s, b, "bf16", "deepspeed", 0.1, dropout)
+        == expected + extra
+    )
+
+
+def test_plan_table_with_lora(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _no_gpu(monkeypatch)
+
+    def rows(*overrides: str) -> dict[str, list[str]]:
+        assert cli.main(["plan", str(RECIPES / "bert.yaml"), "--gpu-memory", "24GiB", *overrides]) == 0
+        out = capsys.readouterr().out
+        table = {line[:16].strip(): line[16:].split() for line in out.splitlines() if line[:16].strip()}
+        table["_out"] = [out]
+        return table
+
+    full, lora = rows(), rows("model.lora.rank=8")
+    assert "LoRA rank 8: 294,912 of " in lora["_out"][0]
+    assert lora["params"] == full["params"]  # 0.16 GiB of bf16 base either way (adapters: 0.6 MB)
+    for row in ("grads", "master (fp32)", "optimizer", "step buffers"):
+        assert set(lora[row]) == {"0.00"}, row
+        assert set(full[row]) != {"0.00"}, row
+    assert [float(x) for x in lora["total"]] < [float(x) for x in full["total"]]
+
+
+def test_planner_with_lora_imports_no_torch() -> None:
+    code = (
+        "import sys, launcher.cli as c;"
+        f" c.main(['plan', {str(RECIPES / 'bert.yaml')!r}, 'model.lora.rank=8', '--gpu-memory', '80GiB']);"
+        " print(sorted(x for x in ('torch', 'deepspeed', 'accelerate', 'transformers', 'peft') if x in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "LoRA rank 8" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -378,7 +378,7 @@ def test_override_applies_after_the_extends_chain() -> None:
             {"backend": "accelerate", "zero": {"stage": 2, "offload_optimizer": True}},
             "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together",
         ),
-        ({"model": {"name": None}}, "model: set model.name to a built-in model or model.target"),
+        ({"model": {"name": None}}, "model: set model.name to a built-in model, model.hf to a Hugging Face model, or model.target"),
         ({"model": {"kwargs": {"a": 1}}}, "model.kwargs: only used with model.target"),
         (
             {"model": {"name": "bert-mlm", "num_heads": 5}},
@@ -396,7 +396,7 @@ def test_override_applies_after_the_extends_chain() -> None:
             {"model": {"name": "gpt2-lm", "max_position_embeddings": 64}, "data": {"seq_len": 128}},
             "data.seq_len: 128 is longer than model.max_position_embeddings 64",
         ),
-        ({"data": {"paths": ["x.txt"]}}, "data.paths: only used with data.kind text or jsonl"),
+        ({"data": {"paths": ["x.txt"]}}, "data.paths: only used with a data.kind other than synthetic"),
         (
             {"model": {"name": "bert-mlm"}, "data": {"kind": "jsonl"}},
             "data.paths: data.kind jsonl needs at least one file",

@@ -22,8 +22,14 @@ H100x8 = Hardware(
 MACHINES = {"cpu": CPU, "8xH100": H100x8}
 
 
+@pytest.fixture(autouse=True)
+def _models(tiny_models: Path) -> None:
+    """The model directories the fine-tuning recipes name (recipes/models/make_tiny.py)."""
+
+
 def test_there_are_shipped_recipes() -> None:
-    assert {p.name for p in SHIPPED} >= {"bert.yaml", "bert_tiny.yaml"}
+    assert {p.name for p in SHIPPED} >= {"bert.yaml", "bert_tiny.yaml", "bert_finetune.yaml",
+                                         "bert_finetune_tiny.yaml", "llama_sft.yaml", "llama_sft_tiny.yaml"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -65,7 +71,13 @@ def test_recipe_checks_by_name(
 ) -> None:
     monkeypatch.setattr(Hardware, "probe", classmethod(lambda cls: CPU))
     assert cli.main(["check", path.stem]) == 0
-    assert capsys.readouterr().err == ""  # shipped recipes carry no setting without effect
+    err = capsys.readouterr().err
+    hub = load(path).model.hf
+    if hub is not None and not (path.parent / hub).exists():  # a hub id: said once, nothing else
+        assert err.splitlines() == [f"warning: model.hf: {hub} is no local directory, so it is a hub id: "
+                                    "the workers download it (check could not read its config or tokenizer)"]
+    else:
+        assert err == ""  # shipped recipes carry no setting without effect
 
 
 def test_bert_is_the_main_job() -> None:

@@ -41,7 +41,7 @@ def test_a_built_in_model_cannot_learn_another_objective() -> None:
         _recipe(model={"name": "bert-mlm"}, data={"task": "causal-lm"})
     assert caught.value.lines == [
         "test: data.task: bert-mlm is a masked-lm model, it cannot train causal-lm; "
-        "use the other built-in model or a model.target"
+        "use model.hf or a model.target"
     ]
     assert tasks.problems(_recipe(model={"name": "gpt2-lm"}, data={"task": "causal-lm"})) == []
     assert tasks.problems(_recipe(model={"name": "tiny-mlp"}, data={"task": "masked-lm"})) == []

@@ -11,7 +11,7 @@ from launcher import vocab
 from launcher.errors import UserError
 from launcher.hardware import Hardware
 from launcher.plan import prepare_vocab, resolve
-from launcher.recipe import load
+from launcher.recipe import load, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = Hardware(cpu_count=2)
@@ -59,3 +59,46 @@ def test_unreadable_data_is_a_user_error_at_launch(tmp_path: Path, monkeypatch: 
     recipe = _recipe(tmp_path, "data.kind=jsonl", f"data.paths=[{json.dumps(str(bad))}]")
     with pytest.raises(UserError, match=r"data.paths: .*bad.jsonl:2: record has no field 'text'"):
         prepare_vocab(recipe)
+
+
+def _records_recipe(kind: str, path: Path, **data: object):
+    raw = {
+        "name": "t",
+        "model": {"name": None, "target": "pkg.mod:build"},
+        "data": {"kind": kind, "paths": [str(path)], **data},
+        "train": {"micro_batch_size": 4},
+    }
+    return validate(raw, "test")
+
+
+def test_sft_trains_the_tokenizer_on_prompt_and_response(tmp_path: Path) -> None:
+    path = tmp_path / "sft.jsonl"
+    rows = [{"q": "What is two?", "a": "Two is 2.", "text": "unused"}, {"q": "Why?", "a": 7}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = _records_recipe("jsonl", path, task="sft", prompt_field="q", response_field="a")
+    assert vocab.read_texts(sft, (str(path),)) == ["What is two? Two is 2.", "Why? 7"]
+    lm_path = tmp_path / "lm.jsonl"
+    lm_path.write_text(json.dumps(rows[0]) + "\n")
+    lm = _records_recipe("jsonl", lm_path, task="causal-lm", prompt_field="q", response_field="a")
+    assert vocab.read_texts(lm, (str(lm_path),)) == ["unused"]
+
+
+def test_the_trained_tokenizer_is_keyed_by_the_fields_and_every_file_of_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MPLAUNCH_CACHE", str(tmp_path / "cache"))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    (disk / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    (disk / "state.json").write_text("{}")
+    recipe = _records_recipe("hf-disk", disk)
+    before = vocab.trained_dir(recipe, (str(disk),))
+    assert before.parent == tmp_path / "cache" / "tokenizers"
+    assert vocab.trained_dir(recipe, (str(disk),)) == before
+    assert vocab.trained_dir(_records_recipe("hf-disk", disk, text_field="body"), (str(disk),)) != before
+    sft = vocab.trained_dir(_records_recipe("hf-disk", disk, task="sft"), (str(disk),))
+    assert sft != before
+    answer = _records_recipe("hf-disk", disk, task="sft", response_field="answer")
+    assert vocab.trained_dir(answer, (str(disk),)) != sft
+    (disk / "data-00000-of-00001.arrow").write_bytes(b"rowS")
+    assert vocab.trained_dir(recipe, (str(disk),)) != before

@@ -1,0 +1,132 @@
+"""Bring your own model and data: tiny Hugging Face models fine-tuned on 2 CPU ranks with every task
+on both backends, exported, and loaded back with `from_pretrained`, as a user would (README,
+"Bring your own model and data").
+
+Each (task, backend) trains STEPS steps once, in a module-scoped fixture. The export's logits on a
+fixed batch are compared with those of the model the run trained, rebuilt by launcher.model_setup
+and loaded with the checkpoint's consolidated fp32 weights: exactly equal in fp32, and close after
+LoRA adapters are merged into the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from launcher import export, model_setup
+from launcher.plan import Plan
+from tests.runs import ROOT, explain, mplaunch
+
+STEPS = 2
+DATA = ROOT / "recipes" / "data"
+QUIET = {"logging": {"every_steps": 1, "tensorboard": False, "progress": False}, "checkpoint": {"every_steps": 0}}
+TASKS: dict[str, dict[str, Any]] = {
+    "sequence-classification": {
+        "model": {"hf": "tiny-bert", "num_labels": 4},
+        "data": {"kind": "jsonl", "paths": [str(DATA / "topics.jsonl")], "seq_len": 32},
+    },
+    "masked-lm": {"model": {"hf": "tiny-bert"}, "data": {"kind": "text", "paths": [str(DATA / "corpus.txt")], "seq_len": 32}},
+    "causal-lm": {"model": {"hf": "tiny-gpt2"}, "data": {"kind": "text", "paths": [str(DATA / "corpus.txt")], "seq_len": 32}},
+    "sft": {
+        "model": {"hf": "tiny-llama", "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"kind": "jsonl", "paths": [str(DATA / "questions.jsonl")], "seq_len": 48},
+        "train": {"activation_checkpointing": True},
+    },
+}  # fmt: skip
+
+
+def _recipe(tmp: Path, models: Path, task: str, backend: str) -> Path:
+    import yaml
+
+    spec = TASKS[task]
+    name = f"{task}-{backend}"
+    body: dict[str, Any] = {
+        "name": name,
+        "model": {**spec["model"], "hf": str(models / spec["model"]["hf"])},
+        "data": {"task": task, **spec["data"]},
+        "train": {"micro_batch_size": 4, "global_batch_size": 16, "max_steps": STEPS, **spec.get("train", {})},
+        "optimizer": {"lr": 1e-3},
+        "precision": {"dtype": "fp32"},
+        "backend": backend,
+        "launch": {"device": "cpu", "nproc_per_node": 2},
+        **QUIET,
+        "logging": {**QUIET["logging"], "dir": str(tmp / "runs")},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_env() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        mp.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        import deepspeed  # noqa: F401  (torch.load of a DeepSpeed checkpoint imports it)
+        import transformers.models.bert.modeling_bert  # noqa: F401  (their import sets TORCHINDUCTOR_CACHE_DIR)
+        import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+        yield
+
+
+Trained = Callable[[str, str], tuple[Path, Path, str]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Trained:
+    done: dict[tuple[str, str], tuple[Path, Path, str]] = {}
+
+    def get(task: str, backend: str) -> tuple[Path, Path, str]:
+        if (task, backend) not in done:
+            tmp = tmp_path_factory.mktemp(f"{task}-{backend}")
+            result = mplaunch(str(_recipe(tmp, tiny_models, task, backend)))
+            assert result.returncode == 0, explain(result)
+            run_dir, out = tmp / "runs" / f"{task}-{backend}", tmp / "export"
+            exported = mplaunch("export", str(run_dir), "--out", str(out))
+            assert exported.returncode == 0, explain(exported)
+            done[task, backend] = (run_dir, out, result.stdout + exported.stdout)
+        return done[task, backend]
+
+    return get
+
+
+def _batch(plan: Plan) -> dict[str, torch.Tensor]:
+    from launcher import data
+
+    tokens = data.load_tokens(plan, 0, lambda: None)
+    rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed).train[:4]
+    batch = data.Batches(tokens, rows, plan, 0, evaluation=True).collate(rows, epoch=0)
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate"])
+@pytest.mark.parametrize("task", list(TASKS))
+def test_fine_tune_export_and_load_with_from_pretrained(trained: Trained, task: str, backend: str) -> None:
+    import transformers
+
+    run_dir, out, stdout = trained(task, backend)
+    plan = Plan.from_json((run_dir / "plan.json").read_text())
+    auto = getattr(transformers, export._auto_class(plan) or "")
+    loaded = auto.from_pretrained(str(out)).eval()
+    assert transformers.AutoTokenizer.from_pretrained(str(out)) is not None
+    reference, _ = model_setup.model_for(plan, load_init=False)
+    path, _ = export.pick(export.RunDir.of(run_dir), None)
+    reference.load_state_dict(export.consolidate(plan, path))
+    reference.eval()
+    batch = _batch(plan)
+    with torch.no_grad():
+        got = loaded(**batch).logits
+        want = model_setup.inner(reference)(**batch).logits
+    if plan.recipe.model.lora.rank:
+        assert "LoRA rank 4" in stdout
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+    if task == "sequence-classification":
+        assert got.shape == (4, 4)
