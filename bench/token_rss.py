@@ -13,8 +13,15 @@ the process's start). Side by side, the same processes with the rows built the
 way load_tokens built them before the cache: every document read and tokenized
 into memory.
 
-Prints the medians and the ratios 10x / 1x: for the cache the peak resident memory
-should stay within a few percent. Not a test: numbers depend on the machine.
+Prints the medians and the ratios 10x / 1x: for the cache the private memory should
+stay within a few percent. What still grows with the corpus in a cache rank: the
+seeded sample order (8 bytes a row, a few copies: launcher.data.split and Batches),
+the mapped pages of the stream (RssFile, page cache shared with the other ranks), and
+while load_tokens hashes the data files for the cache key, launcher.records.hash_paths
+holding each file whole (a transient of up to one file's size). The "cached s" column
+is `mplaunch prepare` as a process (interpreter start included); its printed line,
+kept in the JSON, gives the seconds of the work itself. Not a test: numbers depend
+on the machine.
 
     python bench/token_rss.py [--docs 10000] [--scale 10] [--batches 200] [--repeats 3]
                               [--out bench/results/token-rss-cpu.json]  (also writes the .txt beside it)
@@ -79,6 +86,7 @@ def child(recipe_path: str, mode: str, num_batches: int) -> None:
 
     plan = resolve(load(Path(recipe_path)), Hardware(cpu_count=os.cpu_count() or 1))
     baseline = _status("VmHWM")["VmHWM"]
+    imported_at = time.time()
     started = time.perf_counter()
     tokens = data.load_tokens(plan, 0, lambda: None) if mode == "cache" else _in_memory_tokens(plan)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
@@ -97,6 +105,7 @@ def child(recipe_path: str, mode: str, num_batches: int) -> None:
         "file_kb": mem["RssFile"],
         "first_batch_s": first_s,
         "first_batch_at": first_at,
+        "imported_at": imported_at,
         "rows": len(tokens.ids),
         "micro_batches": count,
     }
@@ -142,6 +151,7 @@ def rank(recipe: Path, mode: str, num_batches: int, env: dict[str, str]) -> dict
     )  # fmt: skip
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     result["start_to_first_batch_s"] = result.pop("first_batch_at") - spawned
+    result["imports_s"] = result.pop("imported_at") - spawned  # interpreter, torch, the recipe and plan
     result["growth_kb"] = result["peak_kb"] - result["baseline_kb"]
     return result
 
@@ -157,7 +167,8 @@ def cpu_name() -> str:
 
 
 def measure(tmp: Path, num_docs: int, scale: int, num_batches: int, repeats: int, modes: tuple[str, ...]) -> dict:
-    env = {**os.environ, "MPLAUNCH_CACHE": str(tmp / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "MPLAUNCH_CACHE": str(tmp / "cache")}
+    rank_env = {**env, "TOKENIZERS_PARALLELISM": "false"}  # as the launcher starts its workers (plan.env)
     os.environ["MPLAUNCH_CACHE"] = env["MPLAUNCH_CACHE"]
     sys.path.insert(0, str(ROOT))
     from launcher import vocab
@@ -187,7 +198,7 @@ def measure(tmp: Path, num_docs: int, scale: int, num_batches: int, repeats: int
         # Side by side, the order reversed every round, so neither corpus always runs on a warmer machine.
         order = [(m, n) for m in modes for n in sizes]
         for mode, name in order if i % 2 == 0 else order[::-1]:
-            runs[f"{mode} {name}"].append(rank(recipes[name], mode, num_batches, env))
+            runs[f"{mode} {name}"].append(rank(recipes[name], mode, num_batches, rank_env))
     medians = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
     big = f"{scale}x"
     ratios = {
@@ -227,13 +238,14 @@ def report(result: dict) -> str:
         )
     lines.append(
         f"{'rank':24}{'peak RSS MB':>12}{'growth MB':>11}{'anon MB':>9}{'file MB':>9}"
-        f"{'rows':>9}{'1st batch s':>13}{'from start s':>14}"
+        f"{'rows':>9}{'imports s':>11}{'1st batch s':>13}{'from start s':>14}"
     )
     for key, m in med.items():
         label = key.replace("memory", "in-memory (before)").replace("cache", "token cache")
         lines.append(
             f"{label:24}{m['peak_kb'] / 1024:>12.1f}{m['growth_kb'] / 1024:>11.1f}{m['anon_kb'] / 1024:>9.1f}"
-            f"{m['file_kb'] / 1024:>9.1f}{int(m['rows']):>9}{m['first_batch_s']:>13.3f}{m['start_to_first_batch_s']:>14.3f}"
+            f"{m['file_kb'] / 1024:>9.1f}{int(m['rows']):>9}{m['imports_s']:>11.2f}{m['first_batch_s']:>13.3f}"
+            f"{m['start_to_first_batch_s']:>14.3f}"
         )
     big = names[-1]
     for mode, r in result[ratio_key].items():
