@@ -8,7 +8,7 @@ mplaunch recipes [NAME] [--copy PATH]
 mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE] [--num-params N]
 mplaunch report RUN_DIR [--out DIR]
 mplaunch parity RECIPE [key=value ...] --steps N [--tolerance F] [--out DIR]
-mplaunch export RUN_DIR [--step N] [--dtype fp32|bf16|fp16] --out DIR [--force]
+mplaunch export RUN_DIR [--step N] [--dtype fp32|bf16|fp16] [--lora merge|adapter] --out DIR [--force]
 mplaunch prepare RECIPE [key=value ...]
 
 A UserError becomes one line per problem and exit 2.
@@ -409,6 +409,13 @@ def _export_parser() -> _Parser:
         default="fp32",
         help="dtype of the written weights (default fp32)",
     )
+    p.add_argument(
+        "--lora",
+        choices=("merge", "adapter"),
+        default="merge",
+        help="a LoRA run: merge the adapters into the weights (default), or write the adapters alone "
+        "as a peft adapter directory naming the base model",
+    )
     p.add_argument("--out", metavar="DIR", required=True, help="where to write; a new or empty directory")
     p.add_argument(
         "--force",
@@ -426,6 +433,7 @@ def cmd_export(argv: list[str]) -> int:
         "step": args.step,
         "dtype": args.dtype,
         "force": args.force,
+        "lora": args.lora,
     }
     # Reading checkpoints takes torch, DeepSpeed and transformers: the worker-side module runs in a
     # process of its own, so this one stays light (tests/test_import_graph.py). It prints its own

@@ -73,9 +73,10 @@ class StreamRows:
     """Rows cut from the memory-mapped token stream of a token_cache.TokenCache.
 
     Packed (data.pack true): row i is stream[i*body:(i+1)*body], the documents run
-    on across rows. Otherwise row i is document i, cut to body tokens and padded with
-    `pad_id`; `take` then also gives the attention mask. `framing` (cls, sep), for
-    masked-LM: each row reads [CLS] body [SEP] as BERT does, body = seq_len - 2.
+    on across rows; `positions` says where each one starts. Otherwise row i is document
+    i, cut to body tokens and padded with `pad_id`; `take` then also gives the attention
+    mask. `framing` (cls, sep), for masked-LM: each row reads [CLS] body [SEP] as BERT
+    does, body = seq_len - 2.
     """
 
     def __init__(
@@ -98,7 +99,7 @@ class StreamRows:
 
     def _open(self) -> None:
         self.stream = self.cache.tokens()
-        self.offsets = None if self.pack else self.cache.offsets()
+        self.offsets = self.cache.offsets()
 
     # A DataLoader worker started by spawn gets the file names, not a copy of the mapped pages.
     def __getstate__(self) -> dict[str, Any]:
@@ -125,8 +126,25 @@ class StreamRows:
             return torch.from_numpy(np.concatenate([cls, body, sep], axis=1)), None
         return self._documents(rows, span)
 
+    def positions(self, rows: np.ndarray) -> torch.Tensor:
+        """Each token's position in its document, (len(rows), seq_len) int64, of packed unframed rows.
+
+        0 at a document's first token (the token after the previous document's separator, which
+        ends the document it follows) and at the row's first token: a document continued from
+        the previous row counts from 0 again, so positions stay below seq_len (a learned position
+        table such as GPT-2's has no more rows). Only the restarts mark boundaries for a model
+        (transformers starts a new sequence wherever a position is not its predecessor's + 1).
+        """
+        assert self.pack and self.framing is None, "positions of packed causal-lm rows"
+        rows = np.asarray(rows, dtype=np.int64)
+        row_starts = rows[:, None] * self.body
+        at = row_starts + np.arange(self.body, dtype=np.int64)
+        # Same dtype as the mapped offsets, so searchsorted reads a few pages instead of copying them all.
+        document = np.searchsorted(self.offsets, at.astype(np.uint64), side="right") - 1
+        starts = np.maximum(self.offsets[document].astype(np.int64), row_starts)
+        return torch.from_numpy(at - starts)
+
     def _documents(self, rows: np.ndarray, span: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.offsets is not None
         starts = self.offsets[rows].astype(np.int64)
         ends = self.offsets[rows + 1].astype(np.int64)
         if self.framing is not None and self.cache.separator_id is not None:
@@ -156,6 +174,13 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
     (one on another node's disk, or rank 0's fallback directory) writes its own.
     """
     d = plan.recipe.data
+    if d.target is not None:  # the user's dataset, read by row (launcher.user_data)
+        from launcher import user_data
+
+        found = user_data.load(plan)
+        if isinstance(found, user_data.DatasetRows):  # LM rows: Batches fills the labels, or masks
+            return Tokens(found, plan.vocab_size, found.mask_id, found.special_ids)
+        return found  # items with labels, collated as records (an examples.Examples)
     if tasks.resolve(plan.recipe) in tasks.PER_RECORD:
         return _examples(plan, rank, barrier)
     if d.kind == "synthetic":
@@ -256,6 +281,14 @@ def split(num_samples: int, eval_fraction: float, seed: int) -> Split:
     return Split(train=np.sort(order[n_eval:]), eval=np.sort(order[:n_eval]))
 
 
+def documents(tokens: Tokens, plan: Plan) -> bool:
+    """The rows are windows of packed documents whose starts a causal LM can be told (README "Batches"):
+    causal-lm on a token stream with data.pack true. Masked-LM rows keep today's stream, no boundaries."""
+    rows = getattr(tokens, "ids", None)  # the records of a per-record task have none
+    packed = isinstance(rows, StreamRows) and rows.pack and rows.framing is None
+    return packed and tasks.resolve(plan.recipe) == tasks.CAUSAL_LM
+
+
 class Batches:
     """Micro-batches of one rank in the order of the global-batch schedule.
 
@@ -266,13 +299,23 @@ class Batches:
         rank: this data-parallel rank.
         evaluation: the held-out rows, read micro-batch by micro-batch (`collate`), so they
             need not fill a global batch.
+        positions: give `position_ids` restarting at each document, and -100 as the label of
+            each document's first token (README "Batches"): for rows of packed documents
+            (`documents`) and a model that keeps them apart (model_setup.document_positions).
     """
 
     def __init__(
-        self, tokens: Tokens, rows: np.ndarray, plan: Plan, rank: int, evaluation: bool = False
+        self,
+        tokens: Tokens,
+        rows: np.ndarray,
+        plan: Plan,
+        rank: int,
+        evaluation: bool = False,
+        positions: bool = False,
     ) -> None:
+        assert not positions or documents(tokens, plan), "position_ids need rows of packed documents"
         b = plan.batch
-        self.tokens, self.rows, self.rank = tokens, rows, rank
+        self.tokens, self.rows, self.rank, self.positions = tokens, rows, rank, positions
         self.micro, self.accum, self.world, self.global_ = (
             b.micro_batch_size,
             b.grad_accum,
@@ -319,7 +362,14 @@ class Batches:
         if isinstance(self.tokens, Examples):  # sequence-classification, sft: one record per row
             return self.tokens.collate(rows)
         ids, attention = self.tokens.ids.take(rows)
-        if self.causal:
+        if self.positions:
+            assert isinstance(self.tokens.ids, StreamRows)
+            position_ids = self.tokens.ids.positions(rows)
+            # A document's first token would be predicted from the previous document's last one: no
+            # loss there. The row's own first token is never a target (the model shifts).
+            labels = ids.masked_fill(position_ids == 0, -100)
+            batch = {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+        elif self.causal:
             labels = ids.clone() if attention is None else ids.masked_fill(attention == 0, -100)
             batch = {"input_ids": ids, "labels": labels}
         else:

@@ -1,4 +1,4 @@
-"""`mplaunch export RUN_DIR [--step N] [--dtype D] --out DIR`: a run's trained weights, ready to use.
+"""`mplaunch export RUN_DIR [--step N] [--dtype D] [--lora merge|adapter] --out DIR`: a run's trained weights.
 
 The checkpoint is verified first (every listed file's size and CRC-32, launcher.checkpoint),
 then its fp32 master weights are consolidated, whatever wrote them:
@@ -48,7 +48,7 @@ from launcher import checkpoint, hf_dir, model_setup, models, tasks
 from launcher.errors import UserError, report
 from launcher.plan import Plan
 from launcher.rundir import RunDir
-from launcher.vocab import SPECIALS, TOKENIZER_FILE, trained_dir
+from launcher.vocab import END_OF_TEXT, SPECIALS, TOKENIZER_FILE, trained_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_FAMILIES = {"bert-mlm": "AutoModelForMaskedLM", "gpt2-lm": "AutoModelForCausalLM"}
@@ -60,7 +60,11 @@ _DS_OPTIM_GLOB = "*_optim_states.pt"
 # What save_state writes for model 0: DDP and FSDP FULL_STATE_DICT, or FSDP SHARDED_STATE_DICT.
 _ACCELERATE_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp.bin")
 _ACCELERATE_DCP = "pytorch_model_fsdp_0"
-_TOKEN_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")  # vocab.SPECIALS' order
+# What each special token of a trained tokenizer (launcher.vocab) is to transformers.
+_TOKEN_ROLES = {
+    **dict(zip(SPECIALS, ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), strict=True)),
+    END_OF_TEXT: "eos_token",  # and bos_token and pad_token, as GPT-2 has it
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Request:
     step: int | None = None
     dtype: str = "fp32"
     force: bool = False
+    lora: str = "merge"  # or "adapter": the LoRA adapters alone, a peft adapter directory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,21 +102,28 @@ def export(request: Request) -> int:
     run = RunDir.of(run_path, plan.recipe.checkpoint.dir)
     path, step = pick(run, request.step)
     _refuse_to_overwrite(out, request.force)
+    base = _adapter_base(plan) if request.lora == "adapter" else None
     state = consolidate(plan, path)
     auto_class = _auto_class(plan)
     with _staging(out) as tmp:
-        if auto_class is not None:
-            what = _save_pretrained(plan, state, DTYPES[request.dtype], tmp)
+        tokenizer, written_from = write_tokenizer(plan, run, tmp)
+        if base is not None:
+            what = _save_adapter(plan, state, DTYPES[request.dtype], tmp, base)
+        elif auto_class is not None:
+            what = _save_pretrained(plan, state, DTYPES[request.dtype], tmp, tokenizer)
         else:
             what = _save_state_dict(state, DTYPES[request.dtype], tmp)
-        tokenizer = write_tokenizer(plan, run, tmp)
         written = sorted(p.name for p in tmp.iterdir())
     source = f"{plan.recipe.backend} ZeRO stage {plan.recipe.zero.stage}, {plan.precision.dtype} training"
     print(f"exported step {step} of {run_path} ({source}) to {out}")
     print(f"  weights: {what}, {request.dtype}")
-    print(f"  tokenizer: {tokenizer}")
+    print(f"  tokenizer: {written_from}")
     print(f"  files: {', '.join(written)}")
-    if auto_class is not None:
+    if base is not None:
+        print(f"  base model: {base}")
+        base_class = f"transformers.{auto_class}" if auto_class else "your model"
+        print(f"  load it with: peft.PeftModel.from_pretrained({base_class}.from_pretrained({base!r}), {str(out)!r})")
+    elif auto_class is not None:
         print(f"  load it with: transformers.{auto_class}.from_pretrained({str(out)!r})")
     else:
         name = plan.recipe.model.target or plan.recipe.model.name
@@ -333,9 +345,12 @@ def _auto_class(plan: Plan) -> str | None:
     return HF_FAMILIES.get(plan.shape.family) if plan.shape is not None else None
 
 
-def _save_pretrained(plan: Plan, state: dict[str, torch.Tensor], dtype: torch.dtype, out: Path) -> str:
+def _save_pretrained(
+    plan: Plan, state: dict[str, torch.Tensor], dtype: torch.dtype, out: Path, tokenizer: Any
+) -> str:
     """The transformers model the run trained, the weights loaded strictly, LoRA adapters merged
-    into them, cast and saved."""
+    into them, cast and saved; the config's unset special-token ids taken from `tokenizer`
+    (so `generate` stops at the end of text of a tokenizer the run trained)."""
     wrapped = _build(plan)  # LMLoss or ClassifierLoss: the HF model is its `lm`
     _load_exactly(wrapped, state)
     from transformers import PreTrainedModel
@@ -351,12 +366,57 @@ def _save_pretrained(plan: Plan, state: dict[str, torch.Tensor], dtype: torch.dt
     _check_finite(lm.state_dict(), dtype)
     assert isinstance(lm, PreTrainedModel), "launcher.models wraps a transformers model as `lm`"
 
+    if tokenizer is not None:
+        _fill_token_ids(lm, tokenizer)
     hf_logging.disable_progress_bar()  # what was written is printed once, below
     lm.save_pretrained(str(out))
     if not (out / WEIGHTS_FILE).is_file():  # transformers 4 writes safetensors by default, 5 always
         raise UserError(f"transformers did not write {WEIGHTS_FILE}; upgrade transformers")
     count = sum(p.numel() for p in lm.parameters())
     return f"{type(lm).__name__}, {count:,} parameters"
+
+
+def _adapter_base(plan: Plan) -> str:
+    """The weights the adapters were trained on, which loading them needs: model.init_from,
+    else a pretrained model.hf.
+
+    Raises:
+        UserError: the run trained no adapters, or on weights nothing else holds (random ones).
+    """
+    m = plan.recipe.model
+    if not m.lora.rank:
+        raise UserError("--lora adapter: the run trained no LoRA adapters (model.lora.rank is 0); export without it")
+    if plan.init_from is not None:
+        return plan.init_from
+    if plan.hf_dir is not None and m.weights == "pretrained":
+        return plan.hf_dir
+    raise UserError(
+        "--lora adapter: the adapters were trained on randomly initialised weights that no directory holds "
+        "(set model.init_from or a pretrained model.hf); export with --lora merge"
+    )
+
+
+def _save_adapter(plan: Plan, state: dict[str, torch.Tensor], dtype: torch.dtype, out: Path, base: str) -> str:
+    """The run's LoRA adapters alone, a peft adapter directory naming `base`."""
+    from launcher import lora
+
+    wrapped = _build(plan)
+    _load_exactly(wrapped, state)
+    adapters = lora.adapter_state(wrapped)
+    _check_finite(adapters, dtype)
+    lora.save_adapter(wrapped, out, base=base, dtype=dtype)
+    count = sum(t.numel() for t in adapters.values())
+    return f"LoRA adapters (rank {plan.recipe.model.lora.rank}), {count:,} parameters"
+
+
+def _fill_token_ids(lm: Any, tokenizer: Any) -> None:  # a PreTrainedModel, a PreTrainedTokenizerBase
+    for role in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, role, None)
+        if token_id is None or getattr(lm.config, role, None) is not None:
+            continue
+        setattr(lm.config, role, token_id)
+        if getattr(lm, "generation_config", None) is not None:
+            setattr(lm.generation_config, role, token_id)
 
 
 def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -417,11 +477,12 @@ def tokenizer_source(plan: Plan, run: RunDir) -> Path | None:
     return cached if (cached / TOKENIZER_FILE).is_file() else None
 
 
-def write_tokenizer(plan: Plan, run: RunDir, out: Path) -> str:
-    """Write the run's tokenizer for AutoTokenizer.from_pretrained(out); say where it came from."""
+def write_tokenizer(plan: Plan, run: RunDir, out: Path) -> tuple[Any, str]:
+    """Write the run's tokenizer for AutoTokenizer.from_pretrained(out): it (None without one),
+    and where it came from."""
     src = tokenizer_source(plan, run)
     if src is None:
-        return "none (synthetic data)" if plan.recipe.data.kind == "synthetic" else "none found; not written"
+        return None, "none (synthetic data)" if plan.recipe.data.kind == "synthetic" else "none found; not written"
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if (src / "tokenizer_config.json").is_file() or not (src / TOKENIZER_FILE).is_file():
@@ -430,15 +491,13 @@ def write_tokenizer(plan: Plan, run: RunDir, out: Path) -> str:
         from tokenizers import Tokenizer
 
         backend = Tokenizer.from_file(str(src / TOKENIZER_FILE))
-        roles = {
-            role: token
-            for role, token in zip(_TOKEN_ROLES, SPECIALS, strict=True)
-            if backend.token_to_id(token) is not None
-        }
+        roles = {role: token for token, role in _TOKEN_ROLES.items() if backend.token_to_id(token) is not None}
+        if "eos_token" in roles:
+            roles |= {"bos_token": END_OF_TEXT, "pad_token": END_OF_TEXT}
         limit = {"model_max_length": plan.shape.max_position_embeddings} if plan.shape else {}
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **roles, **limit)
     tokenizer.save_pretrained(str(out))
-    return f"from {src}"
+    return tokenizer, f"from {src}"
 
 
 def _build(plan: Plan) -> nn.Module:

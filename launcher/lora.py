@@ -177,14 +177,25 @@ def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(get_peft_model_state_dict(adapted))
 
 
-def save_adapter(module: nn.Module, directory: Path) -> list[str]:
+def save_adapter(
+    module: nn.Module, directory: Path, base: str | None = None, dtype: torch.dtype | None = None
+) -> list[str]:
     """Write a peft adapter directory (adapter_config.json, adapter_model.safetensors); the files written.
 
-    `PeftModel.from_pretrained(base, directory)` loads it onto the base model.
+    `PeftModel.from_pretrained(base_model, directory)` loads it onto the base model; with `base`
+    (the base model's directory or hub id) in adapter_config.json, peft's AutoPeftModel… classes
+    load both from `directory` alone. `dtype`: the adapters' weights are cast to it first.
     """
     adapted = peft_model(module)
     if adapted is None:
         raise ValueError("the model has no LoRA adapters")
+    if base is not None:
+        for config in adapted.peft_config.values():
+            config.base_model_name_or_path = base
+    if dtype is not None:
+        for name, param in adapted.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
     adapted.save_pretrained(str(directory), safe_serialization=True)
     return sorted(p.name for p in directory.iterdir())
 

@@ -142,6 +142,8 @@ def setting_of(plan: Plan, num_params: int | None = None, num_trainable: int | N
     """
     r, b = plan.recipe, plan.batch
     shape = plan.shape
+    if num_params is None and shape is None and plan.num_params is not None:
+        num_params = plan.num_params  # model.hf: counted from its safetensors headers
     if num_params is not None or shape is None or flops.param_tensors(shape) is None:
         if num_params is None:
             raise UserError(

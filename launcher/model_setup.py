@@ -46,6 +46,76 @@ def model_for(plan: Plan, load_init: bool = True) -> tuple[nn.Module, list[str]]
     return model, notes
 
 
+def document_positions(model: nn.Module) -> tuple[bool, str]:
+    """Whether the model is given `position_ids` that restart at each packed document (README "Batches"),
+    and a line saying what that means for the run.
+
+    A transformers LM (LMLoss: the built-in gpt2-lm, model.hf) is tried on one row holding the same
+    document twice (`keeps_documents_apart`): most build a block-diagonal causal mask from such
+    positions (transformers' masking_utils), some (OPT, for one) ignore them. Any other model
+    (model.target) is given them when its forward has a `position_ids` parameter; a forward taking
+    only **kwargs is not, since it may drop them.
+    """
+    if isinstance(model, LMLoss):
+        name = type(_unwrapped(model.lm)).__name__
+        told = keeps_documents_apart(model.lm)
+        why = f"{name}'s attention ignores where position_ids restart"
+    else:
+        name = type(_unwrapped(model)).__name__
+        told = _takes_position_ids(_unwrapped(model))
+        why = f"{name}.forward has no position_ids parameter"
+    if told:
+        return True, (
+            f"packed documents kept apart: {name} gets position_ids restarting at each document "
+            "(no loss on a document's first token)"
+        )
+    return False, (
+        f"packed documents NOT kept apart: {why}, so attention crosses document boundaries "
+        "(data.pack=false trains one document per row)"
+    )
+
+
+def keeps_documents_apart(lm: nn.Module) -> bool:
+    """Whether a transformers LM's logits for a document packed after another equal its logits alone.
+
+    The probe is one row holding one 4-token document twice, positions 0..3 twice: the second
+    copy's logits equal the first's only if its attention stops at the restart. It runs in eval
+    mode without grad (no dropout, no random draw) and puts the module back in its mode.
+    """
+    ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4]])
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    device = next(lm.parameters()).device
+    training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            out = lm(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False)
+    except TypeError:  # its forward takes no position_ids (or use_cache)
+        return False
+    finally:
+        lm.train(training)
+    logits = out.logits.float()
+    return torch.allclose(logits[0, 4:], logits[0, :4], rtol=1e-4, atol=1e-4)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The model inside a peft PeftModel (model.lora), else the module."""
+    base = getattr(module, "get_base_model", None)
+    found = base() if callable(base) else module
+    return found if isinstance(found, nn.Module) else module
+
+
+def _takes_position_ids(module: nn.Module) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return "position_ids" in params and params["position_ids"].kind in keyword
+
+
 def build_hf(plan: Plan) -> nn.Module:
     """model.hf as the task's Auto class, pretrained or from its config, wrapped to return the task's loss."""
     import transformers

@@ -71,6 +71,10 @@ class LMLoss(nn.Module):
         self._no_split_modules = getattr(lm, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if "position_ids" in kwargs:
+            # transformers builds its packed-sequence mask (one block per document) only when there is
+            # no cache, and a model with config.use_cache makes an empty one even in training.
+            kwargs["use_cache"] = False
         logits = self.lm(input_ids=input_ids, **kwargs).logits
         if self.causal:  # predict token t+1 from tokens up to t
             logits, labels = logits[:, :-1], labels[:, 1:]

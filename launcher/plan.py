@@ -32,7 +32,7 @@ from launcher.errors import UserError
 from launcher.hardware import Hardware
 from launcher.precision import PrecisionPolicy
 from launcher.recipe import Recipe, explicitly_set, to_dict
-from launcher.recipe_rules import BUILT_IN_MODEL_KEYS
+from launcher.recipe_rules import BUILT_IN_MODEL_KEYS, DATASET_KEYS
 from launcher.rundir import PLAN_FILE, RECIPE_FILE, RunDir
 from launcher.shapes import Shape, shape_of
 
@@ -58,7 +58,7 @@ class Plan:
     shape: Shape | None  # None for a user's model (model.target)
     data_paths: tuple[str, ...] = ()
     tokenizer_dir: str | None = None
-    import_dir: str | None = None  # model.target's module is imported from here first
+    import_dir: str | None = None  # model.target's and data.target's modules are imported from here first
     hf_dir: str | None = None  # model.hf, an absolute directory or a hub id
     num_params: int | None = None  # model.hf's parameter count, from its safetensors headers
     init_from: str | None = None  # model.init_from, absolute
@@ -112,6 +112,13 @@ class Plan:
             " then the working directory and PYTHONPATH"
         )
 
+    def _dataset_row(self) -> str:
+        d = self.recipe.data
+        return (
+            f"{d.target}(seq_len={d.seq_len}, vocab_size={self.vocab_size}, seed={self.recipe.train.seed}"
+            f" (those it takes), **data.kwargs), imported from {self.import_dir} first; read by row"
+        )
+
     def _hf_row(self) -> str:
         m = self.recipe.model
         auto = hf_dir.AUTO_CLASSES[tasks.resolve(self.recipe)]
@@ -143,6 +150,7 @@ class Plan:
             ("vocab", f"{self.vocab_size} ({self.vocab_source})"),
             *([("model", self._target_row())] if self.recipe.model.target else []),
             *([("model", self._hf_row())] if self.hf_dir else []),
+            *([("data", self._dataset_row())] if self.recipe.data.target else []),
             *([("init from", f"{self.init_from} (fresh optimizer, schedule and step 0)")] if self.init_from else []),
             ("run dir", self.run_dir),
         ]
@@ -194,9 +202,12 @@ def resolve(
     target = recipe.model.target
     if target is not None or recipe.model.hf is not None:
         recipe = _only_target_keys(recipe)
-    if target is not None:
+    if recipe.data.target is not None:
+        recipe = _only_dataset_keys(recipe)
+    if target is not None or recipe.data.target is not None:
         import_dir = _import_dir(recipe.source)
-        missing = find_target(target, import_dir)
+    for key, name in (("model.target", target), ("data.target", recipe.data.target)):
+        missing = find_target(name, import_dir, key) if name is not None else None
         machine += [missing] if missing else []
     hf = None
     if recipe.model.hf is not None:
@@ -284,6 +295,17 @@ def _only_target_keys(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"model": m.model_copy(update=defaults)})
 
 
+def _only_dataset_keys(recipe: Recipe) -> Recipe:
+    """The recipe with the file-reading data keys at their defaults: a data.target ignores them.
+
+    As for model.target (`_only_target_keys`): those written beside it are refused by
+    launcher.recipe_rules, and what is left came from an `extends:` base's files.
+    """
+    d = recipe.data
+    defaults = {key: type(d).model_fields[key].default for key in DATASET_KEYS}
+    return recipe.model_copy(update={"data": d.model_copy(update=defaults)})
+
+
 def _import_dir(source: str) -> str | None:
     """The recipe's folder, where model.target is imported from first.
 
@@ -303,8 +325,9 @@ def _import_dir(source: str) -> str | None:
     return str(path.parent)
 
 
-def find_target(target: str, import_dir: str | None) -> str | None:
-    """The problem with model.target's module, found the way the workers will import it; None if found.
+def find_target(target: str, import_dir: str | None, key: str = "model.target") -> str | None:
+    """The problem with the module of `key` (model.target or data.target), found the way the workers
+    will import it; None if found.
 
     Nothing is imported: the module's file is looked up in `import_dir` (the recipe's folder), the
     working directory, then sys.path, and a package's submodule in the package's folder
@@ -316,19 +339,19 @@ def find_target(target: str, import_dir: str | None) -> str | None:
     places = " and ".join(dict.fromkeys(near)) + ", then PYTHONPATH and installed packages"
     spec: ModuleSpec | None = PathFinder.find_spec(parts[0], near) or _installed_spec(parts[0])
     if spec is None:
-        return f"model.target: cannot import {module_name!r}: no module {parts[0]!r} in {places}"
+        return f"{key}: cannot import {module_name!r}: no module {parts[0]!r} in {places}"
     for i, part in enumerate(parts[1:], 1):
         locations = list(spec.submodule_search_locations or [])
         parent = ".".join(parts[:i])
         found = PathFinder.find_spec(".".join(parts[: i + 1]), locations) if locations else None
         if found is None:
             where = f"in {', '.join(locations)}" if locations else "(it is a module, not a package)"
-            return f"model.target: cannot import {module_name!r}: {parent!r} has no module {part!r} {where}"
+            return f"{key}: cannot import {module_name!r}: {parent!r} has no module {part!r} {where}"
         spec = found
     if spec.origin is None or not (spec.has_location or spec.origin in ("built-in", "frozen")):
         folders = ", ".join(spec.submodule_search_locations or [])
         return (
-            f"model.target: {module_name!r} is a folder without __init__.py ({folders}), not a module file;"
+            f"{key}: {module_name!r} is a folder without __init__.py ({folders}), not a module file;"
             " name the module file inside it"
         )
     return None
@@ -360,7 +383,9 @@ def target_vocab(recipe: Recipe, data_vocab: vocab.Vocab) -> vocab.Vocab:
     lowest = len(vocab.SPECIALS) + 1 if recipe.data.kind == "synthetic" else 1
     if isinstance(given, bool) or not isinstance(given, int) or given < lowest:
         raise UserError(f"{key}: expected a whole number of at least {lowest}, got {given!r}")
-    if recipe.data.kind == "synthetic":
+    if recipe.data.target is not None and recipe.data.tokenizer is None:
+        return vocab.Vocab(given, f"{key}; data.target's ids must be below it")
+    if recipe.data.kind == "synthetic" and recipe.data.target is None:
         return vocab.Vocab(given, f"{key}; synthetic ids are drawn below it")
     if data_vocab.exact and given < data_vocab.size:
         raise UserError(

@@ -116,7 +116,7 @@ class Data(Section):
     response_field: str = "response"
     """Field of each record that holds the response (sft; the loss is taken on it)."""
     tokenizer: str | None = None
-    """A local tokenizer directory (from save_pretrained); when unset: model.hf's own, else a WordPiece tokenizer trained on `paths`."""
+    """A local tokenizer directory (from save_pretrained); when unset: model.hf's own, else one trained on `paths` (byte-level BPE for causal-lm and sft, else WordPiece)."""
     seq_len: PositiveInt = 128
     """Tokens per sample."""
     mask_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
@@ -127,6 +127,10 @@ class Data(Section):
     """Fraction of the samples held out for evaluation."""
     num_workers: Count = 0
     """DataLoader worker processes per rank."""
+    target: Annotated[str, Field(pattern=TARGET_PATTERN)] | None = None
+    """Your own dataset: "module:factory" (the recipe's folder is searched first) called with seq_len, vocab_size and seed (those it takes) and `kwargs`, returning a map-style dataset whose items are dicts of input_ids, optionally attention_mask and labels."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for `target` (not seq_len, vocab_size or seed: mplaunch gives those from data.seq_len, the run's vocabulary and train.seed)."""
 
 
 class Optimizer(Section):

@@ -179,7 +179,9 @@ def _loss_scale_rules(recipe: Recipe) -> list[str]:
 
 def _data_rules(recipe: Recipe) -> list[str]:
     d = recipe.data
-    problems: list[str] = []
+    if d.target is not None:
+        return _data_target(recipe) + _tokenizer_dir(recipe)
+    problems: list[str] = ["data.kwargs: only used with data.target"] if d.kwargs else []
     if d.kind == "synthetic" and d.paths:
         problems.append("data.paths: only used with a data.kind other than synthetic")
     if d.kind != "synthetic" and not d.paths:
@@ -194,12 +196,7 @@ def _data_rules(recipe: Recipe) -> list[str]:
             problems.append(f"data.paths[{i}]: {base / p} is a directory; list the files in it")
         elif not (base / p).is_file():
             problems.append(f"data.paths[{i}]: file not found: {base / p}")
-    if d.tokenizer is not None and (base / d.tokenizer).is_file():
-        problems.append(
-            f"data.tokenizer: {base / d.tokenizer} is a file; expected the directory save_pretrained wrote"
-        )
-    elif d.tokenizer is not None and not (base / d.tokenizer).is_dir():
-        problems.append(f"data.tokenizer: directory not found: {base / d.tokenizer}")
+    problems += _tokenizer_dir(recipe)
     if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
         problems.append("data.kind: the tiny-mlp model trains on synthetic data only")
     needs = {
@@ -213,3 +210,78 @@ def _data_rules(recipe: Recipe) -> list[str]:
             "use jsonl, json, csv, parquet, arrow or hf-disk"
         )
     return problems
+
+
+def _tokenizer_dir(recipe: Recipe) -> list[str]:
+    d = recipe.data
+    base = Path(recipe.source).parent if recipe.source else Path()
+    if d.tokenizer is not None and (base / d.tokenizer).is_file():
+        where = base / d.tokenizer
+        return [f"data.tokenizer: {where} is a file; expected the directory save_pretrained wrote"]
+    if d.tokenizer is not None and not (base / d.tokenizer).is_dir():
+        return [f"data.tokenizer: directory not found: {base / d.tokenizer}"]
+    return []
+
+
+# The file-reading keys of data: a data.target's dataset gives the rows, so it ignores them all.
+DATASET_KEYS = (
+    "kind", "paths", "pack", "text_field", "label_field", "prompt_field", "response_field", "num_samples",
+)  # fmt: skip
+# What mplaunch itself gives a data.target factory, and the key the user sets instead.
+GIVEN_TO_DATASET = {"seq_len": "data.seq_len", "vocab_size": "the run's vocabulary", "seed": "train.seed"}
+
+
+def _data_target(recipe: Recipe) -> list[str]:
+    """data.target's rules: its vocabulary known without a tokenizer trained on files, no key beside it
+    that it ignores, no data.kwargs that mplaunch gives the factory itself; one line each.
+
+    A key counts as written beside it as for model.target (`_beside_target`): set to a value other
+    than its default, in the recipe file itself or on the command line; what an `extends:` base
+    gives it described the files the dataset replaces (launcher.plan resets those).
+    """
+    d, m = recipe.data, recipe.model
+    problems = []
+    vocab_given = m.vocab_size is not None or m.hf is not None or d.tokenizer is not None
+    if not (vocab_given or (m.target is not None and "vocab_size" in m.kwargs)):
+        problems.append(
+            "data.target: the vocabulary must be known without a tokenizer trained on files: set "
+            "model.vocab_size (model.kwargs.vocab_size with model.target), model.hf or data.tokenizer"
+        )
+    own, chain = _data_sections(recipe.source)
+    for key in DATASET_KEYS:
+        value = getattr(d, key)
+        if key not in d.model_fields_set or value == type(d).model_fields[key].default:
+            continue
+        if key not in own and key in chain and chain[key] == value:
+            continue
+        problems.append(f"data.{key}: not used by data.target ({_IGNORED_BECAUSE[key]}); leave it out")
+    problems += [
+        f"data.kwargs.{key}: mplaunch gives the factory {key} from {source}; set that instead"
+        for key, source in GIVEN_TO_DATASET.items()
+        if key in d.kwargs
+    ]
+    return problems
+
+
+_IGNORED_BECAUSE = {
+    "kind": "the factory's dataset is the data",
+    "paths": "pass your files to the factory as data.kwargs.paths",
+    "pack": "each item of the dataset is one row of data.seq_len",
+    "num_samples": "the dataset's len() is the number of samples",
+    **{
+        field: "the items hold input_ids and labels"
+        for field in ("text_field", "label_field", "prompt_field", "response_field")
+    },
+}
+
+
+def _data_sections(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The data section the recipe file writes itself, and the one its whole `extends:` chain gives
+    (paths rebased to the recipe's folder, as the recipe reads them)."""
+    if not source:
+        return {}, {}
+    try:
+        own, chain = read_file(Path(source)), read_chain(Path(source), ())
+    except UserError:  # already reported by the recipe's loading, or not a file at all
+        return {}, {}
+    return _section(own, "data"), _section(chain, "data")

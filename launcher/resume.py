@@ -62,7 +62,10 @@ def signature(plan: Plan) -> dict[str, Any]:
     )
     if r.model.lora.rank:
         model["lora"] = r.model.lora.model_dump(mode="json")
+    # A dataset factory's rows are its own: another factory, or other kwargs, is other data.
+    factory = {"data.target": d.target, "data.kwargs": d.kwargs} if d.target is not None else {}
     return {
+        **factory,
         "world size": plan.world_size,
         "backend": r.backend,
         "ZeRO stage": r.zero.stage,

@@ -8,7 +8,12 @@ and the models follow it. Every batch holds `input_ids` and `labels`:
   [MASK], 10 % a random token, 10 % kept) and `labels` equal to the original token at
   the chosen positions and -100 elsewhere. Needs a [MASK] token.
 - causal-lm: `labels` equal to `input_ids`; the model shifts (predicts token t+1 from
-  tokens up to t), as Hugging Face causal LMs do. Any tokenizer.
+  tokens up to t), as Hugging Face causal LMs do. Any tokenizer. Packed rows (data.pack
+  true) given to a model that keeps documents apart (model_setup.document_positions) also
+  hold `position_ids`, 0 at each document's first token (the separator ends the document
+  before it) and at the row's first, and the label of each document's first token is
+  -100: no attention and no loss crosses a document boundary. Masked-LM rows, and causal
+  ones for other models, let attention cross boundaries.
 - sequence-classification: one record per row, `input_ids` and `attention_mask`
   (1 on tokens, 0 on padding), and `labels` of shape (batch,): the record's class.
 - sft: prompt then response per row, with `attention_mask`; `labels` equal to

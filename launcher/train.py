@@ -35,7 +35,7 @@ from launcher import data
 from launcher.backends import Backend, LossScaleFloor, NonFiniteStep, load_backend
 from launcher.checkpointer import Checkpointer
 from launcher.metrics import Meter
-from launcher.model_setup import model_for
+from launcher.model_setup import document_positions, model_for
 from launcher.models import ModelError
 from launcher.plan import Plan
 from launcher.rundir import RunDir
@@ -217,19 +217,24 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     tokens = data.load_tokens(plan, d.rank, d.barrier)
     # Same seed on every rank for the weights; the backends also broadcast rank 0's.
     model, notes = model_for(plan)
+    positions = False
+    if data.documents(tokens, plan):  # packed causal-lm rows: can the model be told where documents start?
+        positions, note = document_positions(model)
+        notes.append(note)
     for note in notes if d.rank == 0 else []:
         print(f"mplaunch: {note}", flush=True)
     _seed(plan.recipe.train.seed + d.rank)
     backend = load_backend(plan, model)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
-    evals = data.Batches(tokens, rows.eval, plan, d.rank, evaluation=True) if len(rows.eval) else None
+    train = data.Batches(tokens, rows.train, plan, d.rank, positions=positions)
+    evals: data.Batches | None = None
+    if len(rows.eval):
+        evals = data.Batches(tokens, rows.eval, plan, d.rank, evaluation=True, positions=positions)
     ckpt = Checkpointer(plan, RunDir.from_plan(plan), d)
     start = ckpt.restore(backend)
     meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan))
     ckpt.report(meter)  # checkpoints the restore rejected, as metrics events
-    return Run(
-        plan, backend, data.Batches(tokens, rows.train, plan, d.rank), evals, meter, ckpt, stop, d, start
-    )
+    return Run(plan, backend, train, evals, meter, ckpt, stop, d, start)
 
 
 def fit(r: Run) -> int:

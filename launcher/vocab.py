@@ -1,10 +1,10 @@
 """The vocabulary a run will have, known to the plan before any worker starts.
 
 One answer for the model builder, the memory planner and the FLOP counter:
-`model.vocab_size` when the recipe sets it; for synthetic data the built-in
-model's default; else the size of the tokenizer the workers will load (the
-recipe's `data.tokenizer`, the run directory's copy on a resume, or the one
-trained on the data files). A tokenizer trained on the data is cached by the
+`model.vocab_size` when the recipe sets it; for synthetic data (and a data.target
+without data.tokenizer) the built-in model's default; else the size of the tokenizer
+the workers will load (the recipe's `data.tokenizer`, the run directory's copy on a
+resume, or the one trained on the data files). A tokenizer trained on the data is cached by the
 content of the files (MPLAUNCH_CACHE, default ~/.cache/mplaunch) and trained by
 the launcher before it resolves a plan (`prepare`), so a real run always knows
 its exact size; a dry run on a cold cache shows the trainer's cap as an upper bound.
@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from launcher import records
 from launcher.shapes import default_vocab_size
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from launcher.recipe import Recipe
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# A causal LM's trained tokenizer (byte-level BPE, as GPT-2's) has one special token: it ends
+# every document, and pads a padded row (under an attention mask of 0).
+END_OF_TEXT = "<|endoftext|>"
 MAX_TRAINED_VOCAB = 8192
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -57,8 +60,10 @@ def resolve(
     m, d = recipe.model, recipe.data
     if m.vocab_size is not None:
         return Vocab(m.vocab_size, "model.vocab_size")
-    if d.kind == "synthetic":
-        return Vocab(default_vocab_size(m.name), f"the {m.name or 'default'} vocabulary (synthetic data)")
+    if d.kind == "synthetic" and (d.target is None or tokenizer_dir is None):
+        # A data.target without data.tokenizer: the recipe rules require the size from the model.
+        what = "data.target" if d.target is not None else "synthetic data"
+        return Vocab(default_vocab_size(m.name), f"the {m.name or 'default'} vocabulary ({what})")
     if tokenizer_dir is not None:
         size = tokenizer_size(Path(tokenizer_dir))
         if size is None:
@@ -97,7 +102,8 @@ def trained_dir(recipe: Recipe, data_paths: tuple[str, ...]) -> Path:
     and every run on those files gets a copy, so comparable runs see the same ids.
     """
     key = hashlib.sha256()
-    for part in (_tokenizers_version(), recipe.data.kind, *text_fields(recipe), str(MAX_TRAINED_VOCAB)):
+    parts = (_tokenizers_version(), algorithm(recipe), recipe.data.kind, *text_fields(recipe), str(MAX_TRAINED_VOCAB))
+    for part in parts:
         key.update(part.encode() + b"\0")
     records.hash_paths(key, data_paths)
     cache_root = Path(os.environ.get("MPLAUNCH_CACHE", Path.home() / ".cache" / "mplaunch"))
@@ -121,14 +127,26 @@ def prepare(recipe: Recipe, data_paths: tuple[str, ...], texts: list[str] | None
     if (cached / TOKENIZER_FILE).exists():
         return cached
     texts = read_texts(recipe, data_paths) if texts is None else texts
+    train = _train_bpe if algorithm(recipe) == "bpe" else _train_wordpiece
     try:
-        _train_wordpiece(texts, cached)
+        train(texts, cached)
     except OSError:
         import tempfile
 
         cached = Path(tempfile.mkdtemp(prefix="mplaunch-tokenizer-"))
-        _train_wordpiece(texts, cached)
+        train(texts, cached)
     return cached
+
+
+def algorithm(recipe: Recipe) -> str:
+    """The tokenizer trained for this recipe: byte-level BPE for a causal LM (causal-lm, sft), as
+    GPT-2's, which never meets an unknown character; else WordPiece with BERT's specials.
+
+    launcher.tasks.resolve's rule, without reading model.hf's config (this module sits below
+    tasks in the import graph, and a model.hf directory brings its own tokenizer)."""
+    d, m = recipe.data, recipe.model
+    built_in_causal = d.task == "auto" and m.hf is None and m.target is None and m.name == "gpt2-lm"
+    return "bpe" if d.task in ("causal-lm", "sft") or built_in_causal else "wordpiece"
 
 
 def read_texts(recipe: Recipe, data_paths: tuple[str, ...]) -> list[str]:
@@ -161,6 +179,27 @@ def _train_wordpiece(texts: list[str], out_dir: Path) -> None:
         vocab_size=MAX_TRAINED_VOCAB, special_tokens=list(SPECIALS), show_progress=False
     )
     tokenizer.train_from_iterator(texts, trainer)
+    _save(tokenizer, out_dir)
+
+
+def _train_bpe(texts: list[str], out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=MAX_TRAINED_VOCAB,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    _save(tokenizer, out_dir)
+
+
+def _save(tokenizer: Any, out_dir: Path) -> None:  # tokenizers.Tokenizer
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f"{TOKENIZER_FILE}.{os.getpid()}.tmp"
     tokenizer.save(str(tmp))

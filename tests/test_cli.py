@@ -314,7 +314,7 @@ def test_run_parser_flags_are_frozen() -> None:
 
 def test_export_flags_are_frozen() -> None:
     # `mplaunch export` reads everything else from the run directory (plan.json, the manifest).
-    assert _flags(cli._export_parser()) == {"-h", "--help", "--step", "--dtype", "--out", "--force"}
+    assert _flags(cli._export_parser()) == {"-h", "--help", "--step", "--dtype", "--lora", "--out", "--force"}
 
 
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:

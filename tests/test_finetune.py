@@ -130,3 +130,39 @@ def test_fine_tune_export_and_load_with_from_pretrained(trained: Trained, task: 
         assert torch.equal(got, want)
     if task == "sequence-classification":
         assert got.shape == (4, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate"])
+def test_lora_adapters_export_alone_and_load_onto_the_base(trained: Trained, backend: str, tmp_path: Path) -> None:
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    run_dir, merged, _ = trained("sft", backend)
+    result = mplaunch("export", str(run_dir), "--lora", "adapter", "--out", str(tmp_path / "adapter"))
+    assert result.returncode == 0, explain(result)
+    plan = Plan.from_json((run_dir / "plan.json").read_text())
+    assert f"base model: {plan.hf_dir}" in result.stdout
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert weights and all("lora_" in name for name in weights)  # the adapters, no base weight
+    base = transformers.AutoModelForCausalLM.from_pretrained(plan.hf_dir).eval()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    batch = _batch(plan)
+    with torch.no_grad():
+        untrained = base(**batch).logits
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        got, want = adapted(**batch).logits, plain(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (untrained - want).abs().max() > 1e-3  # the adapters trained: the comparison can fail
+
+
+@pytest.mark.slow
+def test_an_adapter_export_of_a_run_without_lora_is_one_line(trained: Trained, tmp_path: Path) -> None:
+    run_dir, _, _ = trained("causal-lm", "deepspeed")
+    result = mplaunch("export", str(run_dir), "--lora", "adapter", "--out", str(tmp_path / "adapter"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --lora adapter: the run trained no LoRA adapters (model.lora.rank is 0); export without it"
+    ]
+    assert not (tmp_path / "adapter").exists()

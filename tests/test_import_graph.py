@@ -19,6 +19,7 @@ HEAVY = {
 }  # fmt: skip
 WORKER = {
     "train", "backends", "models", "data", "metrics", "checkpointer", "export", "examples", "model_setup", "lora",
+    "user_data",
 }  # fmt: skip
 LIGHT = {
     "cli", "errors", "recipe", "recipe_errors", "recipe_files", "recipe_reference", "recipe_rules",

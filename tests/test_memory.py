@@ -362,3 +362,11 @@ def test_planner_with_lora_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert "LoRA rank 8" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_hugging_face_model_is_counted_from_its_safetensors_headers(tiny_models) -> None:
+    plan = resolve(load(RECIPES / "bert_finetune_tiny.yaml"), Hardware(cpu_count=2))
+    assert plan.num_params is not None and plan.num_params > 0
+    setting = memory.setting_of(plan)  # no --num-params needed
+    assert setting.num_params == plan.num_params
+    assert memory.setting_of(plan, num_params=1000).num_params == 1000  # --num-params still wins

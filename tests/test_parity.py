@@ -1,10 +1,14 @@
 """`mplaunch parity`: the comparison on synthetic losses, the two plans, bad input, and real tiny-BERT runs
-that pass (bf16, fp16 with dynamic loss scaling) and one that must fail (fp16 gradients underflowing)."""
+that pass (bf16, fp16 with dynamic loss scaling) and one that must fail (fp16 gradients underflowing);
+then the fine-tunes: LoRA on the tiny Llama and a full fine-tune of the tiny BERT classifier pass in bf16,
+and LoRA with underflowing fp16 gradients fails."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +19,13 @@ import pytest
 from launcher import cli, parity
 from launcher.errors import UserError
 from launcher.hardware import Hardware
-from launcher.parity import compare, fresh, plan_pair
+from launcher.parity import compare, fresh, pin_tokenizer, plan_pair
 from launcher.report import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "bert_tiny.yaml"
+LORA = ROOT / "recipes" / "llama_sft_tiny.yaml"  # model.hf, LoRA, activation checkpointing, DeepSpeed ZeRO-2
+FINE_TUNE = ROOT / "recipes" / "bert_finetune_tiny.yaml"  # model.hf sequence classifier, every weight trains
 CPU = Hardware(cpu_count=4)
 
 
@@ -118,6 +124,16 @@ def test_plan_pair_runs_the_same_recipe_in_fp32_and_the_mixed_dtype(tmp_path: Pa
     # Nothing but precision differs between the two runs.
     a, b = fp32.recipe.model_dump(), mixed.recipe.model_dump()
     assert {k for k in a if a[k] != b[k]} == {"name", "precision"}
+
+
+def test_a_tokenizer_the_recipe_brings_is_not_pinned(tiny_models: Path, tmp_path: Path) -> None:
+    # Only a tokenizer the fp32 run trained is handed to the mixed run; model.hf's own stays in both plans,
+    # even if the fp32 run directory holds a tokenizer.json.
+    pair = plan_pair(FINE_TUNE, ["precision.dtype=bf16"], 5, str(tmp_path), CPU)
+    assert pair.mixed.tokenizer_dir == pair.fp32.tokenizer_dir == str(tiny_models / "tiny-bert")
+    (tmp_path / "fp32" / "tokenizer").mkdir(parents=True)
+    shutil.copy(tiny_models / "tiny-bert" / "tokenizer.json", tmp_path / "fp32" / "tokenizer")
+    assert pin_tokenizer(pair, FINE_TUNE, CPU) is pair
 
 
 def test_default_out_is_under_the_logging_dir(tmp_path: Path) -> None:
@@ -266,14 +282,16 @@ def test_an_interrupted_run_returns_its_signal_status(fake_runs: dict[str, int],
 # ---------------------------------------------------------------- real runs (2 CPU ranks each)
 
 
-def run_parity(out: Path, *overrides: str, steps: int = 20) -> tuple[int, dict[str, Any], str]:
+def run_parity(
+    out: Path, *overrides: str, steps: int = 20, recipe: Path = TINY
+) -> tuple[int, dict[str, Any], str]:
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "launcher",
             "parity",
-            str(TINY),
+            str(recipe),
             *overrides,
             "--steps",
             str(steps),
@@ -340,6 +358,76 @@ def test_fp16_with_underflowing_gradients_fails(tmp_path: Path) -> None:
     assert report["problems"] == []
     assert report["compared_steps"] == 20
     assert report["skipped_steps"] == 0
+    assert report["final_rel_diff"] > report["tolerance"]
+    assert report["final_loss_mixed"] > report["final_loss_fp32"]  # the fp16 run learned less
+    assert "FAIL: fp16 vs fp32: final difference over tolerance" in output
+
+
+# ---------------------------------------------------------------- fine-tunes (model.hf), real runs
+
+
+def first_loss(run_dir: Path) -> float:
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return next(float(r["loss"]) for r in records if r["kind"] == "train")
+
+
+def optimizer_params(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parameter shapes DeepSpeed's optimizer holds, and the frozen ones, from the final checkpoint."""
+    import torch
+
+    (states,) = (run_dir / "checkpoints").glob("step-*/deepspeed/mp_rank_00_model_states.pt")
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    trained = {name: shape for group in saved["param_shapes"] for name, shape in group.items()}
+    return trained, dict(saved["frozen_param_shapes"])
+
+
+@pytest.mark.slow
+def test_lora_bf16_matches_fp32_and_trains_the_adapters_only(tiny_models: Path, tmp_path: Path) -> None:
+    code, report, output = run_parity(tmp_path, "precision.dtype=bf16", recipe=LORA)
+    assert code == 0, output
+    assert (report["verdict"], report["backend"], report["problems"]) == ("pass", "deepspeed", [])
+    assert report["final_rel_diff"] <= report["tolerance"] == 0.02
+    for name in ("fp32", "mixed"):
+        assert train_steps(tmp_path / name) == list(range(1, 21))
+    assert report["final_loss_fp32"] < first_loss(tmp_path / "fp32") - 0.2  # the adapters learned
+    # Both runs print what trains; the optimizer holds exactly those parameters: the adapters.
+    line = r"LoRA rank 8 on q_proj, k_proj, v_proj, o_proj: ([\d,]+) of ([\d,]+) parameters train"
+    said = re.findall(line, output)
+    assert len(said) == 2
+    assert said[0] == said[1]
+    num_trainable, num_params = (int(n.replace(",", "")) for n in said[0])
+    for name in ("fp32", "mixed"):
+        trained, frozen = optimizer_params(tmp_path / name)
+        assert all(".lora_A." in n or ".lora_B." in n for n in trained)
+        assert sum(math.prod(s) for s in trained.values()) == num_trainable
+        assert sum(math.prod(s) for s in frozen.values()) == num_params - num_trainable
+    assert "PASS: bf16 vs fp32" in output
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_in_bf16_matches_fp32(tiny_models: Path, tmp_path: Path) -> None:
+    # The recipe's own 40 steps: fewer leave the classifier near chance (ln 4), where any run agrees.
+    code, report, output = run_parity(tmp_path, "precision.dtype=bf16", steps=40, recipe=FINE_TUNE)
+    assert code == 0, output
+    assert (report["verdict"], report["backend"], report["problems"]) == ("pass", "accelerate", [])
+    assert report["compared_steps"] == 40
+    assert report["final_loss_fp32"] < first_loss(tmp_path / "fp32") - 0.05  # it learned
+    plans = {n: json.loads((tmp_path / n / "plan.json").read_text()) for n in ("fp32", "mixed")}
+    # Both runs tokenize with the model's own tokenizer, named by the same path.
+    assert plans["fp32"]["plan"]["tokenizer_dir"] == plans["mixed"]["plan"]["tokenizer_dir"]
+    assert plans["mixed"]["plan"]["tokenizer_dir"] == str(tiny_models / "tiny-bert")
+    assert plans["mixed"]["recipe"]["data"]["tokenizer"] is None
+    assert "PASS: bf16 vs fp32" in output
+
+
+@pytest.mark.slow
+def test_lora_with_underflowing_fp16_gradients_fails(tiny_models: Path, tmp_path: Path) -> None:
+    # The LoRA test above passes on the same recipe; here the adapters' fp16 gradients flush to zero.
+    code, report, output = run_parity(
+        tmp_path, "precision.dtype=fp16", "backend=accelerate", *UNDERFLOW, recipe=LORA
+    )
+    assert code == 1, output
+    assert (report["verdict"], report["problems"], report["skipped_steps"]) == ("fail", [], 0)
     assert report["final_rel_diff"] > report["tolerance"]
     assert report["final_loss_mixed"] > report["final_loss_fp32"]  # the fp16 run learned less
     assert "FAIL: fp16 vs fp32: final difference over tolerance" in output

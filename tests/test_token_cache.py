@@ -108,13 +108,15 @@ def test_the_stream_file_is_the_concatenated_documents(tmp_path: Path, cache: Pa
     meta = json.loads((where / "meta.json").read_text())
     texts = vocab.read_texts(plan.recipe, plan.data_paths)
     tokenizer = _run_tokenizer(plan)
-    expected = [i for enc in tokenizer.encode_batch(texts, add_special_tokens=False) for i in [*enc.ids, 3]]
+    sep = token_cache.separator_id(tokenizer)  # <|endoftext|> of the BPE tokenizer a causal LM trains
+    assert sep is not None
+    expected = [i for enc in tokenizer.encode_batch(texts, add_special_tokens=False) for i in [*enc.ids, sep]]
     stream = np.fromfile(where / "tokens.bin", dtype=np.uint16)
     assert stream.tolist() == expected
     offsets = np.fromfile(where / "offsets.bin", dtype=np.uint64)
     assert (len(offsets), int(offsets[0]), int(offsets[-1])) == (len(texts) + 1, 0, len(expected))
     assert meta["num_tokens"] == len(expected) and meta["num_documents"] == len(texts)
-    assert (meta["dtype"], meta["separator_id"], meta["format"]) == ("uint16", 3, token_cache.FORMAT_VERSION)
+    assert (meta["dtype"], meta["separator_id"], meta["format"]) == ("uint16", sep, token_cache.FORMAT_VERSION)
     assert meta["tokenizer_sha256"] and meta["data_sha256"]
 
 
@@ -331,11 +333,12 @@ def test_unpacked_causal_lm_labels_are_the_ids_but_padding(tmp_path: Path) -> No
     tokens = data.load_tokens(plan, 0, lambda: None)
     tokenizer = _run_tokenizer(plan)
     texts = vocab.read_texts(plan.recipe, plan.data_paths)
+    sep = token_cache.separator_id(tokenizer)
     b = data.Batches(tokens, np.arange(len(tokens.ids)), plan, 0)
     rows = np.array([5, 0, 700])
     batch = b.collate(rows, epoch=0)
     for j, i in enumerate(rows):
-        doc = [*tokenizer.encode(texts[i], add_special_tokens=False).ids, 3][:64]  # the separator ends it
+        doc = [*tokenizer.encode(texts[i], add_special_tokens=False).ids, sep][:64]  # the separator ends it
         n = len(doc)
         assert batch["input_ids"][j].tolist() == doc + [0] * (64 - n)
         assert batch["attention_mask"][j].tolist() == [1] * n + [0] * (64 - n)

@@ -102,3 +102,25 @@ def test_the_trained_tokenizer_is_keyed_by_the_fields_and_every_file_of_a_direct
     assert vocab.trained_dir(answer, (str(disk),)) != sft
     (disk / "data-00000-of-00001.arrow").write_bytes(b"rowS")
     assert vocab.trained_dir(recipe, (str(disk),)) != before
+
+
+def test_a_causal_lm_trains_byte_level_bpe_and_a_masked_lm_wordpiece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenizers import Tokenizer
+
+    monkeypatch.setenv("MPLAUNCH_CACHE", str(tmp_path / "cache"))
+    gpt2 = load(ROOT / "recipes" / "gpt2_tiny.yaml", [f"logging.dir={tmp_path / 'runs'}"])
+    bert = _recipe(tmp_path)
+    assert (vocab.algorithm(gpt2), vocab.algorithm(bert)) == ("bpe", "wordpiece")
+    paths = (str(ROOT / "recipes" / "data" / "corpus.txt"),)
+    assert vocab.trained_dir(gpt2, paths) != vocab.trained_dir(bert, paths)  # one cache entry each
+    bpe = Tokenizer.from_file(str(vocab.prepare(gpt2, paths) / vocab.TOKENIZER_FILE))
+    wordpiece = Tokenizer.from_file(str(vocab.prepare(bert, paths) / vocab.TOKENIZER_FILE))
+    assert json.loads(bpe.to_str())["model"]["type"] == "BPE"
+    assert bpe.token_to_id(vocab.END_OF_TEXT) is not None and bpe.token_to_id("[MASK]") is None
+    assert wordpiece.token_to_id("[MASK]") is not None
+    # Bytes, not words: text the corpus never had comes back exactly, case and accents kept.
+    text = "Zürich's naïve CAFÉ — 42 µs, 東京"
+    assert bpe.decode(bpe.encode(text).ids) == text
+    assert wordpiece.decode(wordpiece.encode(text).ids) != text  # lowercased, [UNK] for unseen characters
