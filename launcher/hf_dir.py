@@ -17,8 +17,10 @@ data.task auto takes the task from the config's `architectures` (…ForCausalLM,
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -157,6 +159,15 @@ def task_of(model: HfModel) -> str | None:
     return next((task for end, task in _ARCHITECTURE_TASKS if arch.endswith(end)), None)
 
 
+def num_labels(model: HfModel | None) -> int:
+    """The classes a sequence classifier built from model.hf gets without model.num_labels: the
+    config's num_labels (or its id2label's size), else 2 as transformers' default."""
+    config = model.config if model is not None else {}
+    id2label = config.get("id2label")
+    given = config.get("num_labels") or (len(id2label) if isinstance(id2label, dict) else None)
+    return int(given) if isinstance(given, int) and given > 0 else 2
+
+
 def tokenizer_rows(directory: Path) -> int | None:
     """Embedding rows the directory's tokenizer needs (tokenizer.json, or a vocab.txt's lines)."""
     size = tokenizer_size(directory)
@@ -186,24 +197,102 @@ def _config(directory: Path) -> tuple[dict[str, Any], str | None]:
 
 def _safetensors_params(directory: Path) -> int | None:
     """Elements of every tensor in the directory's safetensors files, read from their headers."""
+    shapes = weight_shapes(directory)
+    if shapes is None:
+        return None
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]] | None:
+    """Every tensor's name and shape in the directory's safetensors files, from their headers; None
+    without such files or when one cannot be read."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
-    total = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         try:
             with open(file, "rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(min(length, 100_000_000)))
-        except (OSError, ValueError, struct.error):
+            for name, entry in header.items():
+                if name != "__metadata__" and isinstance(entry, dict):
+                    shapes[name] = tuple(int(dim) for dim in entry.get("shape", []))
+        except (OSError, ValueError, TypeError, AttributeError, struct.error):
             return None
-        for name, entry in header.items():
-            if name != "__metadata__" and isinstance(entry, dict):
-                count = 1
-                for dim in entry.get("shape", []):
-                    count *= int(dim)
-                total += count
-    return total
+    return shapes
+
+
+def lora_params(model: HfModel, rank: int, targets: Sequence[str], num_labels: int | None) -> int | None:
+    """The parameters that train when launcher.lora adapts model.hf, from its safetensors headers:
+    rank x (in + out) per adapted linear weight, plus a sequence classifier's head, which trains in
+    full. None when the headers cannot be read or, with no targets named, the model_type has no
+    default here.
+
+    Args:
+        model: the model directory.
+        rank: model.lora.rank.
+        targets: model.lora.target_modules (module-name suffixes); empty: peft's default for the type.
+        num_labels: the classifier's classes for sequence-classification, else None.
+    """
+    shapes = weight_shapes(Path(model.source)) if model.local else None
+    chosen = tuple(targets) or PEFT_TARGETS.get(model.model_type)
+    if shapes is None or chosen is None:
+        return None
+    linear = _linear_weights(shapes)
+    adapters = sum(rank * (a + b) for name, (a, b) in linear.items() if any(_suffix(name, t) for t in chosen))
+    if num_labels is None:
+        return adapters
+    head = [n for n in shapes if any(part in _HEADS for part in n.split(".")[:-1])]
+    if head:  # a classifier directory: its head as saved
+        return adapters + sum(math.prod(shapes[n]) for n in head)
+    # A new head: transformers gives decoders a `score` without bias and encoders a `classifier` with one.
+    hidden = int(model.config.get("hidden_size") or model.config.get("n_embd") or 0)
+    bias = task_of(model) != "causal-lm"
+    return adapters + (hidden + bias) * num_labels
+
+
+def lora_unmatched(model: HfModel, targets: Sequence[str]) -> list[str]:
+    """The target modules that match no linear weight of model.hf (`lora.apply` refuses them)."""
+    shapes = weight_shapes(Path(model.source)) if model.local else None
+    if shapes is None:
+        return []
+    linear = _linear_weights(shapes)
+    return [t for t in targets if not any(_suffix(name, t) for name in linear)]
+
+
+# peft's default LoRA targets by model_type (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+# for the planner, which runs without peft; tests/test_lora.py holds them equal to the installed peft's.
+PEFT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "gpt2": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"),
+}
+_HEADS = frozenset({"classifier", "score"})  # peft's SEQ_CLS modules_to_save
+
+
+def _linear_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """Module name -> the two sides of each 2-D `.weight`, embeddings left out (by name, as
+    transformers calls them: embeddings, embed_tokens, wte, wpe)."""
+    out = {}
+    for name, shape in shapes.items():
+        module, _, leaf = name.rpartition(".")
+        last = module.rsplit(".", 1)[-1]
+        if leaf == "weight" and len(shape) == 2 and "embed" not in last and last not in ("wte", "wpe"):
+            out[module] = (shape[0], shape[1])
+    return out
+
+
+def _suffix(name: str, target: str) -> bool:
+    # peft's rule for a list of names (check_target_module_exists); names here are the file's, which
+    # may carry the base model's prefix the built model has too.
+    return name == target or name.endswith("." + target)
 
 
 def vocab_of(model: HfModel, data_vocab: Vocab, tokenizer_dir: str | None) -> tuple[Vocab, list[str]]:

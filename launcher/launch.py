@@ -144,7 +144,7 @@ def run(plan: Plan) -> int:
         run_dir.clear_heartbeats()
         print(f"mplaunch: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
         print(
-            f"mplaunch: {plan.recipe.backend}, ZeRO {plan.recipe.zero.stage}, {plan.precision.dtype} on "
+            f"mplaunch: {plan.recipe.backend}, {plan.sharding}, {plan.precision.dtype} on "
             f"{plan.device}; run dir {run_dir.path}"
         )
         if resume_from:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launcher import flops
+from launcher import flops, hf_dir, tasks
 from launcher.errors import UserError
 from launcher.shapes import Shape
 from launcher.state_bytes import (
@@ -168,6 +168,8 @@ def _lora_of(plan: Plan, shape: Shape | None, num_trainable: int | None) -> Lora
     targets = tuple(lora.target_modules)
     if num_trainable is not None:
         return LoraSetting(lora.rank, lora.dropout, Params(num_trainable), targets)
+    if shape is None and plan.hf_dir is not None:
+        return _hf_lora_of(plan)
     adapters = lora_params(shape, lora.rank, targets) if shape is not None else None
     if shape is None or adapters is None:
         name = model.target or model.hf or model.name
@@ -181,6 +183,26 @@ def _lora_of(plan: Plan, shape: Shape | None, num_trainable: int | None) -> Lora
             f"model.lora.target_modules: {unmatched[0]!r} matches no linear layer of {shape.family}"
         )
     return LoraSetting(lora.rank, lora.dropout, adapters, targets)
+
+
+def _hf_lora_of(plan: Plan) -> LoraSetting:
+    """model.lora on model.hf: the adapters counted from the directory's safetensors headers."""
+    lora, model = plan.recipe.model.lora, plan.recipe.model
+    assert plan.hf_dir is not None
+    hf = hf_dir.read(plan.hf_dir, "", dict(model.config))[0]
+    targets = tuple(lora.target_modules)
+    unmatched = hf_dir.lora_unmatched(hf, targets) if hf is not None else []
+    if hf is not None and unmatched:
+        raise UserError(f"model.lora.target_modules: {unmatched[0]!r} matches no linear layer of {hf.source}")
+    classify = tasks.resolve(plan.recipe) == "sequence-classification"
+    classes = (model.num_labels or hf_dir.num_labels(hf)) if classify else None
+    count = hf_dir.lora_params(hf, lora.rank, targets, classes) if hf is not None else None
+    if count is None:
+        raise UserError(
+            f"model {model.hf} with model.lora: the planner cannot count its adapters",
+            hint="name model.lora.target_modules (linear layers, as in the model's safetensors)",
+        )
+    return LoraSetting(lora.rank, lora.dropout, Params(count), targets)
 
 
 def recipe_config(plan: Plan, stage: int) -> Config:

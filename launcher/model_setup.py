@@ -144,10 +144,7 @@ def num_labels(plan: Plan) -> int:
     if plan.recipe.model.num_labels is not None:
         return plan.recipe.model.num_labels
     model = hf_dir.read(plan.hf_dir, "", dict(plan.recipe.model.config))[0] if plan.hf_dir else None
-    config = model.config if model is not None else {}
-    id2label = config.get("id2label")
-    given = config.get("num_labels") or (len(id2label) if isinstance(id2label, dict) else None)
-    return int(given) if isinstance(given, int) and given > 0 else 2
+    return hf_dir.num_labels(model)
 
 
 def _pad_id(plan: Plan) -> int | None:

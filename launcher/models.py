@@ -15,15 +15,13 @@ instead of an IndexError (or a CUDA device-side assert).
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from launcher import targets
 from launcher.recipe import Model
 from launcher.shapes import Shape
 
@@ -146,18 +144,12 @@ BUILDERS = {"bert-mlm": _bert, "gpt2-lm": _gpt2, "tiny-mlp": TinyMLP}
 def _from_target(
     target: str, kwargs: dict[str, Any], vocab_size: int | None, import_dir: str | None
 ) -> nn.Module:
-    module_name, _, attr = target.partition(":")
-    if import_dir is not None and sys.path[:1] != [import_dir]:
-        sys.path.insert(0, import_dir)  # the recipe's folder first, as `check` looked (plan.find_target)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"model.target: cannot import {module_name!r} ({exc})") from None
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise ModelError(f"model.target: {module_name!r} has no attribute {attr!r}")
+        factory = targets.load(target, import_dir, "model.target")
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
     given = ""
-    if vocab_size is not None and "vocab_size" not in kwargs and takes_vocab_size(factory):
+    if vocab_size is not None and "vocab_size" not in kwargs and targets.takes(factory, "vocab_size"):
         kwargs["vocab_size"] = vocab_size
         given = f" with vocab_size={vocab_size} (the run's vocabulary)"
     try:
@@ -169,19 +161,6 @@ def _from_target(
     if vocab_size is not None:
         _check_first_ids(model, target, vocab_size)
     return model
-
-
-def takes_vocab_size(factory: Callable[..., Any]) -> bool:
-    """The factory's signature has a `vocab_size` keyword, or **kwargs."""
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (some builtins): pass only what the user wrote
-        return False
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return any(
-        p.kind == inspect.Parameter.VAR_KEYWORD or (p.name == "vocab_size" and p.kind in keyword)
-        for p in params
-    )
 
 
 def _check_first_ids(model: nn.Module, target: str, vocab_size: int) -> None:

@@ -19,21 +19,19 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from importlib.machinery import ModuleSpec, PathFinder
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launcher import backend_config, hf_dir, precision, tasks, vocab
+from launcher import backend_config, hf_dir, precision, targets, tasks, vocab
 from launcher.batch import Batch, resolve_batch
 from launcher.errors import UserError
 from launcher.hardware import Hardware
 from launcher.precision import PrecisionPolicy
 from launcher.recipe import Recipe, explicitly_set, to_dict
 from launcher.recipe_rules import BUILT_IN_MODEL_KEYS, DATASET_KEYS
-from launcher.rundir import PLAN_FILE, RECIPE_FILE, RunDir
+from launcher.rundir import PLAN_FILE, RunDir
 from launcher.shapes import Shape, shape_of
 
 
@@ -68,6 +66,17 @@ class Plan:
     @property
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
+
+    @property
+    def sharding(self) -> str:
+        """How the backend shards the model, as it will run: ZeRO stage, FSDP strategy or DDP."""
+        stage = self.recipe.zero.stage
+        if self.recipe.backend == "deepspeed":
+            return f"ZeRO stage {stage}"
+        fsdp = self.backend_config.get("fsdp_plugin")
+        if fsdp:
+            return f"FSDP {fsdp['sharding_strategy']} (zero.stage {stage})"
+        return "DDP" + (f" (zero.stage {stage} is not applied on {self.device})" if stage else "")
 
     @property
     def plan_path(self) -> Path:
@@ -145,7 +154,7 @@ class Plan:
                 f"{self.nnodes} x {self.nproc_per_node} = world_size {self.world_size}, {self.dist_backend}",
             ),
             ("batch", self.batch.equation(self.nnodes, self.nproc_per_node)),
-            ("backend", f"{self.recipe.backend}, ZeRO stage {self.recipe.zero.stage}"),
+            ("backend", f"{self.recipe.backend}, {self.sharding}"),
             ("task", f"{tasks.resolve(self.recipe)} (data.task {self.recipe.data.task})"),
             ("vocab", f"{self.vocab_size} ({self.vocab_source})"),
             *([("model", self._target_row())] if self.recipe.model.target else []),
@@ -205,9 +214,9 @@ def resolve(
     if recipe.data.target is not None:
         recipe = _only_dataset_keys(recipe)
     if target is not None or recipe.data.target is not None:
-        import_dir = _import_dir(recipe.source)
+        import_dir = targets.import_dir(recipe.source)
     for key, name in (("model.target", target), ("data.target", recipe.data.target)):
-        missing = find_target(name, import_dir, key) if name is not None else None
+        missing = targets.find(name, import_dir, key) if name is not None else None
         machine += [missing] if missing else []
     hf = None
     if recipe.model.hf is not None:
@@ -304,65 +313,6 @@ def _only_dataset_keys(recipe: Recipe) -> Recipe:
     d = recipe.data
     defaults = {key: type(d).model_fields[key].default for key in DATASET_KEYS}
     return recipe.model_copy(update={"data": d.model_copy(update=defaults)})
-
-
-def _import_dir(source: str) -> str | None:
-    """The recipe's folder, where model.target is imported from first.
-
-    For RUN_DIR/recipe.yaml (`--resume RUN_DIR`) that is the first launch's: its plan.json says.
-    """
-    if not source:
-        return None
-    path = Path(source).resolve()
-    saved = path.parent / PLAN_FILE
-    if path.name == RECIPE_FILE and saved.is_file():
-        try:
-            earlier = json.loads(saved.read_text(encoding="utf-8"))["plan"].get("import_dir")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            earlier = None
-        if isinstance(earlier, str):
-            return earlier
-    return str(path.parent)
-
-
-def find_target(target: str, import_dir: str | None, key: str = "model.target") -> str | None:
-    """The problem with the module of `key` (model.target or data.target), found the way the workers
-    will import it; None if found.
-
-    Nothing is imported: the module's file is looked up in `import_dir` (the recipe's folder), the
-    working directory, then sys.path, and a package's submodule in the package's folder
-    (importlib.util.find_spec would run the parent package's __init__, which may import torch).
-    """
-    module_name = target.partition(":")[0]
-    parts = module_name.split(".")
-    near = [d for d in (import_dir, os.getcwd()) if d]
-    places = " and ".join(dict.fromkeys(near)) + ", then PYTHONPATH and installed packages"
-    spec: ModuleSpec | None = PathFinder.find_spec(parts[0], near) or _installed_spec(parts[0])
-    if spec is None:
-        return f"{key}: cannot import {module_name!r}: no module {parts[0]!r} in {places}"
-    for i, part in enumerate(parts[1:], 1):
-        locations = list(spec.submodule_search_locations or [])
-        parent = ".".join(parts[:i])
-        found = PathFinder.find_spec(".".join(parts[: i + 1]), locations) if locations else None
-        if found is None:
-            where = f"in {', '.join(locations)}" if locations else "(it is a module, not a package)"
-            return f"{key}: cannot import {module_name!r}: {parent!r} has no module {part!r} {where}"
-        spec = found
-    if spec.origin is None or not (spec.has_location or spec.origin in ("built-in", "frozen")):
-        folders = ", ".join(spec.submodule_search_locations or [])
-        return (
-            f"{key}: {module_name!r} is a folder without __init__.py ({folders}), not a module file;"
-            " name the module file inside it"
-        )
-    return None
-
-
-def _installed_spec(name: str) -> ModuleSpec | None:
-    """A top-level module on sys.path or from an installed package's finder (editable installs)."""
-    try:
-        return find_spec(name)  # a top-level name: nothing runs to find it
-    except (ImportError, ValueError):  # a module in sys.modules without a __spec__ (__main__)
-        return None
 
 
 def target_vocab(recipe: Recipe, data_vocab: vocab.Vocab) -> vocab.Vocab:

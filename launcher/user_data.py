@@ -26,9 +26,6 @@ reports as one line.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher import tasks, vocab
+from launcher import targets, tasks, vocab
 from launcher.examples import Examples
 from launcher.plan import Plan
 
@@ -53,7 +50,7 @@ def load(plan: Plan) -> Any:
     """
     d, task = plan.recipe.data, tasks.resolve(plan.recipe)
     assert d.target is not None, "launcher.data dispatches only a data.target here"
-    dataset = _call(_factory(d.target, plan.import_dir), d.target, plan)
+    dataset = _call(targets.load(d.target, plan.import_dir, "data.target"), d.target, plan)
     num_labels = None
     if task == tasks.SEQUENCE_CLASSIFICATION:
         from launcher import model_setup
@@ -72,24 +69,10 @@ def load(plan: Plan) -> Any:
     return rows
 
 
-def _factory(target: str, import_dir: str | None) -> Callable[..., Any]:
-    module_name, _, attr = target.partition(":")
-    if import_dir is not None and import_dir not in sys.path:
-        sys.path.insert(0, import_dir)  # the recipe's folder first, as `check` looked (plan.find_target)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"data.target: cannot import {module_name!r} ({exc})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"data.target: {module_name!r} has no function {attr!r}")
-    return factory
-
-
 def _call(factory: Callable[..., Any], target: str, plan: Plan) -> Any:
     d = plan.recipe.data
     given = {"seq_len": d.seq_len, "vocab_size": plan.vocab_size, "seed": plan.recipe.train.seed}
-    kwargs = {k: v for k, v in given.items() if _takes(factory, k)}
+    kwargs = {k: v for k, v in given.items() if targets.takes(factory, k)}
     kwargs.update(d.kwargs)
     try:
         dataset = factory(**kwargs)
@@ -102,18 +85,6 @@ def _call(factory: Callable[..., Any], target: str, plan: Plan) -> Any:
             "(it needs __len__ and __getitem__; an iterable dataset cannot be read by row)"
         )
     return dataset
-
-
-def _takes(factory: Callable[..., Any], name: str) -> bool:
-    """The factory's signature has a keyword `name`, or **kwargs."""
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: pass only data.kwargs
-        return False
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return any(
-        p.kind == inspect.Parameter.VAR_KEYWORD or (p.name == name and p.kind in keyword) for p in params
-    )
 
 
 def _masking(plan: Plan) -> tuple[int, tuple[int, ...]]:

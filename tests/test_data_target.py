@@ -263,12 +263,8 @@ def test_items_with_labels_are_collated_as_records(tmp_path: Path) -> None:
 def test_a_bad_item_is_one_clear_error_at_the_first_batch(
     tmp_path: Path, overrides: list[str], message: str
 ) -> None:
-    pytest.importorskip("torch")
     plan = _plan(tmp_path, *overrides)
-    with pytest.raises(ValueError, match=message) as caught:
-        _first_batch(plan)
-    assert "\n" not in str(caught.value)
-    assert str(caught.value).startswith(f"data.target: {plan.recipe.data.target}'s item")
+    assert _first_batch_error(plan, message).startswith(f"data.target: {plan.recipe.data.target}'s item")
 
 
 @pytest.mark.usefixtures("import_hygiene")
@@ -288,11 +284,16 @@ def test_a_bad_item_is_one_clear_error_at_the_first_batch(
 def test_a_factory_that_gives_no_usable_dataset_is_one_line(
     tmp_path: Path, overrides: list[str], message: str
 ) -> None:
+    _first_batch_error(_plan(tmp_path, *overrides), message)
+
+
+def _first_batch_error(plan: Plan, message: str) -> str:
+    """The one-line ValueError the first batch of `plan` raises, matching `message`."""
     pytest.importorskip("torch")
-    plan = _plan(tmp_path, *overrides)
     with pytest.raises(ValueError, match=message) as caught:
         _first_batch(plan)
     assert "\n" not in str(caught.value)
+    return str(caught.value)
 
 
 # --------------------------------------------------------------------------- real runs

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from torch import nn  # noqa: E402
 
-from launcher import lora, memory, models, state_bytes  # noqa: E402
+from launcher import hf_dir, lora, memory, models, state_bytes  # noqa: E402
 from launcher.backends import param_groups  # noqa: E402
 from launcher.hardware import Hardware  # noqa: E402
 from launcher.models import ModelError  # noqa: E402
@@ -304,6 +304,50 @@ def test_the_planner_counts_the_adapters_peft_adds(family: str, targets: list[st
     params = state_bytes.lora_params(_shape(family), 6, targets)
     assert params is not None
     assert params.total == trainable.num_trainable
+
+
+@pytest.mark.parametrize(
+    ("model", "auto", "targets", "num_labels"),
+    [
+        ("tiny-llama", "AutoModelForCausalLM", ["q_proj", "k_proj", "v_proj", "o_proj"], None),
+        ("tiny-llama", "AutoModelForCausalLM", [], None),
+        ("tiny-llama", "AutoModelForSequenceClassification", [], 3),
+        ("tiny-bert", "AutoModelForSequenceClassification", [], 3),
+        ("tiny-bert", "AutoModelForMaskedLM", ["dense"], None),
+        ("tiny-gpt2", "AutoModelForCausalLM", [], None),
+    ],
+)
+def test_the_planner_counts_the_adapters_peft_adds_to_a_model_directory(
+    tiny_models: Path, model: str, auto: str, targets: list[str], num_labels: int | None
+) -> None:
+    import transformers
+
+    directory = tiny_models / model
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = getattr(transformers, auto).from_pretrained(directory, **kwargs)
+    _, trainable = lora.apply(built, Lora(rank=4, target_modules=targets))
+    hf = hf_dir.read(str(directory), "", {})[0]
+    assert hf is not None
+    assert hf_dir.lora_params(hf, 4, targets, num_labels) == trainable.num_trainable
+
+
+def test_the_planners_model_type_targets_are_peft_s() -> None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
+
+    assert {k: tuple(PEFT[k]) for k in hf_dir.PEFT_TARGETS} == hf_dir.PEFT_TARGETS
+
+
+def test_the_planner_plans_lora_on_a_model_directory(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher import cli
+
+    assert cli.main(["plan", str(RECIPES / "llama_sft_tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    # rank 8 x (in + out) of q, k, v, o (64-64, 64-32, 64-32, 64-64) in each of 2 layers
+    assert "LoRA rank 8: 7,168 of 191,040 parameters train" in out
+    assert cli.main(["plan", str(RECIPES / "llama_sft_tiny.yaml"), "model.lora.target_modules=[q_prj]"]) == 2
+    assert "'q_prj' matches no linear layer" in capsys.readouterr().err
 
 
 def test_the_planner_names_unmatched_targets() -> None:

@@ -242,8 +242,9 @@ def import_hygiene(monkeypatch: pytest.MonkeyPatch) -> object:
 @pytest.mark.usefixtures("import_hygiene")
 def test_an_embedding_too_small_for_the_first_batch_is_one_clear_error(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from launcher.models import ModelError, build, takes_vocab_size
+    from launcher.models import ModelError, build
     from launcher.recipe import Model
+    from launcher.targets import takes
 
     (tmp_path / "my_models.py").write_text(MODEL_FILE)
     model = build(Model(name=None, target="my_models:fixed"), None, 300, str(tmp_path))
@@ -267,11 +268,7 @@ def test_an_embedding_too_small_for_the_first_batch_is_one_clear_error(tmp_path:
     assert not built.embed._forward_pre_hooks  # checked once, then gone
     assert build(Model(name=None, target="my_models:build", kwargs={"vocab_size": 400}), None, 300, None)
     mod = __import__("my_models")
-    assert (takes_vocab_size(mod.build), takes_vocab_size(mod.fixed), takes_vocab_size(mod.anything)) == (
-        True,
-        False,
-        True,
-    )
+    assert [takes(f, "vocab_size") for f in (mod.build, mod.fixed, mod.anything)] == [True, False, True]
 
 
 # --------------------------------------------------------------------------- a real run

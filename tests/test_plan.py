@@ -421,3 +421,19 @@ def test_settings_without_effect_are_warned(recipe: Recipe, hw: Hardware, warnin
 def test_a_plain_recipe_has_no_warnings() -> None:
     assert resolve(make(), CPU).warnings == ()
     assert resolve(make(precision={"dtype": "fp16", "loss_scale": {"window": 10}}), H100x8).warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("backend", "stage", "machine", "said"),
+    [
+        ("deepspeed", 2, CPU, "ZeRO stage 2"),
+        ("accelerate", 0, H100x8, "DDP"),
+        ("accelerate", 2, CPU, "DDP (zero.stage 2 is not applied on cpu)"),
+        ("accelerate", 1, H100x8, "FSDP SHARD_GRAD_OP (zero.stage 1)"),
+        ("accelerate", 3, H100x8, "FSDP FULL_SHARD (zero.stage 3)"),
+    ],
+)
+def test_the_sharding_said_is_the_one_that_runs(backend: str, stage: int, machine: Hardware, said: str) -> None:
+    plan = resolve(make(backend=backend, zero={"stage": stage}, precision={"dtype": "fp32"}), machine)
+    assert plan.sharding == said
+    assert f"backend    {backend}, {said}\n" in plan.describe()

@@ -222,6 +222,6 @@ def test_a_failing_rank_shows_its_error_not_torchruns_noise(workdir: Path) -> No
     )
     result = mplaunch(str(recipe))
     assert result.returncode == 1
-    assert "model.target: 'spiky_model' has no attribute 'no_such_factory'" in result.stderr
+    assert "model.target: 'spiky_model' has no function 'no_such_factory'" in result.stderr
     assert "ChildFailedError" not in result.stderr
     assert "Traceback" not in result.stderr
