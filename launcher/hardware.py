@@ -36,11 +36,46 @@ class Hardware:
 
     gpus: tuple[Gpu, ...] = ()
     cpu_count: int = 1
+    cpu_bf16: bool = False  # the CPU computes bf16 natively (AVX512-BF16 or AMX), not emulated
+    memory_bytes: int = 0  # the host's memory; 0: unknown
 
     @classmethod
     def probe(cls) -> Hardware:
-        """Read visible GPUs from nvidia-smi, honouring CUDA_VISIBLE_DEVICES."""
-        return cls(gpus=_visible(_nvidia_smi()), cpu_count=len(os.sched_getaffinity(0)))
+        """Read visible GPUs from nvidia-smi (honouring CUDA_VISIBLE_DEVICES), and the CPU's bf16
+        support and the host's memory from /proc and sysconf."""
+        return cls(
+            gpus=_visible(_nvidia_smi()),
+            cpu_count=len(os.sched_getaffinity(0)),
+            cpu_bf16=cpu_has_bf16(_read("/proc/cpuinfo")),
+            memory_bytes=_host_memory(),
+        )
+
+
+def cpu_has_bf16(cpuinfo: str) -> bool:
+    """The CPU's flags (a /proc/cpuinfo text) include native bf16 arithmetic: avx512_bf16 or amx_bf16.
+
+    Without them PyTorch emulates bf16 on the CPU, several times slower than fp32.
+    """
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def _nvidia_smi() -> list[Gpu]:

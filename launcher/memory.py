@@ -9,7 +9,7 @@ suggests what fits and prints the table and the dry run's memory section.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from launcher import flops, hf_dir, tasks
@@ -67,6 +67,12 @@ class Setting:
     seq_len: int
     dropout: float
     lora: LoraSetting | None = None  # model.lora: only its adapters train
+    device: str = "cuda"  # cpu: each process holds its state in host memory, without a CUDA context
+
+    @property
+    def unit(self) -> str:
+        """What one estimate is of: a GPU, or a CPU process."""
+        return "GPU" if self.device == "cuda" else "process"
 
     @property
     def num_params(self) -> int:
@@ -80,15 +86,17 @@ class Estimate:
     config: Config
     state: ModelState
     activations_per_sample: int | None  # None: unknown model
+    context: int = CUDA_CONTEXT_BYTES  # 0 for a CPU process
 
     def total(self, micro_batch_size: int) -> int:
         # The optimizer step runs after backward has freed the activations and comm buckets.
         act = (self.activations_per_sample or 0) * micro_batch_size
         s = self.state
-        return s.device_state + CUDA_CONTEXT_BYTES + max(act + s.comm_buffers, s.step_buffers)
+        return s.device_state + self.context + max(act + s.comm_buffers, s.step_buffers)
 
     def rows(self, micro_batch_size: int) -> list[tuple[str, int | None]]:
         s, per_sample = self.state, self.activations_per_sample
+        context = [("CUDA context", self.context)] if self.context else []
         return [
             ("params", s.params),
             ("grads", s.grads),
@@ -97,7 +105,7 @@ class Estimate:
             ("comm buffers", s.comm_buffers),
             ("step buffers", s.step_buffers),
             ("activations", None if per_sample is None else per_sample * micro_batch_size),
-            ("CUDA context", CUDA_CONTEXT_BYTES),
+            *context,
             ("total", self.total(micro_batch_size)),
         ]
 
@@ -107,7 +115,7 @@ class Estimate:
             return 0
         if not self.activations_per_sample:
             return None
-        room = usable_bytes - self.state.device_state - CUDA_CONTEXT_BYTES - self.state.comm_buffers
+        room = usable_bytes - self.state.device_state - self.context - self.state.comm_buffers
         return max(1, room // self.activations_per_sample)
 
 
@@ -119,13 +127,14 @@ def estimate(setting: Setting, config: Config) -> Estimate:
     state = model_state_bytes(
         trains, s.dtype, s.backend, config.stage, s.world_size, grad_accum=s.grad_accum,
         offload_optimizer=config.offload_optimizer, offload_params=config.offload_params, frozen=frozen,
+        overlap_comm=s.device == "cuda",  # as launcher.backend_config sets it
     )  # fmt: skip
     per_sample = None
     if s.shape is not None:
         per_sample = activation_bytes(s.shape, s.seq_len, 1, s.dtype, s.backend, s.dropout)
         if s.lora:
             per_sample += lora_activation_delta(s.shape, s.seq_len, 1, s.dtype, s.backend, s.dropout, s.lora)
-    return Estimate(config, state, per_sample)
+    return Estimate(config, state, per_sample, CUDA_CONTEXT_BYTES if s.device == "cuda" else 0)
 
 
 def setting_of(plan: Plan, num_params: int | None = None, num_trainable: int | None = None) -> Setting:
@@ -156,7 +165,7 @@ def setting_of(plan: Plan, num_params: int | None = None, num_trainable: int | N
     lora = _lora_of(plan, shape, num_trainable)
     return Setting(
         params, shape, plan.precision.dtype, r.backend, b.world_size, b.micro_batch_size,
-        b.global_batch_size, b.grad_accum, r.data.seq_len, r.model.dropout, lora,
+        b.global_batch_size, b.grad_accum, r.data.seq_len, r.model.dropout, lora, plan.device,
     )  # fmt: skip
 
 
@@ -261,10 +270,10 @@ def _largest(setting: Setting, est: Estimate, usable_bytes: int) -> str:
 
 
 def table(setting: Setting, plan: Plan, usable_bytes: int) -> str:
-    """Stages 0-3 side by side, in GiB per GPU, with the recipe's own stage starred."""
+    """Stages 0-3 side by side, in GiB per GPU (or CPU process), with the recipe's own stage starred."""
     ests = [estimate(setting, recipe_config(plan, stage)) for stage in range(4)]
     m, star = setting.micro_batch_size, plan.recipe.zero.stage
-    lines = [f"{'GiB per GPU':<16}" + "".join(f"{f'stage {i}' + '*' * (i == star):>10}" for i in range(4))]
+    lines = [f"{'GiB per ' + setting.unit:<16}" + "".join(f"{f'stage {i}' + '*' * (i == star):>10}" for i in range(4))]
     for i, (label, _) in enumerate(ests[0].rows(m)):
         cells = [e.rows(m)[i][1] for e in ests]
         lines.append(f"{label:<16}" + "".join(f"{'?' if c is None else _gib(c):>10}" for c in cells))
@@ -289,8 +298,9 @@ def _lora_line(setting: Setting) -> str:
 
 
 def describe(plan: Plan, gpu_memory_bytes: int | None = None) -> str:
-    """A short section for the dry run: the recipe's own configuration, per GPU."""
-    title = "== memory (estimate per GPU; `mplaunch plan` compares the ZeRO stages) =="
+    """A short section for the dry run: the recipe's own configuration, per GPU (or CPU process)."""
+    unit = "GPU" if plan.device == "cuda" else "process"
+    title = f"== memory (estimate per {unit}; `mplaunch plan` compares the ZeRO stages) =="
     try:
         setting = setting_of(plan)
     except UserError as err:
@@ -314,11 +324,17 @@ def describe(plan: Plan, gpu_memory_bytes: int | None = None) -> str:
 # --------------------------------------------------------------------------- mplaunch plan
 
 
-def _target(gpu_memory: tuple[int, str] | None, hardware: Hardware) -> tuple[int, str]:
-    """Bytes of GPU memory to plan for, and where that number comes from."""
+def _target(gpu_memory: tuple[int, str] | None, hardware: Hardware, plan: Plan) -> tuple[int, str]:
+    """Bytes of GPU memory (or host memory per CPU process) to plan for, and where that number comes from."""
     if gpu_memory is not None:
         size, text = gpu_memory
         return size, f"{_gib(size)} GiB per GPU (--gpu-memory {text})"
+    if plan.device == "cpu" and hardware.memory_bytes:
+        per = hardware.memory_bytes // plan.nproc_per_node
+        return per, (
+            f"{_gib(per)} GiB per process (this machine's {_gib(hardware.memory_bytes)} GiB over"
+            f" {plan.nproc_per_node} processes; --gpu-memory plans for GPUs instead)"
+        )
     if hardware.gpus:
         gpu = min(hardware.gpus, key=lambda g: g.memory_bytes)
         return gpu.memory_bytes, f"{_gib(gpu.memory_bytes)} GiB per GPU ({gpu.name})"
@@ -328,7 +344,8 @@ def _target(gpu_memory: tuple[int, str] | None, hardware: Hardware) -> tuple[int
 def show(
     plan: Plan, hardware: Hardware, gpu_memory: tuple[int, str] | None = None, num_params: int | None = None
 ) -> None:
-    """`mplaunch plan`: print the per-GPU memory table for ZeRO stages 0-3 and a suggestion.
+    """`mplaunch plan`: print the memory table for ZeRO stages 0-3 and a suggestion: per GPU, or per
+    process for a CPU plan (launch.device cpu) unless `gpu_memory` asks for GPUs.
 
     Args:
         plan: the recipe's plan (resolved with its problems kept: it may be meant for another machine).
@@ -336,8 +353,10 @@ def show(
         gpu_memory: bytes per GPU to plan for, and the --gpu-memory text they were read from.
         num_params: parameter count of a model.target model (--num-params).
     """
-    gpu_bytes, target = _target(gpu_memory, hardware)
+    gpu_bytes, target = _target(gpu_memory, hardware, plan)
     s = setting_of(plan, num_params)
+    if gpu_memory is not None or not hardware.memory_bytes:
+        s = replace(s, device="cuda")
     usable = int(gpu_bytes * HEADROOM)
     m = plan.recipe.model
     model = f"{m.name} {m.size}" if s.shape else (m.target or m.hf or m.name)
@@ -350,7 +369,7 @@ def show(
         print(_lora_line(s))
     print(f"target: {target}; fits means total <= {HEADROOM:.0%} of it ({_gib(usable)} GiB)")
     print(table(s, plan, usable))
-    print("total = params + grads + master + optimizer + context")
+    print("total = params + grads + master + optimizer" + (" + context" if s.device == "cuda" else ""))
     print("        + max(activations + comm buffers, step buffers): the step runs after backward frees them")
     print("* = the recipe's stage, with its offload settings where the stage allows them")
     if s.shape is None:

@@ -80,8 +80,13 @@ def resolve(recipe: Recipe, device: str, hardware: Hardware) -> PrecisionPolicy:
     bf16 = True if device == "cpu" else bool(hardware.gpus) and all(g.supports_bf16 for g in hardware.gpus)
     if p.dtype != "auto":
         dtype, reason = p.dtype, "set in the recipe"
+    elif device == "cpu" and hardware.cpu_bf16:
+        dtype, reason = "bf16", "auto: this CPU has native bf16 (AVX512-BF16 or AMX)"
     elif device == "cpu":
-        dtype, reason = "bf16", "auto: bf16 on CPU"
+        dtype, reason = "fp32", "auto: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated"
+    elif not hardware.gpus:
+        # Planned here for GPUs elsewhere (a Slurm login node): assume the GPUs of today's clusters.
+        dtype, reason = "bf16", "auto: no GPU is visible here, so bf16 is assumed (set fp16 for GPUs before Ampere)"
     elif bf16:
         dtype, reason = "bf16", "auto: every visible GPU is Ampere or newer"
     else:

@@ -196,7 +196,7 @@ class LossScale(Section):
 
 class Precision(Section):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """Compute dtype; auto picks bf16 on CPU and Ampere-or-newer GPUs, fp16 on older GPUs. Master weights stay fp32."""
+    """Compute dtype; auto picks bf16 on CPUs with native bf16 (AVX512-BF16, AMX) and Ampere-or-newer GPUs, fp32 on other CPUs, fp16 on older GPUs. Master weights stay fp32."""
     allow_tf32: bool = True
     """Let fp32 matrix products use TF32 tensor cores on Ampere or newer."""
     loss_scale: LossScale = LossScale()

@@ -15,7 +15,7 @@ from launcher.hardware import Gpu, Hardware
 
 ROOT = Path(__file__).resolve().parent.parent
 BERT = str(ROOT / "recipes" / "bert.yaml")
-CPU = Hardware(cpu_count=4)
+CPU = Hardware(cpu_count=4, cpu_bf16=True)  # precision auto: bf16
 H100x8 = Hardware(
     gpus=tuple(Gpu(i, "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30) for i in range(8)), cpu_count=64
 )

@@ -16,6 +16,8 @@ from launcher.shapes import Shape
 from launcher.state_bytes import Params, model_state_bytes
 from tests.conftest import RECIPES, ROOT
 
+GiB = 2**30
+
 PSI = 800_000_000  # parameters
 N = 8  # ranks: PSI / N = 1e8 exactly
 BERT_TINY = Shape("bert-mlm", 128, 2, 2, 512, 30522, 512)
@@ -370,3 +372,25 @@ def test_a_hugging_face_model_is_counted_from_its_safetensors_headers(tiny_model
     setting = memory.setting_of(plan)  # no --num-params needed
     assert setting.num_params == plan.num_params
     assert memory.setting_of(plan, num_params=1000).num_params == 1000  # --num-params still wins
+
+
+def test_a_cpu_plan_is_per_process_in_host_memory(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _no_gpu(monkeypatch, Hardware(cpu_count=2, memory_bytes=24 * GiB))
+    assert cli.main(["plan", str(RECIPES / "bert_tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "target: 12.00 GiB per process (this machine's 24.00 GiB over 2 processes;" in out
+    assert any(line.startswith("GiB per process") for line in out.splitlines())
+    assert "CUDA context" not in out
+    assert "total = params + grads + master + optimizer\n" in out
+    # Without overlap_comm (off on CPU) DeepSpeed allocates one reduce bucket, not two.
+    comm = next(line for line in out.splitlines() if line.startswith("comm buffers")).split()[2:]
+    assert comm[1] == f"{5e8 * 4 / GiB:.2f}"
+    # Asked for GPUs, the same plan is per GPU again, with a CUDA context.
+    assert cli.main(["plan", str(RECIPES / "bert_tiny.yaml"), "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("GiB per GPU") for line in out.splitlines())
+    assert "CUDA context" in out
+    dry = resolve(load(RECIPES / "bert_tiny.yaml"), Hardware(cpu_count=2))
+    assert memory.describe(dry).startswith("== memory (estimate per process;")

@@ -122,7 +122,8 @@ def test_batch_problem_stops_resolve() -> None:
 @pytest.mark.parametrize(
     ("hw", "device", "nproc", "dtype", "dist"),
     [
-        (CPU, "cpu", 1, "bf16", "gloo"),
+        (CPU, "cpu", 1, "fp32", "gloo"),  # no native bf16 said
+        (Hardware(cpu_count=8, cpu_bf16=True), "cpu", 1, "bf16", "gloo"),
         (H100x8, "cuda", 8, "bf16", "nccl"),
         (Hardware(gpus=(A100,)), "cuda", 1, "bf16", "nccl"),
         (V100x4, "cuda", 4, "fp16", "nccl"),
@@ -388,7 +389,7 @@ def test_describe_has_every_part_of_the_dry_run() -> None:
     [
         (
             make(precision={"loss_scale": {"window": 10}}),
-            CPU,
+            H100x8,
             "precision.loss_scale.window: has no effect with bf16",
         ),
         (
@@ -437,3 +438,27 @@ def test_the_sharding_said_is_the_one_that_runs(backend: str, stage: int, machin
     plan = resolve(make(backend=backend, zero={"stage": stage}, precision={"dtype": "fp32"}), machine)
     assert plan.sharding == said
     assert f"backend    {backend}, {said}\n" in plan.describe()
+
+
+@pytest.mark.parametrize(
+    ("machine", "device", "dtype", "reason"),
+    [
+        (Hardware(cpu_count=8, cpu_bf16=True), "cpu", "bf16", "native bf16"),
+        (Hardware(cpu_count=8), "cpu", "fp32", "no native bf16"),
+        (H100x8, "cuda", "bf16", "every visible GPU is Ampere or newer"),
+        (V100x4, "cuda", "fp16", "predates Ampere"),
+        (CPU, "cuda", "bf16", "no GPU is visible here, so bf16 is assumed"),
+    ],
+)
+def test_auto_precision_follows_the_hardware(machine: Hardware, device: str, dtype: str, reason: str) -> None:
+    plan = resolve(make(launch={"device": device}), machine, keep_machine_problems=True)
+    assert plan.precision.dtype == dtype
+    assert reason in plan.precision.reason
+
+
+def test_native_cpu_bf16_is_read_from_the_cpu_flags() -> None:
+    flags = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n"
+    assert hardware.cpu_has_bf16(flags)
+    assert hardware.cpu_has_bf16(flags.replace("avx512_bf16", "amx_bf16"))
+    assert not hardware.cpu_has_bf16(flags.replace("avx512_bf16", "avx512bw"))
+    assert not hardware.cpu_has_bf16("")
