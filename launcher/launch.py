@@ -5,8 +5,9 @@ Light side: no torch import. The launcher holds the run directory's lock
 before any worker starts, starts torchrun in its own session, forwards
 Ctrl-C and SIGTERM to the workers (which checkpoint and stop at the next
 step boundary), watches their heartbeats for a hang (launcher.watchdog),
-and turns a failing rank into one readable message, recorded as an "error"
-event in metrics.jsonl.
+turns a failing rank into one readable message, recorded as an "error"
+event in metrics.jsonl, and passes the workers' output on without torchrun's and
+the libraries' noise: above the live progress bar on a terminal (launcher.progress).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import IO, TextIO
 
 import yaml
 
-from launcher import resume
+from launcher import progress, resume
 from launcher.errors import UserError
 from launcher.plan import Plan
 from launcher.recipe import to_dict
@@ -187,10 +189,16 @@ class Workers:
         self.rank_lines: list[tuple[float, RankError]] = []  # `mplaunch: rank N: error:` lines
         self.rule = HangRule(plan.recipe.launch.hang_timeout, plan.world_size, time.time())
         self.done = threading.Event()
+        self.bar = progress.Bar.for_terminal(plan)
         env = {**os.environ, **plan.env}
+        env.pop(progress.ENV, None)
+        if self.bar is not None:
+            env[progress.ENV] = progress.LAUNCHER
+        out, err = sys.stdout, sys.stderr  # the real streams: the bar redirects sys.stderr above itself
         self.proc = subprocess.Popen(
             plan.command,
             env=env,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
@@ -200,23 +208,34 @@ class Workers:
             # stops its workers after the launcher died.
             pass_fds=(lock.fileno(),) if lock is not None else (),
         )
-        self.noise = _TorchrunFilter()
-        self.reader = threading.Thread(target=self._pump, daemon=True)
-        self.reader.start()
+        if self.bar is not None:
+            self.bar.start()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.readers = [
+            threading.Thread(target=self._pump, args=(stream, to, _TorchrunFilter(stderr)), daemon=True)
+            for stream, to, stderr in ((self.proc.stdout, out, False), (self.proc.stderr, err, True))
+        ]
+        for reader in self.readers:
+            reader.start()
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         self.watcher.start()
         self.previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+    def _pump(self, lines: IO[str], out: TextIO, noise: _TorchrunFilter) -> None:
+        """Pass one of the workers' streams on to ours, less the noise; above the live bar where
+        `out` is the terminal it is drawn on."""
+        for line in lines:
             match = _RANK_ERROR.match(line.rstrip("\n"))
             if match:  # printed once, as the headline, when the run has failed
                 rank = int(match["rank"])
                 self.rank_lines.append((time.time(), RankError(rank, match["message"], self.files.rank_error(rank))))
-            elif self.noise.keep(line):
-                sys.stderr.write(line)
-                sys.stderr.flush()
+            elif not noise.keep(line):
+                continue
+            elif self.bar is not None and out.isatty():
+                self.bar.print(line)
+            else:
+                out.write(line)
+                out.flush()
 
     def _forward(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
@@ -251,6 +270,8 @@ class Workers:
         while not self.done.wait(POLL_S):
             now = time.time()
             beats = self._beats()
+            if self.bar is not None:
+                self.bar.update(beats)
             if self.stop_at is not None:
                 self.rule.observe(beats)
                 if now - self.stop_at > self._grace_s():
@@ -337,7 +358,11 @@ class Workers:
         finally:
             self.done.set()
             self.watcher.join(timeout=STACK_WAIT_S + 2 * KILL_GRACE_S)
-            self.reader.join(timeout=5)
+            for reader in self.readers:
+                reader.join(timeout=5)
+            if self.bar is not None:  # the final step, then the bar stays above what follows
+                self.bar.update(self._beats())
+                self.bar.stop()
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
         code = 128 - code if code < 0 else code
@@ -390,22 +415,37 @@ def child_pids(pid: int) -> list[int]:
 
 
 class _TorchrunFilter:
-    """Drops torchrun's own log lines and its ChildFailedError traceback; workers' lines pass."""
+    """Drops torchrun's own log lines and its ChildFailedError traceback (`stderr`: torchrun writes
+    them there), and the notes DeepSpeed prints once per rank as it loads its ops; workers' lines pass."""
 
     _LOG = re.compile(r"^\s*(\[?[WEI]\d{4} |\[rank\d+\]:|torch\.distributed\.elastic|W\d{4}|E\d{4}|I\d{4})")
     _BANNER = re.compile(r"^(=+|-+)$")
+    # Successes the user cannot act on; a failed build still shows its compiler errors.
+    _OP_BUILD = re.compile(
+        r"^(DeepSpeed \S+ built successfully|Using \S+ as PyTorch extensions root\.*"
+        r"|Loading extension module \S+\.*|Time to load \S+ op: [\d.]+ seconds"
+        r"|Emitting ninja build file \S+\.*|Building extension module \S+\.*"
+        r"|Allowing ninja to set a default number of workers.*|ninja: no work to do\.)$"
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, stderr: bool = True) -> None:
+        self.stderr = stderr
         self.in_traceback = False
 
     def keep(self, line: str) -> bool:
         stripped = line.rstrip("\n")
+        if not self.stderr:  # a traceback a user's code prints to stdout must not silence the rest
+            return not self._OP_BUILD.match(stripped)
         if stripped.startswith("Traceback (most recent call last):"):
             # Workers never print tracebacks (they write them to RUN_DIR/logs); this one is torchrun's.
             self.in_traceback = True
         if self.in_traceback:
             return False
-        return not (self._LOG.match(stripped) or self._BANNER.match(stripped.strip()))
+        return not (
+            self._LOG.match(stripped)
+            or self._BANNER.match(stripped.strip())
+            or self._OP_BUILD.match(stripped)
+        )
 
 
 def _report_failure(plan: Plan, code: int, printed: list[RankError]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from launcher.backends import Backend, NonFiniteStep, StepStats, non_finite_message
 from launcher.health import PrecisionHealth
+from launcher import progress
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 
@@ -59,7 +61,7 @@ class Meter:
         self.samples_per_step = plan.batch.global_batch_size
         self.tokens_per_step = plan.batch.global_batch_size * plan.recipe.data.seq_len
         self.path = RunDir.from_plan(plan).metrics
-        self.console = Console(plan, start_step) if is_rank0 else None
+        self.console = Console(plan) if is_rank0 else None
         self.tb = _tensorboard(plan) if is_rank0 and plan.recipe.logging.tensorboard else None
         self.health = PrecisionHealth(plan) if is_rank0 else None
         self.step = start_step  # the step the last `record` was of
@@ -226,8 +228,6 @@ class Meter:
             _to_tensorboard(self.tb, record)
 
     def close(self) -> None:
-        if self.console is not None:
-            self.console.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -280,62 +280,20 @@ def _to_tensorboard(writer, record: dict[str, Any]) -> None:
 
 
 class Console:
-    """Rank 0's view: a live progress bar on a terminal, one plain line per interval elsewhere."""
+    """Rank 0's lines: one plain line per interval, and notes (events, evaluations).
 
-    def __init__(self, plan: Plan, start_step: int) -> None:
+    When the launcher draws the live bar (launcher.progress) it says so in MPLAUNCH_PROGRESS,
+    and the per-interval lines are left out; notes are printed either way.
+    """
+
+    def __init__(self, plan: Plan) -> None:
         self.total = plan.recipe.train.max_steps
         self.fp16 = plan.precision.loss_scale is not None
-        self.live = plan.recipe.logging.progress and sys.stderr.isatty()
-        self.progress = None
-        if self.live:
-            from rich.console import Console as RichConsole
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeRemainingColumn(),
-                console=RichConsole(stderr=True),
-            )
-            self.task = self.progress.add_task("train", total=self.total, completed=start_step, stats="")
-            self.progress.start()
-
-    def _stats(self, r: dict[str, Any]) -> str:
-        parts = [f"loss {r['loss']:.4f}"]
-        if r["loss_scale"] is not None:
-            parts.append(f"scale {r['loss_scale']:g}")
-        if self.fp16 or r["skipped_steps"]:
-            parts.append(f"skipped {r['skipped_steps']}")
-        parts.append(f"{r['samples_per_s']:,.1f} samples/s")
-        if r.get("mfu") is not None:
-            parts.append(f"MFU {100 * r['mfu']:.1f}%")
-        return " | ".join(parts)
+        self.quiet = os.environ.get(progress.ENV) == progress.LAUNCHER
 
     def show(self, record: dict[str, Any]) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=record["step"], stats=self._stats(record))
-        else:
-            remaining = (self.total - record["step"]) * record["step_time_s"]
-            print(
-                f"step {record['step']}/{self.total} | {self._stats(record)} | eta {_duration(remaining)}",
-                flush=True,
-            )
+        if not self.quiet:
+            print(progress.plain_line(record, self.total, self.fp16), flush=True)
 
     def note(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(message)
-        else:
-            print(message, flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+        print(message, flush=True)
