@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "bert_tiny.yaml"
 LORA = ROOT / "recipes" / "llama_sft_tiny.yaml"  # model.hf, LoRA, activation checkpointing, DeepSpeed ZeRO-2
 FINE_TUNE = ROOT / "recipes" / "bert_finetune_tiny.yaml"  # model.hf sequence classifier, every weight trains
-CPU = Hardware(cpu_count=4)
+CPU = Hardware(cpu_count=4, cpu_bf16=True)  # auto resolves bf16 only where the CPU computes it natively
 
 
 def metrics(losses: list[float], samples_per_s: float = 100.0) -> Metrics:
@@ -144,6 +144,11 @@ def test_default_out_is_under_the_logging_dir(tmp_path: Path) -> None:
 def test_auto_precision_resolves_to_the_machines_mixed_dtype(tmp_path: Path) -> None:
     pair = plan_pair(TINY, ["precision.dtype=auto"], 5, str(tmp_path), CPU)
     assert pair.mixed.precision.dtype == "bf16"
+
+
+def test_auto_precision_on_a_cpu_without_native_bf16_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="precision resolves to fp32"):
+        plan_pair(TINY, ["precision.dtype=auto"], 5, str(tmp_path), Hardware(cpu_count=4))
 
 
 def test_an_fp32_recipe_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
