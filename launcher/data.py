@@ -330,9 +330,12 @@ class Batches:
         self._order_epoch: int | None = None
         self._order = rows
         if self.steps_per_epoch == 0 and not evaluation:
+            d = plan.recipe.data
+            more = "raise data.num_samples" if d.kind == "synthetic" and d.target is None else "add data"
+            held = f", or lower data.eval_fraction ({d.eval_fraction:g})" if d.eval_fraction else ""
             raise ValueError(
-                f"{len(rows)} samples cannot fill one global batch of {self.global_}; "
-                "add data, lower train.global_batch_size, or raise data.num_samples"
+                f"{len(rows)} training samples cannot fill one global batch of {self.global_}; "
+                f"lower train.global_batch_size or {more}{held}"
             )
 
     def position(self, step: int) -> tuple[int, int]:

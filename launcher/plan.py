@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from launcher import backend_config, hf_dir, precision, targets, tasks, vocab
+from launcher import backend_config, data_check, hf_dir, precision, targets, tasks, vocab
 from launcher.batch import Batch, resolve_batch
 from launcher.errors import UserError
 from launcher.hardware import Hardware
@@ -254,6 +254,10 @@ def resolve(
     data_paths, tokenizer = data_files(recipe)
     if hf is not None and tokenizer is None and hf.has_tokenizer and recipe.data.kind != "synthetic":
         tokenizer = hf.source  # the model's own tokenizer
+    # Like a missing data file (launcher.recipe_rules), what the files hold stops the plan here.
+    found = data_check.problems(recipe, data_paths, batch.global_batch_size, tokenizer is None)
+    if found:
+        raise UserError(found)
     vocab_ = vocab.resolve(recipe, data_paths, tokenizer, RunDir.of(Path(run_dir)).tokenizer)
     if recipe.model.target is not None:
         vocab_ = target_vocab(recipe, vocab_)

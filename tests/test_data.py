@@ -92,10 +92,11 @@ def test_jsonl_data_reads_the_text_field(tmp_path: Path) -> None:
 
 
 def test_a_jsonl_record_without_the_field_names_file_and_line(tmp_path: Path) -> None:
+    # `check` reads the first 1000 records (launcher.data_check); the workers read every one.
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "fine"}\n{"other": "no text here"}\n')
+    path.write_text('{"text": "a fine record of a few words"}\n' * 1001 + '{"other": "no text here"}\n')
     plan = _plan(tmp_path, "data.kind=jsonl", f"data.paths=[{json.dumps(str(path))}]")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: record has no field 'text' \(data.text_field\)"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1002: record has no field 'text' \(data.text_field\)"):
         data.load_tokens(plan, 0, lambda: None)
 
 

@@ -26,7 +26,7 @@ LIGHT = {
     "plan", "precision", "backend_config", "hardware", "launch", "slurm", "requeue", "shapes", "memory",
     "state_bytes", "flops", "rundir", "loss_scale", "vocab", "checkpoint", "report", "plots", "parity",
     "environment", "health", "batch", "schedule", "resume", "tasks", "runlock",
-    "watchdog", "records", "token_cache", "hf_dir", "targets",
+    "watchdog", "records", "token_cache", "hf_dir", "targets", "progress", "data_check",
 }  # fmt: skip
 
 
