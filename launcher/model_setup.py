@@ -43,6 +43,9 @@ def model_for(plan: Plan, load_init: bool = True) -> tuple[nn.Module, list[str]]
 
         model, trainable = lora.apply(model, m.lora)
         notes.append(lora.describe(trainable))
+    if isinstance(model, LMLoss):
+        model.loss = plan.recipe.train.loss
+        notes += filter(None, [model.choose_loss()])
     return model, notes
 
 

@@ -52,33 +52,117 @@ def build(
     return built if shape.family == "tiny-mlp" else LMLoss(built, causal=shape.family == "gpt2-lm")
 
 
-class LMLoss(nn.Module):
-    """A transformers LM whose loss is taken from logits upcast to fp32.
+LOSSES = ("labelled", "full", "model")  # train.loss
 
-    transformers computes the cross-entropy in the logits' dtype; under
-    DeepSpeed's bf16 that rounds the loss to about 1/32 near 6 and puts the
-    softmax's gradient in bf16 too. Upcasting costs one fp32 copy of the
-    logits and keeps the loss, and what is logged, accurate.
+
+class LMLoss(nn.Module):
+    """A transformers LM trained on the cross-entropy `train.loss` chooses.
+
+    labelled  the output head runs on the labelled positions only (masked-LM: the ~15 % masked
+              tokens; causal-LM: every position but padding and an SFT prompt), and the
+              cross-entropy is taken from those logits upcast to fp32. The same loss as `full`
+              (row by row the same logits), without the head's work on positions without a label:
+              for a masked LM with a large vocabulary that is most of the head. Used when the LM is
+              its base model followed by one head module, and the two give its own logits
+              (`split_head`, checked once on a short row); else `full`.
+    full      the head on every position, the cross-entropy of all logits upcast to fp32.
+    model     the model's own loss (`labels=`), in the logits' dtype as transformers computes it:
+              what a plain training script does. Under bf16 a masked LM's loss is then rounded to
+              about 1/32 near 6, and the softmax's gradient is bf16 too.
     """
 
-    def __init__(self, lm: nn.Module, causal: bool) -> None:
+    def __init__(self, lm: nn.Module, causal: bool, loss: str = "labelled") -> None:
         super().__init__()
+        assert loss in LOSSES, loss
         self.lm = lm
         self.causal = causal
+        self.loss = loss
         # FSDP's transformer-based wrapping (accelerate) looks for the block classes here.
         self._no_split_modules = getattr(lm, "_no_split_modules", None)
+        # (base model, head) for `labelled`, decided by `choose_loss`; a tuple, so not submodules again.
+        self._split: tuple[nn.Module, ...] | None = None
+
+    def choose_loss(self) -> str | None:
+        """Decide how `labelled` runs (on the built model, before a backend wraps it); a line saying so
+        when it cannot run as asked, else None. Call again after replacing `lm` (model.lora does)."""
+        parts = split_head(self.lm) if self.loss == "labelled" else None
+        self._split = parts or ()
+        if self.loss != "labelled" or parts is not None:
+            return None
+        name = type(_base_of(self.lm)).__name__
+        return (
+            f"train.loss labelled: {name} is not its base model followed by one head, so the head runs "
+            "on every position (as train.loss full)"
+        )
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if "position_ids" in kwargs:
             # transformers builds its packed-sequence mask (one block per document) only when there is
             # no cache, and a model with config.use_cache makes an empty one even in training.
             kwargs["use_cache"] = False
-        logits = self.lm(input_ids=input_ids, **kwargs).logits
-        if self.causal:  # predict token t+1 from tokens up to t
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        return nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
-        )
+        if self.loss == "model":
+            return self.lm(input_ids=input_ids, labels=labels, **kwargs).loss
+        if self._split is None:  # built without launcher.model_setup
+            self.choose_loss()
+        parts = self._split
+        if not parts:
+            logits = self.lm(input_ids=input_ids, **kwargs).logits
+            if self.causal:  # predict token t+1 from tokens up to t
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            return _cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        body, head = parts
+        hidden = body(input_ids=input_ids, **kwargs)[0]
+        if self.causal:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        chosen = labels != -100
+        return _cross_entropy(head(hidden[chosen]), labels[chosen])
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)
+
+
+def split_head(lm: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformers LM's base model and output head, when it is made of just those two (its
+    base_model_prefix child and one other) and head(base(x)) gives its logits on a short row; None
+    otherwise. A peft model (model.lora) is looked through: its adapters sit inside the two."""
+    model = _base_of(lm)
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix, None) if prefix else None
+    others = [m for n, m in model.named_children() if n != prefix]
+    if not isinstance(body, nn.Module) or len(others) != 1 or not _composes(model, body, others[0]):
+        return None
+    return body, others[0]
+
+
+def _base_of(lm: nn.Module) -> nn.Module:
+    base = getattr(lm, "get_base_model", None)  # a peft PeftModel
+    found = base() if callable(base) else lm
+    return found if isinstance(found, nn.Module) else lm
+
+
+@torch.no_grad()
+def _composes(model: nn.Module, body: nn.Module, head: nn.Module) -> bool:
+    """head(body(x)) gives the model's logits on a short row (in eval mode, so dropout is off).
+
+    Some LMs do more between the two (a logit scale or soft-capping): those keep `full`.
+    """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 2:
+        return False
+    training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        ids = (1 + torch.arange(8, device=param.device) * 7919 % (vocab - 1)).unsqueeze(0)  # no id 0 (padding)
+        mask = torch.ones_like(ids)
+        whole = model(input_ids=ids, attention_mask=mask).logits.float()
+        split = head(body(input_ids=ids, attention_mask=mask)[0]).float()
+    except Exception:  # noqa: BLE001 - any failure means: do not split this model
+        return False
+    finally:
+        model.train(training)
+    return whole.shape == split.shape and torch.allclose(whole, split, rtol=1e-4, atol=1e-5)
 
 
 def _bert(shape: Shape, dropout: float) -> nn.Module:

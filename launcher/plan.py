@@ -156,6 +156,7 @@ class Plan:
             ("batch", self.batch.equation(self.nnodes, self.nproc_per_node)),
             ("backend", f"{self.recipe.backend}, {self.sharding}"),
             ("task", f"{tasks.resolve(self.recipe)} (data.task {self.recipe.data.task})"),
+            *([("loss", _LOSS_ROWS[self.recipe.train.loss])] if _is_language_model(self.recipe) else []),
             ("vocab", f"{self.vocab_size} ({self.vocab_source})"),
             *([("model", self._target_row())] if self.recipe.model.target else []),
             *([("model", self._hf_row())] if self.hf_dir else []),
@@ -482,6 +483,21 @@ def _env(recipe: Recipe, device: str, nproc: int, hardware: Hardware) -> dict[st
     return env
 
 
+# train.loss as the dry run says it (launcher.models.LMLoss does it).
+_LOSS_ROWS = {
+    "labelled": "train.loss labelled: the output head and an fp32 cross-entropy on labelled positions only",
+    "full": "train.loss full: the output head on every position, an fp32 cross-entropy",
+    "model": "train.loss model: the model's own loss, in the compute dtype",
+}
+
+
+def _is_language_model(recipe: Recipe) -> bool:
+    """The model is wrapped in launcher.models.LMLoss: a built-in LM, or model.hf with an LM task."""
+    if recipe.model.hf is not None:
+        return tasks.resolve(recipe) != tasks.SEQUENCE_CLASSIFICATION
+    return recipe.model.target is None and recipe.model.name not in (None, "tiny-mlp")
+
+
 def _warnings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> list[str]:
     """Settings that would silently have no effect."""
     written = explicitly_set(recipe)
@@ -512,6 +528,8 @@ def _warnings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> list[str]
         elif z.stage == 1:
             out.append("zero.stage: FSDP has no stage-1 mode; stage 1 runs as SHARD_GRAD_OP (ZeRO-2)")
     t = recipe.train
+    if "train.loss" in written and not _is_language_model(recipe):
+        out.append("train.loss: has no effect: the model is not a language model mplaunch takes the loss of")
     if recipe.scheduler.warmup_steps > t.max_steps:
         out.append(
             f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {t.max_steps};"

@@ -177,6 +177,8 @@ class Train(Section):
     """Wrap the model in torch.compile."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer's activations in the backward pass instead of keeping them: less memory, about a third more compute."""
+    loss: Literal["labelled", "full", "model"] = "labelled"
+    """A language model's loss: labelled runs the output head and an fp32 cross-entropy on labelled positions only (the same loss, less work); full on every position; model: the model's own loss in its compute dtype, as a plain script computes it."""
 
 
 class LossScale(Section):
@@ -252,7 +254,7 @@ class Logging(Section):
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory."""
     progress: bool = True
-    """Show a progress bar on rank 0."""
+    """Show progress: a live bar the launcher draws on a terminal, else one line per logging interval from rank 0."""
     memory_report: bool = False
     """After step 2 each rank writes RUN_DIR/memory/rank-N.json: bytes it holds in parameters, gradients, fp32 master weights and optimizer state."""
 
