@@ -1,140 +1,162 @@
-"""What mplaunch costs over a hand-written script: time to first step and steady-state step time.
+"""What mplaunch costs over a hand-written script of the same training, on DeepSpeed and on Accelerate.
 
-Runs the same training (tiny BERT, 2 CPU ranks, gloo, DeepSpeed ZeRO 2, fp32,
-the same DeepSpeed config, the same number of steps) through `mplaunch` and
-through bench/plain_train.py started by torchrun, alternating, several
-times; prints the medians and their ratios (mplaunch / plain). Target: both
-ratios within 1.05. Not a test: timings depend on the machine.
+The training: a BERT masked LM (vocabulary 8192, hidden 256, 4 layers, 4 heads), micro-batch 8,
+sequence 128, synthetic ids, 2 CPU ranks over gloo, bf16 (fp32 masters), DeepSpeed ZeRO-2 or
+Accelerate DDP. Three ways run side by side, alternating their order in every repeat:
 
-    python bench/overhead.py [--repeats 6] [--steps 80] [--out bench/results/overhead-cpu.json]
+    plain     bench/plain_train.py under torchrun: the model's own loss, the same DeepSpeed config
+              or Accelerate settings (read from the mplaunch run's plan.json), no logging
+    model     mplaunch with train.loss=model: the identical loss, so the ratio to plain is what
+              the launcher and its loop cost
+    labelled  mplaunch with its default train.loss=labelled: the same loss value, the output head
+              run on the masked positions only
+
+Measured per run: whole job (the command's wall time, start to exit), time to first step (step 1's
+end; mplaunch's `ready` event), steady step time (from step 10 to the last, from metrics.jsonl's
+records and the plain script's step end times). Printed: medians and the min-max of the ratios of
+runs paired within a repeat. Targets (mplaunch train.loss=model over plain): steady step time
+<= 1/0.98, whole job <= 1.02 at 200 steps, time to first step <= 1.0. Not a test: timings depend
+on the machine, so run it on an idle one.
+
+    python bench/overhead.py [--repeats 3] [--steps 20 200] [--backends deepspeed accelerate]
+                             [--out bench/results/overhead-cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-WARMUP = 10  # steps excluded from the steady state (first-step compilation, allocator warm-up)
+WARMUP = 10  # steps left out of the steady state (first-step work, allocator warm-up)
+WAYS = ("plain", "model", "labelled")
+MODEL = {"name": "bert-mlm", "size": "tiny", "hidden_size": 256, "num_layers": 4, "num_heads": 4,
+         "intermediate_size": 1024, "vocab_size": 8192}  # fmt: skip
 
 
-def _recipe(tmp: Path, steps: int) -> Path:
+def _recipe(tmp: Path, backend: str, steps: int, loss: str) -> Path:
     import yaml
 
     body = {
-        "extends": str(ROOT / "recipes" / "bert_tiny.yaml"),
-        "name": "overhead",
-        "train": {"max_steps": steps, "eval_every": 0},
+        "name": f"overhead-{backend}-{loss}",
+        "model": MODEL,
+        "data": {"kind": "synthetic", "num_samples": 4096, "seq_len": 128, "eval_fraction": 0.0},
+        "train": {"micro_batch_size": 8, "global_batch_size": 16, "max_steps": steps, "loss": loss},
+        "precision": {"dtype": "bf16"},
+        "backend": backend,
+        "zero": {"stage": 2 if backend == "deepspeed" else 0},
+        "launch": {"device": "cpu", "nproc_per_node": 2},
         "checkpoint": {"every_steps": 0, "resume": "never"},
         "logging": {"dir": str(tmp / "runs"), "every_steps": WARMUP, "tensorboard": False, "progress": False},
     }
-    path = tmp / "overhead.yaml"
+    path = tmp / f"{body['name']}.yaml"
     path.write_text(yaml.safe_dump(body))
     return path
 
 
-def run_mplaunch(tmp: Path, steps: int) -> tuple[float, float]:
-    recipe = _recipe(tmp, steps)
-    run_dir = tmp / "runs" / "overhead"
-    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+def run_mplaunch(tmp: Path, backend: str, steps: int, loss: str) -> dict[str, float]:
+    recipe = _recipe(tmp, backend, steps, loss)
+    run_dir = tmp / "runs" / f"overhead-{backend}-{loss}"
+    shutil.rmtree(run_dir, ignore_errors=True)
     started = time.time()
     subprocess.run([sys.executable, "-m", "launcher", str(recipe)], check=True, cwd=ROOT, capture_output=True)
-    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = {r["step"]: r["time"] for r in train if r["kind"] == "train"}
-    # The first record is written at step WARMUP; its per-step time gives the first step's end.
-    first = times[WARMUP] - (WARMUP - 1) * (times[2 * WARMUP] - times[WARMUP]) / WARMUP
-    steady = (times[steps] - times[WARMUP]) / (steps - WARMUP)
-    return first - started, steady
+    ended = time.time()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = {r["step"]: r["time"] for r in records if r["kind"] == "train"}
+    ready = next(r for r in records if r["kind"] == "event" and r["event"] == "ready")
+    return {
+        "job_s": ended - started,
+        "first_step_s": ready["time"] - started,
+        "step_s": (times[steps] - times[WARMUP]) / (steps - WARMUP),
+    }
 
 
-def run_plain(tmp: Path, steps: int) -> tuple[float, float]:
-    plan = tmp / "runs" / "overhead" / "plan.json"  # the config mplaunch generated for the same recipe
+def run_plain(tmp: Path, backend: str, steps: int) -> dict[str, float]:
+    plan = tmp / "runs" / f"overhead-{backend}-model" / "plan.json"  # written by the warm-up run
     out = tmp / "plain.json"
-    env_cmd = [
-        "env",
-        "DS_ACCELERATOR=cpu",
-        "OMP_NUM_THREADS=1",
-        "PYTHONUNBUFFERED=1",
-        "TOKENIZERS_PARALLELISM=false",
-    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+               str(ROOT / "bench" / "plain_train.py"), str(plan), str(steps), str(out)]  # fmt: skip
     started = time.time()
-    subprocess.run(
-        [
-            *env_cmd,
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes=1",
-            "--nproc-per-node=2",
-            str(ROOT / "bench" / "plain_train.py"),
-            str(plan),
-            str(steps),
-            str(out),
-        ],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, env=env)
+    ended = time.time()
     ends = json.loads(out.read_text())["step_end_times"]
-    return ends[0] - started, (ends[steps - 1] - ends[WARMUP - 1]) / (steps - WARMUP)
+    return {
+        "job_s": ended - started,
+        "first_step_s": ends[0] - started,
+        "step_s": (ends[steps - 1] - ends[WARMUP - 1]) / (steps - WARMUP),
+    }
+
+
+def _one(tmp: Path, backend: str, steps: int, way: str) -> dict[str, float]:
+    return run_plain(tmp, backend, steps) if way == "plain" else run_mplaunch(tmp, backend, steps, way)
+
+
+def _ratios(runs: dict[str, list[dict[str, float]]], way: str, key: str) -> dict[str, float]:
+    paired = [m[key] / p[key] for m, p in zip(runs[way], runs["plain"], strict=True)]
+    return {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=6)
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, nargs="+", default=[20, 200])
+    p.add_argument("--backends", nargs="+", default=["deepspeed", "accelerate"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead-cpu.json")
     args = p.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {"mplaunch": [], "plain": []}
+    report: dict[str, Any] = {
+        "device": f"CPU: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "model": MODEL,
+        "micro_batch_size": 8,
+        "seq_len": 128,
+        "world_size": 2,
+        "dtype": "bf16",
+        "repeats": args.repeats,
+        "results": {},
+    }
+    lines = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        run_mplaunch(tmp, args.steps)  # warms the DeepSpeed op cache and writes plan.json for the baseline
-        for i in range(args.repeats):
-            # Alternate which goes first so neither always runs on a warmer (or busier) machine.
-            order = ("mplaunch", "plain") if i % 2 == 0 else ("plain", "mplaunch")
-            for which in order:
-                runner = run_mplaunch if which == "mplaunch" else run_plain
-                results[which].append(runner(tmp, args.steps))
-            print(
-                f"repeat {i + 1}: mplaunch {results['mplaunch'][-1]}, plain {results['plain'][-1]}",
-                flush=True,
-            )
-    med = {
-        k: (statistics.median(v[0] for v in r), statistics.median(v[1] for v in r))
-        for k, r in results.items()
-    }
-    ratio_first = med["mplaunch"][0] / med["plain"][0]
-    ratio_step = med["mplaunch"][1] / med["plain"][1]
-    print(
-        f"time to first step : mplaunch {med['mplaunch'][0]:.2f} s, plain {med['plain'][0]:.2f} s, "
-        f"ratio {ratio_first:.3f}"
-    )
-    print(
-        f"steady step time   : mplaunch {1000 * med['mplaunch'][1]:.1f} ms, plain {1000 * med['plain'][1]:.1f} ms, "
-        f"ratio {ratio_step:.3f}"
-    )
-    print(f"target: both ratios <= 1.05: {'met' if max(ratio_first, ratio_step) <= 1.05 else 'NOT met'}")
+        for backend in args.backends:
+            run_mplaunch(tmp, backend, max(args.steps), "model")  # warms the op cache, writes the plan
+            for steps in args.steps:
+                runs: dict[str, list[dict[str, float]]] = {w: [] for w in WAYS}
+                for i in range(args.repeats):
+                    order = WAYS[i % len(WAYS) :] + WAYS[: i % len(WAYS)]  # each way goes first in turn
+                    for way in order:
+                        runs[way].append(_one(tmp, backend, steps, way))
+                    print(f"{backend} {steps} steps, repeat {i + 1}: "
+                          + ", ".join(f"{w} {runs[w][-1]}" for w in WAYS), flush=True)  # fmt: skip
+                keys = ("job_s", "first_step_s", "step_s")
+                summary = {
+                    "runs": runs,
+                    "median": {w: {k: statistics.median(r[k] for r in runs[w]) for k in keys} for w in WAYS},
+                    "ratio_to_plain": {w: {k: _ratios(runs, w, k) for k in keys} for w in WAYS[1:]},
+                }
+                report["results"][f"{backend}-{steps}"] = summary
+                for way in WAYS[1:]:
+                    r = summary["ratio_to_plain"][way]
+                    lines.append(
+                        f"{backend:>10} {steps:>4} steps  {way:>8}/plain  "
+                        + "  ".join(f"{k} {r[k]['median']:.3f} [{r[k]['min']:.3f}-{r[k]['max']:.3f}]" for k in keys)
+                    )
+    print("\nratios of paired runs, median [min-max] (mplaunch / hand-written):")
+    print("\n".join(lines))
+    report["summary"] = lines
+    report["time"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     import torch
 
-    report = {
-        "device": f"CPU: {platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
-        "torch": torch.__version__,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "runs": results,
-        "median_s": med,
-        "ratio_time_to_first_step": ratio_first,
-        "ratio_steady_step_time": ratio_step,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+    report["torch"] = torch.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,96 +1,140 @@
 """The hand-written baseline for bench/overhead.py: the training mplaunch runs, written out plainly.
 
-Started by torchrun exactly as mplaunch starts its workers. It trains the
-same tiny BERT on the same corpus (its own WordPiece tokenizer, trained the
-same way), hands DeepSpeed the same config dict mplaunch generated (read
-from that run's plan.json), and prints a JSON line of timings on rank 0:
-the wall-clock time when each step finished.
+Started by torchrun exactly as mplaunch starts its workers. It reads the plan.json of the
+mplaunch run it is compared with and trains the same model (a BERT masked LM of the plan's
+shape) on the same kind of data (synthetic ids, 15 % masked), with the same optimizer,
+learning-rate schedule, clipping and precision, through the same backend:
+
+* deepspeed: `deepspeed.initialize` with the DeepSpeed config dict mplaunch generated;
+* accelerate: an Accelerator (DDP), AdamW, torch.autocast in the plan's dtype, as mplaunch's
+  Accelerate backend does.
+
+The loss is the model's own (`model(..., labels=...).loss`), which mplaunch computes with
+`train.loss=model`. Rank 0 writes a JSON file with the wall-clock time each step ended.
 
     torchrun --standalone --nproc-per-node=2 bench/plain_train.py PLAN_JSON STEPS OUT_JSON
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+SPECIALS = 5  # ids below this are special tokens in mplaunch's synthetic data; 4 is [MASK]
 
 
 def main() -> None:
     plan_path, steps, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     with open(plan_path) as f:
-        plan = json.load(f)
-    recipe, config = plan["recipe"], plan["plan"]["backend_config"]
+        saved = json.load(f)
+    recipe, plan = saved["recipe"], saved["plan"]
     dist.init_process_group("gloo")
-    rank, _world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(recipe["train"]["seed"])
 
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    texts = [
-        line.strip()
-        for p in plan["plan"]["data_paths"]
-        for line in Path(p).read_text().splitlines()
-        if line.strip()
-    ]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        texts,
-        trainers.WordPieceTrainer(
-            vocab_size=8192,
-            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-            show_progress=False,
-        ),
-    )
-    seq = recipe["data"]["seq_len"]
-    stream = [i for enc in tok.encode_batch(texts, add_special_tokens=False) for i in [*enc.ids, 3]]
-    rows = len(stream) // (seq - 2)
-    body = torch.tensor(stream[: rows * (seq - 2)]).view(rows, seq - 2)
-    ids = torch.cat([torch.full((rows, 1), 2), body, torch.full((rows, 1), 3)], dim=1)
-
-    import deepspeed
     from transformers import BertConfig, BertForMaskedLM
 
-    m = recipe["model"]
+    shape, dropout = plan["shape"], recipe["model"]["dropout"]
     model = BertForMaskedLM(
         BertConfig(
-            vocab_size=tok.get_vocab_size(),
-            hidden_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=512,
-            hidden_dropout_prob=m["dropout"],
-            attention_probs_dropout_prob=m["dropout"],
+            vocab_size=plan["vocab_size"],
+            hidden_size=shape["hidden_size"],
+            num_hidden_layers=shape["num_layers"],
+            num_attention_heads=shape["num_heads"],
+            intermediate_size=shape["intermediate_size"],
+            max_position_embeddings=shape["max_position_embeddings"],
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
             attn_implementation="sdpa",
         )
     )
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    batch = plan["batch"]
+    micro, accum, seq = batch["micro_batch_size"], batch["grad_accum"], recipe["data"]["seq_len"]
+    plan["warmup_steps"] = recipe["scheduler"]["warmup_steps"]
+    step = _deepspeed(model, plan) if recipe["backend"] == "deepspeed" else _accelerate(model, plan)
 
-    micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     gen = torch.Generator().manual_seed(rank)
     done = []
     for _ in range(steps):
+        micro_batches = []
         for _ in range(accum):
-            batch = ids[torch.randint(0, rows, (micro,), generator=gen)]
-            chosen = torch.rand(batch.shape, generator=gen) < 0.15
-            labels = torch.where(chosen, batch, torch.full_like(batch, -100))
-            inputs = torch.where(chosen, torch.full_like(batch, 4), batch)
-            loss = engine(input_ids=inputs, labels=labels).loss
-            engine.backward(loss)
-            engine.step()
-        loss.item()  # what a plain script does to print the loss
+            ids = torch.randint(SPECIALS, plan["vocab_size"], (micro, seq), generator=gen)
+            chosen = torch.rand(ids.shape, generator=gen) < 0.15
+            micro_batches.append(
+                {
+                    "input_ids": torch.where(chosen, torch.full_like(ids, 4), ids),
+                    "labels": torch.where(chosen, ids, torch.full_like(ids, -100)),
+                }
+            )
+        loss = step(micro_batches)
+        if len(done) % recipe["logging"]["every_steps"] == 0:
+            loss.item()  # what a plain script does to print the loss now and then
         done.append(time.time())
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"step_end_times": done, "pid": os.getpid()}, f)
     dist.destroy_process_group()
+
+
+def _schedule(plan: dict, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, plan["warmup_steps"])  # linear warm-up, then constant: a step costs the same
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+
+def _deepspeed(model: torch.nn.Module, plan: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=plan["backend_config"],
+        lr_scheduler=lambda opt: _schedule(plan, opt),
+    )
+
+    def step(micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        for b in micro_batches:
+            loss = engine(**b).loss
+            engine.backward(loss)
+            engine.step()
+        return loss
+
+    return step
+
+
+def _accelerate(model: torch.nn.Module, plan: dict):
+    from accelerate import Accelerator
+
+    settings = plan["backend_config"]
+    opt = settings["optimizer"]
+    acc = Accelerator(cpu=settings["accelerator"]["cpu"])
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"]
+    )
+    model, optimizer = acc.prepare(model, optimizer)
+    scheduler = _schedule(plan, optimizer)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["autocast"])
+    clip = settings["grad_clip"]
+
+    def step(micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        for i, b in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
+                with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+                    loss = model(**b).loss
+                (loss.float() / len(micro_batches)).backward()
+        acc.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 if __name__ == "__main__":

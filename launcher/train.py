@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +91,39 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.signal = signum
+
+
+class StopAgreement:
+    """Every rank stops at the same step, without waiting on the others at every step.
+
+    Each step starts an all-reduce of this rank's stop flag over the gloo control group in the
+    background (async_op) and reads the one started a step earlier, which has long finished: the
+    ranks agree on the flags of step N at the end of step N + 1. A signal is thus honoured one
+    step later than it would be by a blocking all-reduce, and no step waits for the slowest rank's
+    host to reach the same line (on a GPU that wait would also stop the host from queueing work).
+    """
+
+    def __init__(self, d: Dist) -> None:
+        self.d = d
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def step(self, flag: bool) -> bool:
+        """Send this step's flag; True on every rank alike once some rank's flag of the step before was."""
+        if self.d.world == 1:
+            return flag
+        mine = torch.tensor([int(flag)])
+        work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.d.control, async_op=True)
+        previous, self.pending = self.pending, (work, mine)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())
+
+    def close(self) -> None:
+        """Wait for the last all-reduce (every rank started it), so none is left in flight."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +215,42 @@ def _fail(plan: Plan, rank: int, message: str) -> int:
     return EXIT_FAILED
 
 
+class Phases:
+    """How long a rank took from its process's start to its first step, phase by phase.
+
+    "start" is the time before `setup` began: the interpreter, imports (torch, the backend),
+    the process group. Each phase ends when `end` names it.
+    """
+
+    def __init__(self) -> None:
+        now = time.time()
+        began = _process_start_time()
+        self.began = now if began is None else began
+        self.last = now
+        self.seconds: dict[str, float] = {"start": round(now - self.began, 3)}
+
+    def end(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
+
+    def describe(self, step: int) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        return f"step {step} done {self.last - self.began:.1f} s after the worker started ({parts})"
+
+
+def _process_start_time() -> float | None:
+    """This process's start (Unix s), from /proc (Linux); None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 @dataclass
 class Run:
     """Everything the loop works with, built once per rank by `setup`."""
@@ -194,6 +264,7 @@ class Run:
     stop: StopRequest
     d: Dist
     start: int  # the step training starts (or resumes) at
+    phases: Phases  # how long setting up took, by phase
 
 
 def run(plan: Plan) -> int:
@@ -213,8 +284,10 @@ def run(plan: Plan) -> int:
 
 def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     """Data, model, backend and resume state of this rank."""
+    phases = Phases()
     _seed(plan.recipe.train.seed)
     tokens = data.load_tokens(plan, d.rank, d.barrier)
+    phases.end("data")
     # Same seed on every rank for the weights; the backends also broadcast rank 0's.
     model, notes = model_for(plan)
     positions = False
@@ -223,8 +296,10 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
         notes.append(note)
     for note in notes if d.rank == 0 else []:
         print(f"mplaunch: {note}", flush=True)
+    phases.end("model")
     _seed(plan.recipe.train.seed + d.rank)
     backend = load_backend(plan, model)
+    phases.end("backend")
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
     train = data.Batches(tokens, rows.train, plan, d.rank, positions=positions)
     evals: data.Batches | None = None
@@ -232,9 +307,10 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
         evals = data.Batches(tokens, rows.eval, plan, d.rank, evaluation=True, positions=positions)
     ckpt = Checkpointer(plan, RunDir.from_plan(plan), d)
     start = ckpt.restore(backend)
+    phases.end("restore")
     meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan))
     ckpt.report(meter)  # checkpoints the restore rejected, as metrics events
-    return Run(plan, backend, train, evals, meter, ckpt, stop, d, start)
+    return Run(plan, backend, train, evals, meter, ckpt, stop, d, start, phases)
 
 
 def fit(r: Run) -> int:
@@ -253,6 +329,7 @@ def fit(r: Run) -> int:
         f"training from step {r.start} to {t.max_steps}",
         from_step=r.start,
     )
+    agreement = StopAgreement(r.d)
     for step in range(r.start, t.max_steps):
         waited = time.perf_counter()
         micro = next(steps)
@@ -262,6 +339,9 @@ def fit(r: Run) -> int:
         done = step + 1
         beat(done, "step")
         meter.record(stats)
+        if step == r.start:
+            r.phases.end("first step")
+            meter.event(done, "ready", r.phases.describe(done), seconds=r.phases.seconds)
         if stats.skipped:
             scale = backend.loss_scale()
             meter.event(
@@ -276,12 +356,14 @@ def fit(r: Run) -> int:
             meter.flush(done, backend, r.batches.position(done)[0])
         if r.evals is not None and t.eval_every and done % t.eval_every == 0:
             meter.eval(done, evaluate(backend, r.evals, t.eval_steps, r.d))
-        stopping = r.d.any(r.stop.signal is not None)  # every rank stops at the same step
+        stopping = agreement.step(r.stop.signal is not None)  # every rank stops at the same step
         if r.ckpt.due(done, stopping):
             r.ckpt.save(done, backend, meter, r.batches.position(done))
             beat(done, "checkpoint")
         if stopping:
+            agreement.close()
             return _stopped(r, done)
+    agreement.close()
     r.ckpt.finish(t.max_steps)
     meter.event(t.max_steps, "finish", f"finished {t.max_steps} steps")
     return EXIT_OK

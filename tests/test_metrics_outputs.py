@@ -51,7 +51,7 @@ TRAIN_FIELDS: dict[str, tuple[type, ...]] = {
     "overflow_rate": (float, int),
     "epoch": (int,),
 }
-EVENTS = {"start", "resume", "checkpoint", "overflow", "warning", "stop", "finish", "error"}
+EVENTS = {"start", "resume", "ready", "checkpoint", "overflow", "warning", "stop", "finish", "error"}
 # TensorBoard tags the Meter writes for a CPU fp32 run (null fields such as loss_scale and mfu are left out).
 TB_TAGS = {
     "train/loss",
@@ -134,7 +134,12 @@ def test_metrics_jsonl_has_the_documented_fields(finished: Path) -> None:
     events = records(finished, "event")
     assert {e["event"] for e in events} <= EVENTS
     assert all(isinstance(e["message"], str) and isinstance(e["time"], float) for e in events)
-    assert [e["event"] for e in events if e["event"] != "checkpoint"] == ["start", "finish"]
+    assert [e["event"] for e in events if e["event"] != "checkpoint"] == ["start", "ready", "finish"]
+    ready = next(e for e in events if e["event"] == "ready")
+    assert ready["step"] == 1
+    assert list(ready["seconds"]) == ["start", "data", "model", "backend", "restore", "first step"]
+    assert all(s >= 0 for s in ready["seconds"].values())
+    assert ready["message"].startswith("step 1 done ")
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [6, 12]
 
 

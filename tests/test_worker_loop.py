@@ -122,6 +122,7 @@ def _run(plan: Plan, tokens: data.Tokens, backend: FakeBackend, stop: Any = None
         stop=stop or SimpleNamespace(signal=None),
         d=d,
         start=start,
+        phases=train.Phases(),
     )
 
 
@@ -216,3 +217,27 @@ def test_a_non_finite_loss_stops_before_a_checkpoint_is_sealed(
     assert _sealed(plan) == [2]
     assert not list(RunDir.from_plan(plan).checkpoints.glob(".tmp-*"))
     assert RunDir.from_plan(plan).finished_step() is None
+
+
+def _agree(rank: int, init: str, flags: list[list[bool]], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    agreement = train.StopAgreement(train.Dist(rank, 2, rank, None))
+    seen = [agreement.step(flag) for flag in flags[rank]]
+    agreement.close()
+    dist.destroy_process_group()
+    Path(f"{out}.{rank}").write_text(json.dumps(seen))
+
+
+def test_ranks_agree_to_stop_at_the_same_step_one_step_after_a_flag(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    # Rank 1 is signalled during step 3 (index 2); rank 0 never is.
+    flags = [[False] * 6, [False, False, True, True, True, True]]
+    out = str(tmp_path / "seen")
+    mp.spawn(_agree, args=(f"file://{tmp_path / 'rendezvous'}", flags, out), nprocs=2, join=True)
+    seen = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    assert seen[0] == seen[1] == [False, False, False, True, True, True]
+    single = train.StopAgreement(train.Dist(0, 1, 0, None))
+    assert [single.step(f) for f in (False, True)] == [False, True]  # one rank: at once
