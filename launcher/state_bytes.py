@@ -9,7 +9,9 @@ runtime/zero/stage_1_and_2.py, stage3.py, fp16/unfused_optimizer.py) differs:
 * fp32 runs: params and grads are 4 bytes. Stages 1-2 still clone an fp32
   master partition (4Psi/N); stage 0 (plain torch AdamW) has none, stage 3 clones it.
 * stage 1 reduces gradients only at the accumulation boundary: with grad_accum
-  > 1 it keeps every 16-bit gradient between micro-batches (the paper's 2Psi);
+  > 1 it keeps every 16-bit gradient between micro-batches (the paper's 2Psi),
+  and at the boundary releases them as it reduces them into its partition, so the
+  two do not add up (measured: the most any micro-batch's backward leaves is 2Psi);
   at grad_accum 1 it keeps only its reduced partition (2Psi/N), as stage 2 does.
 * stage 3 keeps parameters of <= 1e5 elements (stage3_param_persistence_threshold,
   default) whole on every rank, besides their partition: biases and LayerNorms.
@@ -194,12 +196,12 @@ def model_state_bytes(
     """Model-state bytes per rank for Adam(W), by category.
 
     What each row counts, as a measurement would sum numel * element_size after
-    backward at an accumulation boundary, before the step:
+    a micro-batch's backward (the most over the step's micro-batches), before the step:
       params     DeepSpeed stages 0-2: every p in model.parameters(). Stage 3: every
                  p.ds_tensor, plus p.data of the persistent ones (p.ds_persist).
                  Accelerate: the fp32 parameters (FSDP: this rank's flat shard).
       grads      DeepSpeed stage 0: every p.grad. Stages 1-2: optimizer.averaged_gradients
-                 (stage 1 with grad_accum > 1 also keeps every p.grad between micro-batches).
+                 (stage 1 with grad_accum > 1: every p.grad, kept between micro-batches).
                  Stage 3: optimizer.grad_partitions_flat_buffer. Accelerate: p.grad (fp32).
       master     Stage 0 mixed: optimizer.fp32_groups. Stages 1-2:
                  optimizer.single_partition_of_fp32_groups. Stage 3 mixed:
@@ -248,7 +250,9 @@ def _zero12_state(
     pending = w * psi if stage == 1 and accum == 1 and not overlap else 0
     buckets = w * REDUCE_BUCKET * (2 if overlap else 1) + pending
     if not offload:
-        return ModelState(w * psi, full_grads + w * part, 4 * part, 8 * part, buckets, 4 * part * mixed)
+        # The partition takes the place of the full gradients it is reduced from.
+        grads = max(full_grads, w * part)
+        return ModelState(w * psi, grads, 4 * part, 8 * part, buckets, 4 * part * mixed)
     # Host: fp32 master, moments and gradient partition, a 16-bit staging copy of the
     # partition, and a largest-tensor gradient buffer (mirrored on the device).
     largest = max(p.tensors, default=0)

@@ -110,11 +110,13 @@ def test_zero_shards_master_weights_and_optimizer_state(workdir: Path, dtype: st
             # rank, which is all of the tiny BERT: the planner test below checks that row.
 
 
-# The planner's model-state rows against the bytes each rank really held (launcher/memory.py
+# The planner's model-state rows against the bytes each rank really held (launcher/state_bytes.py
 # documents which tensors each row counts). 5 %: padding to DeepSpeed's alignment and the
 # partition boundaries account for a few bytes per tensor on a model this small. Gradients are
-# not compared: DeepSpeed moves them through reduce buckets during backward, so one snapshot at
-# the accumulation boundary catches a bucket half-way and says little about the planner's row.
+# the most any micro-batch's backward left held (grad_accum 2 here). At stage 2 they are not
+# compared: rank 0 ends a micro-batch holding up to 22 % more than its partition (measured:
+# 673,024 bytes of bf16 gradients against a 551,730-byte partition; rank 1 within 2 %), which
+# the planner does not model.
 PLANNER_TOLERANCE = 0.05
 
 
@@ -134,7 +136,7 @@ def test_memory_planner_matches_what_each_rank_holds(workdir: Path, stage: int, 
     )
     for rank in (0, 1):
         held = _held(workdir, stage, dtype, rank)
-        for row in ("params", "master", "optimizer"):
+        for row in ("params", "master", "optimizer", *(("grads",) if stage != 2 else ())):
             expected = getattr(predicted, row)
             assert held[row] == pytest.approx(expected, rel=PLANNER_TOLERANCE, abs=64), (
                 row,

@@ -43,6 +43,7 @@ _GRADS = (
     "averaged_gradients",
     "grad_partitions_flat_buffer",
     "fp32_groups_gradients_flat",
+    "all_grad_tensors",  # stage 1-2: this rank's partition of the gradients, kept between micro-batches
 )
 
 
@@ -76,8 +77,8 @@ class Engine:
             loss = loss_of(self.engine(**to_device(batch, self.device)))
             self.engine.backward(loss)
             last = i == len(micro_batches) - 1
-            if self.measure_grads and last:
-                self.grad_bytes = self._grad_bytes()
+            if self.measure_grads:  # the most any micro-batch's backward left held
+                self.grad_bytes = max(self.grad_bytes or 0, self._grad_bytes())
             if self.own_norm and last:
                 own_norm = _grad_norm(self.engine.module.parameters())  # reduced already, before clipping
             try:
@@ -134,7 +135,8 @@ class Engine:
     def _grad_bytes(self) -> int:
         opt = self.engine.optimizer
         return tensor_bytes(
-            [p.grad for p in self.engine.module.parameters()], [getattr(opt, a, None) for a in _GRADS]
+            [[p.grad, getattr(p, "grad_accum", None)] for p in self.engine.module.parameters()],
+            [getattr(opt, a, None) for a in _GRADS],
         )
 
     def state_bytes(self) -> dict[str, int]:
