@@ -24,6 +24,8 @@ FAST = {
     "logging": {"every_steps": 1, "tensorboard": False, "progress": False},
     "checkpoint": {"every_steps": 0},
     "scheduler": {"warmup_steps": 2},
+    # The shipped recipe's auto is bf16 on CPUs with native bf16: the same dtype on every host.
+    "precision": {"dtype": "fp32"},
 }
 # FAST for a model.target: built-in model keys beside a target (model.dropout) are refused.
 FAST_USER_MODEL = {k: v for k, v in FAST.items() if k != "model"}

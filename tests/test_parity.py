@@ -152,7 +152,7 @@ def test_auto_precision_on_a_cpu_without_native_bf16_is_a_usage_error(tmp_path: 
 
 
 def test_an_fp32_recipe_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["parity", str(TINY), "--steps", "5", "--out", str(tmp_path)])
+    code = cli.main(["parity", str(TINY), "precision.dtype=fp32", "--steps", "5", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1
