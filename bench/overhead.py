@@ -1,7 +1,7 @@
 """What mplaunch costs over a hand-written script of the same training, on DeepSpeed and on Accelerate.
 
 The training: a BERT masked LM (vocabulary 8192, hidden 256, 4 layers, 4 heads), micro-batch 8,
-sequence 128, synthetic ids, 2 CPU ranks over gloo, bf16 (fp32 masters), DeepSpeed ZeRO-2 or
+sequence 128, synthetic ids, 2 CPU ranks over gloo (or a rank per GPU over NCCL), bf16 (fp32 masters), DeepSpeed ZeRO-2 or
 Accelerate DDP. Three ways run side by side, alternating their order in every repeat:
 
     plain     bench/plain_train.py under torchrun: the model's own loss, the same DeepSpeed config
@@ -19,7 +19,10 @@ runs paired within a repeat. Targets (mplaunch train.loss=model over plain): ste
 on the machine, so run it on an idle one.
 
     python bench/overhead.py [--repeats 3] [--steps 20 200] [--backends deepspeed accelerate]
-                             [--out bench/results/overhead-cpu.json]
+                             [--device cpu|cuda] [--out FILE]
+
+--device cuda runs one rank per visible GPU over NCCL (the same model and batch: small enough that
+the host's work per step shows) and writes bench/results/overhead-GPU_NAME.json.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ MODEL = {"name": "bert-mlm", "size": "tiny", "hidden_size": 256, "num_layers": 4
          "intermediate_size": 1024, "vocab_size": 8192}  # fmt: skip
 
 
+DEVICE = {"device": "cpu", "nproc_per_node": 2}  # main() sets the device and its ranks
+
+
 def _recipe(tmp: Path, backend: str, steps: int, loss: str) -> Path:
     import yaml
 
@@ -55,7 +61,7 @@ def _recipe(tmp: Path, backend: str, steps: int, loss: str) -> Path:
         "precision": {"dtype": "bf16"},
         "backend": backend,
         "zero": {"stage": 2 if backend == "deepspeed" else 0},
-        "launch": {"device": "cpu", "nproc_per_node": 2},
+        "launch": dict(DEVICE),
         "checkpoint": {"every_steps": 0, "resume": "never"},
         "logging": {"dir": str(tmp / "runs"), "every_steps": WARMUP, "tensorboard": False, "progress": False},
     }
@@ -84,8 +90,10 @@ def run_mplaunch(tmp: Path, backend: str, steps: int, loss: str) -> dict[str, fl
 def run_plain(tmp: Path, backend: str, steps: int) -> dict[str, float]:
     plan = tmp / "runs" / f"overhead-{backend}-model" / "plan.json"  # written by the warm-up run
     out = tmp / "plain.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+    saved = json.loads(plan.read_text())["plan"]
+    env = {**os.environ, **saved["env"]}  # the environment mplaunch gives its workers (threads, accelerator)
+    nproc = f"--nproc-per-node={DEVICE['nproc_per_node']}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", nproc,
                str(ROOT / "bench" / "plain_train.py"), str(plan), str(steps), str(out)]  # fmt: skip
     started = time.time()
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True, env=env)
@@ -112,14 +120,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, nargs="+", default=[20, 200])
     p.add_argument("--backends", nargs="+", default=["deepspeed", "accelerate"])
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead-cpu.json")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one rank per visible GPU")
+    p.add_argument("--out", type=Path, help="default: bench/results/overhead-cpu.json, or -GPU_NAME.json")
     args = p.parse_args()
+    described = _use_device(args.device)
+    out = args.out or ROOT / "bench" / "results" / f"overhead-{_slug(described)}.json"
     report: dict[str, Any] = {
-        "device": f"CPU: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "device": described,
         "model": MODEL,
         "micro_batch_size": 8,
         "seq_len": 128,
-        "world_size": 2,
+        "world_size": DEVICE["nproc_per_node"],
         "dtype": "bf16",
         "repeats": args.repeats,
         "results": {},
@@ -157,9 +168,30 @@ def main() -> None:
     import torch
 
     report["torch"] = torch.__version__
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _use_device(device: str) -> str:
+    """Set DEVICE for the recipes and the plain runs; the device in words."""
+    if device == "cpu":
+        DEVICE.update(device="cpu", nproc_per_node=2)
+        return f"CPU: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible")
+    count = torch.cuda.device_count()
+    DEVICE.update(device="cuda", nproc_per_node=count)
+    return f"{count} x {torch.cuda.get_device_name(0)}"
+
+
+def _slug(described: str) -> str:
+    """'cpu' for the CPU, else the GPU's name as a file name (NVIDIA_H200)."""
+    if described.startswith("CPU"):
+        return "cpu"
+    return "".join(c if c.isalnum() else "_" for c in described.split(" x ", 1)[1]).strip("_")
 
 
 if __name__ == "__main__":

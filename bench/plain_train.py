@@ -12,7 +12,9 @@ learning-rate schedule, clipping and precision, through the same backend:
 The loss is the model's own (`model(..., labels=...).loss`), which mplaunch computes with
 `train.loss=model`. Rank 0 writes a JSON file with the wall-clock time each step ended.
 
-    torchrun --standalone --nproc-per-node=2 bench/plain_train.py PLAN_JSON STEPS OUT_JSON
+    torchrun --standalone --nproc-per-node=N bench/plain_train.py PLAN_JSON STEPS OUT_JSON
+
+On the plan's device: CPU ranks over gloo, or one GPU per rank over NCCL.
 """
 
 from __future__ import annotations
@@ -34,14 +36,18 @@ def main() -> None:
     with open(plan_path) as f:
         saved = json.load(f)
     recipe, plan = saved["recipe"], saved["plan"]
-    dist.init_process_group("gloo")
+    on_gpu = plan["device"] == "cuda"
+    dist.init_process_group(plan["dist_backend"])  # gloo on CPU, nccl on GPUs
     rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
     torch.manual_seed(recipe["train"]["seed"])
 
     from transformers import BertConfig, BertForMaskedLM
 
     shape, dropout = plan["shape"], recipe["model"]["dropout"]
-    model = BertForMaskedLM(
+    model: torch.nn.Module = BertForMaskedLM(
         BertConfig(
             vocab_size=plan["vocab_size"],
             hidden_size=shape["hidden_size"],
@@ -54,27 +60,28 @@ def main() -> None:
             attn_implementation="sdpa",
         )
     )
+    model.to(device)
     batch = plan["batch"]
     micro, accum, seq = batch["micro_batch_size"], batch["grad_accum"], recipe["data"]["seq_len"]
     plan["warmup_steps"] = recipe["scheduler"]["warmup_steps"]
     step = _deepspeed(model, plan) if recipe["backend"] == "deepspeed" else _accelerate(model, plan)
 
     gen = torch.Generator().manual_seed(rank)
-    done = []
+    every = recipe["logging"]["every_steps"]
+    done: list[float] = []
     for _ in range(steps):
         micro_batches = []
         for _ in range(accum):
             ids = torch.randint(SPECIALS, plan["vocab_size"], (micro, seq), generator=gen)
             chosen = torch.rand(ids.shape, generator=gen) < 0.15
-            micro_batches.append(
-                {
-                    "input_ids": torch.where(chosen, torch.full_like(ids, 4), ids),
-                    "labels": torch.where(chosen, ids, torch.full_like(ids, -100)),
-                }
-            )
+            inputs = torch.where(chosen, torch.full_like(ids, 4), ids)
+            labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+            micro_batches.append({"input_ids": inputs.to(device), "labels": labels.to(device)})
         loss = step(micro_batches)
-        if len(done) % recipe["logging"]["every_steps"] == 0:
-            loss.item()  # what a plain script does to print the loss now and then
+        if (len(done) + 1) % every == 0 or len(done) + 1 == steps:
+            # What a plain script does to print the loss now and then, at the steps mplaunch logs
+            # (and so times): on a GPU it waits for the queued work, as mplaunch's logging does.
+            loss.item()
         done.append(time.time())
     if rank == 0:
         with open(out_path, "w") as f:
@@ -125,7 +132,7 @@ def _accelerate(model: torch.nn.Module, plan: dict):
         for i, b in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
-                with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+                with torch.autocast(plan["device"], dtype=dtype) if dtype else contextlib.nullcontext():
                     loss = model(**b).loss
                 (loss.float() / len(micro_batches)).backward()
         acc.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
