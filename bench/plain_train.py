@@ -89,6 +89,13 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def _groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the matrices only, as BERT is trained (and as mplaunch groups AdamW)."""
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+
+
 def _schedule(plan: dict, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = max(1, plan["warmup_steps"])  # linear warm-up, then constant: a step costs the same
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -99,7 +106,7 @@ def _deepspeed(model: torch.nn.Module, plan: dict):
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=_groups(model, plan["backend_config"]["optimizer"]["params"]["weight_decay"]),
         config=plan["backend_config"],
         lr_scheduler=lambda opt: _schedule(plan, opt),
     )
@@ -121,7 +128,7 @@ def _accelerate(model: torch.nn.Module, plan: dict):
     opt = settings["optimizer"]
     acc = Accelerator(cpu=settings["accelerator"]["cpu"])
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"]
+        _groups(model, opt["weight_decay"]), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"]
     )
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = _schedule(plan, optimizer)
