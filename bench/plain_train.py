@@ -85,8 +85,17 @@ def main() -> None:
         done.append(time.time())
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"step_end_times": done, "pid": os.getpid()}, f)
+            json.dump({"step_end_times": done, "pid": os.getpid(), "process_start": _process_start()}, f)
     dist.destroy_process_group()
+
+
+def _process_start() -> float:
+    """When this process started (Unix s), from /proc, as mplaunch's `ready` event counts it."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    with open("/proc/stat") as f:
+        boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
