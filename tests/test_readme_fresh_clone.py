@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +126,7 @@ def test_every_readme_command_works_in_a_fresh_clone(tmp_path: Path) -> None:
                 outputs[f"check {recipe}"] = _run(f"mplaunch check {recipe}", clone, env)
                 outputs[f"run {recipe}"] = _run(f"mplaunch {recipe} train.max_steps=20", clone, env)
         elif kind == "python":
-            _run(f"{sys.executable} -c {_quote(text)}", clone, env)
+            _run(f"{sys.executable} -c {shlex.quote(text)}", clone, env)
         elif "gpu_proof.sh" in text:
             continue  # one H100/H200 run; tests/test_gpu_proof.py rehearses it on the CPU
         elif "--slurm" in text:
@@ -143,10 +144,6 @@ def test_every_readme_command_works_in_a_fresh_clone(tmp_path: Path) -> None:
         assert any((clone / "exported" / exported).iterdir()), exported
     assert "finished 20 steps" in outputs["run recipes/my-lm.yaml"]
     assert "finished 20 steps" in outputs["run recipes/my-arithmetic.yaml"]
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 @pytest.mark.parametrize("line", ["mplaunch check x.yaml   # a comment", "  # only a comment"])
