@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpu_proof import device_name  # bench/, this script's own folder
+
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 10  # steps left out of the steady state (first-step work, allocator warm-up)
 WAYS = ("plain", "model", "labelled")
@@ -124,7 +126,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="default: bench/results/overhead-cpu.json, or -GPU_NAME.json")
     args = p.parse_args()
     described = _use_device(args.device)
-    out = args.out or ROOT / "bench" / "results" / f"overhead-{_slug(described)}.json"
+    # Named as the GPU proof names its results (bench/gpu_proof.py: NVIDIA_H200, or cpu).
+    out = args.out or ROOT / "bench" / "results" / f"overhead-{device_name(args.device)['slug']}.json"
     report: dict[str, Any] = {
         "device": described,
         "model": MODEL,
@@ -185,13 +188,6 @@ def _use_device(device: str) -> str:
     count = torch.cuda.device_count()
     DEVICE.update(device="cuda", nproc_per_node=count)
     return f"{count} x {torch.cuda.get_device_name(0)}"
-
-
-def _slug(described: str) -> str:
-    """'cpu' for the CPU, else the GPU's name as a file name (NVIDIA_H200)."""
-    if described.startswith("CPU"):
-        return "cpu"
-    return "".join(c if c.isalnum() else "_" for c in described.split(" x ", 1)[1]).strip("_")
 
 
 if __name__ == "__main__":
