@@ -215,6 +215,14 @@ class Meter:
         )
         self.console.note(message)
 
+    def precision(self, step: int, seen: dict[str, Any]) -> None:
+        """Record a precision x-ray (rank 0 only) and show the events its judge draws from it."""
+        if self.console is None or self.health is None:
+            return
+        self.write({"kind": "precision", "step": step, "time": time.time(), **seen})
+        for event, message, fields in self.health.xray(step, seen):
+            self.event(step, event, message, **fields)
+
     def eval(self, step: int, loss: float) -> None:
         if self.console is None:
             return

@@ -38,6 +38,7 @@ class Metrics:
         train: "train" records, one per step (the latest written), sorted by step.
         eval: "eval" records, likewise.
         events: "event" records in file order, the latest per (event, step).
+        precision: "precision" records (the precision x-ray), one per step, sorted by step.
         resumes: steps training resumed from (a "resume" event's from_step, or a step seen again).
         bad_lines: lines that were not a JSON record, such as the half-written last line of a live run.
     """
@@ -47,6 +48,7 @@ class Metrics:
     events: tuple[Record, ...]
     resumes: tuple[int, ...]
     bad_lines: int = 0
+    precision: tuple[Record, ...] = ()
 
     def series(self, key: str, kind: str = "train") -> tuple[list[int], list[float]]:
         """Steps and values of `key` in the train (or eval) records, skipping nulls."""
@@ -106,7 +108,8 @@ def read_metrics(run_dir: str | Path) -> Metrics:
         return tuple(sorted((r for r in ordered if r.get("kind") == kind), key=lambda r: r["step"]))
 
     events = tuple(r for r in ordered if r.get("kind") == "event")
-    return Metrics(by_step("train"), by_step("eval"), events, tuple(sorted(set(resumes))), bad_lines)
+    resumed_at = tuple(sorted(set(resumes)))
+    return Metrics(by_step("train"), by_step("eval"), events, resumed_at, bad_lines, by_step("precision"))
 
 
 def _metrics_path(run_dir: Path) -> Path:

@@ -330,15 +330,19 @@ def fit(r: Run) -> int:
         from_step=r.start,
     )
     agreement = StopAgreement(r.d)
+    xray_every = r.plan.recipe.logging.precision_every
     for step in range(r.start, t.max_steps):
         waited = time.perf_counter()
         micro = next(steps)
         meter.data_wait(time.perf_counter() - waited)
-        backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
-        stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
         done = step + 1
+        backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
+        backend.xray = bool(xray_every) and done % xray_every == 0
+        stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
         beat(done, "step")
         meter.record(stats)
+        if stats.xray is not None:
+            meter.precision(done, stats.xray)
         if step == r.start:
             r.phases.end("first step")
             meter.event(done, "ready", r.phases.describe(done), seconds=r.phases.seconds)

@@ -89,3 +89,24 @@ def test_gpu_fp16_overflow_is_skipped_and_scale_backs_off(workdir: Path, backend
     assert train[6]["skipped_steps"] == 1
     assert train[2]["loss_scale"] == 2.0**16
     assert train[3]["loss_scale"] == 2.0**15
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate"])
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_gpu_fp16_underflow_is_named_by_the_precision_xray(workdir: Path, backend: str, stage: int) -> None:
+    """The x-ray on GPU, on DeepSpeed's fp16 too (refused on CPU): a static scale of 2^-16 is told."""
+    name = f"underflow-{backend}-z{stage}"
+    broken = {"dtype": "fp16", "loss_scale": {"dynamic": False, "initial": 2.0**-16}}
+    recipe = write_recipe(
+        workdir,
+        name,
+        FAST,
+        GPU,
+        {"backend": backend, "zero": {"stage": stage}, "precision": broken},
+        {"logging": {"precision_every": 3}},
+    )
+    result = mplaunch(str(recipe))
+    assert result.returncode == 0, explain(result)
+    (event,) = [e for e in records(workdir / "runs" / name, "event") if e["event"] == "underflow"]
+    assert event["step"] == 3
+    assert "lm.bert.encoder.layer.0.attention.self.query" in event["layers"]

@@ -19,7 +19,7 @@ HEAVY = {
 }  # fmt: skip
 WORKER = {
     "train", "backends", "models", "data", "metrics", "checkpointer", "export", "examples", "model_setup", "lora",
-    "user_data",
+    "user_data", "xray",
 }  # fmt: skip
 LIGHT = {
     "cli", "errors", "recipe", "recipe_errors", "recipe_files", "recipe_reference", "recipe_rules",

@@ -65,11 +65,13 @@ class StepStats:
     loss: torch.Tensor  # mean loss over the step's micro-batches
     grad_norm: torch.Tensor | float | None
     skipped: bool | None  # known only where the backend checks overflow anyway (fp16)
+    xray: dict[str, Any] | None = None  # the precision x-ray record, on steps that took one
 
 
 class Backend(Protocol):
     model: nn.Module
     measure_grads: bool  # read the gradients' bytes during this step (logging.memory_report)
+    xray: bool  # take the precision x-ray during this step (logging.precision_every)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats: ...
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...

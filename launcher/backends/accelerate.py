@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launcher import schedule
+from launcher import schedule, xray
 from launcher.backends import (
     LossScaleFloor,
     StepStats,
@@ -104,6 +104,27 @@ class Engine:
         self.skipped = 0
         self.grad_bytes: int | None = None
         self.measure_grads = False
+        self.xray = False
+        self.layers = xray.layers_of(list(self.model.named_parameters()))
+
+    def _shards(self) -> list[xray.Shard]:
+        """This rank's parts of the gradients and fp32 weights (the parameters are the master weights).
+
+        FSDP's parameters (use_orig_params) hold this rank's shard; DDP's hold the whole tensor,
+        of which each rank takes its slice.
+        """
+        whole = self.plan.backend_config["fsdp_plugin"] is None
+        rank, world = self.acc.process_index, self.acc.num_processes
+        out = []
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            g, w = (xray.my_slice(p.grad, rank, world), xray.my_slice(p.data, rank, world)) if whole else (
+                p.grad.reshape(-1),
+                p.data.reshape(-1),
+            )
+            out.append(xray.Shard(xray.layer_of(name), g, w))
+        return out
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -129,6 +150,10 @@ class Engine:
             self.grad_bytes = tensor_bytes([p.grad for p in self.model.parameters()])
         if self.scaler is not None:
             self.scaler.unscale_(inner)
+        probe = None
+        if self.xray:  # the unscaled, unclipped gradients; the scale their backward used
+            probe = xray.Probe(self.layers, self._shards(), self.plan.precision.dtype, self.loss_scale(), False)
+            lr = self.lr()
         grad_norm = self.acc.clip_grad_norm_(
             self.model.parameters(), self.clip if self.clip > 0 else float("inf")
         )
@@ -150,7 +175,8 @@ class Engine:
         if not skipped:
             self.scheduler.step()
         inner.zero_grad(set_to_none=True)
-        return StepStats(total / len(micro_batches), grad_norm, skipped)
+        seen = probe.finish(not skipped, lr, self.acc.num_processes) if probe is not None else None
+        return StepStats(total / len(micro_batches), grad_norm, skipped, seen)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

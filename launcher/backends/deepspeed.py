@@ -14,7 +14,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from launcher import schedule
+from launcher import schedule, xray
 from launcher.backends import (
     LossScaleFloor,
     SkippedStep,
@@ -69,10 +69,13 @@ class Engine:
         # DeepSpeed's ZeRO and 16-bit optimizers report the global gradient norm; a plain torch
         # optimizer (ZeRO 0 in fp32) leaves it None, so the norm is taken here before the step.
         self.own_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.xray = False
+        self.layers = xray.layers_of(list(self.engine.module.named_parameters()))
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
         total = torch.zeros((), device=self.device)
         skipped_before = self.engine.skipped_steps
+        probe = None
         for i, batch in enumerate(micro_batches):
             loss = loss_of(self.engine(**to_device(batch, self.device)))
             self.engine.backward(loss)
@@ -81,6 +84,9 @@ class Engine:
                 self.grad_bytes = max(self.grad_bytes or 0, self._grad_bytes())
             if self.own_norm and last:
                 own_norm = _grad_norm(self.engine.module.parameters())  # reduced already, before clipping
+            if self.xray and last:  # reduced, still scaled in fp16, not yet clipped
+                probe = xray.Probe(self.layers, _shards(self.engine), self.plan.precision.dtype, self.loss_scale(), True)
+                lr = self.lr()
             try:
                 self.engine.step()
             except Exception as exc:
@@ -95,7 +101,8 @@ class Engine:
             # go on skipping without a word: there is no loss scale for a skip to lower.
             raise self._skipped(total)
         grad_norm = own_norm if self.own_norm else self.engine.get_global_grad_norm()
-        return StepStats(total / len(micro_batches), grad_norm, skipped if scaled else None)
+        seen = probe.finish(not skipped, lr, _world()) if probe is not None else None
+        return StepStats(total / len(micro_batches), grad_norm, skipped if scaled else None, seen)
 
     def _skipped(self, loss_sum: torch.Tensor) -> SkippedStep:
         """The error for a step DeepSpeed skipped outside fp16 loss scaling (every rank skips it alike)."""
@@ -164,6 +171,63 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
         schedule.continue_on(self.engine.lr_scheduler, self.plan.recipe)
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _shards(engine: deepspeed.DeepSpeedEngine) -> list[xray.Shard]:
+    """This rank's parts of the reduced gradients and fp32 master weights, between backward and step.
+
+    ZeRO-3 partitions and the fragments of ZeRO 1-2 and the bf16 optimizer are this rank's alone;
+    at ZeRO 0 the gradient is whole on every rank, which takes its slice of it and of the master
+    weight (the parameter itself in fp32, else the 16-bit optimizer's flat fp32 copy).
+    """
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+    rank, world = (torch.distributed.get_rank(), _world()) if torch.distributed.is_initialized() else (0, 1)
+    masters = _stage0_masters(engine.optimizer)
+    out = []
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = xray.layer_of(name)
+        if hasattr(p, "ds_id"):
+            # The partition is padded to an equal size on every rank: keep this rank's real elements.
+            grad, master = safe_get_local_grad(p).reshape(-1), safe_get_local_fp32_param(p).reshape(-1)
+            real = max(0, min(grad.numel(), p.ds_numel - rank * grad.numel()))
+            out.append(xray.Shard(layer, grad[:real], master[:real]))
+        elif hasattr(p, "_hp_mapping"):
+            mapping = p._hp_mapping
+            if mapping is None:  # no part of this parameter is in this rank's partition
+                continue
+            grad = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+            where = mapping.lp_fragment_address
+            if grad.numel() == p.numel():  # the bf16 optimizer accumulates the whole gradient on every rank
+                grad = grad.narrow(0, where.start, where.numel)
+            out.append(xray.Shard(layer, grad, mapping.get_hp_fragment().reshape(-1)))
+        elif p.grad is not None:
+            master = p if p.dtype == torch.float32 else masters.get(id(p))
+            mine = xray.my_slice(master, rank, world) if master is not None else None
+            out.append(xray.Shard(layer, xray.my_slice(p.grad, rank, world), mine))
+    return out
+
+
+def _stage0_masters(opt: object) -> dict[int, torch.Tensor]:
+    """ZeRO 0's 16-bit optimizer (FP16_Optimizer, also for bf16): each parameter's fp32 master weight."""
+    out: dict[int, torch.Tensor] = {}
+    groups = getattr(opt, "fp16_groups", None) or []
+    flat, unflat = getattr(opt, "fp32_groups_flat", None), getattr(opt, "fp32_groups", None)
+    for i, params in enumerate(groups):
+        offset = 0
+        for j, p in enumerate(params):
+            if flat:
+                out[id(p)] = flat[i].narrow(0, offset, p.numel())
+            elif unflat:
+                out[id(p)] = unflat[i][j].reshape(-1)
+            offset += p.numel()
+    return out
 
 
 def _grad_norm(parameters: Iterator[nn.Parameter]) -> torch.Tensor:
