@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
+from launcher.health import LOST_SHARE, UNDERFLOW_SHARE
 from launcher.report import Metrics, is_number, print_summary, read_metrics, summarize
 from launcher.rundir import METRICS_FILE
 
@@ -40,7 +41,9 @@ def require_matplotlib(verb: str) -> None:
         raise UserError(f"mplaunch {verb} needs matplotlib (not installed)", hint=INSTALL_HINT)
 
 
-def _new_figure(nrows: int = 1, height_in: float = FIG_SIZE_IN[1]) -> tuple[Figure, list[Axes]]:
+def _new_figure(
+    nrows: int = 1, height_in: float = FIG_SIZE_IN[1], ratios: Sequence[float] = (3, 2)
+) -> tuple[Figure, list[Axes]]:
     require_matplotlib("report")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -48,8 +51,9 @@ def _new_figure(nrows: int = 1, height_in: float = FIG_SIZE_IN[1]) -> tuple[Figu
     # A bare Figure on the Agg canvas: no pyplot, so no global backend switch and no figure registry.
     fig = Figure(figsize=(FIG_SIZE_IN[0], height_in), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    ratios = [3, 2][:nrows]
-    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": ratios})
+    axes = fig.subplots(
+        nrows, 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": list(ratios)[:nrows]}
+    )
     return fig, list(axes[:, 0])
 
 
@@ -74,12 +78,18 @@ def _number_formatter() -> Formatter:
     return Thousands()
 
 
-def _finish(fig: Figure, axes: list[Axes], path: Path, title: str, context: str) -> Path:
+def _finish(fig: Figure, axes: list[Axes], path: Path, title: str, context: str, above: bool = False) -> Path:
+    """Title (above all axes when `above`, else on the first), step axis, and save."""
     from matplotlib.ticker import MaxNLocator
 
-    axes[0].set_title(f"{title} — {context}" if context else title, loc="left")
+    text = f"{title} — {context}" if context else title
+    if above:
+        fig.suptitle(text, x=0.01, ha="left")
+    else:
+        axes[0].set_title(text, loc="left")
     for ax in axes:
-        if not any(len(list(line.get_xdata())) for line in ax.lines):  # type: ignore[arg-type]  # a note only: no scale to show
+        drawn = any(len(list(line.get_xdata())) for line in ax.lines) or ax.collections  # type: ignore[arg-type]
+        if not drawn:  # a note only: no scale to show
             ax.set_xticks([])
             continue
         ax.grid(True, alpha=0.3)
@@ -271,8 +281,92 @@ def _plot_memory(metrics: Metrics, path: Path, context: str) -> Path:
     return _finish(fig, axes, path, "GPU memory, rank 0", context)
 
 
+# The x-ray heatmaps: (record field, title, colour map, value range); fp16 runs show the first two.
+_FP16_MAPS = (
+    (
+        "underflow",
+        "fp16 underflow: share of nonzero gradient elements below 2^-14 (1: all zero)",
+        "Reds",
+        (0.0, 1.0),
+    ),
+    ("headroom_log2", "overflow headroom: log2(65504 / largest scaled gradient)", "RdYlGn", (0.0, 16.0)),
+)
+_WARN_AT = {"underflow": UNDERFLOW_SHARE, "lost": LOST_SHARE}
+_UPDATE_MAPS = (
+    ("lost", "updates lost: fp32 master weight unchanged", "Reds", (0.0, 1.0)),
+    ("stale", "updates below the compute dtype's resolution (kept by fp32 masters)", "Blues", (0.0, 1.0)),
+)
+
+
+def _plot_precision(metrics: Metrics, path: Path, context: str) -> Path:
+    """The precision x-ray: a heatmap per measure, one row per layer and one column per x-ray, and in
+    fp16 the loss-scale curve below; underflow and lost-update events as red dashed lines."""
+    xrays = [r for r in metrics.precision if isinstance(r.get("layers"), dict) and r["layers"]]
+    if not xrays:
+        fig, axes = _new_figure()
+        _note(axes[0], "no precision x-ray recorded (logging.precision_every is 0, or none was due yet)")
+        return _finish(fig, axes, path, "Precision x-ray", context)
+    layers = list(dict.fromkeys(name for r in xrays for name in r["layers"]))
+    fp16 = any(r.get("loss_scale") is not None for r in xrays)
+    maps = _FP16_MAPS if fp16 else _UPDATE_MAPS
+    map_in = max(1.6, 0.16 * len(layers) + 0.8)
+    ratios = [map_in] * len(maps) + ([1.6] if fp16 else [])
+    fig, axes = _new_figure(len(ratios), sum(ratios) + 1.0, ratios)
+    from matplotlib import colormaps
+
+    steps = [r["step"] for r in xrays]
+    edges = _edges(steps)
+    labels = _short_names(layers)
+    for ax, (field, title, cmap, (low, high)) in zip(axes, maps, strict=False):
+        values = [[_cell(r["layers"].get(name), field) for r in xrays] for name in layers]
+        # Grey where there is no value: no elements, no gradient, or a skipped step.
+        colours = colormaps[cmap].with_extremes(bad="0.85")
+        mesh = ax.pcolormesh(edges, range(len(layers) + 1), values, cmap=colours, vmin=low, vmax=high)
+        ax.set_ylim(len(layers), 0)
+        ax.set_yticks([i + 0.5 for i in range(len(layers))], labels, fontsize=6)
+        ax.set_title(title, loc="left", fontsize=9)
+        bar = fig.colorbar(mesh, ax=ax, fraction=0.04, pad=0.01)
+        if field in _WARN_AT:  # where launcher.health warns
+            bar.ax.axhline(_WARN_AT[field], color="k", lw=1.5)
+    if fp16:
+        scale_steps, scales = metrics.series("loss_scale")
+        axes[-1].step(scale_steps, scales, where="post", color="C0", lw=1.4, label="loss scale")
+        axes[-1].set_yscale("log", base=2)
+        axes[-1].set_ylabel("loss scale")
+    for ax in axes:
+        for e in (*metrics.named("underflow"), *metrics.named("lost_updates")):
+            ax.axvline(e["step"], color="C3", ls="--", lw=1.2)
+    events = len(metrics.named("underflow")) + len(metrics.named("lost_updates"))
+    title = "Precision x-ray" + (f" ({events} warning{'s' * (events != 1)}: red dashed)" if events else "")
+    return _finish(fig, axes, path, title, context, above=True)
+
+
+def _edges(steps: list[int]) -> list[float]:
+    """Cell edges around each x-ray step (half way to its neighbours)."""
+    if len(steps) == 1:
+        return [steps[0] - 0.5, steps[0] + 0.5]
+    mids = [(a + b) / 2 for a, b in zip(steps, steps[1:], strict=False)]
+    return [2 * steps[0] - mids[0], *mids, 2 * steps[-1] - mids[-1]]
+
+
+def _cell(row: dict[str, Any] | None, field: str) -> float:
+    value = None if row is None else row.get(field)
+    if field == "underflow" and row is not None and row.get("zero") == 1 and row.get("elements"):
+        value = 1.0  # every element zero: all flushed (as launcher.health judges it)
+    return float(value) if value is not None and is_number(value) else float("nan")
+
+
+def _short_names(layers: list[str]) -> list[str]:
+    """Layer names without the dotted prefix they all share."""
+    parts = [name.split(".") for name in layers]
+    common = 0
+    while len(layers) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
 def write_plots(metrics: Metrics, out_dir: Path, context: str = "") -> list[Path]:
-    """Write loss, lr, loss_scale, throughput and memory PNGs into out_dir; return their paths."""
+    """Write loss, lr, loss_scale, throughput, memory and precision PNGs into out_dir; return their paths."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -283,6 +377,7 @@ def write_plots(metrics: Metrics, out_dir: Path, context: str = "") -> list[Path
         _plot_loss_scale(metrics, out_dir / "loss_scale.png", context),
         _plot_throughput(metrics, out_dir / "throughput.png", context),
         _plot_memory(metrics, out_dir / "memory.png", context),
+        _plot_precision(metrics, out_dir / "precision.png", context),
     ]
 
 

@@ -232,6 +232,8 @@ class Summary:
     skipped_steps: int
     checkpoints: tuple[int, ...]
     wall_s: float | None
+    xrays: int = 0
+    xray_warnings: tuple[str, ...] = ()  # the layers the precision x-ray's events named
 
     @property
     def overflow_rate(self) -> float | None:
@@ -254,7 +256,15 @@ class Summary:
             ("overflow rate", "n/a" if rate is None else f"{rate:.1%} of {self.step:,} steps"),
             ("checkpoints", f"{len(ckpts)} (latest step {ckpts[-1]:,})" if ckpts else "none"),
             ("wall time", "n/a" if self.wall_s is None else format_duration(self.wall_s)),
+            ("precision x-ray", self._xray()),
         ]
+
+    def _xray(self) -> str:
+        if not self.xrays:
+            return "none recorded"
+        named = self.xray_warnings
+        warned = f"warnings name {len(named)} layer{'s' * (len(named) != 1)} ({', '.join(named[:2])}{', ...' if len(named) > 2 else ''})"
+        return f"{self.xrays} x-rays; " + (warned if named else "no warning")
 
 
 def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -> Summary:
@@ -282,6 +292,14 @@ def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -
         skipped_steps=int(skipped[-1]) if skipped else 0,
         checkpoints=tuple(checkpoint_steps(run_dir, info.checkpoint_dir)),
         wall_s=times[-1] - times[0] if times else None,
+        xrays=len(metrics.precision),
+        xray_warnings=tuple(
+            dict.fromkeys(
+                n
+                for e in (*metrics.named("underflow"), *metrics.named("lost_updates"))
+                for n in e.get("layers") or {}
+            )
+        ),
     )
 
 

@@ -18,7 +18,7 @@ from launcher.plots import plot_loss
 from launcher.report import Metrics, read_metrics, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("loss.png", "lr.png", "loss_scale.png", "throughput.png", "memory.png")
+PLOTS = ("loss.png", "lr.png", "loss_scale.png", "throughput.png", "memory.png", "precision.png")
 T0 = 1_700_000_000.0
 STEP_S = 2.0
 
@@ -325,3 +325,48 @@ def test_a_recent_run_nobody_holds_is_not_running(tmp_path: Path, capsys: pytest
     state = report(run, capsys)["state"]
     assert state.startswith("crashed (no FINISHED file, no process holds its .lock"), state
     assert "last record at step 20" in state
+
+
+def xray(step: int, rows: dict[str, dict[str, Any]], scale: float | None = 2.0**16) -> dict[str, Any]:
+    return {"kind": "precision", "step": step, "time": T0 + step * STEP_S, "loss_scale": scale,
+            "skipped": False, "lr": 1e-4, "layers": rows}  # fmt: skip
+
+
+def fp16_row(underflow: float, headroom: float | None, zero: float = 0.0) -> dict[str, Any]:
+    return {"elements": 64, "zero": zero, "underflow": underflow, "to_zero": 0.0, "near_max": 0.0,
+            "headroom_log2": headroom, "lost": 0.0, "stale": 0.3}  # fmt: skip
+
+
+def test_precision_xray_heatmaps_with_the_loss_scale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layers = [f"lm.bert.encoder.layer.{i}.dense" for i in range(30)]
+    records = [event(0, "start"), *(train(s) for s in range(10, 101, 10))]
+    records += [
+        xray(s, {n: fp16_row(0.9 if s == 50 else 0.0, 8.0) for n in layers}) for s in range(25, 101, 25)
+    ]
+    records.append(event(50, "underflow", layers={layers[0]: 0.9}))
+    run = make_run(tmp_path, records)
+    metrics = read_metrics(run)
+    assert [r["step"] for r in metrics.precision] == [25, 50, 75, 100]
+    cli.main(["report", str(run)])
+    assert "4 x-rays; warnings name 1 layer (lm.bert.encoder.layer.0.dense)" in capsys.readouterr().out
+    width, height = png_size(run / "report" / "precision.png")
+    assert width == 880
+    assert height > 495 * 2  # two 30-row heatmaps and the loss-scale curve
+    (tmp_path / "few").mkdir()
+    few = make_run(tmp_path / "few", [xray(25, {"a.w": fp16_row(0.0, 8.0)}, scale=None)], dtype="bf16")
+    cli.main(["report", str(few)])
+    assert png_size(few / "report" / "precision.png")[1] < height  # bf16: two one-row maps, no scale
+
+
+def test_precision_cells_and_labels() -> None:
+    from launcher.plots import _cell, _edges, _short_names
+
+    assert _short_names(["lm.bert.a.q", "lm.bert.b", "lm.cls"]) == ["bert.a.q", "bert.b", "cls"]
+    assert _short_names(["only.one"]) == ["only.one"]
+    assert _edges([5, 10, 20]) == [2.5, 7.5, 15.0, 25.0]
+    assert _cell(fp16_row(0.2, 3.0), "underflow") == 0.2
+    assert _cell(fp16_row(0.0, None, zero=1.0), "underflow") == 1.0  # all zero: flushed
+    assert math.isnan(_cell(fp16_row(0.0, None), "headroom_log2"))
+    assert math.isnan(_cell(None, "lost"))
