@@ -18,7 +18,11 @@ Every step's loss is logged (logging.every_steps=1) and compared:
 * the speed ratio: median samples/s of the mixed run over that of the fp32 run.
 
 The verdict is PASS when both runs complete and the final difference is at most
-the tolerance.
+the tolerance. Beside it, `attribution` says where the runs differ: the gradient
+of step 1 (the same weights and batch in both) layer by layer, from the precision
+x-ray's sketches (launcher.xray.sketch). Measured on the tiny BERT: healthy bf16
+0.2-2.3 % per layer (DeepSpeed ZeRO-2); fp16 at a static scale of 2^-16, 100 % in
+every encoder layer with a norm ratio of 0 (flushed).
 
 Default tolerance, 2 %, from the shipped tiny BERT (recipes/bert_tiny.yaml, 2 CPU
 ranks) with healthy mixed precision, final difference (per-step median, max):
@@ -93,6 +97,7 @@ FINAL_FRACTION = 0.10
 REPORT_FILE = "parity.json"
 PLOT_FILE = "loss.png"
 EXIT_PASS, EXIT_FAIL = 0, 1
+TOP_LAYERS = 5  # layers printed by the per-layer attribution (parity.json has them all)
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,50 @@ def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: fl
     )
 
 
+@dataclass(frozen=True)
+class LayerDiff:
+    """How one layer's step-1 gradient in the mixed run differs from the fp32 run's.
+
+    Attributes:
+        layer: the module (launcher.xray.layer_of).
+        rel_diff: |g_mixed - g_fp32| / |g_fp32|, estimated from the x-ray's sketches (about +-25 %).
+        norm_ratio: |g_mixed| / |g_fp32| (exact): well below 1 where fp16 flushed gradients to zero.
+    """
+
+    layer: str
+    rel_diff: float
+    norm_ratio: float | None
+
+
+def attribution(fp32: Metrics, mixed: Metrics) -> tuple[list[LayerDiff], str | None]:
+    """Layers by how much their gradients differ between the runs at step 1, largest first.
+
+    Step 1 is the one step both runs take from the same weights on the same batch; the x-ray
+    sketches every layer's gradient there. Returns the layers and, when there are none, why.
+    """
+    first = [next((r for r in m.precision if r["step"] == 1), None) for m in (fp32, mixed)]
+    if first[0] is None or first[1] is None:
+        return [], "no precision x-ray of step 1 in both runs (logging.precision_every was 0?)"
+    if first[1].get("skipped"):
+        return [], "the mixed run's step 1 overflowed in fp16 and was skipped"
+    out = []
+    for name, ref in first[0]["layers"].items():
+        got = first[1]["layers"].get(name) or {}
+        a, b = ref.get("sketch"), got.get("sketch")
+        size = math.dist(a, [0.0] * len(a)) if a else 0.0
+        if not a or not b or size == 0:
+            continue
+        norms = ref.get("grad_norm"), got.get("grad_norm")
+        ratio = norms[1] / norms[0] if norms[0] and norms[1] is not None else None
+        out.append(LayerDiff(name, math.dist(a, b) / size, ratio))
+    if not out:
+        return (
+            [],
+            "the x-ray of step 1 has no gradient sketches (FSDP does not expose where its shards start)",
+        )
+    return sorted(out, key=lambda d: -d.rel_diff), None
+
+
 def _losses(metrics: Metrics) -> dict[int, float]:
     # A skipped fp16 step logs NaN (its overflowed loss says nothing about training).
     steps, values = metrics.series("loss")
@@ -244,6 +293,8 @@ def plan_pair(
         "checkpoint.resume": "never",
         "checkpoint.every_steps": 0,
         "checkpoint.dir": None,
+        # Step 1 is x-rayed whenever the x-ray is on: its gradient sketches give the per-layer attribution.
+        "logging.precision_every": base.logging.precision_every or steps + 1,
     }
     if base.train.eval_every > steps:
         common["train.eval_every"] = 0
@@ -371,9 +422,20 @@ def report(pair: Pair, result: Comparison) -> int:
         "runs": {"fp32": pair.fp32.run_dir, "mixed": plan.run_dir},
         "plot": str(plot),
     }
+    layers, why = attribution(curves["fp32"], curves[dtype])
+    body["layers"] = [asdict(d) for d in layers]
+    body["layers_note"] = why
     (pair.out / REPORT_FILE).write_text(json.dumps(body, indent=2) + "\n")
     print(f"\nparity: {plan.recipe.source} ({context})")
     for line in result.lines():
         print(f"  {line}")
+    print(
+        f"  layers               {why}"
+        if why
+        else "  step-1 gradients, the layers that differ most from fp32 (|g - g32| / |g32|, norm ratio):"
+    )
+    for d in layers[:TOP_LAYERS]:
+        ratio = "n/a" if d.norm_ratio is None else f"{d.norm_ratio:.2f}"
+        print(f"    {d.rel_diff:8.2%}  x{ratio:<5}  {d.layer}")
     print(f"  plot {plot}, numbers {pair.out / REPORT_FILE}")
     return EXIT_PASS if result.passed else EXIT_FAIL

@@ -256,7 +256,7 @@ class Logging(Section):
     progress: bool = True
     """Show progress: a live bar the launcher draws on a terminal, else one line per logging interval from rank 0."""
     precision_every: Count = 50
-    """Steps between precision x-rays (gradient range per layer against fp16's limits, updates lost to rounding); 0: never."""
+    """Steps between precision x-rays (at step 1 and every N-th: each layer's gradient range against fp16's limits, updates lost to rounding); 0: never."""
     memory_report: bool = False
     """After step 2 each rank writes RUN_DIR/memory/rank-N.json: bytes it holds in parameters, gradients, fp32 master weights and optimizer state."""
 

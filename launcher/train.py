@@ -337,7 +337,8 @@ def fit(r: Run) -> int:
         meter.data_wait(time.perf_counter() - waited)
         done = step + 1
         backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
-        backend.xray = bool(xray_every) and done % xray_every == 0
+        # The x-ray of step 1 also sketches the gradients: the weights and batch `mplaunch parity` compares.
+        backend.xray = "sketch" if done == 1 and xray_every else "stats" if xray_every and done % xray_every == 0 else None
         stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
         beat(done, "step")
         meter.record(stats)

@@ -1,20 +1,22 @@
 """Precision x-ray: per layer, how close the gradients come to fp16's limits, and which updates vanish.
 
-Every `logging.precision_every` steps each rank measures its own shard of the reduced gradients
-(the whole gradient where it is not sharded: then each rank takes an equal slice of every layer)
-and of its fp32 master weights, between the last backward and the optimizer step; the counts of
-all ranks are gathered once. A "layer" is a module: a parameter's name without its last part
-(`encoder.layer.0.attention.self.query` holds that module's weight and bias).
+At step 1 and every `logging.precision_every` steps each rank measures its own shard of the
+reduced gradients (the whole gradient where it is not sharded: then each rank takes an equal
+slice of every layer) and of its fp32 master weights, between the last backward and the
+optimizer step; the counts of all ranks are gathered once. A "layer" is a module: a parameter's
+name without its last part (`encoder.layer.0.attention.self.query` holds its weight and bias).
 
 Gradient columns, in units of the scaled gradient `x = g * loss_scale` (fp16 runs; the value fp16
 holds or would hold): exactly zero; fp16 subnormal (0 < |x| < 2^-14: precision lost), of them
 rounding to zero in fp16 (0 < |x| < 2^-25); near fp16's maximum (|x| >= 65504 / 16, four doublings
-of the scale away); and the largest |x|. Update columns, on at most UPDATE_SAMPLE evenly spaced
-elements of each layer whose gradient is not zero: the fp32 master weight did not change
-(`lost`: the update was below half its fp32 ULP), and the weight as the forward sees it, rounded
-to the compute dtype, did not change (`stale`: normal with fp32 master weights, which keep it).
+of the scale away); and the largest |x|. The unscaled gradient's norm, and at step 1 its sketch
+(`sketch`), which `mplaunch parity` compares between the fp32 and the mixed run: same weights,
+same batch. Update columns, on at most UPDATE_SAMPLE evenly spaced elements of each layer whose
+gradient is not zero: the fp32 master weight did not change (`lost`: the update was below half
+its fp32 ULP), and the weight as the forward sees it, rounded to the compute dtype, did not
+change (`stale`: normal with fp32 master weights, which keep it).
 
-The judge (launcher.xray_judge) turns these records into events; it is light side, this is not.
+launcher.health judges these records (light side); this module is the worker's.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ FP16_MIN_NORMAL = 2.0**-14
 FP16_TO_ZERO = 2.0**-25  # half the smallest subnormal (2^-24): round-to-nearest gives 0 below it
 HEADROOM = 16.0  # "near the maximum" is within this factor of FP16_MAX
 UPDATE_SAMPLE = 1 << 16  # elements per layer whose update is followed through the step
+SKETCH = 8  # random projections of each layer's gradient, at step 1 (mplaunch parity compares them)
 CHUNK = 1 << 24  # elements measured at once (bounds the temporary of |x|)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Columns of the per-layer count matrix, summed over ranks; MAX_COLUMN is reduced by max.
 GRAD = ("elements", "zero", "below_to_zero", "below_normal", "near_max")
 UPDATE = ("sampled", "lost", "stale")
-COLUMNS = (*GRAD, *UPDATE, "max_abs")
+NORM = ("sumsq", "unsketched")  # of the unscaled gradient; elements of shards without an offset
+COLUMNS = (*GRAD, *UPDATE, *NORM, *(f"sketch{k}" for k in range(SKETCH)), "max_abs")
+_SUMSQ, _SKETCH = len(GRAD) + len(UPDATE), len(GRAD) + len(UPDATE) + len(NORM)
 MAX_COLUMN = len(COLUMNS) - 1
 
 
@@ -44,12 +49,14 @@ MAX_COLUMN = len(COLUMNS) - 1
 class Shard:
     """One parameter's part held by this rank: its gradient and its fp32 master weight, both 1-D.
 
-    `master` is None where the backend keeps no per-parameter view of it (no update columns).
+    `master` is None where the backend keeps no per-parameter view of it (no update columns);
+    `offset` is where `grad` starts in the flattened parameter, None where unknown (no sketch).
     """
 
     layer: str
     grad: torch.Tensor
     master: torch.Tensor | None
+    offset: int | None = 0
 
 
 # Parts of parameter names that wrappers add: DDP's leading "module", torch.compile's, FSDP's, checkpointing's.
@@ -69,12 +76,39 @@ def layers_of(named: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
     return list(dict.fromkeys(layer_of(n) for n, p in named if p.requires_grad))
 
 
+def slice_start(numel: int, rank: int, world: int) -> int:
+    """Where this rank's equal share of `numel` elements starts (see my_slice)."""
+    return min(rank * -(-numel // world), numel)
+
+
 def my_slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's equal share of a tensor every rank holds whole (1-D view, no copy)."""
     flat = t.reshape(-1)
-    per = -(-flat.numel() // world)
-    start = min(rank * per, flat.numel())
-    return flat.narrow(0, start, min(per, flat.numel() - start))
+    start = slice_start(flat.numel(), rank, world)
+    return flat.narrow(0, start, min(-(-flat.numel() // world), flat.numel() - start))
+
+
+def sketch(g: torch.Tensor, offset: int) -> torch.Tensor:
+    """SKETCH random projections of a parameter's gradient part starting at element `offset`.
+
+    Each element's signs (+-1) come from a hash of its index in the parameter, so the parts of a
+    sharded gradient sum, over ranks, to the sketch of the whole; two runs of the same model get
+    the same signs. The distance between two gradients' sketches over the norm of one estimates
+    their relative difference (to about 1 / sqrt(2 * SKETCH)) without gathering either.
+    """
+    out = torch.zeros(SKETCH, dtype=torch.float64, device=g.device)
+    flat = g.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start : start + CHUNK].double()
+        index = torch.arange(
+            offset + start, offset + start + part.numel(), device=g.device, dtype=torch.int64
+        )
+        for k in range(SKETCH):
+            h = (index * 2654435761 + (k + 1) * 40503) & 0xFFFFFFFF
+            h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+            sign = 1.0 - 2.0 * ((h ^ (h >> 16)) & 1).double()
+            out[k] += (part * sign).sum()
+    return out
 
 
 def grad_counts(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +145,7 @@ class Probe:
         compute: the compute dtype name (fp16, bf16, fp32).
         loss_scale: the fp16 loss scale this step's backward used; None without one.
         held_scaled: the gradients are held multiplied by the loss scale (not yet unscaled).
+        sketched: also take each layer's gradient sketch (see `sketch`).
     """
 
     def __init__(
@@ -120,9 +155,12 @@ class Probe:
         compute: str,
         loss_scale: float | None,
         held_scaled: bool,
+        sketched: bool = False,
     ) -> None:
         self.loss_scale = loss_scale
+        self.sketched = sketched
         scale = 1.0 if loss_scale is None or held_scaled else loss_scale
+        unscale = 1.0 / loss_scale if loss_scale is not None and held_scaled else 1.0
         self.layers = layers
         self.compute = DTYPES[compute]
         index = {name: i for i, name in enumerate(self.layers)}
@@ -134,6 +172,11 @@ class Probe:
             c = grad_counts(s.grad.float() * scale if scale != 1 else s.grad)
             self.counts[i, : len(GRAD)] += c[:-1]
             self.counts[i, MAX_COLUMN] = torch.maximum(self.counts[i, MAX_COLUMN], c[-1])
+            self.counts[i, _SUMSQ] += s.grad.double().square().sum() * unscale**2
+            if sketched and s.offset is not None:
+                self.counts[i, _SKETCH : _SKETCH + SKETCH] += sketch(s.grad, s.offset) * unscale
+            elif sketched:
+                self.counts[i, _SUMSQ + 1] += s.grad.numel()
             if s.master is not None and s.master.numel():
                 live = _sample(s.grad) != 0
                 self.samples.append((i, s.master, live, _sample(s.master).clone()))
@@ -149,7 +192,7 @@ class Probe:
             world: ranks in the job.
         """
         self._after_step(stepped)
-        return record(self.layers, self.gather(world, group), self.loss_scale, not stepped, lr)
+        return record(self.layers, self.gather(world, group), self.loss_scale, not stepped, lr, self.sketched)
 
     def _after_step(self, stepped: bool) -> None:
         """Compare the sampled master weights with their values before the step (not when it was skipped)."""
@@ -158,7 +201,7 @@ class Probe:
                 after = _sample(master)
                 lost = (after == before) & live
                 stale = (after.to(self.compute) == before.to(self.compute)) & live
-                self.counts[i, len(GRAD) : MAX_COLUMN] += torch.stack(
+                self.counts[i, len(GRAD) : _SUMSQ] += torch.stack(
                     [live.sum(), lost.sum(), stale.sum()]
                 ).double()
         self.samples = []
@@ -178,7 +221,12 @@ class Probe:
 
 
 def record(
-    layers: list[str], counts: torch.Tensor, loss_scale: float | None, skipped: bool, lr: float
+    layers: list[str],
+    counts: torch.Tensor,
+    loss_scale: float | None,
+    skipped: bool,
+    lr: float,
+    sketched: bool = False,
 ) -> dict[str, Any]:
     """The metrics.jsonl record of one x-ray step, but its step: shares per layer (README, "Precision x-ray")."""
     rows: dict[str, dict[str, Any]] = {}
@@ -194,8 +242,16 @@ def record(
             row["headroom_log2"] = round(_log2(FP16_MAX / peak), 2) if 0 < peak < float("inf") else None
         row["lost"] = _share(col["lost"], sampled)
         row["stale"] = _share(col["stale"], sampled)
+        row["grad_norm"] = _finite(math.sqrt(col["sumsq"]))
+        projections = [_finite(c[_SKETCH + k]) for k in range(SKETCH)]
+        if sketched and not col["unsketched"] and n and None not in projections:
+            row["sketch"] = projections
         rows[name] = row
     return {"kind": "precision", "loss_scale": loss_scale, "skipped": skipped, "lr": lr, "layers": rows}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _share(part: float, whole: float) -> float | None:

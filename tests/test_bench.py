@@ -82,3 +82,34 @@ def test_token_rss_prepares_both_corpora_and_measures_each_rank(tmp_path: Path) 
     assert report["median"]["cache 3x"]["rows"] == report["median"]["memory 3x"]["rows"]
     assert "token cache 3x/1x: peak RSS" in result.stdout
     assert out.with_suffix(".txt").read_text().strip() == result.stdout.strip()
+
+
+def test_xray_cost_times_the_three_cadences(tmp_path: Path) -> None:
+    from launcher.recipe import Logging
+
+    out = tmp_path / "xray-cost.json"
+    result = subprocess.run(
+        [sys.executable, "bench/xray_cost.py", "--steps", "8", "--log-every", "2", "--repeats", "1",
+         "--backends", "accelerate:fp16", "--warmup-steps", "0", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    backend = report["results"]["accelerate:fp16"]
+    runs = {way: r for way, (r,) in backend["runs"].items()}
+    assert {w: r["precision_every"] for w, r in runs.items()} == {
+        "off": 0,
+        "every": 1,
+        "default": Logging.model_fields["precision_every"].default,  # the key left out of the recipe
+    }
+    # Steps 3 to 8 are timed (the first interval is warm-up): an x-ray in each of them only at cadence 1.
+    assert {w: (r["measured_steps"], r["measured_xrays"]) for w, r in runs.items()} == {
+        "off": (6, 0),
+        "every": (6, 6),
+        "default": (6, 0),
+    }
+    summary, off = backend["summary"], runs["off"]["step_s"]
+    assert summary["xray_step_ratio"]["median"] == pytest.approx(runs["every"]["step_s"] / off)
+    assert summary["amortised_ratio"]["median"] == pytest.approx(runs["default"]["step_s"] / off)
+    assert "per x-ray step" in result.stdout
+    assert out.with_suffix(".txt").read_text().strip() in result.stdout

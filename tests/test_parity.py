@@ -336,6 +336,11 @@ def test_bf16_matches_fp32_on_tiny_bert(tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(png) > 12_000
     assert "PASS: bf16 vs fp32" in output
+    # bf16 rounds every layer's step-1 gradient a little (about 2 % on this model), flushes none.
+    layers = report["layers"]
+    assert len(layers) == 23
+    assert all(0 < d["rel_diff"] < 0.2 for d in layers)
+    assert all(abs(d["norm_ratio"] - 1) < 0.05 for d in layers)
 
 
 # fp16 on CPU runs on the accelerate backend; a smaller batch keeps its slow fp16 emulation affordable.
@@ -366,6 +371,11 @@ def test_fp16_with_underflowing_gradients_fails(tmp_path: Path) -> None:
     assert report["final_rel_diff"] > report["tolerance"]
     assert report["final_loss_mixed"] > report["final_loss_fp32"]  # the fp16 run learned less
     assert "FAIL: fp16 vs fp32: final difference over tolerance" in output
+    # The attribution names where: the encoder's gradients flushed to zero at step 1.
+    worst = {d["layer"]: d for d in report["layers"] if d["rel_diff"] > 0.99}
+    assert "lm.bert.encoder.layer.0.attention.self.query" in worst
+    assert worst["lm.bert.encoder.layer.0.attention.self.query"]["norm_ratio"] < 0.01
+    assert "the layers that differ most from fp32" in output
 
 
 # ---------------------------------------------------------------- fine-tunes (model.hf), real runs
@@ -436,6 +446,11 @@ def test_lora_with_underflowing_fp16_gradients_fails(tiny_models: Path, tmp_path
     assert report["final_rel_diff"] > report["tolerance"]
     assert report["final_loss_mixed"] > report["final_loss_fp32"]  # the fp16 run learned less
     assert "FAIL: fp16 vs fp32: final difference over tolerance" in output
+    # The attribution names where: the encoder's gradients flushed to zero at step 1.
+    worst = {d["layer"]: d for d in report["layers"] if d["rel_diff"] > 0.99}
+    assert "lm.bert.encoder.layer.0.attention.self.query" in worst
+    assert worst["lm.bert.encoder.layer.0.attention.self.query"]["norm_ratio"] < 0.01
+    assert "the layers that differ most from fp32" in output
 
 
 def test_parity_without_matplotlib_refuses_before_training(
@@ -449,3 +464,20 @@ def test_parity_without_matplotlib_refuses_before_training(
         "error: mplaunch parity needs matplotlib (not installed) (hint: pip install -e '.[report]')"
     )
     assert not (tmp_path / "p").exists()
+
+
+def test_attribution_ranks_layers_by_their_step_1_gradient_difference() -> None:
+    from launcher.parity import attribution
+
+    def xray(rows: dict[str, tuple[list[float], float]], step: int = 1, skipped: bool = False) -> Metrics:
+        layers = {n: {"elements": 4, "sketch": s, "grad_norm": g} for n, (s, g) in rows.items()}
+        record = {"kind": "precision", "step": step, "skipped": skipped, "layers": layers}
+        return Metrics((), (), (), (), 0, (record,))
+
+    fp32 = xray({"a": ([3.0, 4.0], 5.0), "b": ([1.0, 0.0], 1.0), "dead": ([0.0, 0.0], 0.0)})
+    mixed = xray({"a": ([3.0, 4.5], 5.3), "b": ([0.0, 0.0], 0.0), "dead": ([0.0, 0.0], 0.0)})
+    layers, why = attribution(fp32, mixed)
+    assert why is None
+    assert [(d.layer, d.rel_diff, d.norm_ratio) for d in layers] == [("b", 1.0, 0.0), ("a", 0.1, 5.3 / 5.0)]
+    assert attribution(fp32, xray({}, skipped=True))[1] == "the mixed run's step 1 overflowed in fp16 and was skipped"
+    assert "no precision x-ray of step 1" in str(attribution(fp32, xray({}, step=5))[1])

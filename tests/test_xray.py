@@ -189,3 +189,37 @@ def test_lost_updates_are_judged_only_near_the_recipes_lr() -> None:
     ((event, message, fields),) = health.xray(50, seen(rows, None, lr=lr))
     assert event == "lost_updates" and fields["layers"] == {"norm": 0.6}
     assert "norm 60%" in message and "optimizer.lr" in message and "bf16" in message
+
+
+def test_sketches_of_shards_sum_to_the_sketch_of_the_whole() -> None:
+    g = torch.randn(1001, dtype=torch.float64)
+    whole = xray.sketch(g, 0)
+    parts = sum(xray.sketch(my_slice(g, r, 3), xray.slice_start(1001, r, 3)) for r in range(3))
+    assert torch.allclose(parts, whole, rtol=0, atol=1e-9)
+    # Linear, with +-1 signs: a one-hot gradient's sketch is its element's signs.
+    one = torch.zeros(10, dtype=torch.float64)
+    one[7] = 2.0
+    signs = xray.sketch(one, 0) / 2
+    assert set(signs.tolist()) <= {-1.0, 1.0}
+    assert torch.equal(xray.sketch(one[7:], 7), xray.sketch(one, 0))
+
+
+def test_sketch_distance_estimates_the_relative_difference() -> None:
+    torch.manual_seed(0)
+    g = torch.randn(50_000, dtype=torch.float64)
+    for true in (0.01, 0.5):
+        other = g + true * g.norm() * torch.nn.functional.normalize(torch.randn_like(g), dim=0)
+        a, b = xray.sketch(g, 0), xray.sketch(other, 0)
+        estimate = float((a - b).norm() / a.norm())
+        assert true / 2 < estimate < true * 2
+
+
+def test_norm_and_sketch_are_of_the_unscaled_gradient() -> None:
+    g = torch.tensor([3.0, 4.0])
+    held = Probe(["a"], [Shard("a", g * 1024, None)], "fp16", 1024.0, held_scaled=True, sketched=True)
+    plain = Probe(["a"], [Shard("a", g, None)], "fp32", None, held_scaled=False, sketched=True)
+    rows = [p.finish(True, 1e-3, 1)["layers"]["a"] for p in (held, plain)]
+    assert rows[0]["grad_norm"] == rows[1]["grad_norm"] == 5.0
+    assert rows[0]["sketch"] == rows[1]["sketch"]
+    unplaced = Probe(["a"], [Shard("a", g, None, offset=None)], "fp32", None, False, sketched=True)
+    assert "sketch" not in unplaced.finish(True, 1e-3, 1)["layers"]["a"]  # where the shard starts is unknown

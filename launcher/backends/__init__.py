@@ -71,7 +71,7 @@ class StepStats:
 class Backend(Protocol):
     model: nn.Module
     measure_grads: bool  # read the gradients' bytes during this step (logging.memory_report)
-    xray: bool  # take the precision x-ray during this step (logging.precision_every)
+    xray: str | None  # this step's precision x-ray: None, "stats", or "sketch" (stats and sketch; launcher.xray)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats: ...
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...

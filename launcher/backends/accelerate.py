@@ -104,7 +104,7 @@ class Engine:
         self.skipped = 0
         self.grad_bytes: int | None = None
         self.measure_grads = False
-        self.xray = False
+        self.xray: str | None = None
         self.layers = xray.layers_of(list(self.model.named_parameters()))
 
     def _shards(self) -> list[xray.Shard]:
@@ -119,11 +119,12 @@ class Engine:
         for name, p in self.model.named_parameters():
             if p.grad is None:
                 continue
-            g, w = (xray.my_slice(p.grad, rank, world), xray.my_slice(p.data, rank, world)) if whole else (
-                p.grad.reshape(-1),
-                p.data.reshape(-1),
-            )
-            out.append(xray.Shard(xray.layer_of(name), g, w))
+            if whole:
+                g, w = xray.my_slice(p.grad, rank, world), xray.my_slice(p.data, rank, world)
+                start: int | None = xray.slice_start(p.numel(), rank, world)
+            else:  # where FSDP's shard starts in the parameter is not exposed: no sketch
+                g, w, start = p.grad.reshape(-1), p.data.reshape(-1), None
+            out.append(xray.Shard(xray.layer_of(name), g, w, start))
         return out
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -152,7 +153,8 @@ class Engine:
             self.scaler.unscale_(inner)
         probe = None
         if self.xray:  # the unscaled, unclipped gradients; the scale their backward used
-            probe = xray.Probe(self.layers, self._shards(), self.plan.precision.dtype, self.loss_scale(), False)
+            dtype, scale = self.plan.precision.dtype, self.loss_scale()
+            probe = xray.Probe(self.layers, self._shards(), dtype, scale, False, self.xray == "sketch")
             lr = self.lr()
         grad_norm = self.acc.clip_grad_norm_(
             self.model.parameters(), self.clip if self.clip > 0 else float("inf")

@@ -69,7 +69,7 @@ class Engine:
         # DeepSpeed's ZeRO and 16-bit optimizers report the global gradient norm; a plain torch
         # optimizer (ZeRO 0 in fp32) leaves it None, so the norm is taken here before the step.
         self.own_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
-        self.xray = False
+        self.xray: str | None = None
         self.layers = xray.layers_of(list(self.engine.module.named_parameters()))
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
@@ -85,7 +85,8 @@ class Engine:
             if self.own_norm and last:
                 own_norm = _grad_norm(self.engine.module.parameters())  # reduced already, before clipping
             if self.xray and last:  # reduced, still scaled in fp16, not yet clipped
-                probe = xray.Probe(self.layers, _shards(self.engine), self.plan.precision.dtype, self.loss_scale(), True)
+                dtype, scale = self.plan.precision.dtype, self.loss_scale()
+                probe = xray.Probe(self.layers, _shards(self.engine), dtype, scale, True, self.xray == "sketch")
                 lr = self.lr()
             try:
                 self.engine.step()
@@ -197,7 +198,7 @@ def _shards(engine: deepspeed.DeepSpeedEngine) -> list[xray.Shard]:
             # The partition is padded to an equal size on every rank: keep this rank's real elements.
             grad, master = safe_get_local_grad(p).reshape(-1), safe_get_local_fp32_param(p).reshape(-1)
             real = max(0, min(grad.numel(), p.ds_numel - rank * grad.numel()))
-            out.append(xray.Shard(layer, grad[:real], master[:real]))
+            out.append(xray.Shard(layer, grad[:real], master[:real], rank * grad.numel()))
         elif hasattr(p, "_hp_mapping"):
             mapping = p._hp_mapping
             if mapping is None:  # no part of this parameter is in this rank's partition
@@ -206,11 +207,12 @@ def _shards(engine: deepspeed.DeepSpeedEngine) -> list[xray.Shard]:
             where = mapping.lp_fragment_address
             if grad.numel() == p.numel():  # the bf16 optimizer accumulates the whole gradient on every rank
                 grad = grad.narrow(0, where.start, where.numel)
-            out.append(xray.Shard(layer, grad, mapping.get_hp_fragment().reshape(-1)))
+            out.append(xray.Shard(layer, grad, mapping.get_hp_fragment().reshape(-1), where.start))
         elif p.grad is not None:
             master = p if p.dtype == torch.float32 else masters.get(id(p))
             mine = xray.my_slice(master, rank, world) if master is not None else None
-            out.append(xray.Shard(layer, xray.my_slice(p.grad, rank, world), mine))
+            start = xray.slice_start(p.numel(), rank, world)
+            out.append(xray.Shard(layer, xray.my_slice(p.grad, rank, world), mine, start))
     return out
 
 
