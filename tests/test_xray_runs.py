@@ -1,11 +1,14 @@
 """The precision x-ray in real trainings on 2 CPU ranks: a broken fp16 run is told, healthy runs are not.
 
-DeepSpeed refuses fp16 on CPU, so the broken-scale run here is Accelerate's; DeepSpeed's fp16 x-ray
-runs in tests/test_gpu.py. Every ZeRO stage is checked to count each gradient element exactly once.
+mplaunch refuses DeepSpeed fp16 on CPU, so the broken-scale run here is Accelerate's; where DeepSpeed's
+CPU accelerator takes fp16 (this AMD EPYC's oneDNN does) tests/ds_fp16_cpu.py runs it past the refusal,
+and tests/test_gpu.py runs it on a GPU. Every ZeRO stage is checked to count each gradient element once.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import torch
 
 from launcher.model_setup import model_for
 from launcher.plan import Plan
-from tests.runs import FAST, explain, mplaunch, records, write_recipe
+from tests.runs import FAST, ROOT, explain, mplaunch, records, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +113,44 @@ def test_every_zero_stage_counts_each_gradient_element_once_and_sketches_the_sam
         for name, row in first[stage].items():
             ref = torch.tensor(first[0][name]["sketch"])
             assert float((torch.tensor(row["sketch"]) - ref).norm() / ref.norm()) < 1e-4, (stage, name)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_fp16(tmp_path_factory: pytest.TempPathFactory) -> None:
+    probe = subprocess.run(
+        [sys.executable, "-c", "from tests.ds_fp16_cpu import deepspeed_takes_fp16_on_cpu as f; print(f())"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    if probe.stdout.strip().splitlines()[-1:] != ["True"]:
+        pytest.skip(f"DeepSpeed does not take fp16 on this CPU: {probe.stdout[-200:]}{probe.stderr[-300:]}")
+
+
+@pytest.mark.parametrize(("stage", "scale"), [(0, 2.0**-16), (3, 2.0**-16), (2, None)])
+def test_deepspeed_fp16_x_ray_on_a_cpu_that_takes_it(
+    workdir: Path, deepspeed_fp16: None, stage: int, scale: float | None
+) -> None:
+    """DeepSpeed holds fp16 gradients scaled: a static 2^-16 is named at step 1, the dynamic default is not."""
+    name = f"deepspeed-fp16-z{stage}-{'broken' if scale else 'healthy'}"
+    loss_scale = {"dynamic": False, "initial": scale} if scale else {}
+    recipe = write_recipe(
+        workdir, name, FAST, XRAY,
+        {"backend": "deepspeed", "zero": {"stage": stage}, "precision": {"dtype": "fp16", "loss_scale": loss_scale}},
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "tests/ds_fp16_cpu.py", str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert result.returncode == 0, explain(result)
+    run_dir = workdir / "runs" / name
+    underflow = events(run_dir, "underflow")
+    if scale:
+        assert [e["step"] for e in underflow] == [1]
+        assert "lm.bert.encoder.layer.0.attention.self.query" in underflow[0]["layers"]
+    else:
+        assert underflow == []
+        rows = records(run_dir, "precision")[-1]["layers"].values()
+        assert all(row["underflow"] < 0.05 for row in rows)
+        assert 0 < min(row["headroom_log2"] for row in rows) < 16  # the scaled gradients, not divided twice
