@@ -25,7 +25,8 @@ while the problem lasts, never once per step.
 
 The precision x-ray's records (launcher.xray, every logging.precision_every steps) are judged
 by `xray`: an **underflow** event when, in fp16, a layer has at least UNDERFLOW_SHARE of its
-nonzero gradient elements below fp16's smallest normal (or only zeros), with the remedy that fits
+nonzero gradient elements below fp16's smallest normal (or only zeros, beside such a layer or
+in every layer: a gradient can be zero by construction), with the remedy that fits
 the loss-scale settings and the largest gradient's headroom; a **lost_updates** event when
 LOST_SHARE of a layer's updates leave its fp32 master weight unchanged, in any dtype.
 
@@ -146,6 +147,8 @@ class PrecisionHealth:
         rows: dict[str, dict[str, Any]] = seen["layers"]
         if self.active:
             under = {n: u for n, row in rows.items() if (u := underflow_share(row)) is not None and u >= UNDERFLOW_SHARE}
+            if not _flushing(under, rows):
+                under = {}
             if set(under) - self.underflowing:
                 self.underflowing |= set(under)
                 out.append(self._underflow(step, under, rows, seen["loss_scale"]))
@@ -192,6 +195,18 @@ class PrecisionHealth:
             remedy += "; or precision.dtype=bf16, which has fp32's range and needs no loss scale"
         message = f"warning: step {step}: {cause}. Fix: {remedy}"
         return "underflow", message, {"layers": under, "loss_scale": scale, "cause": cause, "remedy": remedy}
+
+
+def _flushing(under: dict[str, float], rows: dict[str, dict[str, Any]]) -> bool:
+    """Whether layers whose gradient is all zero count as flushed by fp16.
+
+    A gradient can be exactly zero by construction (a LoRA A matrix's, while B is still all zeros),
+    so all-zero layers count only beside a layer whose nonzero gradient underflows too, or when
+    every layer is all zero (no model is made so).
+    """
+    measured = [row for row in rows.values() if row.get("elements")]
+    partial = [n for n in under if rows[n]["zero"] != 1]
+    return bool(partial) or (bool(measured) and all(row["zero"] == 1 for row in measured))
 
 
 def underflow_share(row: dict[str, Any]) -> float | None:

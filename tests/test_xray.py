@@ -223,3 +223,16 @@ def test_norm_and_sketch_are_of_the_unscaled_gradient() -> None:
     assert rows[0]["sketch"] == rows[1]["sketch"]
     unplaced = Probe(["a"], [Shard("a", g, None, offset=None)], "fp32", None, False, sketched=True)
     assert "sketch" not in unplaced.finish(True, 1e-3, 1)["layers"]["a"]  # where the shard starts is unknown
+
+
+def test_all_zero_layers_alone_are_not_underflow_but_all_zero_everywhere_is() -> None:
+    """A LoRA A matrix's gradient is exactly zero while B is zero (step 1): not fp16's doing."""
+    lora_step1 = {"q.lora_A": healthy_row(zero=1.0, underflow=None), "q.lora_B": healthy_row()}
+    assert PrecisionHealth(make_plan()).xray(1, seen(lora_step1)) == []
+    flushed = {
+        "q.lora_A": healthy_row(zero=1.0, underflow=None),
+        "q.lora_B": healthy_row(zero=1.0, underflow=None),
+    }
+    ((event, _, fields),) = PrecisionHealth(make_plan()).xray(1, seen(flushed))
+    assert event == "underflow"
+    assert fields["layers"] == {"q.lora_A": 1.0, "q.lora_B": 1.0}
