@@ -111,12 +111,13 @@ def sketch(g: torch.Tensor, offset: int) -> torch.Tensor:
     return out
 
 
-def grad_counts(x: torch.Tensor) -> torch.Tensor:
-    """GRAD counts and the largest |x| of the scaled gradient `x`, as float64 on x's device."""
-    out = torch.zeros(len(GRAD) + 1, dtype=torch.float64, device=x.device)
-    out[0] = x.numel()
-    for part in x.reshape(-1).split(CHUNK):
-        a = part.detach().abs().float()
+def grad_counts(grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """GRAD counts, the largest |x| and the sum of x^2 of the scaled gradient `x = grad * scale`
+    (float64, on grad's device), a CHUNK at a time: no full-size temporary."""
+    out = torch.zeros(len(GRAD) + 2, dtype=torch.float64, device=grad.device)
+    out[0] = grad.numel()
+    for part in grad.detach().reshape(-1).split(CHUNK):
+        a = part.abs().float() * scale if scale != 1 else part.abs().float()
         out[1:5] += torch.stack(
             [
                 (a == 0).sum(),
@@ -127,6 +128,7 @@ def grad_counts(x: torch.Tensor) -> torch.Tensor:
         ).double()
         if a.numel():
             out[5] = torch.maximum(out[5], a.max().double())
+            out[6] += a.double().square().sum()
     out[2:4] -= out[1]  # the "below" counts leave out exact zeros
     return out
 
@@ -137,7 +139,8 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
 
 
 class Probe:
-    """One x-ray step on one rank: `before_step`, the optimizer step, then `after_step`.
+    """One x-ray step on one rank: built between the last backward and the optimizer step (it
+    measures the gradients and keeps the sampled master weights), then `finish` after the step.
 
     Args:
         layers: every trainable layer's name, the same list on every rank (a rank may hold no part of some).
@@ -159,8 +162,9 @@ class Probe:
     ) -> None:
         self.loss_scale = loss_scale
         self.sketched = sketched
+        # x = grad * scale is the scaled gradient; x / loss_scale the unscaled one.
         scale = 1.0 if loss_scale is None or held_scaled else loss_scale
-        unscale = 1.0 / loss_scale if loss_scale is not None and held_scaled else 1.0
+        unscale = 1.0 / loss_scale if loss_scale is not None else 1.0
         self.layers = layers
         self.compute = DTYPES[compute]
         index = {name: i for i, name in enumerate(self.layers)}
@@ -169,12 +173,12 @@ class Probe:
         self.samples: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for s in shards:
             i = index[s.layer]
-            c = grad_counts(s.grad.float() * scale if scale != 1 else s.grad)
-            self.counts[i, : len(GRAD)] += c[:-1]
-            self.counts[i, MAX_COLUMN] = torch.maximum(self.counts[i, MAX_COLUMN], c[-1])
-            self.counts[i, _SUMSQ] += s.grad.double().square().sum() * unscale**2
+            c = grad_counts(s.grad, scale)
+            self.counts[i, : len(GRAD)] += c[: len(GRAD)]
+            self.counts[i, MAX_COLUMN] = torch.maximum(self.counts[i, MAX_COLUMN], c[len(GRAD)])
+            self.counts[i, _SUMSQ] += c[len(GRAD) + 1] * unscale**2
             if sketched and s.offset is not None:
-                self.counts[i, _SKETCH : _SKETCH + SKETCH] += sketch(s.grad, s.offset) * unscale
+                self.counts[i, _SKETCH : _SKETCH + SKETCH] += sketch(s.grad, s.offset) * scale * unscale
             elif sketched:
                 self.counts[i, _SUMSQ + 1] += s.grad.numel()
             if s.master is not None and s.master.numel():

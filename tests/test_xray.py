@@ -19,7 +19,7 @@ TINY = 2.0**-27  # below half of fp16's smallest subnormal: rounds to zero in fp
 
 def counts(x: list[float]) -> dict[str, float]:
     c = grad_counts(torch.tensor(x, dtype=torch.float32)).tolist()
-    return dict(zip((*xray.GRAD, "max_abs"), c, strict=True))
+    return dict(zip((*xray.GRAD, "max_abs", "sumsq"), c, strict=True))
 
 
 def test_grad_counts_by_hand() -> None:
@@ -33,6 +33,7 @@ def test_grad_counts_by_hand() -> None:
         "below_normal": 3,  # TINY, SUB, -SUB; 2^-14 itself is fp16's smallest normal
         "near_max": 2,
         "max_abs": 60000.0,
+        "sumsq": pytest.approx(sum(v * v for v in x)),
     }
 
 
@@ -48,9 +49,12 @@ def test_grad_counts_agree_with_a_cast_to_fp16() -> None:
 
 def test_counts_in_chunks_equal_counts_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(10_001) * 1e-4
-    whole = grad_counts(x)
+    whole = grad_counts(x, 2.0**10)
     monkeypatch.setattr(xray, "CHUNK", 97)
-    assert torch.equal(grad_counts(x), whole)
+    chunked = grad_counts(x, 2.0**10)
+    assert torch.equal(chunked[:-1], whole[:-1])
+    assert chunked[-1] == pytest.approx(float(whole[-1]), rel=1e-9)  # sums in another order
+    assert torch.equal(whole[:-2], grad_counts(x * 2.0**10)[:-2])  # scaled on the way = scaled before
 
 
 def test_layer_names_drop_wrappers_and_the_parameter() -> None:
