@@ -206,7 +206,7 @@ def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: fl
 
 @dataclass(frozen=True)
 class LayerDiff:
-    """How one layer's step-1 gradient in the mixed run differs from the fp32 run's.
+    """How one layer's gradient at step 1 in the mixed run differs from the fp32 run's.
 
     Attributes:
         layer: the module (launcher.xray.layer_of).
@@ -432,7 +432,7 @@ def report(pair: Pair, result: Comparison) -> int:
     print(
         f"  layers               {why}"
         if why
-        else "  step-1 gradients, the layers that differ most from fp32 (|g - g32| / |g32|, norm ratio):"
+        else "  gradients at step 1, the layers that differ most from fp32 (|g - g32| / |g32|, norm ratio):"
     )
     for d in layers[:TOP_LAYERS]:
         ratio = "n/a" if d.norm_ratio is None else f"{d.norm_ratio:.2f}"
