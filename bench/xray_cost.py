@@ -21,12 +21,14 @@ Printed: medians over the repeats, and the median [min-max] of the runs paired w
     in the run        the default run's intervals that hold an x-ray against those that do not,
                       the difference in ms per x-ray (no second run in it: less noise, fewer samples)
 
-Not a test: timings depend on the machine, so run it on an idle one (the load average is recorded
-with every run).
+Not a test: timings depend on the machine, so run it on an idle one. Every run records the share
+of the machine's CPUs that other processes used meanwhile (/proc/stat's busy time less this
+script's children's); a repeat in which that passed 5 % in any run is set aside (kept in the
+JSON) and run again, up to --retries times, and the summary says when a kept run passed it.
 
-    python bench/xray_cost.py [--repeats 3] [--steps 200] [--backends deepspeed:bf16 accelerate:fp16]
+    python bench/xray_cost.py [--repeats 5] [--steps 200] [--backends deepspeed:bf16 accelerate:fp16]
                               [--log-every 10] [--warmup-intervals 1] [--warmup-steps 20]
-                              [--device cpu|cuda] [--out FILE]
+                              [--retries 2] [--device cpu|cuda] [--out FILE]
 
 Writes bench/results/xray-cost-cpu.json (--device cuda: xray-cost-GPU_NAME.json) and the printed
 lines as the .txt beside it.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -52,6 +55,7 @@ from gpu_proof import device_name
 
 ROOT = overhead.ROOT
 WAYS: dict[str, int | None] = {"off": 0, "every": 1, "default": None}  # None: the recipe's default
+NOISY = 0.05  # other processes' share of the CPUs in a run above which the summary says it was disturbed
 
 
 def _recipe(tmp: Path, backend: str, dtype: str, steps: int, way: str, log_every: int) -> Path:
@@ -81,6 +85,22 @@ def _recipe(tmp: Path, backend: str, dtype: str, steps: int, way: str, log_every
     return path
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy (Linux /proc/stat), None where unknown."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this script's finished children: mplaunch, torchrun and the ranks, each waited for."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def run(
     tmp: Path, backend: str, dtype: str, steps: int, way: str, log_every: int, skip: int
 ) -> dict[str, Any]:
@@ -88,12 +108,16 @@ def run(
     recipe = _recipe(tmp, backend, dtype, steps, way, log_every)
     run_dir = tmp / "runs" / f"xray-{backend}-{way}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    load = os.getloadavg()[0]
+    load, busy, own = os.getloadavg()[0], _busy_cpu_s(), _own_cpu_s()
     started = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "launcher", str(recipe)], cwd=ROOT, capture_output=True, text=True
     )
     job_s = time.time() - started
+    # What else the machine ran meanwhile, as a share of all its cores over the job: the timing's noise.
+    busy_after = _busy_cpu_s()
+    foreign = None if busy is None or busy_after is None else busy_after - busy - (_own_cpu_s() - own)
+    cores = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
     if done.returncode:
         raise SystemExit(f"mplaunch {recipe} exited {done.returncode}:\n{done.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -121,6 +145,7 @@ def run(
         "measured_xrays": sum(i["xrays"] for i in measured),
         "precision_every": every,
         "load_1min": load,
+        "other_cpu_share": None if foreign is None else max(0.0, foreign) / (job_s * cores),
         "intervals": intervals,
     }
 
@@ -134,6 +159,10 @@ def _in_run(r: dict[str, Any], skip: int) -> float | None:
     # An interval of n steps holding x x-rays takes n * t + x * cost, t a step without one.
     t = statistics.median(clear)
     return statistics.median((i["step_time_s"] - t) * i["steps"] / i["xrays"] for i in measured if i["xrays"])
+
+
+def _share(r: dict[str, Any]) -> str:
+    return "?" if r["other_cpu_share"] is None else f"{r['other_cpu_share']:.0%} of the CPUs"
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -154,6 +183,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], skip: int) -> dict[str, Any
         "default_xray_share": share,
         "predicted_amortised_ratio": 1 + share * (statistics.median(per_step) - 1),
         "in_run_xray_cost_s": _spread(in_run) if in_run else None,
+        "other_cpu_share_max": max((r["other_cpu_share"] or 0.0 for w in WAYS for r in runs[w]), default=0.0),
     }
 
 
@@ -169,7 +199,7 @@ def lines_for(name: str, s: dict[str, Any]) -> list[str]:
     """The printed summary of one backend."""
     med, in_run = s["median_step_s"], s["in_run_xray_cost_s"]
     pad = " " * (len(name) + 2)
-    return [
+    lines = [
         f"{name}  step time: off {med['off'] * 1e3:.1f} ms, every {med['every'] * 1e3:.1f} ms, "
         f"default {med['default'] * 1e3:.1f} ms",
         f"{pad}per x-ray step: {_ms(s['xray_step_cost_s'])}, ratio {_ratio(s['xray_step_ratio'])}",
@@ -180,32 +210,44 @@ def lines_for(name: str, s: dict[str, Any]) -> list[str]:
             f"{_ms(in_run)} per x-ray" if in_run else "n/a (no timed interval with an x-ray, or none without)"
         ),
     ]
+    if s["other_cpu_share_max"] > NOISY:
+        lines.append(
+            f"{pad}disturbed: other processes used up to {s['other_cpu_share_max']:.0%} of the CPUs in a run"
+        )
+    return lines
 
 
 def measure(tmp: Path, spec: str, args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
-    """One backend's runs, the ways side by side, and their summary."""
+    """One backend's runs, the ways side by side, and their summary; a disturbed repeat is run again."""
     backend, dtype = spec.split(":")
     if args.warmup_steps:  # the token, op and page caches, before anything is timed
         run(tmp, backend, dtype, args.warmup_steps, "off", args.log_every, 0)
     runs: dict[str, list[dict[str, Any]]] = {w: [] for w in WAYS}
+    set_aside: list[dict[str, dict[str, Any]]] = []
     names = list(WAYS)
     for i in range(args.repeats):
-        for way in names[i % len(names) :] + names[: i % len(names)]:  # each way goes first in turn
-            runs[way].append(run(tmp, backend, dtype, args.steps, way, args.log_every, args.warmup_intervals))
-        done = {w: r[-1] for w, r in runs.items()}
-        say(
-            f"{spec} repeat {i + 1}: "
-            + ", ".join(
-                f"{w} {r['step_s'] * 1e3:.1f} ms/step (job {r['job_s']:.1f} s, load {r['load_1min']:.2f})"
-                for w, r in done.items()
+        for attempt in range(args.retries + 1):
+            done = {
+                way: run(tmp, backend, dtype, args.steps, way, args.log_every, args.warmup_intervals)
+                for way in names[i % len(names) :] + names[: i % len(names)]  # each way goes first in turn
+            }
+            line = ", ".join(
+                f"{w} {done[w]['step_s'] * 1e3:.1f} ms/step (job {done[w]['job_s']:.1f} s, others {_share(done[w])})"
+                for w in WAYS
             )
-        )
-    return {"summary": summarise(runs, args.warmup_intervals), "runs": runs}
+            if attempt == args.retries or all((r["other_cpu_share"] or 0.0) <= NOISY for r in done.values()):
+                break
+            say(f"{spec} repeat {i + 1}: {line}: disturbed, set aside and run again")
+            set_aside.append(done)
+        say(f"{spec} repeat {i + 1}: {line}")
+        for way, r in done.items():
+            runs[way].append(r)
+    return {"summary": summarise(runs, args.warmup_intervals), "runs": runs, "set_aside": set_aside}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument(
         "--backends", nargs="+", default=["deepspeed:bf16", "accelerate:fp16"], help="BACKEND:DTYPE"
@@ -213,6 +255,9 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=10, help="logging.every_steps: the intervals timed")
     p.add_argument("--warmup-intervals", type=int, default=1, help="intervals left out of each run's start")
     p.add_argument("--warmup-steps", type=int, default=20, help="an untimed run per backend first (0: none)")
+    p.add_argument(
+        "--retries", type=int, default=2, help="times a repeat disturbed by other processes is rerun"
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one rank per visible GPU")
     p.add_argument("--out", type=Path, help="default: bench/results/xray-cost-cpu.json, or -GPU_NAME.json")
     args = p.parse_args()
@@ -235,6 +280,7 @@ def main() -> None:
         "warmup_intervals": args.warmup_intervals,
         "world_size": overhead.DEVICE["nproc_per_node"],
         "repeats": args.repeats,
+        "disturbed_above": NOISY,
         "load_before": os.getloadavg(),
         "results": {},
     }

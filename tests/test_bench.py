@@ -111,5 +111,6 @@ def test_xray_cost_times_the_three_cadences(tmp_path: Path) -> None:
     summary, off = backend["summary"], runs["off"]["step_s"]
     assert summary["xray_step_ratio"]["median"] == pytest.approx(runs["every"]["step_s"] / off)
     assert summary["amortised_ratio"]["median"] == pytest.approx(runs["default"]["step_s"] / off)
+    assert all(r["other_cpu_share"] is None or 0 <= r["other_cpu_share"] <= 1 for r in runs.values())
     assert "per x-ray step" in result.stdout
     assert out.with_suffix(".txt").read_text().strip() in result.stdout
