@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -279,9 +280,33 @@ def _tensorboard(plan: Plan):
     return SummaryWriter(log_dir=str(RunDir.from_plan(plan).tensorboard))
 
 
+# A precision x-ray's worst layer per measure (README, "Precision x-ray"): TensorBoard gets these few
+# curves, not one per layer and measure; the per-layer values are in metrics.jsonl and report's heatmaps.
+_TB_WORST = {
+    "underflow": ("max_underflow", max),
+    "to_zero": ("max_to_zero", max),
+    "near_max": ("max_near_max", max),
+    "headroom_log2": ("min_headroom_log2", min),
+    "lost": ("max_lost", max),
+    "stale": ("max_stale", max),
+}
+
+
+def precision_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The worst layer's value of each measure a precision record holds (measures no layer has are left out)."""
+    out: dict[str, float] = {}
+    for measure, (name, worst) in _TB_WORST.items():
+        values = [v for row in record["layers"].values() if (v := row.get(measure)) is not None]
+        if values:
+            out[name] = worst(values)
+    return out
+
+
 def _to_tensorboard(writer, record: dict[str, Any]) -> None:
-    for field in _TB_FIELDS.get(record["kind"], ()):
-        value = record.get(field)
+    scalars: Mapping[str, Any] = {field: record.get(field) for field in _TB_FIELDS.get(record["kind"], ())}
+    if record["kind"] == "precision":
+        scalars = precision_scalars(record)
+    for field, value in scalars.items():
         if value is not None:
             writer.add_scalar(f"{record['kind']}/{field}", value, record["step"])
     writer.flush()

@@ -65,6 +65,8 @@ TB_TAGS = {
     "train/data_wait_frac",
     "train/overflow_rate",
     "eval/eval_loss",
+    "precision/max_lost",  # the step-1 x-ray's worst layers (fp32: no fp16 range measures)
+    "precision/max_stale",
 }
 
 pytestmark = pytest.mark.slow
@@ -154,6 +156,9 @@ def test_tensorboard_event_files_hold_the_scalars(finished: Path) -> None:
         assert logged[r["step"]] == pytest.approx(r["loss"], rel=1e-6)  # stored as float32
     assert [e.step for e in tb.Scalars("eval/eval_loss")] == [6, 12]
     assert [e.step for e in tb.Scalars("train/lr")] == list(range(EVERY, STEPS + 1, EVERY))
+    (xray,) = records(finished, "precision")
+    worst = max(row["lost"] for row in xray["layers"].values() if row["lost"] is not None)
+    assert [(e.step, e.value) for e in tb.Scalars("precision/max_lost")] == [(1, pytest.approx(worst, rel=1e-6))]
 
 
 def test_report_on_a_finished_run(finished: Path, tmp_path: Path) -> None:

@@ -240,3 +240,45 @@ def test_all_zero_layers_alone_are_not_underflow_but_all_zero_everywhere_is() ->
     ((event, _, fields),) = PrecisionHealth(make_plan()).xray(1, seen(flushed))
     assert event == "underflow"
     assert fields["layers"] == {"q.lora_A": 1.0, "q.lora_B": 1.0}
+
+
+def test_tensorboard_gets_the_worst_layer_of_each_measure() -> None:
+    from launcher.metrics import precision_scalars
+
+    fp16 = {
+        "kind": "precision",
+        "layers": {
+            "a": {"zero": 1.0, "underflow": None, "headroom_log2": None, "lost": None, "stale": None},
+            "b": {
+                "zero": 0.1,
+                "underflow": 0.25,
+                "to_zero": 0.0,
+                "near_max": 0.0,
+                "headroom_log2": 3.5,
+                "lost": 0.02,
+                "stale": 0.5,
+            },
+            "c": {
+                "zero": 0.0,
+                "underflow": 0.75,
+                "to_zero": 0.5,
+                "near_max": 0.01,
+                "headroom_log2": 7.0,
+                "lost": 0.0,
+                "stale": 0.25,
+            },
+        },
+    }
+    assert precision_scalars(fp16) == {
+        "max_underflow": 0.75,
+        "max_to_zero": 0.5,
+        "max_near_max": 0.01,
+        "min_headroom_log2": 3.5,
+        "max_lost": 0.02,
+        "max_stale": 0.5,
+    }
+    bf16 = {
+        "kind": "precision",
+        "layers": {"a": {"zero": 0.0, "lost": 0.1, "stale": 0.9}, "b": {"lost": None}},
+    }
+    assert precision_scalars(bf16) == {"max_lost": 0.1, "max_stale": 0.9}
