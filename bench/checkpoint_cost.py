@@ -7,13 +7,13 @@ file fsynced, as a checkpoint's files are. Side by side, alternating, several
 times:
 
 - plain: the save alone;
-- checksummed: the save, then the checksum pass of launcher.checkpoint (list the
+- checksummed: the save, then the checksum pass of launcher.rundir.checkpoint (list the
   files, hash them, merge into the manifest's file list) on one rank; the
   ranks of a real run hash their shares in parallel, so this is the cost of a
   one-rank job and an upper bound for more;
-- finite check: launcher.checkpointer.parameter_square_sum over the parameters;
+- finite check: launcher.worker.checkpointer.parameter_square_sum over the parameters;
 - per step: the Meter's device-side watch for a non-finite loss or gradient norm
-  (launcher.metrics.Meter._watch, run every optimizer step), against one BERT-base
+  (launcher.worker.metrics.Meter._watch, run every optimizer step), against one BERT-base
   training step (forward, backward, AdamW) of 8 sequences of 128 tokens.
 
 Prints medians per checkpoint, per GB of checkpoint and as a ratio to the plain
@@ -44,10 +44,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launcher import checkpoint, models, shapes  # noqa: E402
-from launcher import recipe as recipe_mod  # noqa: E402
-from launcher.checkpointer import parameter_square_sum  # noqa: E402
-from launcher.metrics import Meter  # noqa: E402
+from launcher import shapes  # noqa: E402
+from launcher.recipe import schema as recipe_mod  # noqa: E402
+from launcher.rundir import checkpoint
+from launcher.worker import models
+from launcher.worker.checkpointer import parameter_square_sum  # noqa: E402
+from launcher.worker.metrics import Meter  # noqa: E402
 
 
 def bert_base() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -162,7 +162,9 @@ def main() -> None:
                     r = summary["ratio_to_plain"][way]
                     lines.append(
                         f"{backend:>10} {steps:>4} steps  {way:>8}/plain  "
-                        + "  ".join(f"{k} {r[k]['median']:.3f} [{r[k]['min']:.3f}-{r[k]['max']:.3f}]" for k in keys)
+                        + "  ".join(
+                            f"{k} {r[k]['median']:.3f} [{r[k]['min']:.3f}-{r[k]['max']:.3f}]" for k in keys
+                        )
                     )
     print("\nratios of paired runs, median [min-max] (mplaunch / hand-written):")
     print("\n".join(lines))

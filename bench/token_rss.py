@@ -3,7 +3,7 @@
 Builds a text corpus of N documents and one of 10 x N (each document one to three
 lines of recipes/data/corpus.txt, drawn with a fixed seed), prepares both with
 `mplaunch prepare` (timed, then timed again when cached), and then, in a fresh
-process per corpus as a rank is, opens the tokens with launcher.data.load_tokens
+process per corpus as a rank is, opens the tokens with launcher.worker.data.load_tokens
 and draws micro-batches through the real data.Batches (rank 0 of the tiny BERT
 recipe's 2). Each process reports its peak resident memory (VmHWM) less its peak
 after the imports, its private (RssAnon) and file-backed (RssFile: pages of the
@@ -15,9 +15,9 @@ into memory.
 
 Prints the medians and the ratios 10x / 1x: for the cache the private memory should
 stay within a few percent. What still grows with the corpus in a cache rank: the
-seeded sample order (8 bytes a row, a few copies: launcher.data.split and Batches),
+seeded sample order (8 bytes a row, a few copies: launcher.worker.data.split and Batches),
 the mapped pages of the stream (RssFile, page cache shared with the other ranks), and
-while load_tokens hashes the data files for the cache key, launcher.records.hash_paths
+while load_tokens hashes the data files for the cache key, launcher.plan.records.hash_paths
 holding each file whole (a transient of up to one file's size). The "cached s" column
 is `mplaunch prepare` as a process (interpreter start included); its printed line,
 kept in the JSON, gives the seconds of the work itself. Not a test: numbers depend
@@ -58,19 +58,25 @@ def _status(*keys: str) -> dict[str, int]:
 def _in_memory_tokens(plan):  # the rows as load_tokens made them before the cache (data._chunk)
     import numpy as np
 
-    from launcher import data, token_cache, vocab
+    from launcher.plan import vocab
+    from launcher.run import token_cache
+    from launcher.worker import data
 
     tokenizer = token_cache.load_tokenizer(Path(plan.tokenizer_dir))
     sep, cls = token_cache.separator_id(tokenizer), tokenizer.token_to_id("[CLS]")
     stream: list[int] = []
-    for enc in tokenizer.encode_batch(vocab.read_texts(plan.recipe, plan.data_paths), add_special_tokens=False):
+    for enc in tokenizer.encode_batch(
+        vocab.read_texts(plan.recipe, plan.data_paths), add_special_tokens=False
+    ):
         stream.extend([*enc.ids, sep])
     body = plan.recipe.data.seq_len - 2
     rows = len(stream) // body
     arr = np.asarray(stream[: rows * body], dtype=np.int64).reshape(rows, body)
     ids = np.concatenate([np.full((rows, 1), cls), arr, np.full((rows, 1), sep)], axis=1)
     specials = tuple(i for i in map(tokenizer.token_to_id, data.SPECIALS) if i is not None)
-    return data.Tokens(data.ArrayRows(ids), tokenizer.get_vocab_size(), tokenizer.token_to_id("[MASK]"), specials)
+    return data.Tokens(
+        data.ArrayRows(ids), tokenizer.get_vocab_size(), tokenizer.token_to_id("[MASK]"), specials
+    )
 
 
 def child(recipe_path: str, mode: str, num_batches: int) -> None:
@@ -79,10 +85,10 @@ def child(recipe_path: str, mode: str, num_batches: int) -> None:
     import tokenizers  # noqa: F401
     import torch  # noqa: F401
 
-    from launcher import data
-    from launcher.hardware import Hardware
-    from launcher.plan import resolve
-    from launcher.recipe import load
+    from launcher.plan.hardware import Hardware
+    from launcher.plan.resolve import resolve
+    from launcher.recipe.schema import load
+    from launcher.worker import data
 
     plan = resolve(load(Path(recipe_path)), Hardware(cpu_count=os.cpu_count() or 1))
     baseline = _status("VmHWM")["VmHWM"]
@@ -166,15 +172,19 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def measure(tmp: Path, num_docs: int, scale: int, num_batches: int, repeats: int, modes: tuple[str, ...]) -> dict:
+def measure(
+    tmp: Path, num_docs: int, scale: int, num_batches: int, repeats: int, modes: tuple[str, ...]
+) -> dict:
     env = {**os.environ, "MPLAUNCH_CACHE": str(tmp / "cache")}
     rank_env = {**env, "TOKENIZERS_PARALLELISM": "false"}  # as the launcher starts its workers (plan.env)
     os.environ["MPLAUNCH_CACHE"] = env["MPLAUNCH_CACHE"]
     sys.path.insert(0, str(ROOT))
-    from launcher import vocab
-    from launcher.recipe import load
+    from launcher.plan import vocab
+    from launcher.recipe.schema import load
 
-    tokenizer = vocab.prepare(load(ROOT / "recipes" / "bert_tiny.yaml"), (str(ROOT / "recipes" / "data" / "corpus.txt"),))
+    tokenizer = vocab.prepare(
+        load(ROOT / "recipes" / "bert_tiny.yaml"), (str(ROOT / "recipes" / "data" / "corpus.txt"),)
+    )
     sizes = {"1x": num_docs, f"{scale}x": num_docs * scale}
     recipes, prepared = {}, {}
     for name, docs in sizes.items():
@@ -269,7 +279,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-before", action="store_true", help="skip the in-memory (before) side")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
-    parser.add_argument("--out", default=None, help="also write the results as JSON here, and the table as .txt")
+    parser.add_argument(
+        "--out", default=None, help="also write the results as JSON here, and the table as .txt"
+    )
     args = parser.parse_args()
     modes = ("cache",) if args.no_before else MODES
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -29,25 +29,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher import (
-    __version__,
-    environment,
-    launch,
-    memory,
-    parity,
-    plots,
-    recipe_files,
-    recipe_reference,
-    slurm,
-    tasks,
-    token_cache,
-)
-from launcher import recipe as recipe_mod
+from launcher import __version__
+from launcher.analysis import parity, plots
 from launcher.errors import UserError, report
-from launcher.hardware import Hardware
-from launcher.plan import Plan, prepare_vocab, resolve
-from launcher.recipe_files import RECIPES_DIR
-from launcher.rundir import RunDir
+from launcher.plan.estimate import memory
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import Plan, prepare_vocab, resolve
+from launcher.recipe import files as recipe_files
+from launcher.recipe import reference as recipe_reference
+from launcher.recipe import schema as recipe_mod
+from launcher.recipe import tasks
+from launcher.recipe.files import RECIPES_DIR
+from launcher.run import environment, launch, slurm, token_cache
+from launcher.rundir.layout import RunDir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -438,7 +432,7 @@ def cmd_export(argv: list[str]) -> int:
     # Reading checkpoints takes torch, DeepSpeed and transformers: the worker-side module runs in a
     # process of its own, so this one stays light (tests/test_import_graph.py). It prints its own
     # one-line errors and exits 2 for them.
-    return subprocess.run([sys.executable, "-m", "launcher.export", json.dumps(request)]).returncode
+    return subprocess.run([sys.executable, "-m", "launcher.worker.export", json.dumps(request)]).returncode
 
 
 # --------------------------------------------------------------------------- prepare

@@ -20,7 +20,9 @@ class CausalLM(nn.Module):
         if not torch.equal(input_ids, labels):
             raise ValueError("CausalLM got a batch whose labels are not its inputs (masked-LM batches?)")
         logits = self.head(self.embed(input_ids))[:, :-1]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+        )
 
 
 def build(vocab_size: int = 512, hidden: int = 32) -> nn.Module:

@@ -1,6 +1,6 @@
 """Run a recipe with DeepSpeed fp16 on CPU past mplaunch's plan-time refusal: `python tests/ds_fp16_cpu.py RECIPE`.
 
-mplaunch refuses DeepSpeed fp16 on CPU (launcher.precision.problems); on CPUs where DeepSpeed's own
+mplaunch refuses DeepSpeed fp16 on CPU (launcher.plan.precision.problems); on CPUs where DeepSpeed's own
 CPU accelerator takes fp16 it does run, which lets tests exercise the DeepSpeed fp16 code paths (the
 precision x-ray's scaled gradients) without a GPU.
 """
@@ -11,10 +11,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from launcher import launch
-from launcher import recipe as recipe_mod
-from launcher.hardware import Hardware
-from launcher.plan import resolve
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe import schema as recipe_mod
+from launcher.run import launch
 
 
 def deepspeed_takes_fp16_on_cpu() -> bool:

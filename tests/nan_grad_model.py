@@ -9,9 +9,8 @@ whose update would poison the weights.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from spiky_model import Spiky  # tests/ is on the path, as for every model.target here
+from torch import nn
 
 
 class _NanBackward(torch.autograd.Function):

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from launcher.errors import UserError
-from launcher.hardware import Gpu, Hardware
-from launcher.plan import Plan, resolve
-from launcher.recipe import Recipe, load, validate
+from launcher.plan.hardware import Gpu, Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import Recipe, load, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -216,8 +216,8 @@ def test_accelerate_autocast_and_loss_scale_have_one_owner(dtype: str) -> None:
 
 
 def test_loss_scale_settings_drive_the_accelerate_scaler() -> None:
-    from launcher.loss_scale import DynamicScale
-    from launcher.recipe import LossScale
+    from launcher.plan.loss_scale import DynamicScale
+    from launcher.recipe.schema import LossScale
 
     s = resolve(make("accelerate", dtype="fp16"), H100x8).backend_config["loss_scale"]
     rule = DynamicScale.from_recipe(LossScale(**s))

@@ -17,13 +17,13 @@ import pytest
 import torch
 import yaml
 
-from launcher.backends import StepStats
 from launcher.errors import UserError
-from launcher.hardware import Hardware
-from launcher.metrics import Meter, NonFiniteGrads, NonFiniteLoss
-from launcher.plan import resolve
-from launcher.recipe import load
-from launcher.recipe_files import MAX_VALUES, Loader, expanded_size
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe.files import MAX_VALUES, Loader, expanded_size
+from launcher.recipe.schema import load
+from launcher.worker.backends import StepStats
+from launcher.worker.metrics import Meter, NonFiniteGrads, NonFiniteLoss
 from tests.runs import FAST, FAST_USER_MODEL, TINY, explain, mplaunch, records, write_recipe
 
 NAN_STEP = 3

@@ -85,7 +85,7 @@ def test_token_rss_prepares_both_corpora_and_measures_each_rank(tmp_path: Path) 
 
 
 def test_xray_cost_times_the_three_cadences(tmp_path: Path) -> None:
-    from launcher.recipe import Logging
+    from launcher.recipe.schema import Logging
 
     out = tmp_path / "xray-cost.json"
     result = subprocess.run(

@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from launcher import checkpoint
+from launcher.rundir import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ _CHILD = textwrap.dedent(
     """
     import os, shutil, sys
     from pathlib import Path
-    from launcher import checkpoint
+    from launcher.rundir import checkpoint
 
     crash_at = int(os.environ["CRASH_AT"])
     count = 0

@@ -20,11 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from launcher import checkpoint, data, train
-from launcher.checkpointer import Checkpointer, parameter_square_sum
-from launcher.metrics import Meter
-from launcher.plan import Plan
-from launcher.rundir import RunDir
+from launcher.plan.resolve import Plan
+from launcher.rundir import checkpoint
+from launcher.rundir.layout import RunDir
+from launcher.worker import data, train
+from launcher.worker.checkpointer import Checkpointer, parameter_square_sum
+from launcher.worker.metrics import Meter
 from tests.runs import FAST, FAST_USER_MODEL, explain, losses, mplaunch, records, write_recipe
 from tests.test_resume import _assert_bitwise_equal
 from tests.test_worker_loop import FakeBackend, _plan, _run
@@ -70,7 +71,7 @@ def _truncate(path: Path) -> None:
 
 
 def _worker_view(root: Path, world: int = 2) -> Path | None:
-    """What the workers resume from (the order of launcher.checkpointer.restore, with the
+    """What the workers resume from (the order of launcher.worker.checkpointer.restore, with the
     checkpoint functions it calls): newest first, sizes and every rank's share of the
     checksums checked, a bad one renamed corrupt."""
     for path, manifest in checkpoint.newest_first(root):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import launcher
-from launcher import cli, launch
-from launcher.hardware import Gpu, Hardware
+from launcher import cli
+from launcher.plan.hardware import Gpu, Hardware
+from launcher.run import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 BERT = str(ROOT / "recipes" / "bert.yaml")
@@ -43,7 +44,7 @@ def machine(monkeypatch: pytest.MonkeyPatch) -> object:
 
 @pytest.fixture
 def no_launch(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Replace launcher.launch.run so that nothing can start; records the plans it was given."""
+    """Replace launcher.run.launch.run so that nothing can start; records the plans it was given."""
     started: list[object] = []
     monkeypatch.setattr(launch, "run", lambda plan: started.append(plan) or 0)
     return started
@@ -125,7 +126,7 @@ def test_a_mistyped_path_is_not_taken_for_the_shipped_recipe(
 
 
 def test_check_explain_lists_every_key(capsys: pytest.CaptureFixture[str], machine: object) -> None:
-    from launcher.recipe import all_keys
+    from launcher.recipe.schema import all_keys
 
     code, out, _ = run(capsys, "check", BERT, "--explain")
     assert code == 0
@@ -136,7 +137,7 @@ def test_check_explain_lists_every_key(capsys: pytest.CaptureFixture[str], machi
 
 
 def test_explain_needs_no_recipe_and_can_print_markdown(capsys: pytest.CaptureFixture[str]) -> None:
-    from launcher.recipe_reference import reference_markdown
+    from launcher.recipe.reference import reference_markdown
 
     code, out, _ = run(capsys, "check", "--explain", "--markdown")
     assert code == 0
@@ -247,7 +248,10 @@ def test_run_hands_the_plan_to_launch(
         ([BERT, "--bogus"], "error: mplaunch: unrecognized arguments: --bogus (hint: see mplaunch --help)"),
         ([BERT, "train.max_steps"], "error: override 'train.max_steps': expected dotted.key=value"),
         (["chekc", BERT], "error: chekc: recipe file not found (hint: did you mean `mplaunch check`?)"),
-        (["nope.yaml"], "error: nope.yaml: recipe file not found (hint: shipped recipes: bert, bert_finetune,"),
+        (
+            ["nope.yaml"],
+            "error: nope.yaml: recipe file not found (hint: shipped recipes: bert, bert_finetune,",
+        ),
         ([BERT, "launch.nnodes=2"], "error: launch.nnodes: 2 nodes need --slurm; a local run uses one node"),
         ([BERT, "name=" + "a" * 300], "error: override name: string should have at most 128 characters"),
         (

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from launcher import data, vocab
-from launcher.hardware import Hardware
-from launcher.plan import resolve
-from launcher.recipe import load
+from launcher.plan import vocab
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe.schema import load
+from launcher.worker import data
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = Hardware(cpu_count=2)
@@ -92,7 +93,7 @@ def test_jsonl_data_reads_the_text_field(tmp_path: Path) -> None:
 
 
 def test_a_jsonl_record_without_the_field_names_file_and_line(tmp_path: Path) -> None:
-    # `check` reads the first 1000 records (launcher.data_check); the workers read every one.
+    # `check` reads the first 1000 records (launcher.plan.data_check); the workers read every one.
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a fine record of a few words"}\n' * 1001 + '{"other": "no text here"}\n')
     plan = _plan(tmp_path, "data.kind=jsonl", f"data.paths=[{json.dumps(str(path))}]")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import cli, data_check, records
-from launcher.hardware import Hardware
-from launcher.recipe import load
+from launcher import cli
+from launcher.plan import data_check, records
+from launcher.plan.hardware import Hardware
+from launcher.recipe.schema import load
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -136,9 +137,11 @@ def test_an_unreadable_file_is_one_line(
     assert err == [f"error: data.paths[0]: cannot read {f}: Permission denied"]
 
 
-def test_a_csv_header_without_the_field_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_a_csv_header_without_the_field_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     f = tmp_path / "t.csv"
-    f.write_text("\ufeffsentence,label\n\"a, b\",1\nc,0\n")
+    f.write_text('\ufeffsentence,label\n"a, b",1\nc,0\n')
     code, err = check(capsys, FINETUNE, "data.kind=csv", paths(f))
     assert code == 2
     assert err == [f"error: data.text_field: {f} has no column 'text' (its header: sentence, label)"]
@@ -197,7 +200,9 @@ def test_records_are_counted_across_files_and_blank_lines_are_not_records(
     b = tmp_path / "b.jsonl"
     b.write_text('\n{"text": "b", "label": 1}\n  \n' * 20)
     overrides = ("data.eval_fraction=0", paths(a, b))
-    assert check(capsys, FINETUNE, *overrides, "train.global_batch_size=40", "train.micro_batch_size=20")[0] == 0
+    assert (
+        check(capsys, FINETUNE, *overrides, "train.global_batch_size=40", "train.micro_batch_size=20")[0] == 0
+    )
     code, err = check(capsys, FINETUNE, *overrides, "train.global_batch_size=42", "train.micro_batch_size=21")
     assert code == 2
     assert err == [
@@ -207,7 +212,9 @@ def test_records_are_counted_across_files_and_blank_lines_are_not_records(
 
 
 def test_unpacked_lm_rows_are_the_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = check(capsys, BERT, "data.pack=false", "train.global_batch_size=2048", "train.micro_batch_size=1024")
+    code, err = check(
+        capsys, BERT, "data.pack=false", "train.global_batch_size=2048", "train.micro_batch_size=1024"
+    )
     assert code == 2
     assert len(err) == 1
     assert "corpus.txt holds 1200 records, one per row (data.pack false), 1140 for training" in err[0]
@@ -218,8 +225,13 @@ def test_packed_rows_are_refused_only_beyond_one_token_per_byte(capsys: pytest.C
     code, err = check(capsys, BERT, "train.global_batch_size=8192", "train.micro_batch_size=4096")
     assert code == 2
     assert len(err) == 1
-    assert err[0].startswith(f"error: train.global_batch_size: {RECIPES / 'data' / 'corpus.txt'} tokenizes to at most")
-    assert "at most 7020 packed rows of 62 tokens (data.seq_len 64 less [CLS] and [SEP]), 6669 for training" in err[0]
+    assert err[0].startswith(
+        f"error: train.global_batch_size: {RECIPES / 'data' / 'corpus.txt'} tokenizes to at most"
+    )
+    assert (
+        "at most 7020 packed rows of 62 tokens (data.seq_len 64 less [CLS] and [SEP]), 6669 for training"
+        in err[0]
+    )
     # Below the bound check cannot be certain (the workers count the tokens): no refusal on a guess.
     assert check(capsys, BERT, "train.global_batch_size=6656", "train.micro_batch_size=3328")[0] == 0
 
@@ -229,7 +241,7 @@ def test_the_trained_tokenizers_make_no_more_tokens_than_bytes(tmp_path: Path, t
     """The packed bound (data_check._token_bound): tokens <= UTF-8 bytes of each text."""
     from tokenizers import Tokenizer
 
-    from launcher import vocab
+    from launcher.plan import vocab
 
     texts = [
         "Ünïcödé ÀÉÎ İstanbul ﬃ straße ΐ 한국어 日本語 😀🚀 x",
@@ -284,8 +296,8 @@ def test_every_shipped_recipe_still_checks_ok(capsys: pytest.CaptureFixture[str]
 def test_the_workers_hint_names_num_samples_only_for_synthetic_data() -> None:
     import numpy as np
 
-    from launcher import data
-    from launcher.plan import resolve
+    from launcher.plan.resolve import resolve
+    from launcher.worker import data
 
     for overrides, hint in (
         ([], "lower train.global_batch_size or add data, or lower data.eval_fraction (0.05)"),

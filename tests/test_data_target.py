@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from launcher import cli
-from launcher.hardware import Hardware
-from launcher.plan import Plan, resolve
-from launcher.recipe import load
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import load
 from tests.runs import FAST_USER_MODEL, explain, mplaunch, records, write_recipe
 
 CPU = Hardware(cpu_count=2)
@@ -199,7 +199,7 @@ def _plan(tmp_path: Path, *overrides: str) -> Plan:
 
 
 def _first_batch(plan: Plan, step: int = 0) -> list[dict[str, Any]]:
-    from launcher import data
+    from launcher.worker import data
 
     tokens = data.load_tokens(plan, 0, lambda: None)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)

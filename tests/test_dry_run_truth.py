@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from launcher import cli
-from launcher.hardware import Gpu, Hardware
-from launcher.plan import Plan, resolve
-from launcher.recipe import load
+from launcher.plan.hardware import Gpu, Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import load
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -73,7 +73,7 @@ def test_deepspeed_engine_gets_the_printed_config(
 ) -> None:
     import deepspeed
 
-    from launcher.backends import deepspeed as ds_backend
+    from launcher.worker.backends import deepspeed as ds_backend
 
     printed, plan = printed_config(capsys, recipe, "backend=deepspeed")
     seen: dict[str, Any] = {}
@@ -92,7 +92,7 @@ def accelerate_arguments(plan: Plan, monkeypatch: pytest.MonkeyPatch, build: boo
     """What the accelerate engine handed to Accelerate and torch, in the dry run's layout."""
     import accelerate
 
-    from launcher.backends import accelerate as acc_backend
+    from launcher.worker.backends import accelerate as acc_backend
 
     seen: dict[str, Any] = {}
     real_init = accelerate.Accelerator.__init__

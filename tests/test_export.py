@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import torch
 
-from launcher import export, models
 from launcher.errors import UserError
-from launcher.plan import Plan
+from launcher.plan.resolve import Plan
+from launcher.worker import export, models
 from tests.runs import FAST, explain, mplaunch, write_recipe
 
 STEPS = 4

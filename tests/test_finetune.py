@@ -3,7 +3,7 @@ on both backends, exported, and loaded back with `from_pretrained`, as a user wo
 "Bring your own model and data").
 
 Each (task, backend) trains STEPS steps once, in a module-scoped fixture. The export's logits on a
-fixed batch are compared with those of the model the run trained, rebuilt by launcher.model_setup
+fixed batch are compared with those of the model the run trained, rebuilt by launcher.worker.model_setup
 and loaded with the checkpoint's consolidated fp32 weights: exactly equal in fp32, and close after
 LoRA adapters are merged into the weights.
 """
@@ -17,13 +17,16 @@ from typing import Any
 import pytest
 import torch
 
-from launcher import export, model_setup
-from launcher.plan import Plan
+from launcher.plan.resolve import Plan
+from launcher.worker import export, model_setup
 from tests.runs import ROOT, explain, mplaunch
 
 STEPS = 2
 DATA = ROOT / "recipes" / "data"
-QUIET = {"logging": {"every_steps": 1, "tensorboard": False, "progress": False}, "checkpoint": {"every_steps": 0}}
+QUIET = {
+    "logging": {"every_steps": 1, "tensorboard": False, "progress": False},
+    "checkpoint": {"every_steps": 0},
+}
 TASKS: dict[str, dict[str, Any]] = {
     "sequence-classification": {
         "model": {"hf": "tiny-bert", "num_labels": 4},
@@ -48,7 +51,12 @@ def _recipe(tmp: Path, models: Path, task: str, backend: str) -> Path:
         "name": name,
         "model": {**spec["model"], "hf": str(models / spec["model"]["hf"])},
         "data": {"task": task, **spec["data"]},
-        "train": {"micro_batch_size": 4, "global_batch_size": 16, "max_steps": STEPS, **spec.get("train", {})},
+        "train": {
+            "micro_batch_size": 4,
+            "global_batch_size": 16,
+            "max_steps": STEPS,
+            **spec.get("train", {}),
+        },
         "optimizer": {"lr": 1e-3},
         "precision": {"dtype": "fp32"},
         "backend": backend,
@@ -96,7 +104,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Trai
 
 
 def _batch(plan: Plan) -> dict[str, torch.Tensor]:
-    from launcher import data
+    from launcher.worker import data
 
     tokens = data.load_tokens(plan, 0, lambda: None)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed).train[:4]
@@ -134,7 +142,9 @@ def test_fine_tune_export_and_load_with_from_pretrained(trained: Trained, task: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["deepspeed", "accelerate"])
-def test_lora_adapters_export_alone_and_load_onto_the_base(trained: Trained, backend: str, tmp_path: Path) -> None:
+def test_lora_adapters_export_alone_and_load_onto_the_base(
+    trained: Trained, backend: str, tmp_path: Path
+) -> None:
     import transformers
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch._dynamo
 
-from launcher import flops, models
-from launcher.precision import PrecisionPolicy
-from launcher.recipe import Model
-from launcher.shapes import Shape, shape_of
+from launcher.plan.estimate import flops
+from launcher.plan.precision import PrecisionPolicy
+from launcher.recipe.schema import Model
+from launcher.recipe.shapes import Shape, shape_of
+from launcher.worker import models
 
 BERT_TINY = Shape(
     "bert-mlm",

@@ -31,7 +31,9 @@ def test_gpt2_tiny_trains_a_bpe_tokenizer_and_exports_a_model_that_generates(
     assert trained["model"]["type"] == "BPE"
     assert [t["content"] for t in trained["added_tokens"]] == ["<|endoftext|>"]
     plan = json.loads((run_dir / "plan.json").read_text())["plan"]
-    assert plan["vocab_size"] == plan["shape"]["vocab_size"] == len(trained["model"]["vocab"])  # the model is sized to the trained tokenizer
+    assert (
+        plan["vocab_size"] == plan["shape"]["vocab_size"] == len(trained["model"]["vocab"])
+    )  # the model is sized to the trained tokenizer
 
     out = tmp_path / "export"
     exported = mplaunch("export", str(run_dir), "--out", str(out), env=env)

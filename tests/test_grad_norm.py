@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
      ("accelerate", 0, "fp32")],
     ids=str,
 )  # fmt: skip
-def test_every_train_record_has_a_finite_grad_norm(tmp_path: Path, backend: str, stage: int, dtype: str) -> None:
+def test_every_train_record_has_a_finite_grad_norm(
+    tmp_path: Path, backend: str, stage: int, dtype: str
+) -> None:
     layer = {
         "backend": backend,
         "zero": {"stage": stage},

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from launcher.hardware import Gpu, Hardware
-from launcher.health import PrecisionHealth, initial_search_steps
-from launcher.plan import Plan, resolve
-from launcher.recipe import validate
+from launcher.analysis.health import PrecisionHealth, initial_search_steps
+from launcher.plan.hardware import Gpu, Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import validate
 
 GiB = 2**30
 A100 = Hardware(gpus=(Gpu(0, "NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB),), cpu_count=16)

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import hf_dir, recipe, tasks
 from launcher.errors import UserError
-from launcher.hardware import Hardware
-from launcher.plan import resolve
+from launcher.plan import hf_dir
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe import schema as recipe
+from launcher.recipe import tasks
 from tests.runs import ROOT
 
 CPU = Hardware(gpus=(), cpu_count=2)
@@ -49,7 +51,9 @@ def _classifier(tmp: Path, models: Path, **model: object) -> Path:
     )  # fmt: skip
 
 
-def test_a_local_directory_resolves_its_tokenizer_vocabulary_and_parameter_count(tmp_path, tiny_models) -> None:
+def test_a_local_directory_resolves_its_tokenizer_vocabulary_and_parameter_count(
+    tmp_path, tiny_models
+) -> None:
     plan = _plan(_classifier(tmp_path, tiny_models))
     config = json.loads((tiny_models / "tiny-bert" / "config.json").read_text())
     assert plan.hf_dir == str(tiny_models / "tiny-bert")
@@ -101,7 +105,9 @@ def test_directory_problems_are_one_line_each(tmp_path, tiny_models) -> None:
 
 def test_a_config_override_that_resizes_pretrained_weights_is_refused(tmp_path, tiny_models) -> None:
     path = _classifier(tmp_path, tiny_models)
-    assert "model.config.num_hidden_layers: changes the shape" in _errors(path, "model.config.num_hidden_layers=1")
+    assert "model.config.num_hidden_layers: changes the shape" in _errors(
+        path, "model.config.num_hidden_layers=1"
+    )
     plan = _plan(path, "model.config.num_hidden_layers=1", "model.weights=random")
     assert "config overrides {'num_hidden_layers': 1}" in plan.describe()
 
@@ -112,12 +118,16 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused_at_check(tmp_path, ti
     config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
     message = _errors(_classifier(tmp_path, tiny_models), f"model.hf={small}")
-    assert f"has {config['vocab_size']} tokens but" in message and "vocab_size (model.config) is 100" in message
+    assert (
+        f"has {config['vocab_size']} tokens but" in message and "vocab_size (model.config) is 100" in message
+    )
 
 
 def test_model_keys_that_would_be_ignored_are_refused(tmp_path, tiny_models) -> None:
     path = _classifier(tmp_path, tiny_models)
-    assert "model.size: not used by model.hf; override its config as model.config.<key>" in _errors(path, "model.size=tiny")
+    assert "model.size: not used by model.hf; override its config as model.config.<key>" in _errors(
+        path, "model.size=tiny"
+    )
     assert "model.kwargs: only used with model.target" in _errors(path, "model.kwargs.x=1")
     assert "either model.hf or model.target" in _errors(path, "model.target=m:f")
     bert = _recipe(tmp_path)  # the built-in model

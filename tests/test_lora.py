@@ -1,4 +1,4 @@
-"""LoRA through peft (launcher.lora) and the memory planner's view of it (launcher.state_bytes).
+"""LoRA through peft (launcher.worker.lora) and the memory planner's view of it (launcher.plan.estimate.state_bytes).
 
 The worker-side tests build tiny transformers models from a config (nothing is downloaded),
 apply adapters, run forward and backward, and merge; the planner's light mirror of the adapted
@@ -19,14 +19,17 @@ transformers = pytest.importorskip("transformers")
 
 from torch import nn  # noqa: E402
 
-from launcher import hf_dir, lora, memory, models, state_bytes  # noqa: E402
-from launcher.backends import param_groups  # noqa: E402
-from launcher.hardware import Hardware  # noqa: E402
-from launcher.models import ModelError  # noqa: E402
-from launcher.plan import resolve  # noqa: E402
-from launcher.recipe import Lora, Model, load  # noqa: E402
-from launcher.shapes import Shape, linear_layers  # noqa: E402
-from launcher.state_bytes import LoraSetting, Params, model_state_bytes  # noqa: E402
+from launcher import state_bytes  # noqa: E402
+from launcher.plan import hf_dir
+from launcher.plan.estimate import memory
+from launcher.plan.estimate.state_bytes import LoraSetting, Params, model_state_bytes  # noqa: E402
+from launcher.plan.hardware import Hardware  # noqa: E402
+from launcher.plan.resolve import resolve  # noqa: E402
+from launcher.recipe.schema import Lora, Model, load  # noqa: E402
+from launcher.recipe.shapes import Shape, linear_layers  # noqa: E402
+from launcher.worker import lora, models
+from launcher.worker.backends import param_groups  # noqa: E402
+from launcher.worker.models import ModelError  # noqa: E402
 from tests.conftest import RECIPES  # noqa: E402
 
 VOCAB = 500
@@ -237,7 +240,7 @@ def test_merge_equals_the_adapted_forward(family: str) -> None:
         assert torch.allclose(_loss(fresh, batch), adapted, atol=1e-5)
 
 
-# peft's from_pretrained reads an attribute transformers 5 deprecates (launcher.lora.apply silences it).
+# peft's from_pretrained reads an attribute transformers 5 deprecates (launcher.worker.lora.apply silences it).
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_adapter_directory_loads_onto_the_base(tmp_path: Path) -> None:
     from peft import PeftModel
@@ -339,7 +342,9 @@ def test_the_planners_model_type_targets_are_peft_s() -> None:
     assert {k: tuple(PEFT[k]) for k in hf_dir.PEFT_TARGETS} == hf_dir.PEFT_TARGETS
 
 
-def test_the_planner_plans_lora_on_a_model_directory(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_planner_plans_lora_on_a_model_directory(
+    tiny_models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from launcher import cli
 
     assert cli.main(["plan", str(RECIPES / "llama_sft_tiny.yaml")]) == 0
@@ -499,7 +504,7 @@ def test_the_planner_takes_the_adapter_count_as_a_number() -> None:
 # The name model_setup calls; transformers 5 renames it activation_checkpointing_enable.
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
 def test_adapters_train_under_activation_checkpointing() -> None:
-    # launcher.model_setup turns on non-reentrant checkpointing before LoRA: the frozen embeddings
+    # launcher.worker.model_setup turns on non-reentrant checkpointing before LoRA: the frozen embeddings
     # need no gradient, and the adapters inside the recomputed layers still get theirs.
     built = _built("bert-mlm")
     built.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

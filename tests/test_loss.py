@@ -17,12 +17,11 @@ transformers = pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
 
 from launcher import cli, model_setup  # noqa: E402
-from launcher.hardware import Hardware  # noqa: E402
-from launcher.models import LMLoss, split_head  # noqa: E402
-from launcher.plan import resolve  # noqa: E402
-from launcher.recipe import load  # noqa: E402
+from launcher.plan.hardware import Hardware  # noqa: E402
+from launcher.plan.resolve import resolve  # noqa: E402
+from launcher.recipe.schema import load  # noqa: E402
+from launcher.worker.models import LMLoss, split_head  # noqa: E402
 from tests.conftest import RECIPES  # noqa: E402
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,7 +101,8 @@ def test_a_model_that_is_not_base_plus_head_keeps_the_full_head(tiny_models: Pat
     assert note.startswith("train.loss labelled: GPT2LMHeadModel is not its base model followed by one head")
     ids, labels = _batch(lm.config.vocab_size, True)
     expected = nn.functional.cross_entropy(
-        (lm(input_ids=ids).logits[:, :-1]).reshape(-1, lm.config.vocab_size).float(), labels[:, 1:].reshape(-1)
+        (lm(input_ids=ids).logits[:, :-1]).reshape(-1, lm.config.vocab_size).float(),
+        labels[:, 1:].reshape(-1),
     )
     assert torch.allclose(wrapped(input_ids=ids, labels=labels), expected)
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from launcher.loss_scale import DynamicScale, ScaleAtMinimum
+from launcher.plan.loss_scale import DynamicScale, ScaleAtMinimum
 
 
 def _ours(initial: float, window: int, min_scale: float, hysteresis: int, consecutive: bool) -> DynamicScale:

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
-from launcher import cli, memory, state_bytes
-from launcher.hardware import Gpu, Hardware
-from launcher.memory import Config, Setting
-from launcher.plan import resolve
-from launcher.recipe import load
-from launcher.shapes import Shape
-from launcher.state_bytes import Params, model_state_bytes
+from launcher import cli
+from launcher.plan.estimate import memory, state_bytes
+from launcher.plan.estimate.memory import Config, Setting
+from launcher.plan.estimate.state_bytes import Params, model_state_bytes
+from launcher.plan.hardware import Gpu, Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe.schema import load
+from launcher.recipe.shapes import Shape
 from tests.conftest import RECIPES, ROOT
 
 GiB = 2**30
@@ -261,7 +262,7 @@ def test_describe_for_the_dry_run() -> None:
 
 def test_planner_imports_no_torch() -> None:
     code = (
-        "import sys, launcher.flops, launcher.cli as c;"
+        "import sys, launcher.plan.estimate.flops, launcher.cli as c;"
         f" c.main(['plan', {str(RECIPES / 'bert.yaml')!r}, '--gpu-memory', '80GiB']);"
         " print(sorted(x for x in ('torch', 'deepspeed', 'accelerate', 'transformers') if x in sys.modules))"
     )

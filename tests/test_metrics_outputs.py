@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from launcher import flops
-from launcher.launch import child_pids
-from launcher.recipe import Model
-from launcher.shapes import shape_of
+from launcher.plan.estimate import flops
+from launcher.recipe.schema import Model
+from launcher.recipe.shapes import shape_of
+from launcher.run.launch import child_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "recipes" / "bert_tiny.yaml")
@@ -158,7 +158,9 @@ def test_tensorboard_event_files_hold_the_scalars(finished: Path) -> None:
     assert [e.step for e in tb.Scalars("train/lr")] == list(range(EVERY, STEPS + 1, EVERY))
     (xray,) = records(finished, "precision")
     worst = max(row["lost"] for row in xray["layers"].values() if row["lost"] is not None)
-    assert [(e.step, e.value) for e in tb.Scalars("precision/max_lost")] == [(1, pytest.approx(worst, rel=1e-6))]
+    assert [(e.step, e.value) for e in tb.Scalars("precision/max_lost")] == [
+        (1, pytest.approx(worst, rel=1e-6))
+    ]
 
 
 def test_report_on_a_finished_run(finished: Path, tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from launcher import cli
-from launcher.hardware import Hardware
-from launcher.plan import resolve
-from launcher.recipe import load, to_dict
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe.schema import load, to_dict
 from tests.runs import FAST_USER_MODEL, explain, mplaunch, records, write_recipe
 
 CPU = Hardware(cpu_count=2)
@@ -242,9 +242,9 @@ def import_hygiene(monkeypatch: pytest.MonkeyPatch) -> object:
 @pytest.mark.usefixtures("import_hygiene")
 def test_an_embedding_too_small_for_the_first_batch_is_one_clear_error(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from launcher.models import ModelError, build
-    from launcher.recipe import Model
-    from launcher.targets import takes
+    from launcher.plan.targets import takes
+    from launcher.recipe.schema import Model
+    from launcher.worker.models import ModelError, build
 
     (tmp_path / "my_models.py").write_text(MODEL_FILE)
     model = build(Model(name=None, target="my_models:fixed"), None, 300, str(tmp_path))

@@ -13,11 +13,12 @@ import torch
 import yaml
 from torch import nn
 
-from launcher import data, model_setup, token_cache
-from launcher.hardware import Hardware
-from launcher.models import LMLoss
-from launcher.plan import resolve
-from launcher.recipe import load
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe.schema import load
+from launcher.run import token_cache
+from launcher.worker import data, model_setup
+from launcher.worker.models import LMLoss
 from tests.runs import explain, losses, mplaunch
 
 ROOT = Path(__file__).resolve().parent.parent

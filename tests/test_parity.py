@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from launcher import cli, parity
+from launcher import cli
+from launcher.analysis import parity
+from launcher.analysis.parity import compare, fresh, pin_tokenizer, plan_pair
+from launcher.analysis.report import Metrics
 from launcher.errors import UserError
-from launcher.hardware import Hardware
-from launcher.parity import compare, fresh, pin_tokenizer, plan_pair
-from launcher.report import Metrics
+from launcher.plan.hardware import Hardware
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "bert_tiny.yaml"
@@ -469,7 +470,7 @@ def test_parity_without_matplotlib_refuses_before_training(
 
 
 def test_attribution_ranks_layers_by_their_step_1_gradient_difference() -> None:
-    from launcher.parity import attribution
+    from launcher.analysis.parity import attribution
 
     def xray(rows: dict[str, tuple[list[float], float]], step: int = 1, skipped: bool = False) -> Metrics:
         layers = {n: {"elements": 4, "sketch": s, "grad_norm": g} for n, (s, g) in rows.items()}
@@ -481,5 +482,8 @@ def test_attribution_ranks_layers_by_their_step_1_gradient_difference() -> None:
     layers, why = attribution(fp32, mixed)
     assert why is None
     assert [(d.layer, d.rel_diff, d.norm_ratio) for d in layers] == [("b", 1.0, 0.0), ("a", 0.1, 5.3 / 5.0)]
-    assert attribution(fp32, xray({}, skipped=True))[1] == "the mixed run's step 1 overflowed in fp16 and was skipped"
+    assert (
+        attribution(fp32, xray({}, skipped=True))[1]
+        == "the mixed run's step 1 overflowed in fp16 and was skipped"
+    )
     assert "no precision x-ray of step 1" in str(attribution(fp32, xray({}, step=5))[1])

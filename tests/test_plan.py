@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher import hardware
-from launcher.batch import resolve_batch
 from launcher.errors import UserError
-from launcher.hardware import Gpu, Hardware
-from launcher.plan import Plan, resolve
-from launcher.recipe import Recipe, validate
+from launcher.plan import hardware
+from launcher.plan.batch import resolve_batch
+from launcher.plan.hardware import Gpu, Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import Recipe, validate
 
 GiB = 2**30
 CPU = Hardware(cpu_count=8)
@@ -316,7 +316,7 @@ def test_cpu_deepspeed_env_and_command() -> None:
         "--nproc-per-node=2",
         "--max-restarts=0",
         "-m",
-        "launcher.train",
+        "launcher.worker.train",
         str(Path(p.run_dir) / "plan.json"),
     )
 
@@ -434,7 +434,9 @@ def test_a_plain_recipe_has_no_warnings() -> None:
         ("accelerate", 3, H100x8, "FSDP FULL_SHARD (zero.stage 3)"),
     ],
 )
-def test_the_sharding_said_is_the_one_that_runs(backend: str, stage: int, machine: Hardware, said: str) -> None:
+def test_the_sharding_said_is_the_one_that_runs(
+    backend: str, stage: int, machine: Hardware, said: str
+) -> None:
     plan = resolve(make(backend=backend, zero={"stage": stage}, precision={"dtype": "fp32"}), machine)
     assert plan.sharding == said
     assert f"backend    {backend}, {said}\n" in plan.describe()

@@ -27,13 +27,13 @@ from typing import Any
 import pytest
 from rich.console import Console as RichConsole
 
-from launcher import progress
-from launcher.hardware import Hardware
-from launcher.launch import _TorchrunFilter
-from launcher.plan import Plan, resolve
-from launcher.progress import Bar, MetricsTail
-from launcher.recipe import validate
-from launcher.watchdog import Beat
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import validate
+from launcher.run import progress
+from launcher.run.launch import _TorchrunFilter
+from launcher.run.progress import Bar, MetricsTail
+from launcher.rundir.watchdog import Beat
 from tests.runs import FAST, ROOT, TESTS, explain, mplaunch, records, write_recipe
 
 STEPS = FAST["train"]["max_steps"]
@@ -152,7 +152,7 @@ def test_the_bar_is_drawn_only_on_an_interactive_terminal(
 def test_console_is_quiet_per_interval_while_the_launcher_draws(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from launcher.metrics import Console
+    from launcher.worker.metrics import Console
 
     plan = SimpleNamespace(
         recipe=SimpleNamespace(train=SimpleNamespace(max_steps=10)),

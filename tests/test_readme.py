@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from launcher import cli
-from launcher.hardware import Hardware
-from launcher.recipe_reference import reference_markdown
+from launcher.plan.hardware import Hardware
+from launcher.recipe.reference import reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

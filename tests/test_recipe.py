@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import recipe as recipe_mod
-from launcher import recipe_files, recipe_reference
 from launcher.errors import UserError
-from launcher.recipe import Recipe, load
-from launcher.recipe_rules import check_rules
+from launcher.recipe import files as recipe_files
+from launcher.recipe import reference as recipe_reference
+from launcher.recipe import schema as recipe_mod
+from launcher.recipe.rules import check_rules
+from launcher.recipe.schema import Recipe, load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MINIMAL = {"name": "t", "model": {"name": "tiny-mlp"}, "train": {"micro_batch_size": 2, "max_steps": 10}}
@@ -378,7 +379,10 @@ def test_override_applies_after_the_extends_chain() -> None:
             {"backend": "accelerate", "zero": {"stage": 2, "offload_optimizer": True}},
             "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together",
         ),
-        ({"model": {"name": None}}, "model: set model.name to a built-in model, model.hf to a Hugging Face model, or model.target"),
+        (
+            {"model": {"name": None}},
+            "model: set model.name to a built-in model, model.hf to a Hugging Face model, or model.target",
+        ),
         ({"model": {"kwargs": {"a": 1}}}, "model.kwargs: only used with model.target"),
         (
             {"model": {"name": "bert-mlm", "num_heads": 5}},

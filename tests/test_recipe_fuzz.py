@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from launcher import cli
-from launcher.recipe import Recipe, all_keys
+from launcher.recipe.schema import Recipe, all_keys
 
 MINIMAL: dict[str, Any] = {"name": "fuzz", "model": {"name": "tiny-mlp"}, "train": {"micro_batch_size": 2}}
 

@@ -1,4 +1,4 @@
-"""Every data.kind reads into the same records (launcher.records), and the light side stays light."""
+"""Every data.kind reads into the same records (launcher.plan.records), and the light side stays light."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from launcher import records
 from launcher.errors import UserError
-from launcher.recipe import Recipe, validate
+from launcher.plan import records
+from launcher.recipe.schema import Recipe, validate
 from tests.conftest import ROOT
 
 datasets = pytest.importorskip("datasets")
@@ -208,8 +208,8 @@ def test_light_kinds_never_import_datasets(tmp_path: Path) -> None:
     _csv(table, FILES[0])
     code = f"""
 import sys
-from launcher import records, vocab
-from launcher.recipe import validate
+from launcher.plan import records, vocab
+from launcher.recipe.schema import validate
 {_RECIPE_CODE}
 print("datasets" in sys.modules)
 for kind, path in (("text", {str(text)!r}), ("jsonl", {str(jsonl)!r})):
@@ -230,8 +230,8 @@ def test_datasets_writes_under_mplaunch_cache_and_shows_no_progress(tmp_path: Pa
     home, cache = tmp_path / "home", tmp_path / "cache"
     home.mkdir()
     code = f"""
-from launcher import records
-from launcher.recipe import validate
+from launcher.plan import records
+from launcher.recipe.schema import validate
 {_RECIPE_CODE}
 for kind, paths in {json.dumps({k: [str(p) for p in v] for k, v in paths.items()})}.items():
     records.read_records(recipe(kind, paths), paths, ("text", "label"))

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from launcher import cli
-from launcher.plots import plot_loss
-from launcher.report import Metrics, read_metrics, summarize
+from launcher.analysis.plots import plot_loss
+from launcher.analysis.report import Metrics, read_metrics, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("loss.png", "lr.png", "loss_scale.png", "throughput.png", "memory.png", "precision.png")
@@ -315,7 +315,7 @@ def test_live_run_is_running(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_a_recent_run_nobody_holds_is_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The lock tells: a free RUN_DIR/.lock means no process runs it, however fresh its records."""
-    from launcher.runlock import RunLock
+    from launcher.rundir.lock import RunLock
 
     now = time.time()
     records = [dict(r, time=now - 100 + r["step"]) for r in [event(0, "start"), train(10), train(20)]]
@@ -361,7 +361,7 @@ def test_precision_xray_heatmaps_with_the_loss_scale(
 
 
 def test_precision_cells_and_labels() -> None:
-    from launcher.plots import _cell, _edges, _short_names
+    from launcher.analysis.plots import _cell, _edges, _short_names
 
     assert _short_names(["lm.bert.a.q", "lm.bert.b", "lm.cls"]) == ["bert.a.q", "bert.b", "cls"]
     assert _short_names(["only.one"]) == ["only.one"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.launch import child_pids
+from launcher.run.launch import child_pids
 from tests.runs import FAST, explain, losses, mplaunch, records, start, wait_for_step, write_recipe
 
 pytestmark = pytest.mark.slow

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from launcher import resume, schedule
-from launcher.checkpoint import structure
 from launcher.errors import UserError
-from launcher.hardware import Hardware
-from launcher.plan import Plan, resolve
-from launcher.recipe import to_dict, validate
+from launcher.plan import resume, schedule
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import to_dict, validate
+from launcher.rundir.checkpoint import structure
 from tests.runs import FAST, explain, mplaunch, records, write_recipe
 
 CPU = Hardware(gpus=(), cpu_count=4)
@@ -36,7 +36,7 @@ def _plan(**sections: Any) -> Plan:
 
 
 def _manifest(plan: Plan, step: int = 40, skipped: int = 0) -> dict[str, Any]:
-    """What the checkpointer records about a plan (launcher.checkpointer.Checkpointer._manifest)."""
+    """What the checkpointer records about a plan (launcher.worker.checkpointer.Checkpointer._manifest)."""
     return {
         "step": step,
         "skipped_steps": skipped,
@@ -69,7 +69,9 @@ def test_an_unchanged_recipe_resumes_without_a_word() -> None:
     ],
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else "",
 )
-def test_changes_the_checkpoint_cannot_take_are_refused_naming_them(change: dict[str, Any], named: str) -> None:
+def test_changes_the_checkpoint_cannot_take_are_refused_naming_them(
+    change: dict[str, Any], named: str
+) -> None:
     saved = _manifest(_plan())
     with pytest.raises(UserError) as caught:
         resume.check(saved, _plan(**change), "ckpt")
@@ -163,7 +165,10 @@ def test_continue_on_overrides_what_loading_restored() -> None:
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("resume_changes")
     recipe = write_recipe(
-        tmp, "run", FAST, {"train": {"max_steps": 4}, "checkpoint": {"every_steps": 2}, "launch": {"nproc_per_node": 1}}
+        tmp,
+        "run",
+        FAST,
+        {"train": {"max_steps": 4}, "checkpoint": {"every_steps": 2}, "launch": {"nproc_per_node": 1}},
     )
     result = mplaunch(str(recipe))
     assert result.returncode == 0, explain(result)
@@ -183,7 +188,9 @@ def test_a_plain_resume_warns_about_nothing(first_run: Path) -> None:
 def test_a_refused_change_stops_before_anything_starts(first_run: Path) -> None:
     plan_before = (first_run / "plan.json").read_text()
     started = time.monotonic()
-    again = mplaunch("--resume", str(first_run), "train.max_steps=6", "precision.dtype=bf16", "data.seq_len=64")
+    again = mplaunch(
+        "--resume", str(first_run), "train.max_steps=6", "precision.dtype=bf16", "data.seq_len=64"
+    )
     assert again.returncode == 2, explain(again)
     assert time.monotonic() - started < 20
     line = again.stderr.strip().splitlines()[-1]

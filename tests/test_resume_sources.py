@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from launcher.rundir import FINISHED_FILE
+from launcher.rundir.layout import FINISHED_FILE
 from tests.runs import FAST, FAST_USER_MODEL, ROOT, explain, losses, mplaunch, write_recipe
 from tests.test_data_target import user_recipe
 from tests.test_resume import _assert_bitwise_equal, _final

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from launcher.errors import UserError
-from launcher.rundir import RankError, RunDir, cause, is_secondary
-from launcher.runlock import Holder, RunLock, holder_if_held
-from launcher.watchdog import Beat, HangRule, innermost_frame
+from launcher.rundir.layout import RankError, RunDir, cause, is_secondary
+from launcher.rundir.lock import Holder, RunLock, holder_if_held
+from launcher.rundir.watchdog import Beat, HangRule, innermost_frame
 from tests.runs import FAST, FAST_USER_MODEL, explain, mplaunch, records, start, wait_for_step, write_recipe
 
 # --------------------------------------------------------------------------- unit: the lock
@@ -41,7 +41,9 @@ def test_a_held_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path)
         pass
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_stale_lock_of_a_dead_process_is_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     lock = tmp_path / ".lock"
     dead = _dead_pid()
     lock.write_text(Holder(platform.node(), dead, 1.0e9).to_json())
@@ -54,7 +56,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, capsys: py
 def test_a_queued_job_counts_as_a_holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    (stubs / "squeue").write_text('#!/bin/bash\necho PENDING\n')
+    (stubs / "squeue").write_text("#!/bin/bash\necho PENDING\n")
     (stubs / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
     lock = tmp_path / ".lock"
@@ -65,7 +67,9 @@ def test_a_queued_job_counts_as_a_holder(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def _dead_pid() -> int:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     return int(done.stdout)
 
 
@@ -108,8 +112,8 @@ def test_innermost_frame_of_the_main_thread() -> None:
         "\n"
         "Current thread 0x02 (most recent call first):\n"
         '  File "/x/tests/hang_model.py", line 32 in forward\n'
-        '  File "/x/launcher/train.py", line 247 in fit\n'
-        '  File "/x/launcher/train.py", line 349 in <module>\n'
+        '  File "/x/launcher/worker/train.py", line 247 in fit\n'
+        '  File "/x/launcher/worker/train.py", line 349 in <module>\n'
         '  File "<frozen runpy>", line 88 in _run_code\n'
     )
     assert innermost_frame(dump) == "hang_model.py:32 in forward"
@@ -119,9 +123,15 @@ def test_innermost_frame_of_the_main_thread() -> None:
 @pytest.mark.parametrize(
     ("message", "secondary"),
     [
-        ("RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234", True),
+        (
+            "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234",
+            True,
+        ),
         ("DistBackendError: NCCL communicator was aborted on rank 1", True),
-        ("RuntimeError: [Rank 1] Watchdog caught collective operation timeout: WorkNCCL(OpType=ALLREDUCE)", True),
+        (
+            "RuntimeError: [Rank 1] Watchdog caught collective operation timeout: WorkNCCL(OpType=ALLREDUCE)",
+            True,
+        ),
         ("RuntimeError: Connection reset by peer", True),
         ("interrupted", True),
         ("no space left on device: /ckpt/step-4 (0 bytes free); free space there", False),
@@ -155,6 +165,7 @@ def test_a_rank_error_on_a_full_disk_is_not_raised(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- runs
 
+
 def _faulty(
     tmp_path: Path, name: str, fault: str, rank: int, step: int, *layers: dict[str, Any], seconds: float = 0.1
 ) -> Path:
@@ -167,7 +178,12 @@ def _faulty(
                 "name": None,
                 "target": "hang_model:build",
                 "kwargs": {
-                    "vocab_size": 512, "rank": rank, "step": step, "accum": 2, "fault": fault, "seconds": seconds
+                    "vocab_size": 512,
+                    "rank": rank,
+                    "step": step,
+                    "accum": 2,
+                    "fault": fault,
+                    "seconds": seconds,
                 },
             },
             "data": {"kind": "synthetic", "paths": [], "num_samples": 512},
@@ -193,7 +209,9 @@ def test_the_same_recipe_started_twice_runs_once(tmp_path: Path) -> None:
         wait_for_step(run_dir, 1, first)
         plan_before = (run_dir / "plan.json").read_text()
         second = mplaunch(str(recipe), timeout=120)
-        assert first.poll() is None, "the first run ended before the second was refused; the test proves nothing"
+        assert first.poll() is None, (
+            "the first run ended before the second was refused; the test proves nothing"
+        )
         assert second.returncode == 2, explain(second)
         assert f"pid {first.pid} on {platform.node()}" in second.stderr, second.stderr
         assert len(second.stderr.strip().splitlines()) == 1, second.stderr
@@ -301,7 +319,9 @@ def tiny_disk(tmp_path: Path) -> Any:
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
@@ -309,7 +329,9 @@ def tiny_disk(tmp_path: Path) -> Any:
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_save_is_said_and_the_earlier_checkpoint_kept(tmp_path: Path, tiny_disk: Path) -> None:
+def test_a_full_disk_during_a_save_is_said_and_the_earlier_checkpoint_kept(
+    tmp_path: Path, tiny_disk: Path
+) -> None:
     recipe = write_recipe(
         tmp_path, "full", FAST, {"checkpoint": {"dir": str(tiny_disk / "ckpt"), "every_steps": 2, "keep": 3}}
     )

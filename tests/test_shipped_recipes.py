@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from launcher import cli
-from launcher.hardware import Gpu, Hardware
-from launcher.plan import resolve
-from launcher.recipe import load
+from launcher.plan.hardware import Gpu, Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe.schema import load
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -28,8 +28,14 @@ def _models(tiny_models: Path) -> None:
 
 
 def test_there_are_shipped_recipes() -> None:
-    assert {p.name for p in SHIPPED} >= {"bert.yaml", "bert_tiny.yaml", "bert_finetune.yaml",
-                                         "bert_finetune_tiny.yaml", "llama_sft.yaml", "llama_sft_tiny.yaml"}
+    assert {p.name for p in SHIPPED} >= {
+        "bert.yaml",
+        "bert_tiny.yaml",
+        "bert_finetune.yaml",
+        "bert_finetune_tiny.yaml",
+        "llama_sft.yaml",
+        "llama_sft_tiny.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -74,8 +80,10 @@ def test_recipe_checks_by_name(
     err = capsys.readouterr().err
     hub = load(path).model.hf
     if hub is not None and not (path.parent / hub).exists():  # a hub id: said once, nothing else
-        assert err.splitlines() == [f"warning: model.hf: {hub} is no local directory, so it is a hub id: "
-                                    "the workers download it (check could not read its config or tokenizer)"]
+        assert err.splitlines() == [
+            f"warning: model.hf: {hub} is no local directory, so it is a hub id: "
+            "the workers download it (check could not read its config or tokenizer)"
+        ]
     else:
         assert err == ""  # shipped recipes carry no setting without effect
 

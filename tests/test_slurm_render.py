@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher import cli, requeue, slurm
-from launcher import recipe as recipe_mod
+from launcher import cli
 from launcher.errors import UserError
-from launcher.plan import Plan
+from launcher.plan.resolve import Plan
+from launcher.recipe import schema as recipe_mod
+from launcher.run import requeue, slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "bert_tiny.yaml"
@@ -90,7 +91,7 @@ def test_render_topology(tmp_path: Path, nodes: int, gpus: int) -> None:
     for flag in (f"--nnodes={nodes}", f"--nproc-per-node={procs}", "--rdzv-backend=c10d",
                  '--rdzv-endpoint="$MPLAUNCH_HEAD:$MPLAUNCH_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
                  "--max-restarts=2", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                 "--shutdown-timeout=300", '-m launcher.train "$MPLAUNCH_PLAN"'):  # fmt: skip
+                 "--shutdown-timeout=300", '-m launcher.worker.train "$MPLAUNCH_PLAN"'):  # fmt: skip
         assert flag in flat
     assert f'[ "$SLURM_JOB_NUM_NODES" != {nodes} ]' in script
     assert (f'[ "${{SLURM_GPUS_ON_NODE:-0}}" != {gpus} ]' in script) == bool(gpus)
@@ -342,7 +343,7 @@ STUBS = {
     "scontrol": '#!/bin/bash\necho "$*" >> "$STUB_LOG/scontrol.calls"\nprintf "n1\\nn2\\n"\n',
     "scancel": '#!/bin/bash\necho "$*" >> "$STUB_LOG/scancel.calls"\n',
     # torchrun's argv and environment; the requeue helper's call, run by the real Python.
-    "python": '#!/bin/bash\nif [ "$2" = launcher.requeue ]; then\n'
+    "python": '#!/bin/bash\nif [ "$2" = launcher.run.requeue ]; then\n'
     '  printf "%s\\0" "$@" > "$STUB_LOG/requeue.argv"; exec "$REAL_PYTHON" "$@"\nfi\n'
     'printf "%s\\0" "$@" > "$STUB_LOG/python.argv"\n'
     'printf "%s" "$HOSTILE" > "$STUB_LOG/hostile.env"\n'
@@ -554,14 +555,14 @@ def test_script_requeues_after_the_workers_stop(tmp_path: Path, stopped: bool) -
 
 def test_requeue_helper_is_light() -> None:
     heavy = "('torch', 'deepspeed', 'accelerate', 'transformers', 'jinja2')"
-    code = f"import sys, launcher.requeue; print(any(m in sys.modules for m in {heavy}))"
+    code = f"import sys, launcher.run.requeue; print(any(m in sys.modules for m in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
 def test_slurm_module_is_light() -> None:
     heavy = "('torch', 'deepspeed', 'accelerate')"
-    code = f"import sys, launcher.slurm; print(any(m in sys.modules for m in {heavy}))"
+    code = f"import sys, launcher.run.slurm; print(any(m in sys.modules for m in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -584,7 +585,7 @@ def test_readme_slurm_commands_dry_run(
 
 
 def test_script_holds_the_run_dir_lock_and_names_the_job(tmp_path: Path) -> None:
-    from launcher.runlock import Holder
+    from launcher.rundir.lock import Holder
 
     plan = plan_for(tmp_path, 2, 0)
     done = run_with_stubs(tmp_path, plan)
@@ -596,7 +597,7 @@ def test_script_holds_the_run_dir_lock_and_names_the_job(tmp_path: Path) -> None
 
 
 def test_script_refuses_a_run_dir_another_run_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher.runlock import RunLock
+    from launcher.rundir.lock import RunLock
 
     monkeypatch.setattr(slurm, "LOCK_WAIT_S", 1)
     plan = plan_for(tmp_path, 2, 0)
@@ -609,7 +610,7 @@ def test_script_refuses_a_run_dir_another_run_holds(tmp_path: Path, monkeypatch:
 
 def test_submit_is_refused_while_a_local_run_holds_the_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    from launcher.runlock import RunLock
+    from launcher.rundir.lock import RunLock
 
     stub_on_path(tmp_path, monkeypatch, "sbatch", f"touch {tmp_path}/submitted; echo 77")
     run_dir = tmp_path / "runs" / "bert-tiny-mlm"
@@ -623,7 +624,7 @@ def test_submit_is_refused_while_a_local_run_holds_the_dir(tmp_path: Path, monke
 
 
 def test_failed_workers_are_recorded_as_an_error_event(tmp_path: Path) -> None:
-    from launcher.rundir import RunDir
+    from launcher.rundir.layout import RunDir
 
     plan = plan_for(tmp_path, 1, 0)
     run_dir = stopped_run(plan)
@@ -632,4 +633,7 @@ def test_failed_workers_are_recorded_as_an_error_event(tmp_path: Path) -> None:
     files.write_rank_error(0, "model.target: cannot import 'x'", "")
     assert requeue.main([str(run_dir), "0", "1"]) == 1
     event = json.loads(files.metrics.read_text().splitlines()[-1])
-    assert (event["event"], event["message"]) == ("error", "the run failed on rank-0: model.target: cannot import 'x'")
+    assert (event["event"], event["message"]) == (
+        "error",
+        "the run failed on rank-0: model.target: cannot import 'x'",
+    )

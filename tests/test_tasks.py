@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from launcher import tasks
 from launcher.errors import UserError
-from launcher.recipe import validate
+from launcher.recipe import tasks
+from launcher.recipe.schema import validate
 from tests.runs import FAST, FAST_USER_MODEL, ROOT, explain, losses, mplaunch, write_recipe
 
 CORPUS = ROOT / "recipes" / "data" / "corpus.txt"

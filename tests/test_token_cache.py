@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from launcher import cli, data, token_cache, vocab
-from launcher.hardware import Hardware
-from launcher.plan import resolve
-from launcher.recipe import load
+from launcher import cli
+from launcher.plan import vocab
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import resolve
+from launcher.recipe.schema import load
+from launcher.run import token_cache
+from launcher.worker import data
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "recipes" / "data" / "corpus.txt"
@@ -45,7 +48,7 @@ def _token_dirs(root: Path) -> list[Path]:
 
 
 def _old_chunk(tokenizer, texts: list[str], seq_len: int, framed: bool) -> torch.Tensor:
-    """launcher.data._chunk as it was before the cache: the whole stream in memory (the reference)."""
+    """launcher.worker.data._chunk as it was before the cache: the whole stream in memory (the reference)."""
     sep_id = next((i for i in map(tokenizer.token_to_id, token_cache.SEPARATORS) if i is not None), None)
     cls_id = tokenizer.token_to_id("[CLS]")
     stream: list[int] = []
@@ -70,7 +73,9 @@ def _run_tokenizer(plan):
 # --------------------------------------------------------------------------- the rows
 
 
-@pytest.mark.parametrize(("overrides", "framed"), [((), True), (CAUSAL, False)], ids=["masked-lm", "causal-lm"])
+@pytest.mark.parametrize(
+    ("overrides", "framed"), [((), True), (CAUSAL, False)], ids=["masked-lm", "causal-lm"]
+)
 def test_rows_are_the_in_memory_chunking_of_before(
     tmp_path: Path, overrides: tuple[str, ...], framed: bool
 ) -> None:
@@ -116,7 +121,11 @@ def test_the_stream_file_is_the_concatenated_documents(tmp_path: Path, cache: Pa
     offsets = np.fromfile(where / "offsets.bin", dtype=np.uint64)
     assert (len(offsets), int(offsets[0]), int(offsets[-1])) == (len(texts) + 1, 0, len(expected))
     assert meta["num_tokens"] == len(expected) and meta["num_documents"] == len(texts)
-    assert (meta["dtype"], meta["separator_id"], meta["format"]) == ("uint16", sep, token_cache.FORMAT_VERSION)
+    assert (meta["dtype"], meta["separator_id"], meta["format"]) == (
+        "uint16",
+        sep,
+        token_cache.FORMAT_VERSION,
+    )
     assert meta["tokenizer_sha256"] and meta["data_sha256"]
 
 
@@ -173,7 +182,9 @@ def test_the_key_follows_the_data_and_the_tokenizer(tmp_path: Path) -> None:
 
     def key(tok: Path, *overrides: str) -> Path:
         r = load(ROOT / "recipes" / "bert_tiny.yaml", [f"data.paths=[{json.dumps(str(corpus))}]", *overrides])
-        return token_cache.directory(r, token_cache.data_digest((str(corpus),)), token_cache.tokenizer_digest(tok))
+        return token_cache.directory(
+            r, token_cache.data_digest((str(corpus),)), token_cache.tokenizer_digest(tok)
+        )
 
     base = key(tok_a)
     assert key(tok_a) == base  # a pure function of the content
@@ -197,7 +208,9 @@ def test_a_damaged_cache_is_named_not_misread(tmp_path: Path, cache: Path) -> No
     (where,) = _token_dirs(cache)
     with open(where / "tokens.bin", "r+b") as f:
         f.truncate(100)
-    with pytest.raises(ValueError, match=rf"tokens.bin: not the \d+ bytes its meta.json says; delete {where}"):
+    with pytest.raises(
+        ValueError, match=rf"tokens.bin: not the \d+ bytes its meta.json says; delete {where}"
+    ):
         data.load_tokens(plan, 0, lambda: None)
 
 
@@ -368,10 +381,17 @@ def test_prepare_writes_then_says_cached(
     assert tokens.ids.cache.directory == where
 
 
-def test_prepare_with_a_recipe_tokenizer(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_with_a_recipe_tokenizer(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tok = tmp_path / "tok"
     vocab._train_wordpiece(CORPUS.read_text().splitlines()[:200], tok)
-    argv = ["prepare", "recipes/bert_tiny.yaml", f"logging.dir={tmp_path}", f"data.tokenizer={json.dumps(str(tok))}"]
+    argv = [
+        "prepare",
+        "recipes/bert_tiny.yaml",
+        f"logging.dir={tmp_path}",
+        f"data.tokenizer={json.dumps(str(tok))}",
+    ]
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.startswith("prepared ")
     assert not (cache / "tokenizers").exists()  # nothing trained: the recipe brings its tokenizer
@@ -384,9 +404,17 @@ def test_prepare_with_a_recipe_tokenizer(tmp_path: Path, cache: Path, capsys: py
 @pytest.mark.parametrize(
     ("recipe", "overrides", "message"),
     [
-        ("bert_tiny.yaml", ["data.kind=synthetic", "data.paths=[]"], "error: mplaunch prepare: data.kind is synthetic"),
+        (
+            "bert_tiny.yaml",
+            ["data.kind=synthetic", "data.paths=[]"],
+            "error: mplaunch prepare: data.kind is synthetic",
+        ),
         ("bert_tiny.yaml", ["data.paths=[EMPTY]"], "error: data.paths: no "),
-        ("bert_finetune_tiny.yaml", [], "error: mplaunch prepare: data.task sequence-classification tokenizes one"),
+        (
+            "bert_finetune_tiny.yaml",
+            [],
+            "error: mplaunch prepare: data.task sequence-classification tokenizes one",
+        ),
     ],
 )
 def test_prepare_refuses_what_it_cannot_prepare(
@@ -408,7 +436,12 @@ def test_prepare_with_an_unwritable_cache_says_so(
     blocked = tmp_path / "file"
     blocked.write_text("")
     monkeypatch.setenv("MPLAUNCH_CACHE", str(blocked))
-    argv = ["prepare", "recipes/bert_tiny.yaml", f"logging.dir={tmp_path}", f"data.tokenizer={json.dumps(str(tok))}"]
+    argv = [
+        "prepare",
+        "recipes/bert_tiny.yaml",
+        f"logging.dir={tmp_path}",
+        f"data.tokenizer={json.dumps(str(tok))}",
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot write the token cache" in err and "MPLAUNCH_CACHE" in err

@@ -110,7 +110,7 @@ def test_zero_shards_master_weights_and_optimizer_state(workdir: Path, dtype: st
             # rank, which is all of the tiny BERT: the planner test below checks that row.
 
 
-# The planner's model-state rows against the bytes each rank really held (launcher/state_bytes.py
+# The planner's model-state rows against the bytes each rank really held (launcher/plan/estimate/state_bytes.py
 # documents which tensors each row counts). 5 %: padding to DeepSpeed's alignment and the
 # partition boundaries account for a few bytes per tensor on a model this small. Gradients are
 # the most any micro-batch's backward left held (grad_accum 2 here). At stage 2 they are not
@@ -123,9 +123,9 @@ PLANNER_TOLERANCE = 0.05
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_memory_planner_matches_what_each_rank_holds(workdir: Path, stage: int, dtype: str) -> None:
-    from launcher import state_bytes
-    from launcher.recipe import Model
-    from launcher.shapes import shape_of
+    from launcher.plan.estimate import state_bytes
+    from launcher.recipe.schema import Model
+    from launcher.recipe.shapes import shape_of
 
     run_dir = workdir / "runs" / f"deepspeed-z{stage}-{dtype}"
     _held(workdir, stage, dtype, 0)  # skips unless the matrix above ran

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher import vocab
 from launcher.errors import UserError
-from launcher.hardware import Hardware
-from launcher.plan import prepare_vocab, resolve
-from launcher.recipe import load, validate
+from launcher.plan import vocab
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import prepare_vocab, resolve
+from launcher.recipe.schema import load, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = Hardware(cpu_count=2)

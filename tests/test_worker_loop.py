@@ -17,14 +17,15 @@ from typing import Any
 import pytest
 import torch
 
-from launcher import checkpoint, data, train
-from launcher.backends import StepStats
-from launcher.checkpointer import Checkpointer
-from launcher.hardware import Hardware
-from launcher.metrics import Meter, NonFiniteLoss
-from launcher.plan import Plan, resolve
-from launcher.recipe import load
-from launcher.rundir import RunDir
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import load
+from launcher.rundir import checkpoint
+from launcher.rundir.layout import RunDir
+from launcher.worker import data, train
+from launcher.worker.backends import StepStats
+from launcher.worker.checkpointer import Checkpointer
+from launcher.worker.metrics import Meter, NonFiniteLoss
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [

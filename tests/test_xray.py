@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from launcher import xray
-from launcher.health import PrecisionHealth, underflow_share
-from launcher.xray import Probe, Shard, grad_counts, layer_of, my_slice
+from launcher.analysis.health import PrecisionHealth, underflow_share
+from launcher.worker import xray
+from launcher.worker.xray import Probe, Shard, grad_counts, layer_of, my_slice
 from tests.test_health import V100, make_plan
 
 SUB = 2.0**-20  # fp16 subnormal (between 2^-24 and 2^-14)
@@ -243,7 +243,7 @@ def test_all_zero_layers_alone_are_not_underflow_but_all_zero_everywhere_is() ->
 
 
 def test_tensorboard_gets_the_worst_layer_of_each_measure() -> None:
-    from launcher.metrics import precision_scalars
+    from launcher.worker.metrics import precision_scalars
 
     fp16 = {
         "kind": "precision",

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.model_setup import model_for
-from launcher.plan import Plan
+from launcher.plan.resolve import Plan
+from launcher.worker.model_setup import model_for
 from tests.runs import FAST, ROOT, explain, mplaunch, records, write_recipe
 
 pytestmark = pytest.mark.slow

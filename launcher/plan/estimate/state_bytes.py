@@ -1,0 +1,415 @@
+"""Bytes one rank holds, by category, for a model under a backend and ZeRO stage: the formulas.
+
+Model state (Psi parameters, N data-parallel ranks, Adam) follows the ZeRO paper
+for mixed precision, 16 bytes per parameter: 2 (16-bit params) + 2 (16-bit grads)
++ 4 (fp32 master) + 8 (two fp32 moments). Stage 1 keeps 4Psi + 12Psi/N, stage 2
+2Psi + 14Psi/N, stage 3 16Psi/N. Where DeepSpeed 0.19 (read from its source:
+runtime/zero/stage_1_and_2.py, stage3.py, fp16/unfused_optimizer.py) differs:
+
+* fp32 runs: params and grads are 4 bytes. Stages 1-2 still clone an fp32
+  master partition (4Psi/N); stage 0 (plain torch AdamW) has none, stage 3 clones it.
+* stage 1 reduces gradients only at the accumulation boundary: with grad_accum
+  > 1 it keeps every 16-bit gradient between micro-batches (the paper's 2Psi),
+  and at the boundary releases them as it reduces them into its partition, so the
+  two do not add up (measured: the most any micro-batch's backward leaves is 2Psi);
+  at grad_accum 1 it keeps only its reduced partition (2Psi/N), as stage 2 does.
+* stage 3 keeps parameters of <= 1e5 elements (stage3_param_persistence_threshold,
+  default) whole on every rank, besides their partition: biases and LayerNorms.
+* comm buffers, live during backward: stages 1-2 allocate the reduce bucket at
+  its full configured size, reduce_bucket_size = 5e8 elements in the model dtype
+  (1 GB in bf16), twice with overlap_comm (on for CUDA in our config); stage 3
+  one bucket, plus the gathered non-persistent parameters (prefetch bucket 5e7
+  elements + the largest tensor, at most all of them); stage 0 flattens grads
+  into min(Psi, 5e8)-element all-reduce chunks when N > 1. allgather_bucket_size
+  is not modelled: stage 1-2 all-gather in place into the flat 16-bit params.
+* step temporaries, after activations are freed: the fp32 copy of this rank's
+  gradient partition (4Psi/N; 4Psi at stage 0 mixed), none for fp32.
+* offload_optimizer moves master, moments and the fp32 grad partition to the
+  host, plus a 16-bit staging copy of the partition and a largest-tensor grad
+  buffer (also on the device); stage-2/3 gradients then go straight there.
+  offload_params moves stage 3's partitions, except those of persistent params.
+
+Accelerate trains fp32 parameters under autocast: 4 (params) + 4 (grads) + 8
+(moments), no separate master. DDP (N > 1) adds its gradient buckets (4Psi,
+gradient_as_bucket_view off). FSDP (stages 1-3, GPU only) shards params, grads and
+moments; SHARD_GRAD_OP holds all unsharded compute-dtype params through
+forward and backward, FULL_SHARD about the root (embeddings, head) plus two
+transformer layers (current and prefetched), with their gradients.
+
+LoRA (model.lora): `model` is then the adapters, the only parameters with gradients, masters and
+Adam state, and `frozen` the base weights, held once, in the compute dtype where the backend casts
+the module (DeepSpeed) and in fp32 where it keeps fp32 parameters (Accelerate). ZeRO-3 partitions
+frozen weights as any others (and gathers them for compute); DDP buckets only trainable gradients;
+FSDP's flat gradient covers the frozen weights of a unit that holds an adapter (use_orig_params), so
+its gradient row counts them. `lora_params` counts the adapters `launcher.worker.lora.apply` adds to a
+built-in model: rank * (in + out) per adapted linear layer.
+
+Activations per transformer layer: Korthikanti et al. 2022 count s*b*h*(34 +
+5*a*s/h) bytes in 16-bit (I = 4h); the built-in models use SDPA, which keeps Q, K,
+V, its output and an fp32 log-sum-exp instead of the s^2 score, softmax and mask
+tensors (term by term in `_layer_activation_bytes`). Plus embeddings, head, and
+the loss tail 3*s*b*V*e_ls at the head's backward (checked tensor by tensor
+against autograd's saved tensors on CPU). Not modelled: backward temporaries of
+one layer, allocator fragmentation (we keep 5 % headroom). The CUDA context
+(driver, cuBLAS workspace) is taken as 500 MiB; torch.cuda.max_memory_allocated
+does not see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from launcher.plan.estimate import flops
+from launcher.recipe.shapes import Shape, linear_layers
+
+# DeepSpeed's zero_optimization defaults, which our generated config leaves alone.
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000
+PERSISTENCE_THRESHOLD = 100_000
+ALLREDUCE_CHUNK = 500_000_000
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Params:
+    """What the model-state formulas need to know about a model's parameters."""
+
+    total: int
+    tensors: tuple[int, ...] = ()  # numel per tensor when known: stage-3 padding and persistence
+    layer: int = 0  # one transformer block, an FSDP unit under per-layer wrapping (0: unknown)
+    num_layers: int = 0
+
+    @classmethod
+    def of(cls, model: Shape | int) -> Params:
+        if isinstance(model, int):
+            return cls(model)
+        tensors = flops.param_tensors(model)
+        assert tensors is not None, f"no parameter hook for {model.family}"
+        numels = tuple(n for _, n in tensors)
+        if model.family == "tiny-mlp":
+            return cls(sum(numels), numels)
+        return cls(sum(numels), numels, flops.layer_param_count(model), model.num_layers)
+
+    def persistent(self) -> int:
+        """Elements stage 3 keeps whole on every rank (tensors within the persistence threshold)."""
+        return sum(n for n in self.tensors if n <= PERSISTENCE_THRESHOLD)
+
+    def partition(self, world: int) -> int:
+        """Elements of this rank's stage-3 partition: each tensor padded to a multiple of world."""
+        return sum(-(-n // world) for n in self.tensors) if self.tensors else -(-self.total // world)
+
+    def plus(self, other: Params) -> Params:
+        """Both sets of parameters together (tensor sizes kept where both are known, or one is empty)."""
+        known = (bool(self.tensors) or not self.total) and (bool(other.tensors) or not other.total)
+        return Params(
+            self.total + other.total,
+            self.tensors + other.tensors if known else (),
+            self.layer + other.layer,
+            max(self.num_layers, other.num_layers),
+        )
+
+
+# peft's default LoRA targets for the built-in families' model types (bert, gpt2), from its
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; tests/test_lora.py holds the two together.
+# tiny-mlp has no model type: every linear layer but the vocabulary head (launcher.worker.lora).
+PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"bert-mlm": ("query", "value"), "gpt2-lm": ("c_attn",)}
+
+
+def lora_layers(shape: Shape, target_modules: Sequence[str] = ()) -> list[tuple[str, int, int]] | None:
+    """(name, in, out) of the linear layers `launcher.worker.lora.apply` adapts; None for an unknown family.
+
+    Args:
+        shape: a built-in model's shape.
+        target_modules: model.lora.target_modules, name suffixes as peft matches them; empty: the default.
+    """
+    layers = linear_layers(shape)
+    if layers is None:
+        return None
+    targets = tuple(target_modules) or PEFT_DEFAULT_TARGETS.get(shape.family, ())
+    if not targets:
+        return [layer for layer in layers if layer[2] != shape.vocab_size]
+    return [layer for layer in layers if any(layer[0] == t or layer[0].endswith("." + t) for t in targets)]
+
+
+def lora_unmatched(shape: Shape, target_modules: Sequence[str]) -> list[str]:
+    """The target modules that match no linear layer of a built-in model (`lora.apply` refuses them)."""
+    layers = linear_layers(shape) or []
+    return [t for t in target_modules if not any(n == t or n.endswith("." + t) for n, _, _ in layers)]
+
+
+def lora_params(shape: Shape, rank: int, target_modules: Sequence[str] = ()) -> Params | None:
+    """The adapter parameters LoRA adds to a built-in model: A (rank x in) and B (out x rank) per layer.
+
+    None for a family without a layer list; no tensors (total 0) when no layer matches.
+    """
+    layers = lora_layers(shape, target_modules)
+    if layers is None:
+        return None
+    tensors = tuple(n for _, fan_in, fan_out in layers for n in (rank * fan_in, fan_out * rank))
+    blocks = ("bert.encoder.layer.", "transformer.h.")
+    in_blocks = sum(rank * (i + o) for name, i, o in layers if name.startswith(blocks))
+    num_layers = shape.num_layers if in_blocks else 0
+    return Params(sum(tensors), tensors, in_blocks // num_layers if num_layers else 0, num_layers)
+
+
+@dataclass(frozen=True)
+class LoraSetting:
+    """model.lora as the planner needs it: the adapters' count, and what shapes their activations."""
+
+    rank: int
+    dropout: float
+    params: Params  # the adapters: the parameters that train
+    target_modules: tuple[str, ...] = ()  # empty: the default (lora_layers)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes one rank holds on its GPU per category, and in host memory (`cpu`) under offload."""
+
+    params: int = 0
+    grads: int = 0
+    master: int = 0
+    optimizer: int = 0
+    comm_buffers: int = 0  # live during backward only
+    step_buffers: int = 0  # live during the optimizer step only
+    cpu: int = 0
+
+    @property
+    def device_state(self) -> int:
+        return self.params + self.grads + self.master + self.optimizer
+
+
+def model_state_bytes(
+    model: Shape | int | Params,
+    dtype: str,
+    backend: str,
+    stage: int,
+    world_size: int,
+    *,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    overlap_comm: bool = True,
+    grad_accum: int = 1,
+    frozen: Params | None = None,
+) -> ModelState:
+    """Model-state bytes per rank for Adam(W), by category.
+
+    What each row counts, as a measurement would sum numel * element_size after
+    a micro-batch's backward (the most over the step's micro-batches), before the step:
+      params     DeepSpeed stages 0-2: every p in model.parameters(). Stage 3: every
+                 p.ds_tensor, plus p.data of the persistent ones (p.ds_persist).
+                 Accelerate: the fp32 parameters (FSDP: this rank's flat shard).
+      grads      DeepSpeed stage 0: every p.grad. Stages 1-2: optimizer.averaged_gradients
+                 (stage 1 with grad_accum > 1: every p.grad, kept between micro-batches).
+                 Stage 3: optimizer.grad_partitions_flat_buffer. Accelerate: p.grad (fp32).
+      master     Stage 0 mixed: optimizer.fp32_groups. Stages 1-2:
+                 optimizer.single_partition_of_fp32_groups. Stage 3 mixed:
+                 optimizer.fp32_partitioned_groups_flat (a clone of the partition, fp32 too).
+      optimizer  exp_avg and exp_avg_sq in the torch optimizer's state (`step` ignored).
+    With offload the same tensors exist, on the host: the rows then show device bytes
+    only and `cpu` the host side plus its staging buffers, so compare a measurement
+    with the offload=False numbers. Accelerate with stage >= 1 is FSDP, which mplaunch
+    uses on GPUs only; a CPU accelerate run is DDP, so pass stage 0 for it.
+
+    Args:
+        model: a built-in shape, a parameter count, or a Params.
+        dtype: compute dtype: fp32, bf16 or fp16.
+        backend: deepspeed or accelerate.
+        stage: ZeRO stage 0-3.
+        world_size: data-parallel ranks.
+        offload_optimizer: ZeRO-Offload of the optimizer state (stage >= 1).
+        offload_params: stage-3 parameter offload (accelerate: FSDP cpu_offload).
+        overlap_comm: DeepSpeed's zero_optimization.overlap_comm (ours: on for CUDA).
+        grad_accum: micro-batches per optimizer step.
+        frozen: parameters that do not train (LoRA's base weights); `model` is then the ones that do.
+    """
+    p = model if isinstance(model, Params) else Params.of(model)
+    f = frozen or Params(0)
+    if backend == "accelerate":
+        return _accelerate_state(p, f, dtype, stage, world_size, offload_params)
+    if stage == 0:
+        w, psi, mixed = _BYTES[dtype], p.total, dtype != "fp32"
+        # DeepSpeed's unfused fp16/bf16 optimizer: fp32 master copies, fp32 grads made at the step.
+        chunk = w * min(psi, ALLREDUCE_CHUNK) if world_size > 1 else 0
+        return ModelState(w * (psi + f.total), w * psi, 4 * psi * mixed, 8 * psi, chunk, 4 * psi * mixed)
+    if stage < 3:
+        state = _zero12_state(p, dtype, stage, world_size, offload_optimizer, overlap_comm, grad_accum)
+        # Frozen weights stay whole on every rank, cast like the rest; the optimizer never sees them.
+        return replace(state, params=state.params + _BYTES[dtype] * f.total)
+    return _zero3_state(p, f, dtype, world_size, offload_optimizer, offload_params)
+
+
+def _zero12_state(
+    p: Params, dtype: str, stage: int, n: int, offload: bool, overlap: bool, accum: int
+) -> ModelState:
+    w, psi, part, mixed = _BYTES[dtype], p.total, -(-p.total // n), dtype != "fp32"
+    # Stage 1 reduces only at the accumulation boundary: with grad_accum > 1 every p.grad is
+    # kept in between; without overlap_comm the full grads exist at the end of backward.
+    full_grads = w * psi if stage == 1 and accum > 1 else 0
+    pending = w * psi if stage == 1 and accum == 1 and not overlap else 0
+    buckets = w * REDUCE_BUCKET * (2 if overlap else 1) + pending
+    if not offload:
+        # The partition takes the place of the full gradients it is reduced from.
+        grads = max(full_grads, w * part)
+        return ModelState(w * psi, grads, 4 * part, 8 * part, buckets, 4 * part * mixed)
+    # Host: fp32 master, moments and gradient partition, a 16-bit staging copy of the
+    # partition, and a largest-tensor gradient buffer (mirrored on the device).
+    largest = max(p.tensors, default=0)
+    host = (4 + 8 + 4 + w) * part + w * largest
+    return ModelState(w * psi, full_grads, 0, 0, buckets + w * largest, 0, host)
+
+
+def _zero3_state(
+    p: Params, f: Params, dtype: str, n: int, offload_optimizer: bool, offload_params: bool
+) -> ModelState:
+    # Every parameter, frozen or not, is partitioned and gathered alike; gradients, masters and
+    # moments exist for the trainable partition `part` only.
+    w, part, held = _BYTES[dtype], p.partition(n), p.plus(f)
+    persistent = held.persistent()
+    small = [t for t in held.tensors if t <= PERSISTENCE_THRESHOLD]
+    largest = max((t for t in held.tensors if t > PERSISTENCE_THRESHOLD), default=0)
+    comm = w * (REDUCE_BUCKET + min(held.total - persistent, PREFETCH_BUCKET + largest))
+    # Persistent params keep their partition on the device even under offload_params.
+    held_part = held.partition(n)
+    host_params = w * (held_part - sum(-(-t // n) for t in small)) if offload_params else 0
+    params = w * (held_part + persistent) - host_params
+    if not offload_optimizer:
+        # The fp32 master partition is a clone of the parameter partition even in fp32
+        # (measured on live tensors: separate storage), so it is never free.
+        return ModelState(params, w * part, 4 * part, 8 * part, comm, 4 * part, host_params)
+    # Host: the 16-bit grad partition, an fp32 master copy (even in fp32), moments, fp32 grads.
+    return ModelState(params, 0, 0, 0, comm, 0, host_params + (w + 4 + 8 + 4) * part)
+
+
+def _accelerate_state(p: Params, f: Params, dtype: str, stage: int, n: int, offload: bool) -> ModelState:
+    psi = p.total
+    if stage == 0:
+        # DDP: fp32 params and grads, plus its gradient buckets (a second copy) when N > 1;
+        # frozen parameters get neither a gradient nor a bucket.
+        return ModelState(4 * (psi + f.total), 4 * psi, 0, 8 * psi, comm_buffers=4 * psi if n > 1 else 0)
+    held = p.plus(f)
+    part, opt_part = -(-held.total // n), -(-psi // n)
+    # FULL_SHARD: the root unit (everything outside the blocks) stays gathered, plus the
+    # current and the prefetched layer; without a layer size, assume the whole model.
+    psi_all, layer = held.total, held.layer
+    unsharded = psi_all if stage < 3 or not layer else min(psi_all, psi_all - (held.num_layers - 2) * layer)
+    # A unit's flat gradient spans its frozen parameters too (use_orig_params=True): under LoRA
+    # every block holds an adapter, so the blocks' frozen weights get gradients; the root unit's
+    # (embeddings, head) do not. Without a layer size, count them all.
+    with_grads = psi + (f.layer * f.num_layers if f.layer else f.total)
+    grad_part = -(-with_grads // n)
+    # The unsharded compute-dtype params, and their gradients before the reduce-scatter.
+    state = ModelState(4 * part, 4 * grad_part, 0, 8 * opt_part, comm_buffers=2 * _BYTES[dtype] * unsharded)
+    host = 4 * part + 4 * grad_part + 8 * opt_part
+    return replace(state, params=0, grads=0, optimizer=0, cpu=host) if offload else state
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def activation_bytes(
+    shape: Shape, seq_len: int, micro_batch_size: int, dtype: str, backend: str, dropout: float
+) -> int:
+    """Activation bytes of one micro-batch at the backward peak (the head's loss backward)."""
+    s, b, h = seq_len, micro_batch_size, shape.hidden_size
+    e = _BYTES[dtype]
+    # Autocast keeps LayerNorm inputs (the residual stream) in fp32; DeepSpeed casts the whole model.
+    e_ln = 4 if backend == "accelerate" else e
+    mask = 1 if dropout > 0 else 0  # CUDA dropout keeps a bool mask
+    # Loss tail: the saved log-softmax, its gradient and the logits' gradient, all s*b*V, in fp32:
+    # every built-in model computes its loss from logits upcast to fp32 (launcher.worker.models.LMLoss).
+    tail = 3 * 4 * s * b * shape.vocab_size
+    if shape.family == "tiny-mlp":
+        inter = shape.intermediate_size
+        return s * b * (2 * h * e + 2 * inter * e + inter * mask) + tail
+    layers = shape.num_layers * _layer_activation_bytes(shape, s, b, e, e_ln, mask)
+    if shape.family == "bert-mlm":
+        # Embedding LayerNorm input and dropout; head: dense, GELU, LayerNorm and decoder inputs.
+        return layers + s * b * h * (e_ln + mask + 3 * e + e_ln) + tail
+    # GPT-2: embedding dropout; ln_f input and lm_head input.
+    return layers + s * b * h * (mask + e_ln + e) + tail
+
+
+def lora_activation_delta(
+    shape: Shape,
+    seq_len: int,
+    micro_batch_size: int,
+    dtype: str,
+    backend: str,
+    dropout: float,
+    lora: LoraSetting,
+) -> int:
+    """What LoRA changes in `activation_bytes` (usually less: negative), for a built-in model.
+
+    Autograd keeps a linear layer's input only to compute its weight's gradient, so a frozen layer
+    keeps none; an adapter keeps its own input (the output of its dropout, with the dropout's mask,
+    when model.lora.dropout > 0; else the layer's input itself) and its rank-r intermediate.
+    Nothing before the first adapter needs a gradient: the embeddings keep nothing (their
+    LayerNorm input and dropout mask; GPT-2's first ln_1 input too). Inputs that another operation
+    keeps anyway (the attention output projection's: SDPA keeps its output) stay counted. Checked
+    against autograd's saved tensors on CPU (tests/test_lora.py).
+    """
+    layers = lora_layers(shape, lora.target_modules)
+    if not layers:
+        return 0
+    sb, e, r = seq_len * micro_batch_size, _BYTES[dtype], lora.rank
+    e_ln = 4 if backend == "accelerate" else e
+    mask = 1 if dropout > 0 else 0
+    adapted = {name for name, _, _ in layers}
+    delta = 0
+    for readers, width in _weight_only_inputs(shape):
+        # The base layers keep this input no longer; an adapter without dropout reads (keeps) it.
+        if lora.dropout > 0 or not adapted.intersection(readers):
+            delta -= sb * width * e
+    lora_mask = 1 if lora.dropout > 0 else 0
+    for _, fan_in, _ in layers:
+        delta += sb * r * e + (sb * fan_in * (e + lora_mask) if lora.dropout > 0 else 0)
+    h = shape.hidden_size
+    if shape.family == "bert-mlm":
+        delta -= sb * h * (e_ln + mask)  # embedding LayerNorm input and dropout mask
+    elif shape.family == "gpt2-lm":
+        delta -= sb * h * (mask + e_ln)  # embedding dropout mask, the first block's ln_1 input
+    return delta
+
+
+def _weight_only_inputs(shape: Shape) -> list[tuple[tuple[str, ...], int]]:
+    """(linear layers reading it, width) of each input kept only for those layers' weight gradients."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    if shape.family == "tiny-mlp":
+        return [(("mlp.0",), h), (("mlp.3",), inter), (("head",), h)]
+    out: list[tuple[tuple[str, ...], int]] = []
+    for i in range(shape.num_layers):
+        if shape.family == "bert-mlm":
+            p = f"bert.encoder.layer.{i}."
+            qkv = tuple(p + f"attention.self.{n}" for n in ("query", "key", "value"))
+            out += [(qkv, h), ((p + "intermediate.dense",), h), ((p + "output.dense",), inter)]
+        else:
+            p = f"transformer.h.{i}."
+            out += [((p + "attn.c_attn",), h), ((p + "mlp.c_fc",), h), ((p + "mlp.c_proj",), inter)]
+    if shape.family == "bert-mlm":
+        return [*out, (("cls.predictions.transform.dense",), h), (("cls.predictions.decoder",), h)]
+    return [*out, (("lm_head",), h)]
+
+
+def _layer_activation_bytes(shape: Shape, s: int, b: int, e: int, e_ln: int, mask: int) -> int:
+    """Korthikanti et al.'s 34*s*b*h (16-bit, I = 4h), with SDPA in place of the 5*a*s^2*b terms."""
+    h, a, inter = shape.hidden_size, shape.num_heads, shape.intermediate_size
+    # GPT-2's tanh GELU ("gelu_new") is built from pointwise ops that keep 3 more s*b*I tensors.
+    gelu_extra = 3 if shape.family == "gpt2-lm" else 0
+    sbh = s * b * h
+    attention = (
+        sbh * e  # QKV projection input
+        + 3 * sbh * e  # Q, K, V, kept by SDPA
+        + sbh * e  # SDPA output = output projection input (a view)
+        + a * s * b * 4  # SDPA's fp32 log-sum-exp; no s^2 scores, softmax or dropout mask
+        + sbh * mask  # dropout after the projection
+        + sbh * e_ln  # residual sum into LayerNorm
+    )
+    mlp = (
+        sbh * e  # first linear input
+        + s * b * inter * e * (2 + gelu_extra)  # GELU input, second linear input
+        + sbh * mask
+        + sbh * e_ln  # residual sum into LayerNorm
+    )
+    return attention + mlp

@@ -1,0 +1,138 @@
+"""The precision contract: decided once, in the plan, and read by everyone else.
+
+`resolve` turns the recipe's `precision` section and the planned hardware into
+a `PrecisionPolicy`: the compute dtype (and why), whether autocast runs,
+whether TF32 is allowed, the loss-scale settings in the recipe's own names
+(only for fp16), and whether the planned hardware has bf16. The plan
+serialises it whole into plan.json; the backends, metrics, the memory planner,
+the FLOP counter and the health checks read it and never re-derive it.
+Master weights and optimizer state are always fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from launcher.plan.hardware import Hardware
+from launcher.recipe.schema import LossScale, Recipe
+
+Dtype = Literal["fp32", "fp16", "bf16"]
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """The resolved precision of a run.
+
+    Attributes:
+        dtype: the forward/backward compute dtype.
+        reason: why this dtype (the recipe, or what `auto` found).
+        allow_tf32: fp32 matrix products may use TF32 tensor cores.
+        loss_scale: the fp16 loss-scale settings, named as in the recipe; None unless fp16.
+        bf16_supported: the planned devices compute in bf16 (every GPU Ampere or newer; any CPU).
+    """
+
+    dtype: Dtype
+    reason: str
+    allow_tf32: bool
+    loss_scale: LossScale | None
+    bf16_supported: bool
+    master_dtype: str = "fp32"
+
+    @property
+    def autocast(self) -> bool:
+        """Compute runs under autocast in a 16-bit dtype; fp32 runs without it."""
+        return self.dtype != "fp32"
+
+    @property
+    def matmul_dtype(self) -> str:
+        """The PEAK_TFLOPS column the run's matmuls use: fp32 with TF32 allowed runs at the tf32 peak."""
+        return "tf32" if self.dtype == "fp32" and self.allow_tf32 else self.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "reason": self.reason,
+            "allow_tf32": self.allow_tf32,
+            "loss_scale": self.loss_scale.model_dump() if self.loss_scale else None,
+            "bf16_supported": self.bf16_supported,
+            "master_dtype": self.master_dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrecisionPolicy:
+        scale = data["loss_scale"]
+        return cls(
+            dtype=data["dtype"],
+            reason=data["reason"],
+            allow_tf32=data["allow_tf32"],
+            loss_scale=LossScale(**scale) if scale is not None else None,
+            bf16_supported=data["bf16_supported"],
+            master_dtype=data["master_dtype"],
+        )
+
+
+def resolve(recipe: Recipe, device: str, hardware: Hardware) -> PrecisionPolicy:
+    """Turn `precision.dtype` (maybe `auto`) into the policy for `device` on `hardware`."""
+    p = recipe.precision
+    # PyTorch computes bf16 on any CPU: natively with AVX512-BF16 or AMX, emulated (slower) otherwise.
+    bf16 = True if device == "cpu" else bool(hardware.gpus) and all(g.supports_bf16 for g in hardware.gpus)
+    if p.dtype != "auto":
+        dtype, reason = p.dtype, "set in the recipe"
+    elif device == "cpu" and hardware.cpu_bf16:
+        dtype, reason = "bf16", "auto: this CPU has native bf16 (AVX512-BF16 or AMX)"
+    elif device == "cpu":
+        dtype, reason = (
+            "fp32",
+            "auto: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated",
+        )
+    elif not hardware.gpus:
+        # Planned here for GPUs elsewhere (a Slurm login node): assume the GPUs of today's clusters.
+        dtype, reason = (
+            "bf16",
+            "auto: no GPU is visible here, so bf16 is assumed (set fp16 for GPUs before Ampere)",
+        )
+    elif bf16:
+        dtype, reason = "bf16", "auto: every visible GPU is Ampere or newer"
+    else:
+        dtype, reason = "fp16", "auto: a visible GPU predates Ampere (no bf16)"
+    # bf16 has fp32's exponent range, so only fp16 gradients need a loss scale.
+    scale = p.loss_scale if dtype == "fp16" else None
+    return PrecisionPolicy(dtype, reason, p.allow_tf32, scale, bf16)
+
+
+def problems(policy: PrecisionPolicy, backend: str, device: str, hardware: Hardware) -> list[str]:
+    """What the backend would reject at run time for this policy on this device."""
+    out = []
+    if device == "cpu" and policy.dtype == "fp16" and backend == "deepspeed":
+        out.append(
+            "precision.dtype: fp16 is not supported by DeepSpeed on CPU; "
+            "use precision.dtype=bf16, or backend=accelerate (which scales fp16 on CPU)"
+        )
+    if device == "cuda" and policy.dtype == "bf16":
+        old = [g for g in hardware.gpus if not g.supports_bf16]
+        if old:
+            out.append(
+                f"precision.dtype: bf16 needs an Ampere or newer GPU, but GPU {old[0].index} ({old[0].name}) "
+                f"is compute capability {old[0].capability[0]}.{old[0].capability[1]}; use precision.dtype=fp16"
+            )
+    return out
+
+
+def deepspeed_fp16_block(policy: PrecisionPolicy) -> dict[str, Any]:
+    """DeepSpeed's `fp16` section: all six loss-scale knobs when fp16, else only `enabled: false`."""
+    ls = policy.loss_scale
+    if ls is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        # DeepSpeed reads loss_scale 0 as "dynamic"; any other value is a static scale.
+        "loss_scale": 0 if ls.dynamic else ls.initial,
+        "initial_scale_power": round(math.log2(ls.initial)),
+        "loss_scale_window": ls.window,
+        "hysteresis": ls.hysteresis,
+        "consecutive_hysteresis": ls.consecutive_hysteresis,
+        # DeepSpeed's min_loss_scale is an int field (the recipe rules make it whole).
+        "min_loss_scale": int(ls.min) if ls.min == int(ls.min) else ls.min,
+    }

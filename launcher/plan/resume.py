@@ -1,0 +1,182 @@
+"""What a resume may change, decided before any worker starts (README.md, "Resuming a run").
+
+A recipe change on resume falls in one of three classes:
+
+- **refused**: the checkpoint cannot continue under it. The shards depend on the world
+  size, backend and ZeRO stage; the weights and optimizer state on the precision and
+  the model; the data order on the data files, vocabulary, sequence length, sample
+  count, held-out fraction, seed and global batch size. `signature` collects all of
+  them; the manifest stores it and `refusals` compares.
+- **kept**: the checkpoint's state wins and the new value is ignored: the fp16 loss
+  scaler restores its scale and counters (precision.loss_scale.*). Warned.
+- **applied**: everything else takes effect from the step reached. The optimizer's
+  settings (lr, betas, eps, weight decay) and the LR schedule are re-applied over the
+  restored optimizer state; the schedule is a function of the optimizer steps applied
+  so far (launcher.plan.schedule), evaluated with the new settings at that count, so a new
+  lr scales it, a new max_steps stretches or shortens the remaining decay, and warmup
+  continues only if it is not over. Listed once, with the LR before and after.
+
+Settings that only say where the run is (name, logging.dir, checkpoint.resume, and data
+paths as written rather than resolved) are not changes.
+
+Light side: no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from launcher.errors import UserError
+from launcher.plan import schedule
+from launcher.recipe import tasks
+from launcher.recipe.schema import to_dict, validate
+from launcher.rundir.checkpoint import changed_keys, mismatch, structure
+
+if TYPE_CHECKING:
+    from launcher.plan.resolve import Plan
+
+# Where the run is, not how it trains: never a change. data.paths and data.tokenizer are
+# written relative to the recipe; the signature compares the resolved files instead.
+LOCATION = ("name", "source", "logging.dir", "checkpoint.resume", "data.paths", "data.tokenizer")
+KEPT = ("precision.loss_scale.",)
+SIGNATURE_KEY = "resume_signature"
+# What a checkpoint written before the signature is compared on, from its saved recipe.
+OLD_FORMAT_REFUSED = (
+    *(f"model.{k}" for k in ("name", "size", "hidden_size", "num_layers", "num_heads", "intermediate_size")),
+    *(f"model.{k}" for k in ("vocab_size", "max_position_embeddings", "target", "kwargs")),
+    *(f"data.{k}" for k in ("kind", "seq_len", "num_samples", "eval_fraction")),
+    "train.seed",
+    "train.global_batch_size",
+)
+
+
+def signature(plan: Plan) -> dict[str, Any]:
+    """Everything a checkpoint's content and the data order depend on (stored in the manifest)."""
+    r, d = plan.recipe, plan.recipe.data
+    model: dict[str, Any] = (
+        dataclasses.asdict(plan.shape)
+        if plan.shape is not None
+        else {"target": r.model.target, "kwargs": r.model.kwargs}
+        if r.model.target is not None
+        else {"hf": plan.hf_dir, "config": r.model.config, "num_labels": r.model.num_labels}
+    )
+    if r.model.lora.rank:
+        model["lora"] = r.model.lora.model_dump(mode="json")
+    # A dataset factory's rows are its own: another factory, or other kwargs, is other data.
+    factory = {"data.target": d.target, "data.kwargs": d.kwargs} if d.target is not None else {}
+    return {
+        **factory,
+        "world size": plan.world_size,
+        "backend": r.backend,
+        "ZeRO stage": r.zero.stage,
+        "precision.dtype": plan.precision.dtype,
+        "model": model,
+        "data.task": tasks.resolve(r),
+        "data.kind": d.kind,
+        "data files": list(plan.data_paths),
+        "vocabulary size": plan.vocab_size,
+        "data.seq_len": d.seq_len,
+        "data.num_samples": d.num_samples if d.kind == "synthetic" else None,
+        "data.eval_fraction": d.eval_fraction,
+        "train.seed": r.train.seed,
+        "global batch size": plan.batch.global_batch_size,
+    }
+
+
+def refusals(manifest: dict[str, Any], plan: Plan) -> list[str]:
+    """Why the checkpoint described by `manifest` cannot continue under `plan`, one clause each."""
+    saved = manifest.get(SIGNATURE_KEY)
+    if saved is not None:
+        return _differences(saved, signature(plan), "")
+    # Written before the signature: the structure, the dtype and the saved recipe's keys.
+    problems = mismatch(manifest, structure(plan))
+    if manifest.get("precision", plan.precision.dtype) != plan.precision.dtype:
+        problems.append(
+            f"the checkpoint was written with precision.dtype {manifest['precision']}, "
+            f"this run has {plan.precision.dtype}"
+        )
+    old, new = manifest.get("recipe", {}), to_dict(plan.recipe)
+    for key in OLD_FORMAT_REFUSED:
+        if _value(old, key) != _value(new, key):
+            problems.append(
+                f"the checkpoint was written with {key} {_value(old, key)}, this run has {_value(new, key)}"
+            )
+    return problems
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
+    out = []
+    for key in new:
+        if key not in old:
+            continue  # recorded only by a later mplaunch: the checkpoint does not say
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict) and key == "model":
+            out += _differences(a, b, f"{key} ")
+        elif a != b:
+            out.append(f"the checkpoint was written with {prefix}{key} {_show(a)}, this run has {_show(b)}")
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]" if len(value) <= 3 else f"{len(value)} files"
+    return str(value)
+
+
+def check(manifest: dict[str, Any], plan: Plan, path: str) -> list[str]:
+    """Refuse an unusable checkpoint; otherwise the lines that say what the resume changes.
+
+    Raises:
+        UserError: a refused change, naming every difference and how to proceed.
+    """
+    problems = refusals(manifest, plan)
+    if problems:
+        raise UserError(
+            f"cannot resume from {path}: {'; '.join(problems)}",
+            hint="resume with the checkpoint's settings, or start afresh under another name "
+            "(nothing was started, nothing is overwritten)",
+        )
+    old = manifest.get("recipe", {})
+    new = to_dict(plan.recipe)
+    changed = [
+        k for k in changed_keys(old, new) if not any(k == p or k.startswith(p + ".") for p in LOCATION)
+    ]
+    kept = [k for k in changed if k.startswith(KEPT)]
+    applied = [k for k in changed if k not in kept]
+    lines = []
+    if applied:
+        shown = ", ".join(f"{k} {_value(old, k)} -> {_value(new, k)}" for k in applied)
+        lines.append(f"applied on resume: {shown}")
+        lr = _lr_line(manifest, plan)
+        if lr:
+            lines.append(lr)
+    if kept:
+        lines.append(
+            f"warning: {', '.join(kept)}: kept from the checkpoint on resume "
+            "(the loss scaler restores its scale and counters); start afresh to change them"
+        )
+    return lines
+
+
+def _value(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _lr_line(manifest: dict[str, Any], plan: Plan) -> str | None:
+    """How the LR schedule continues, if its inputs changed."""
+    try:
+        old = validate(dict(manifest["recipe"]), "the checkpoint's recipe")
+    except (KeyError, UserError):
+        return None  # a recipe of an older mplaunch: the lines above are all there is to say
+    applied = int(manifest["step"]) - int(manifest.get("skipped_steps") or 0)
+    before, after = schedule.lr_at(old, applied), schedule.lr_at(plan.recipe, applied)
+    if before == after:
+        return None
+    return (
+        f"the LR schedule continues at optimizer step {applied} with the new settings: "
+        f"lr {before:.3g} -> {after:.3g}"
+    )

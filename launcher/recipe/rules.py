@@ -1,0 +1,299 @@
+"""Cross-field rules of a recipe: combinations the schema's field types cannot express.
+
+They need no knowledge of the machine (that is launcher.plan.resolve's); each broken
+rule is one line naming its dotted key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.errors import UserError
+from launcher.recipe import tasks
+from launcher.recipe.files import read_chain, read_file
+from launcher.recipe.shapes import Shape, shape_of
+
+if TYPE_CHECKING:
+    from launcher.recipe.schema import Recipe
+
+
+def check_rules(recipe: Recipe) -> list[str]:
+    """Rules that span fields and need no knowledge of the machine; one line per broken rule."""
+    z = recipe.zero
+    problems: list[str] = []
+    if z.offload_optimizer and z.stage < 1:
+        problems.append(f"zero.offload_optimizer: needs zero.stage >= 1, got stage {z.stage}")
+    if z.offload_params and z.stage != 3:
+        problems.append(f"zero.offload_params: needs zero.stage 3, got stage {z.stage}")
+    if recipe.backend == "accelerate" and z.offload_optimizer and not z.offload_params:
+        problems.append(
+            "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together; "
+            "set zero.offload_params=true too, or use backend=deepspeed"
+        )
+    problems += _model_rules(recipe)
+    problems += _data_rules(recipe)
+    problems += tasks.problems(recipe)
+    problems += _logging_rules(recipe)
+    problems += _loss_scale_rules(recipe)
+    return problems
+
+
+# The built-in model's keys besides model.name (its preset, each dimension of its Shape that the
+# recipe may override, its dropout): a model.target ignores them all.
+BUILT_IN_MODEL_KEYS = ("size", *(f.name for f in fields(Shape) if f.name != "family"), "dropout")
+
+
+def _model_rules(recipe: Recipe) -> list[str]:
+    m = recipe.model
+    problems = _hf_keys(recipe) + _init_from(recipe)
+    if m.target is None and m.name is None and m.hf is None:
+        return [
+            "model: set model.name to a built-in model, model.hf to a Hugging Face model, or model.target"
+        ]
+    if m.target is not None and m.hf is not None:
+        return [*problems, "model.hf: a model is either model.hf or model.target; remove one"]
+    if m.target is not None or m.hf is not None:
+        if m.hf is not None and m.kwargs:
+            problems.append(
+                "model.kwargs: only used with model.target (model.config overrides model.hf's config)"
+            )
+        return problems + _beside_target(recipe)
+    if m.kwargs:
+        problems.append("model.kwargs: only used with model.target")
+    if m.name == "tiny-mlp" and recipe.train.activation_checkpointing:
+        problems.append("train.activation_checkpointing: tiny-mlp has no transformer layers to recompute")
+    shape = shape_of(m)
+    if m.name != "tiny-mlp" and shape.hidden_size % shape.num_heads:
+        problems.append(
+            f"model.num_heads: {shape.num_heads} does not divide model.hidden_size {shape.hidden_size}"
+            f" (the {m.size} preset's, unless set)"
+        )
+    if m.name != "tiny-mlp" and recipe.data.seq_len > shape.max_position_embeddings:
+        problems.append(
+            f"data.seq_len: {recipe.data.seq_len} is longer than model.max_position_embeddings"
+            f" {shape.max_position_embeddings}"
+        )
+    return problems
+
+
+def _hf_keys(recipe: Recipe) -> list[str]:
+    """model.hf's own keys written without model.hf, and num_labels without its task."""
+    m = recipe.model
+    problems = []
+    if m.hf is None:
+        if m.config:
+            problems.append(
+                "model.config: only used with model.hf (a built-in model is sized by its own keys)"
+            )
+        if m.weights != "pretrained":
+            problems.append("model.weights: only used with model.hf")
+    if m.num_labels is not None and recipe.data.task not in ("sequence-classification", "auto"):
+        problems.append(
+            f"model.num_labels: only used with data.task sequence-classification, not {recipe.data.task}"
+        )
+    return problems
+
+
+def _init_from(recipe: Recipe) -> list[str]:
+    """model.init_from must be a directory of weights the workers can load."""
+    if recipe.model.init_from is None:
+        return []
+    base = Path(recipe.source).parent if recipe.source else Path()
+    where = base / recipe.model.init_from
+    if not where.is_dir():
+        return [f"model.init_from: directory not found: {where}"]
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if not any((where / n).is_file() for n in names):
+        return [
+            f"model.init_from: {where} holds none of {', '.join(names)}; expected what mplaunch export wrote"
+        ]
+    return []
+
+
+def _beside_target(recipe: Recipe) -> list[str]:
+    """Built-in model keys written beside model.target, which it would ignore; one line each.
+
+    A key counts when it is set (the model section's fields set, as recipe.explicitly_set reads
+    it; recipe imports this module) to a value other than its default (RUN_DIR/recipe.yaml writes
+    every key out, at its default for a target: launcher.plan.resolve), and it is written in the recipe
+    file itself or differs from what the file's `extends:` base gives it (an override): a base's
+    keys described the built-in model the target replaces. model.name may be null.
+    """
+    m = recipe.model
+    own, inherited = _model_sections(recipe.source)
+    problems = []
+    for key in ("name", *BUILT_IN_MODEL_KEYS):
+        value = getattr(m, key)
+        default = None if key == "name" else type(m).model_fields[key].default
+        if key not in m.model_fields_set or value == default:
+            continue
+        if key not in own and key in inherited and inherited[key] == value:
+            continue
+        door = "model.hf" if m.hf is not None else "model.target"
+        if key == "name":
+            problems.append(
+                f"model.name: {value} is a built-in model; with {door} set it to null or leave it out"
+            )
+        elif m.hf is not None:
+            problems.append(
+                f"model.{key}: not used by model.hf; override its config as model.config.<key> instead"
+            )
+        else:
+            problems.append(
+                f"model.{key}: not used by model.target; pass it to your factory as model.kwargs.{key} instead"
+            )
+    return problems
+
+
+def _model_sections(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model section the recipe file writes itself, and the one its `extends:` chain gives it."""
+    if not source:
+        return {}, {}
+    try:
+        raw = read_file(Path(source))
+        parent = raw.get("extends")
+        base = read_chain(Path(source).parent / parent, ()) if isinstance(parent, str) else {}
+    except UserError:  # already reported by the recipe's loading, or not a file at all
+        return {}, {}
+    return _section(raw, "model"), _section(base, "model")
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    section = raw.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def _logging_rules(recipe: Recipe) -> list[str]:
+    parent = Path(recipe.logging.dir)
+    for path, key in ((parent, "logging.dir"), (parent / recipe.name, "name")):
+        if path.exists() and not path.is_dir():
+            return [f"{key}: {path} is a file, not a directory; a run directory cannot go there"]
+    return []
+
+
+def _loss_scale_rules(recipe: Recipe) -> list[str]:
+    ls = recipe.precision.loss_scale
+    key = "precision.loss_scale"
+    problems = []
+    # DeepSpeed takes the dynamic scale as an exponent (initial_scale_power);
+    # a static scale is used as written.
+    if ls.dynamic and ls.initial != 2.0 ** round(math.log2(ls.initial)):
+        problems.append(f"{key}.initial: expected a power of two for a dynamic scale, got {ls.initial:g}")
+    if ls.dynamic and ls.min > ls.initial:
+        problems.append(f"{key}.min: {ls.min:g} is above {key}.initial {ls.initial:g}")
+    if recipe.backend == "deepspeed" and ls.min != int(ls.min):
+        problems.append(f"{key}.min: DeepSpeed's min_loss_scale is a whole number, got {ls.min:g}")
+    return problems
+
+
+def _data_rules(recipe: Recipe) -> list[str]:
+    d = recipe.data
+    if d.target is not None:
+        return _data_target(recipe) + _tokenizer_dir(recipe)
+    problems: list[str] = ["data.kwargs: only used with data.target"] if d.kwargs else []
+    if d.kind == "synthetic" and d.paths:
+        problems.append("data.paths: only used with a data.kind other than synthetic")
+    if d.kind != "synthetic" and not d.paths:
+        what = "the directory save_to_disk wrote" if d.kind == "hf-disk" else "at least one file"
+        problems.append(f"data.paths: data.kind {d.kind} needs {what}")
+    base = Path(recipe.source).parent if recipe.source else Path()
+    for i, p in enumerate(d.paths if d.kind != "synthetic" else []):
+        if d.kind == "hf-disk":
+            if not (base / p).is_dir():
+                problems.append(f"data.paths[{i}]: directory not found: {base / p} (data.kind hf-disk)")
+        elif (base / p).is_dir():
+            problems.append(f"data.paths[{i}]: {base / p} is a directory; list the files in it")
+        elif not (base / p).is_file():
+            problems.append(f"data.paths[{i}]: file not found: {base / p}")
+    problems += _tokenizer_dir(recipe)
+    if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
+        problems.append("data.kind: the tiny-mlp model trains on synthetic data only")
+    needs = {
+        tasks.SEQUENCE_CLASSIFICATION: "data.label_field",
+        tasks.SFT: "data.prompt_field and data.response_field",
+    }
+    task = tasks.resolve(recipe) if d.kind == "text" else None
+    if task in needs:
+        problems.append(
+            f"data.kind: text has one field per line; {task} needs records with {needs[task]}: "
+            "use jsonl, json, csv, parquet, arrow or hf-disk"
+        )
+    return problems
+
+
+def _tokenizer_dir(recipe: Recipe) -> list[str]:
+    d = recipe.data
+    base = Path(recipe.source).parent if recipe.source else Path()
+    if d.tokenizer is not None and (base / d.tokenizer).is_file():
+        where = base / d.tokenizer
+        return [f"data.tokenizer: {where} is a file; expected the directory save_pretrained wrote"]
+    if d.tokenizer is not None and not (base / d.tokenizer).is_dir():
+        return [f"data.tokenizer: directory not found: {base / d.tokenizer}"]
+    return []
+
+
+# The file-reading keys of data: a data.target's dataset gives the rows, so it ignores them all.
+DATASET_KEYS = (
+    "kind", "paths", "pack", "text_field", "label_field", "prompt_field", "response_field", "num_samples",
+)  # fmt: skip
+# What mplaunch itself gives a data.target factory, and the key the user sets instead.
+GIVEN_TO_DATASET = {"seq_len": "data.seq_len", "vocab_size": "the run's vocabulary", "seed": "train.seed"}
+
+
+def _data_target(recipe: Recipe) -> list[str]:
+    """data.target's rules: its vocabulary known without a tokenizer trained on files, no key beside it
+    that it ignores, no data.kwargs that mplaunch gives the factory itself; one line each.
+
+    A key counts as written beside it as for model.target (`_beside_target`): set to a value other
+    than its default, in the recipe file itself or on the command line; what an `extends:` base
+    gives it described the files the dataset replaces (launcher.plan.resolve resets those).
+    """
+    d, m = recipe.data, recipe.model
+    problems = []
+    vocab_given = m.vocab_size is not None or m.hf is not None or d.tokenizer is not None
+    if not (vocab_given or (m.target is not None and "vocab_size" in m.kwargs)):
+        problems.append(
+            "data.target: the vocabulary must be known without a tokenizer trained on files: set "
+            "model.vocab_size (model.kwargs.vocab_size with model.target), model.hf or data.tokenizer"
+        )
+    own, chain = _data_sections(recipe.source)
+    for key in DATASET_KEYS:
+        value = getattr(d, key)
+        if key not in d.model_fields_set or value == type(d).model_fields[key].default:
+            continue
+        if key not in own and key in chain and chain[key] == value:
+            continue
+        problems.append(f"data.{key}: not used by data.target ({_IGNORED_BECAUSE[key]}); leave it out")
+    problems += [
+        f"data.kwargs.{key}: mplaunch gives the factory {key} from {source}; set that instead"
+        for key, source in GIVEN_TO_DATASET.items()
+        if key in d.kwargs
+    ]
+    return problems
+
+
+_IGNORED_BECAUSE = {
+    "kind": "the factory's dataset is the data",
+    "paths": "pass your files to the factory as data.kwargs.paths",
+    "pack": "each item of the dataset is one row of data.seq_len",
+    "num_samples": "the dataset's len() is the number of samples",
+    **{
+        field: "the items hold input_ids and labels"
+        for field in ("text_field", "label_field", "prompt_field", "response_field")
+    },
+}
+
+
+def _data_sections(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The data section the recipe file writes itself, and the one its whole `extends:` chain gives
+    (paths rebased to the recipe's folder, as the recipe reads them)."""
+    if not source:
+        return {}, {}
+    try:
+        own, chain = read_file(Path(source)), read_chain(Path(source), ())
+    except UserError:  # already reported by the recipe's loading, or not a file at all
+        return {}, {}
+    return _section(own, "data"), _section(chain, "data")

@@ -1,0 +1,476 @@
+"""Start a plan's workers on this node: the run directory, torchrun, signals, exit status.
+
+Light side: no torch import. The launcher holds the run directory's lock
+(launcher.rundir.lock) for the run's life, checks that a resume is possible
+before any worker starts, starts torchrun in its own session, forwards
+Ctrl-C and SIGTERM to the workers (which checkpoint and stop at the next
+step boundary), watches their heartbeats for a hang (launcher.rundir.watchdog),
+turns a failing rank into one readable message, recorded as an "error"
+event in metrics.jsonl, and passes the workers' output on without torchrun's and
+the libraries' noise: above the live progress bar on a terminal (launcher.run.progress).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import IO, TextIO
+
+import yaml
+
+from launcher.analysis.report import format_duration
+from launcher.errors import UserError
+from launcher.plan import resume
+from launcher.plan.resolve import Plan
+from launcher.recipe.schema import to_dict
+from launcher.run import progress
+from launcher.rundir.layout import RankError, RunDir
+from launcher.rundir.lock import RunLock
+from launcher.rundir.watchdog import Beat, Hang, HangRule, innermost_frame
+
+POLL_S = 1.0  # how often the watch thread reads the heartbeats
+STACK_WAIT_S = 5.0  # for the ranks' stack dumps to appear
+KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL when the launcher stops the workers
+_RANK_ERROR = re.compile(r"^mplaunch: rank (?P<rank>\d+): error: (?P<message>.*)$")
+
+
+def prepare_run_dir(plan: Plan) -> Path:
+    """Create RUN_DIR and write plan.json, recipe.yaml, command.txt and env.json into it."""
+    return RunDir.from_plan(plan).prepare(
+        plan_json=plan.to_json(),
+        recipe_yaml=yaml.safe_dump(_standalone_recipe(plan), sort_keys=False),
+        command=plan.command_line() + "\n",
+        env_json=json.dumps(environment(), indent=2) + "\n",
+    )
+
+
+def _standalone_recipe(plan: Plan) -> dict[str, object]:
+    """The resolved recipe with its file paths made absolute, so RUN_DIR/recipe.yaml loads from
+    anywhere (`mplaunch --resume RUN_DIR`)."""
+    recipe = to_dict(plan.recipe)
+    recipe["data"]["paths"] = list(plan.data_paths)
+    if plan.tokenizer_dir is not None:
+        recipe["data"]["tokenizer"] = plan.tokenizer_dir
+    if plan.hf_dir is not None:
+        recipe["model"]["hf"] = plan.hf_dir
+    if plan.init_from is not None:
+        recipe["model"]["init_from"] = plan.init_from
+    return recipe
+
+
+def environment() -> dict[str, object]:
+    """Versions, host and git commit: enough to reproduce or report a run."""
+    versions: dict[str, str | None] = {}
+    for dist in ("mplaunch", "torch", "deepspeed", "accelerate", "transformers", "tokenizers", "pydantic"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "cwd": os.getcwd(),
+        "argv": sys.argv,
+        "git_commit": _git_commit(),
+        "versions": versions,
+        "time": time.time(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout
+    return out + ("-dirty" if dirty.strip() else "")
+
+
+def check_resume(plan: Plan) -> str | None:
+    """What the run will resume from, or None for a fresh start.
+
+    Raises:
+        UserError: the run directory holds a checkpoint this plan cannot use,
+            or checkpoints a fresh start would bury (checkpoint.resume=never).
+    """
+    run_dir = RunDir.from_plan(plan)
+    found = run_dir.resume_point()
+    # The one warning about torn checkpoints: the workers skip them silently.
+    for line in found.ignored:
+        print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
+    if found.path is None or found.manifest is None:
+        return None
+    if plan.recipe.checkpoint.resume == "never":
+        raise UserError(
+            f"{run_dir.checkpoints}: holds checkpoints of an earlier run and checkpoint.resume is never; "
+            "nothing was started so nothing is overwritten",
+            hint="use another name, or checkpoint.resume=auto to continue it",
+        )
+    for line in resume.check(found.manifest, plan, str(found.path)):
+        print(f"mplaunch: {line}", file=sys.stderr)
+    return f"step {found.manifest['step']} ({found.path})"
+
+
+def run(plan: Plan) -> int:
+    """Run the plan's workers to completion; return their exit status (128+N after signal N).
+
+    The run directory's lock is held throughout; nothing in the directory is touched before.
+
+    Raises:
+        UserError: another process or Slurm job runs this directory (exit 2), or the
+            resume check fails.
+    """
+    run_dir = RunDir.from_plan(plan)
+    with RunLock.acquire(run_dir.lock) as lock:
+        resume_from = check_resume(plan)
+        if finished_run(plan, "nothing to do (raise train.max_steps to train further, or use another name)"):
+            return 0
+        if resume_from is None:
+            run_dir.archive_metrics()  # a fresh start keeps the earlier attempt's metrics beside the new ones
+            # A tokenizer trained for an earlier attempt may not match today's data files.
+            run_dir.remove_tokenizer()
+        prepare_run_dir(plan)
+        run_dir.clear_rank_errors()
+        run_dir.clear_heartbeats()
+        print(f"mplaunch: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
+        print(
+            f"mplaunch: {plan.recipe.backend}, {plan.sharding}, {plan.precision.dtype} on "
+            f"{plan.device}; run dir {run_dir.path}"
+        )
+        if resume_from:
+            # The launcher checked the files' sizes; the workers verify the checksums before loading
+            # and fall back to an older checkpoint (saying so) if this one fails.
+            print(f"mplaunch: resuming from {resume_from}, once the workers have verified its checksums")
+        return Workers(plan, lock).wait()
+
+
+def finished_run(plan: Plan, then: str) -> bool:
+    """True (and says so) if the run directory has finished train.max_steps already.
+
+    A FINISHED file for fewer steps (train.max_steps was raised) is removed, so the run
+    trains on from its last checkpoint.
+    """
+    run_dir = RunDir.from_plan(plan)
+    done = run_dir.finished_step()
+    if done is None:
+        return False
+    if done >= plan.recipe.train.max_steps:
+        print(f"mplaunch: {plan.run_dir} already finished {done} steps; {then}")
+        return True
+    run_dir.clear_finished()
+    return False
+
+
+class Workers:
+    """torchrun and its workers, in their own session so that a terminal's Ctrl-C reaches only us.
+
+    A watch thread reads the ranks' heartbeats: when they hang (launcher.rundir.watchdog), or do not
+    stop within launch.stop_grace of a stop request, it dumps their stacks and kills them.
+    """
+
+    def __init__(self, plan: Plan, lock: RunLock | None = None) -> None:
+        self.plan = plan
+        self.files = RunDir.from_plan(plan)
+        self.signals: list[int] = []
+        self.stop_at: float | None = None  # when the first stop request came (Unix s)
+        self.verdict: str | None = None  # the watch's headline, when it stopped the workers
+        self.rank_lines: list[tuple[float, RankError]] = []  # `mplaunch: rank N: error:` lines
+        self.rule = HangRule(plan.recipe.launch.hang_timeout, plan.world_size, time.time())
+        self.done = threading.Event()
+        self.bar = progress.Bar.for_terminal(plan)
+        env = {**os.environ, **plan.env}
+        env.pop(progress.ENV, None)
+        if self.bar is not None:
+            env[progress.ENV] = progress.LAUNCHER
+        out, err = sys.stdout, sys.stderr  # the real streams: the bar redirects sys.stderr above itself
+        self.proc = subprocess.Popen(
+            plan.command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            # torchrun holds the run directory's lock too, so that it stays held while torchrun
+            # stops its workers after the launcher died.
+            pass_fds=(lock.fileno(),) if lock is not None else (),
+        )
+        if self.bar is not None:
+            self.bar.start()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.readers = [
+            threading.Thread(target=self._pump, args=(stream, to, _TorchrunFilter(stderr)), daemon=True)
+            for stream, to, stderr in ((self.proc.stdout, out, False), (self.proc.stderr, err, True))
+        ]
+        for reader in self.readers:
+            reader.start()
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+        self.previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _pump(self, lines: IO[str], out: TextIO, noise: _TorchrunFilter) -> None:
+        """Pass one of the workers' streams on to ours, less the noise; above the live bar where
+        `out` is the terminal it is drawn on."""
+        for line in lines:
+            match = _RANK_ERROR.match(line.rstrip("\n"))
+            if match:  # printed once, as the headline, when the run has failed
+                rank = int(match["rank"])
+                self.rank_lines.append(
+                    (time.time(), RankError(rank, match["message"], self.files.rank_error(rank)))
+                )
+            elif not noise.keep(line):
+                continue
+            elif self.bar is not None and out.isatty():
+                self.bar.print(line)
+            else:
+                out.write(line)
+                out.flush()
+
+    def _forward(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+        if len(self.signals) == 1:
+            # The workers checkpoint and exit at the next step boundary; the watch thread
+            # stops them after launch.stop_grace if they do not.
+            self.stop_at = time.time()
+            targets = child_pids(self.proc.pid) or [self.proc.pid]
+            print(
+                f"\nmplaunch: {signal.Signals(signum).name}: asking the workers to checkpoint and stop; "
+                f"they get {format_duration(self._grace_s())} ({self._grace_source()}), then their stacks "
+                "are dumped and they are killed (again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            targets = [self.proc.pid]
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _grace_s(self) -> float:
+        grace = self.plan.recipe.launch.stop_grace
+        return self.rule.limit_s if grace == "auto" else float(grace)
+
+    def _grace_source(self) -> str:
+        if self.plan.recipe.launch.stop_grace == "auto":
+            return f"launch.stop_grace=auto: the hang timeout, {self.rule.describe_limit()}"
+        return f"launch.stop_grace={float(self.plan.recipe.launch.stop_grace):g}"
+
+    def _watch(self) -> None:
+        while not self.done.wait(POLL_S):
+            now = time.time()
+            beats = self._beats()
+            if self.bar is not None:
+                self.bar.update(beats)
+            if self.stop_at is not None:
+                self.rule.observe(beats)
+                if now - self.stop_at > self._grace_s():
+                    self._stop_after_grace(beats, now)
+                    return
+                continue
+            hang = self.rule.check(beats, now)
+            if hang is not None:
+                self._stop_hung(hang)
+                return
+
+    def _beats(self) -> dict[int, Beat]:
+        parsed = (Beat.parse(raw) for raw in self.files.heartbeats().values())
+        return {b.rank: b for b in parsed if b is not None}
+
+    def _stop_hung(self, hang: Hang) -> None:
+        frames, stacks = self._dump_stacks({b.rank: b.pid for b in hang.stuck})
+        self.verdict = (
+            f"the run hung: no rank completed a step for {hang.limit_s:.0f}s ({self.rule.describe_limit()}): "
+            f"{hang.describe(frames)}{stacks}; stopped the workers"
+        )
+        print(f"mplaunch: {self.verdict}", file=sys.stderr, flush=True)
+        self._terminate()
+
+    def _stop_after_grace(self, beats: dict[int, Beat], now: float) -> None:
+        assert self.stop_at is not None
+        behind = sorted(b.rank for b in beats.values() if b.phase != "exit" and b.time < self.stop_at)
+        frames, stacks = self._dump_stacks({b.rank: b.pid for b in beats.values() if b.phase != "exit"})
+        late = ", ".join(
+            f"rank {r} (last step {beats[r].step}, {now - beats[r].time:.0f}s ago"
+            + (f", at {frames[r]})" if r in frames else ")")
+            for r in behind
+        )
+        name = signal.Signals(self.signals[0]).name
+        self.verdict = (
+            f"the workers did not stop within {format_duration(self._grace_s())} of {name} "
+            f"({self._grace_source()})"
+            + (f"; not at a step boundary since: {late}" if late else "")
+            + f"{stacks}; killed them without a checkpoint"
+        )
+        print(f"mplaunch: {self.verdict}", file=sys.stderr, flush=True)
+        self._terminate()
+
+    def _dump_stacks(self, pids: dict[int, int]) -> tuple[dict[int, str], str]:
+        """SIGUSR2 to each rank (faulthandler writes its stacks); returns each rank's innermost
+        frame and "; stacks in FILES" (or "" when none was written)."""
+        sent = []
+        workers = child_pids(self.proc.pid)
+        for rank, pid in sorted(pids.items()):
+            if pid not in workers:
+                continue  # a pid that is not one of our workers (any more) is not signalled
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR2)
+                sent.append(rank)
+        deadline = time.monotonic() + STACK_WAIT_S
+        while time.monotonic() < deadline and not all(_size(self.files.stack_dump(r)) for r in sent):
+            time.sleep(0.1)
+        time.sleep(0.2)  # the dump of the other threads may still be going out
+        written = [r for r in sent if _size(self.files.stack_dump(r))]
+        frames = {}
+        for rank in written:
+            frame = innermost_frame(self.files.stack_dump(rank).read_text(errors="replace"))
+            if frame:
+                frames[rank] = frame
+        if not written:
+            return frames, ""
+        return frames, f"; stacks in {', '.join(str(self.files.stack_dump(r)) for r in written)}"
+
+    def _terminate(self) -> None:
+        """SIGTERM to torchrun and the workers, SIGKILL to whatever is left after KILL_GRACE_S."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in [*child_pids(self.proc.pid), self.proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            try:
+                self.proc.wait(timeout=KILL_GRACE_S)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def wait(self) -> int:
+        try:
+            code = self.proc.wait()
+        finally:
+            self.done.set()
+            self.watcher.join(timeout=STACK_WAIT_S + 2 * KILL_GRACE_S)
+            for reader in self.readers:
+                reader.join(timeout=5)
+            if self.bar is not None:  # the final step, then the bar stays above what follows
+                self.bar.update(self._beats())
+                self.bar.stop()
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+        code = 128 - code if code < 0 else code
+        if self.verdict is not None:  # the watch stopped the workers: a failure even after a Ctrl-C
+            self._record_error(self.verdict)
+            return 128 + self.signals[0] if self.signals else 1
+        if code != 0 and not self.signals:
+            self._record_error(_report_failure(self.plan, code, [e for _, e in self.rank_lines]))
+        if self.signals:
+            return 128 + self.signals[0] if code == 0 else code
+        return code
+
+    def _record_error(self, headline: str) -> None:
+        """The "error" event `mplaunch report` shows; best-effort (the disk may be full)."""
+        if not self.files.append_event(self.files.last_step(), "error", headline):
+            print(f"mplaunch: (could not record the error in {self.files.metrics})", file=sys.stderr)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launcher dies, even by SIGKILL.
+
+    torchrun runs in its own session (so a terminal's Ctrl-C reaches only the
+    launcher); without this, killing the launcher would leave it training
+    unattended. torchrun passes the SIGTERM on to its workers.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of `pid` (torchrun's are the workers); Linux /proc, empty elsewhere."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return kids
+
+
+class _TorchrunFilter:
+    """Drops torchrun's own log lines and its ChildFailedError traceback (`stderr`: torchrun writes
+    them there), and the notes DeepSpeed prints once per rank as it loads its ops; workers' lines pass."""
+
+    _LOG = re.compile(r"^\s*(\[?[WEI]\d{4} |\[rank\d+\]:|torch\.distributed\.elastic|W\d{4}|E\d{4}|I\d{4})")
+    _BANNER = re.compile(r"^(=+|-+)$")
+    # Successes the user cannot act on; a failed build still shows its compiler errors.
+    _OP_BUILD = re.compile(
+        r"^(DeepSpeed \S+ built successfully|Using \S+ as PyTorch extensions root\.*"
+        r"|Loading extension module \S+\.*|Time to load \S+ op: [\d.]+ seconds"
+        r"|Emitting ninja build file \S+\.*|Building extension module \S+\.*"
+        r"|Allowing ninja to set a default number of workers.*|ninja: no work to do\.)$"
+    )
+
+    def __init__(self, stderr: bool = True) -> None:
+        self.stderr = stderr
+        self.in_traceback = False
+
+    def keep(self, line: str) -> bool:
+        stripped = line.rstrip("\n")
+        if not self.stderr:  # a traceback a user's code prints to stdout must not silence the rest
+            return not self._OP_BUILD.match(stripped)
+        if stripped.startswith("Traceback (most recent call last):"):
+            # Workers never print tracebacks (they write them to RUN_DIR/logs); this one is torchrun's.
+            self.in_traceback = True
+        if self.in_traceback:
+            return False
+        return not (
+            self._LOG.match(stripped)
+            or self._BANNER.match(stripped.strip())
+            or self._OP_BUILD.match(stripped)
+        )
+
+
+def _report_failure(plan: Plan, code: int, printed: list[RankError]) -> str:
+    """Print the failed run's headline and where to look; returns the headline.
+
+    The cause is taken from the ranks' error files, and from the error lines they printed
+    (`printed`, in the order they came) for ranks whose file a full disk kept from being
+    written; another rank's consequence (a closed connection) never wins over a cause.
+    """
+    run_dir = RunDir.from_plan(plan)
+    first = run_dir.failed_rank(printed)
+    if first is not None:
+        headline = f"the run failed on {first.label}: {first.message}"
+        print(f"mplaunch: {headline}", file=sys.stderr)
+        if first.path.exists():
+            print(f"mplaunch: full traceback: {first.path}", file=sys.stderr)
+    else:
+        headline = f"the workers exited with status {code} without an error report (killed by the system? out of memory?)"
+        print(f"mplaunch: {headline}; see {plan.command_line()}", file=sys.stderr)
+    print(
+        f"mplaunch: checkpoints, if any, are in {run_dir.checkpoints}; running the same recipe again "
+        "resumes from the latest",
+        file=sys.stderr,
+    )
+    return headline

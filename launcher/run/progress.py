@@ -1,0 +1,179 @@
+"""What a user watches during a run: the launcher's live bar, or rank 0's plain lines.
+
+The launcher draws one live bar when its stderr is an interactive terminal and
+logging.progress is true: rank 0's step from its heartbeat (launcher.rundir.watchdog), and the
+loss, loss scale, skipped steps, samples/s, MFU and ETA of the newest "train" record of
+RUN_DIR/metrics.jsonl. It then sets MPLAUNCH_PROGRESS=launcher in torchrun's environment
+(the one place this variable is set; not in plan.env, since whether a terminal is attached
+is not part of the plan and a Slurm job never has one), and rank 0's Console prints nothing
+per interval: metrics.jsonl still gets every record, and every other line the workers print
+reaches the terminal through the launcher, above the bar. Anywhere else (a pipe, CI, a Slurm
+log, logging.progress false) rank 0 prints one plain line per interval, `plain_line`.
+
+Light side: the standard library; rich is imported only when a bar is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console as RichConsole
+    from rich.progress import Progress
+
+    from launcher.plan.resolve import Plan
+    from launcher.rundir.watchdog import Beat
+
+ENV = "MPLAUNCH_PROGRESS"
+LAUNCHER = "launcher"  # ENV's value: the launcher draws the bar, rank 0 stays quiet
+
+
+def stats_text(record: Mapping[str, Any], fp16: bool) -> str:
+    """ "loss 2.3456 | scale 1024 | skipped 3 | 1,234.5 samples/s | MFU 41.2%" for a "train" record;
+    skipped steps are shown with fp16 (`fp16`) or once any step was skipped."""
+    parts = [f"loss {record['loss']:.4f}"]
+    if record.get("loss_scale") is not None:
+        parts.append(f"scale {record['loss_scale']:g}")
+    if fp16 or record.get("skipped_steps"):
+        parts.append(f"skipped {record.get('skipped_steps') or 0}")
+    parts.append(f"{record['samples_per_s']:,.1f} samples/s")
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+def eta_s(step: int, total: int, record: Mapping[str, Any]) -> float:
+    """Seconds left at `step` of `total`, at the record's seconds per step."""
+    return max(0, total - step) * float(record["step_time_s"])
+
+
+def duration(seconds: float) -> str:
+    """ "1:02:03" or "2:03"."""
+    h, rest = divmod(int(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def plain_line(record: Mapping[str, Any], total: int, fp16: bool) -> str:
+    """Rank 0's line per interval off a terminal: "step 3/10 | loss 2.3456 | ... | eta 0:07"."""
+    step = int(record["step"])
+    return f"step {step}/{total} | {stats_text(record, fp16)} | eta {duration(eta_s(step, total, record))}"
+
+
+class MetricsTail:
+    """The newest "train" record of a metrics.jsonl, read on from where the last `poll` stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Records already there belong to an earlier attempt (a resume); the bar starts with this one's.
+        self.offset = _size(path)
+        self.latest: dict[str, Any] | None = None
+
+    def poll(self) -> dict[str, Any] | None:
+        """Read the lines appended since the last call; returns the newest "train" record so far."""
+        try:
+            with open(self.path, "rb") as f:
+                if _size(self.path) < self.offset:  # the file was replaced: read the new one whole
+                    self.offset = 0
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return self.latest
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("kind") == "train":
+                self.latest = record
+        return self.latest
+
+
+class Bar:
+    """The launcher's live bar; `update` from the heartbeat poll, `print` for lines shown above it.
+
+    Args:
+        total: train.max_steps.
+        fp16: show skipped steps even while there are none.
+        metrics: RUN_DIR/metrics.jsonl.
+        console: where to draw (tests pass one writing to a string).
+    """
+
+    def __init__(self, total: int, fp16: bool, metrics: Path, console: RichConsole) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.total = total
+        self.fp16 = fp16
+        self.tail = MetricsTail(metrics)
+        self.step = 0
+        self.progress: Progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}", markup=False),
+            console=console,
+            refresh_per_second=4,
+            # The launcher's own messages (a stop request, a hang) go above the bar too; a stdout
+            # that is not the terminal (`> file`) keeps its lines.
+            redirect_stdout=sys.stdout.isatty(),
+        )
+        self.task = self.progress.add_task("starting", total=total, stats="")
+
+    @classmethod
+    def for_terminal(cls, plan: Plan) -> Bar | None:
+        """The bar for this plan if the launcher's stderr is an interactive terminal and
+        logging.progress is true; None otherwise (rank 0 prints plain lines)."""
+        if not plan.recipe.logging.progress or not sys.stderr.isatty():
+            return None
+        from rich.console import Console as RichConsole
+
+        console = RichConsole(stderr=True)
+        if not console.is_interactive:  # TERM=dumb: a bar that cannot redraw would only show at the end
+            return None
+        from launcher.rundir.layout import RunDir
+
+        fp16 = plan.precision.loss_scale is not None
+        return cls(plan.recipe.train.max_steps, fp16, RunDir.from_plan(plan).metrics, console)
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def update(self, beats: Mapping[int, Beat]) -> None:
+        """Show rank 0's heartbeat step and the newest "train" record."""
+        record = self.tail.poll()
+        beat = beats.get(0)
+        if beat is not None:
+            self.step = max(self.step, beat.step)
+        if record is not None:
+            self.step = max(self.step, int(record["step"]))
+        phase = "setup" if beat is None or beat.phase == "setup" else "train"
+        self.progress.update(self.task, description=phase, completed=self.step, stats=self.stats(record))
+
+    def stats(self, record: Mapping[str, Any] | None) -> str:
+        if record is None:
+            return ""
+        eta = duration(eta_s(self.step, self.total, record))
+        return f"{stats_text(record, self.fp16)} | eta {eta}"
+
+    def print(self, line: str) -> None:
+        """One line of worker output, above the bar, as it was written (escape codes decoded, no markup)."""
+        from rich.text import Text
+
+        self.progress.console.print(Text.from_ansi(line.rstrip("\n")), soft_wrap=True)
+
+    def stop(self) -> None:
+        """Leave the final state on the terminal."""
+        self.progress.stop()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -1,0 +1,376 @@
+"""Slurm: a plan -> an sbatch script (Jinja2 template), submitted with sbatch; the requeue contract.
+
+One srun task per node runs torchrun with c10d rendezvous on the first node of
+the allocation. The plan is resolved for the cluster's nodes (GPUs from
+slurm.gpus_per_node), not for the submitting machine, and written to
+RUN_DIR/plan.json; the job runs exactly that plan, so a run is reproducible
+from its directory (`sbatch RUN_DIR/slurm/job.sbatch` resubmits it).
+
+Stop protocol (the worker side lives in launcher.worker.train): the job asks for
+SIGUSR1 slurm.signal_s seconds before its time limit. Without the `B:` prefix
+Slurm signals every process of the job steps (torchrun and, through the
+process tracker, the workers too); torchrun is told to handle SIGUSR1 as well,
+so it forwards it to the workers (needed where the tracker only reaches the
+task) and waits up to signal_s seconds for them before SIGKILL. The workers
+checkpoint at the next step boundary, record a "stop" event and exit; once
+srun returns, the script runs `python -m launcher.run.requeue`, which requeues the
+job (launcher.run.requeue). A requeued job starts its script again and the workers
+resume from the latest checkpoint; RUN_DIR/FINISHED ends it at once.
+
+One run per directory (launcher.rundir.lock): the batch script holds RUN_DIR/.lock with
+`flock` for the job's life and names the job in it; submission is refused while a
+local run or a queued or running job holds it.
+
+Light side: no torch import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher import __version__
+from launcher.errors import UserError
+from launcher.plan.hardware import Gpu, Hardware
+from launcher.plan.resolve import Plan, prepare_vocab, resolve, torchrun_command
+from launcher.recipe import schema as recipe_mod
+from launcher.run import launch
+from launcher.rundir.layout import RunDir
+from launcher.rundir.lock import Holder, RunLock
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sbatch.sh.j2"
+STOP_SIGNAL = "USR1"
+# How long srun lets the other nodes finish after the first task exits; a crashed
+# node takes the job down after this, a clean stop is done long before.
+SRUN_WAIT_S = 60
+# How long a starting job waits for RUN_DIR/.lock: the submitter holds it until sbatch has
+# answered; a live local run or job keeps it longer, and the job then fails with its name.
+LOCK_WAIT_S = 60
+# GPUs on the cluster are not visible from the login node; precision "auto"
+# assumes they are Ampere or newer (bf16). Set precision.dtype to be explicit.
+CLUSTER_GPU = Gpu(index=0, name="GPU on the Slurm nodes", capability=(8, 0), memory_bytes=80 * 2**30)
+# Each node's torchrun meets the others on the allocation's first node. These are
+# shell words of the per-task script, expanded there (see the template).
+RENDEZVOUS = (
+    "--rdzv-backend=c10d",
+    "--rdzv-endpoint=$MPLAUNCH_HEAD:$MPLAUNCH_PORT",
+    "--rdzv-id=$SLURM_JOB_ID",
+    "--rdzv-conf=is_host=$is_host",
+)
+SAFE_WORD = re.compile(r"[A-Za-z0-9_.,:=/@%+-]+")
+# Options mplaunch writes itself; set them through the slurm.* keys instead.
+MANAGED_OPTIONS = {
+    "job-name": "name", "nodes": "launch.nnodes", "ntasks-per-node": None, "ntasks": None,
+    "gpus-per-node": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem",
+    "time": "slurm.time", "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
+    "output": None, "error": None, "signal": "slurm.signal_s", "requeue": None, "no-requeue": None,
+    "open-mode": None,
+}  # fmt: skip
+
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NAME_VALUE = re.compile(r"[A-Za-z0-9_.,+-]+")  # partition (lists too), account, qos
+MEM_VALUE = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
+TIME_VALUE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+EXTRA_OPTION = re.compile(r"--([a-z][a-z0-9-]*)(=[^\s'\"`\\]+)?")
+
+
+def run(recipe: recipe_mod.Recipe, template: Path | None = None, dry_run: bool = False) -> int:
+    """`mplaunch RECIPE --slurm`: resolve for the cluster, render, write the run dir, submit (or print)."""
+    if not dry_run:  # the submitted plan knows the trained tokenizer's exact vocabulary
+        prepare_vocab(recipe)
+    plan = resolve_for_cluster(recipe)
+    script = render(plan, template or DEFAULT_TEMPLATE)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if dry_run:
+        print(script, end="")
+        return 0
+    return submit(plan, script)
+
+
+def cluster_hardware(recipe: recipe_mod.Recipe) -> Hardware:
+    """Each node of the job: slurm.gpus_per_node GPUs (0: CPU) and slurm.cpus_per_task cores."""
+    gpus = gpus_per_node(recipe)
+    nproc = recipe.launch.nproc_per_node
+    procs = nproc if isinstance(nproc, int) else max(1, gpus)
+    cpus = recipe.slurm.cpus_per_task or procs
+    gpu_list = tuple(
+        Gpu(i, CLUSTER_GPU.name, CLUSTER_GPU.capability, CLUSTER_GPU.memory_bytes) for i in range(gpus)
+    )
+    return Hardware(gpus=gpu_list, cpu_count=cpus)
+
+
+def gpus_per_node(recipe: recipe_mod.Recipe) -> int:
+    """slurm.gpus_per_node, else launch.nproc_per_node for a cuda recipe, else 0 (CPU)."""
+    if recipe.slurm.gpus_per_node is not None:
+        return recipe.slurm.gpus_per_node
+    nproc = recipe.launch.nproc_per_node
+    if recipe.launch.device == "cuda":
+        if isinstance(nproc, int):
+            return nproc
+        raise UserError(
+            "slurm.gpus_per_node: launch.device is cuda but the GPUs per node are unknown",
+            hint="set slurm.gpus_per_node (--gpus-per-node) or launch.nproc_per_node",
+        )
+    return 0
+
+
+def resolve_for_cluster(recipe: recipe_mod.Recipe) -> Plan:
+    """The plan for the cluster's nodes; UserError lists every problem of the recipe and its Slurm values."""
+    problems = check_values(recipe)
+    if problems:
+        raise UserError(problems)
+    if recipe.launch.device == "cuda" and gpus_per_node(recipe) == 0:
+        raise UserError("slurm.gpus_per_node: 0 GPUs but launch.device is cuda", hint="use --gpus-per-node N")
+    return resolve(recipe, cluster_hardware(recipe), nnodes_allowed=True)
+
+
+def check_values(recipe: recipe_mod.Recipe) -> list[str]:
+    """Every slurm.* value that reaches the script, checked so that none can break out of its line."""
+    s = recipe.slurm
+    problems = []
+    for key in ("partition", "account", "qos"):
+        value = getattr(s, key)
+        if value is not None and not NAME_VALUE.fullmatch(value):
+            problems.append(f"slurm.{key}: {value!r} is not a Slurm name (letters, digits, _ . , + -)")
+    if s.mem is not None and not MEM_VALUE.fullmatch(s.mem):
+        problems.append(f"slurm.mem: {s.mem!r} is not a size like 64G or 512000M")
+    limit_s = time_limit_s(s.time)
+    if limit_s is None:
+        problems.append(f"slurm.time: {s.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH, D-HH:MM:SS)")
+    elif limit_s <= s.signal_s:
+        problems.append(
+            f"slurm.signal_s: the {s.signal_s} s warning must come before the time limit {s.time}"
+        )
+    for i, line in enumerate(s.extra_sbatch):
+        problems += _check_extra(i, line)
+    for key in s.env:
+        if not ENV_KEY.fullmatch(key):
+            problems.append(
+                f"slurm.env: {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+            )
+    for i, line in enumerate(s.setup):
+        if "\n" in line or "\r" in line:
+            problems.append(f"slurm.setup[{i}]: one shell line per item (it contains a line break)")
+    return problems
+
+
+def _check_extra(i: int, line: str) -> list[str]:
+    match = EXTRA_OPTION.fullmatch(line)
+    if match is None:
+        return [
+            f"slurm.extra_sbatch[{i}]: {line!r} is not a single --option or --option=value "
+            "(no spaces, quotes, backslashes or short options)"
+        ]
+    option = match.group(1)
+    # sbatch takes any unambiguous prefix of a long option (--parti is --partition): refuse
+    # every prefix of a managed one, or the guard and the requeue contract could be bypassed.
+    managed = [name for name in MANAGED_OPTIONS if name.startswith(option)]
+    if not managed:
+        return []
+    name = option if option in MANAGED_OPTIONS else managed[0]
+    key = MANAGED_OPTIONS[name]
+    where = f"set {key} instead" if key else "mplaunch sets it"
+    shown = f"--{option}" if name == option else f"--{option} (sbatch reads it as --{name})"
+    return [f"slurm.extra_sbatch[{i}]: {shown} is written by mplaunch ({where})"]
+
+
+def time_limit_s(text: str) -> int | None:
+    """Seconds in an sbatch --time value, or None when it is not one (UNLIMITED counts as no limit)."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return sys.maxsize
+    m = TIME_VALUE.fullmatch(text)
+    if m is None:
+        return None
+    days, first, second, third = (int(g) if g is not None else None for g in m.groups())
+    assert first is not None  # TIME_VALUE always captures the first number
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        return days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)
+    if third is not None:  # H:M:S
+        return first * 3600 + (second or 0) * 60 + third
+    return first * 60 + (second or 0)  # M or M:S
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the job's files go: RUN_DIR/slurm/ (named by launcher.rundir.layout)."""
+
+    run_dir: Path
+
+    @property
+    def files(self) -> RunDir:
+        return RunDir.of(self.run_dir)
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.files.slurm_dir
+
+    @property
+    def script(self) -> Path:
+        return self.files.slurm_script
+
+    def log(self, suffix: str, job_id: str = "%j") -> Path:
+        return self.files.slurm_log(suffix, job_id)
+
+
+def context(plan: Plan) -> dict[str, Any]:
+    """Everything a template may use; every value is checked or quoted by the template's filters."""
+    recipe, s = plan.recipe, plan.recipe.slurm
+    paths = Paths(Path(plan.run_dir))
+    return {
+        "version": __version__,
+        "source": recipe.source,
+        "job_name": recipe.name,
+        "nodes": plan.nnodes,
+        "nproc_per_node": plan.nproc_per_node,
+        "gpus_per_node": gpus_per_node(recipe),
+        "cpus_per_task": cluster_hardware(recipe).cpu_count,
+        "mem": s.mem,
+        "time": s.time,
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "slurm_dir": str(paths.slurm_dir),
+        # File names inside slurm_dir and run_dir, as launcher.rundir.layout names them.
+        "slurm_out": paths.log("out").name,
+        "slurm_err": paths.log("err").name,
+        "plan_file": paths.files.plan_file.name,
+        "finished_file": paths.files.finished.name,
+        "lock_file": paths.files.lock.name,
+        "lock_wait_s": LOCK_WAIT_S,
+        "logs_dir": paths.files.logs.name,
+        "metrics_file": paths.files.metrics.name,
+        "signal": STOP_SIGNAL,
+        "signal_s": s.signal_s,
+        "extra_sbatch": list(s.extra_sbatch),
+        "run_dir": plan.run_dir,
+        "script": str(paths.script),
+        "plan_path": str(plan.plan_path),
+        "python": plan.command[0] if plan.command else sys.executable,
+        "env": layered_env(plan),
+        "torchrun": task_torchrun(plan),
+        "setup": list(s.setup),
+        "max_restarts": recipe.launch.max_restarts,
+        "master_port": recipe.launch.master_port,
+        "srun_wait_s": SRUN_WAIT_S,
+    }
+
+
+def layered_env(plan: Plan) -> dict[str, str]:
+    """The plan's environment (the one a local launch gets), then slurm.env, in that order in the script."""
+    top = plan.recipe.slurm.env
+    below = {k: v for k, v in plan.env.items() if k not in top}
+    return {**below, **top}
+
+
+def task_torchrun(plan: Plan) -> list[str]:
+    """The torchrun command of each node's task, as shell words of the single-quoted task script.
+
+    It is launcher.plan.resolve's torchrun command with the rendezvous on the first node, the stop
+    signal handled, and the interpreter and plan path taken from the task's environment.
+    """
+    handled = f"--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIG{STOP_SIGNAL}"
+    argv = torchrun_command(
+        plan.recipe,
+        plan.nproc_per_node,
+        plan.run_dir,
+        nnodes=plan.nnodes,
+        rendezvous=RENDEZVOUS,
+        python="$MPLAUNCH_PYTHON",
+        plan_path="$MPLAUNCH_PLAN",
+        extra=(handled, f"--shutdown-timeout={plan.recipe.slurm.signal_s}"),
+    )
+    return [_task_word(word) for word in argv]
+
+
+def _task_word(word: str) -> str:
+    # Words naming a variable are double-quoted for the task's shell (`--flag="$X:$Y"`);
+    # every other word is a plain token. None may hold a quote, which would end the script.
+    if "$" not in word:
+        assert SAFE_WORD.fullmatch(word), word
+        return word
+    assert not any(ch in word for ch in "'\"`\\"), word
+    flag, eq, value = word.partition("=") if word.startswith("--") else ("", "", word)
+    return f'{flag}="{value}"' if eq else f'"{word}"'
+
+
+def render(plan: Plan, template: Path = DEFAULT_TEMPLATE) -> str:
+    """The sbatch script for `plan` from a Jinja2 template (undefined names are errors)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
+    )
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    env.filters["sbatch_path"] = sbatch_path
+    env.filters["oneline"] = lambda value: json.dumps(str(value))
+    try:
+        text = template.read_text()
+    except OSError as exc:
+        raise UserError(f"{template}: cannot read the Slurm template ({exc.strerror})") from None
+    try:
+        return env.from_string(text).render(context(plan))
+    except jinja2.TemplateError as exc:
+        line = getattr(exc, "lineno", None)
+        where = f"{template}:{line}" if line else str(template)
+        raise UserError(
+            f"{where}: {exc.message or exc}", hint=f"names a template may use: {', '.join(context(plan))}"
+        ) from None
+
+
+def sbatch_path(directory: str, pattern: str = "") -> str:
+    """DIRECTORY/PATTERN for an #SBATCH line, double-quoted; `%` in the directory is escaped
+    (sbatch expands %j, %x ... there), the file name pattern is kept as given."""
+    if any(ch in directory for ch in '"\\') or not directory.isprintable():
+        raise UserError(
+            f"{directory!r}: a path Slurm cannot take on an #SBATCH line", hint="choose another logging.dir"
+        )
+    path = directory.replace("%", "%%") + (f"/{pattern}" if pattern else "")
+    return f'"{path}"'
+
+
+# --------------------------------------------------------------------------- submitting
+
+
+def submit(plan: Plan, script: str) -> int:
+    """Write the run directory and the script, submit it, print the job id and the log paths."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UserError(
+            "sbatch not found: submit from a Slurm login node", hint="--dry-run prints the script"
+        )
+    # Refused while a local run or a live job holds the run directory; held until sbatch has
+    # answered, then left naming the queued job, which takes it when it starts.
+    with RunLock.acquire(RunDir.from_plan(plan).lock) as lock:
+        if launch.finished_run(plan, "nothing submitted"):
+            return 0
+        launch.check_resume(plan)
+        paths = Paths(Path(launch.prepare_run_dir(plan)))
+        paths.slurm_dir.mkdir(parents=True, exist_ok=True)
+        paths.script.write_text(script)
+        paths.files.command_file.write_text(f"sbatch {shlex.quote(str(paths.script))}\n")
+        done = subprocess.run([sbatch, "--parsable", str(paths.script)], capture_output=True, text=True)
+        if done.returncode != 0:
+            reason = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
+            raise UserError(
+                f"sbatch refused the job: {' / '.join(reason)}", hint=f"script kept at {paths.script}"
+            )
+        job_id = done.stdout.strip().split(";")[0]
+        submitted = Holder.this_process()
+        lock.release(keep=dataclasses.replace(submitted, pid=None, job_id=job_id, state="submitted"))
+    print(f"mplaunch: submitted job {job_id}: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
+    print(f"mplaunch: logs {paths.log('out', job_id)} and {paths.log('err', job_id)}")
+    follow = shlex.quote(str(paths.log("out", job_id)))
+    print(f"mplaunch: run dir {paths.run_dir}; follow with: tail -f {follow}")
+    return 0

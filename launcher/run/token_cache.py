@@ -1,0 +1,304 @@
+"""The token stream of a run's data files, tokenized once into a memory-mapped cache.
+
+Every document's ids, each followed by the tokenizer's separator token, are
+concatenated into one flat binary file (uint16 when every id fits, else uint32),
+with the document boundaries beside it (uint64, one per document and one more) and a
+small meta.json. The directory is MPLAUNCH_CACHE/tokens/KEY (default
+~/.cache/mplaunch), KEY a content hash of the tokenizer, the data files, data.kind,
+data.text_field, the tokenizers version and FORMAT_VERSION: the same files and
+tokenizer find the same cache, a change to either makes a new one. It is written
+under a temporary name and renamed, so a reader finds a complete cache or none.
+The stream depends on neither data.seq_len nor data.pack; the workers cut rows
+from it (launcher.worker.data), reading only the pages a batch needs.
+
+Light side (`mplaunch prepare` writes it): numpy, tokenizers and transformers are
+imported only inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.plan import records, vocab
+from launcher.plan.resolve import Plan
+from launcher.recipe.schema import Recipe
+from launcher.rundir.layout import RunDir
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+TOKENS_FILE = "tokens.bin"
+OFFSETS_FILE = "offsets.bin"
+# What separates documents in the stream, by tokenizer family: BERT's, then the
+# end-of-text tokens of GPT-2 style BPE, SentencePiece and Llama tokenizers.
+SEPARATORS = ("[SEP]", "<|endoftext|>", "</s>", "<eos>")
+# Documents per encode_batch call: the writer holds one chunk's ids, not the stream's.
+ENCODE_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    """A complete cache directory, as its meta.json describes it."""
+
+    directory: Path
+    dtype: str  # "uint16" or "uint32"
+    num_tokens: int
+    num_documents: int
+    separator_id: int | None  # the id after every document, or None (a tokenizer without one)
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.directory / TOKENS_FILE
+
+    @property
+    def offsets_path(self) -> Path:
+        return self.directory / OFFSETS_FILE
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(
+            p.stat().st_size for p in (self.tokens_path, self.offsets_path, self.directory / META_FILE)
+        )
+
+    def tokens(self) -> np.memmap[Any, np.dtype[Any]]:
+        """The stream, memory-mapped read-only: (num_tokens,) of `dtype`."""
+        import numpy as np
+
+        return np.memmap(self.tokens_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
+    def offsets(self) -> np.memmap[Any, np.dtype[Any]]:
+        """Where each document starts in the stream, then the stream's end: (num_documents + 1,) uint64.
+
+        Document i is tokens()[offsets[i]:offsets[i + 1]], its separator included.
+        """
+        import numpy as np
+
+        return np.memmap(self.offsets_path, dtype=np.uint64, mode="r", shape=(self.num_documents + 1,))
+
+
+def cache_root() -> Path:
+    """MPLAUNCH_CACHE, default ~/.cache/mplaunch (the trained tokenizers' cache too, launcher.plan.vocab)."""
+    return Path(os.environ.get("MPLAUNCH_CACHE", Path.home() / ".cache" / "mplaunch"))
+
+
+def data_digest(data_paths: tuple[str, ...]) -> str:
+    """sha256 of the data files' content (a directory's files with their names)."""
+    key = hashlib.sha256()
+    records.hash_paths(key, data_paths)
+    return key.hexdigest()
+
+
+def tokenizer_digest(tok_dir: Path, tokenizer: Tokenizer | None = None) -> str:
+    """sha256 of the tokenizer: its tokenizer.json bytes, else (a directory without one, a hub
+    id) the serialised form of the tokenizer loaded from it."""
+    path = tok_dir / vocab.TOKENIZER_FILE
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = tokenizer if tokenizer is not None else load_tokenizer(tok_dir)
+    return hashlib.sha256(loaded.to_str().encode()).hexdigest()
+
+
+def directory(recipe: Recipe, data_sha: str, tokenizer_sha: str) -> Path:
+    """The cache directory of this tokenizer and these files, as read by this recipe's data.kind."""
+    key = hashlib.sha256()
+    d = recipe.data
+    for part in (
+        f"format {FORMAT_VERSION}",
+        _tokenizers_version(),
+        d.kind,
+        d.text_field,
+        tokenizer_sha,
+        data_sha,
+    ):
+        key.update(part.encode() + b"\0")
+    return cache_root() / "tokens" / key.hexdigest()[:24]
+
+
+def find(where: Path) -> TokenCache | None:
+    """The complete cache in `where`, or None when there is none.
+
+    Raises:
+        ValueError: the files disagree with meta.json (edited or damaged since written).
+    """
+    try:
+        meta = json.loads((where / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != FORMAT_VERSION:
+        return None
+    cache = TokenCache(
+        where, str(meta["dtype"]), int(meta["num_tokens"]), int(meta["num_documents"]), meta["separator_id"]
+    )
+    width = 2 if cache.dtype == "uint16" else 4
+    expected = {
+        cache.tokens_path: cache.num_tokens * width,
+        cache.offsets_path: (cache.num_documents + 1) * 8,
+    }
+    for path, size in expected.items():
+        if not path.is_file() or path.stat().st_size != size:
+            raise ValueError(f"{path}: not the {size} bytes its meta.json says; delete {where} and run again")
+    return cache
+
+
+def ensure(
+    recipe: Recipe,
+    data_paths: tuple[str, ...],
+    tok_dir: Path,
+    tokenizer: Tokenizer | None = None,
+    data_sha: str | None = None,
+    fallback: bool = True,
+) -> tuple[TokenCache, bool]:
+    """The token cache of these files and this tokenizer, written now unless it is there.
+
+    An unwritable cache directory falls back to a temporary directory of this
+    process, removed when it exits.
+
+    Args:
+        tok_dir: the tokenizer's directory (or hub id), as launcher.worker.data loads it.
+        tokenizer: the tokenizer loaded from it, if the caller has it already.
+        data_sha: data_digest(data_paths), if the caller has it already.
+        fallback: write into a temporary directory when the cache is not writable
+            (false: raise the OSError).
+
+    Returns:
+        The cache, and whether this call wrote it.
+
+    Raises:
+        OSError, ValueError: a data file cannot be read or holds no text (or, without
+            `fallback`, the cache cannot be written).
+    """
+    sha = data_sha if data_sha is not None else data_digest(data_paths)
+    tok_sha = tokenizer_digest(tok_dir, tokenizer)
+    target = directory(recipe, sha, tok_sha)
+    found = find(target)
+    if found is not None:
+        return found, False
+    texts = vocab.read_texts(recipe, data_paths)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tok_dir)
+    meta = {
+        "tokenizer": str(tok_dir),
+        "tokenizer_sha256": tok_sha,
+        "data_sha256": sha,
+        "data_kind": recipe.data.kind,
+        "text_field": recipe.data.text_field,
+    }
+    try:
+        return _write(texts, tokenizer, target, meta), True
+    except OSError:
+        if not fallback:
+            raise
+        own = Path(tempfile.mkdtemp(prefix="mplaunch-tokens-"))
+        atexit.register(shutil.rmtree, own, ignore_errors=True)
+        return _write(texts, tokenizer, own / target.name, meta), True
+
+
+def tokenizer_of(plan: Plan) -> Path:
+    """The tokenizer a run of this plan tokenizes with (its workers load it from RUN_DIR/tokenizer,
+    which holds the same bytes): data.tokenizer or model.hf's, else the run's copy of the trained
+    one, else the trained one in the cache (call plan.prepare_vocab first)."""
+    if plan.tokenizer_dir is not None:
+        return Path(plan.tokenizer_dir)
+    run_copy = RunDir.from_plan(plan).tokenizer
+    if (run_copy / vocab.TOKENIZER_FILE).is_file():
+        return run_copy
+    return vocab.trained_dir(plan.recipe, plan.data_paths)
+
+
+def load_tokenizer(tok_dir: Path) -> Tokenizer:
+    """The fast tokenizer in `tok_dir` (tokenizer.json), or the one transformers builds from it."""
+    from tokenizers import Tokenizer
+
+    if (tok_dir / vocab.TOKENIZER_FILE).exists():
+        return Tokenizer.from_file(str(tok_dir / vocab.TOKENIZER_FILE))
+    # A directory written by transformers' save_pretrained without a fast tokenizer file.
+    from transformers import AutoTokenizer
+
+    backend: Tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)).backend_tokenizer
+    return backend
+
+
+def separator_id(tokenizer: Tokenizer) -> int | None:
+    """The token that ends each document in the stream (SEPARATORS, first found), or None."""
+    return next((i for i in map(tokenizer.token_to_id, SEPARATORS) if i is not None), None)
+
+
+def _write(texts: list[str], tokenizer: Tokenizer, target: Path, meta: dict[str, str]) -> TokenCache:
+    import numpy as np
+
+    sep = separator_id(tokenizer)
+    bound = max([tokenizer.get_vocab_size(), *(i + 1 for i in tokenizer.get_added_tokens_decoder())])
+    dtype = np.uint16 if bound <= 2**16 else np.uint32
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed writer's, with this host and pid
+    tmp.mkdir()
+    try:
+        num_tokens = 0
+        with open(tmp / TOKENS_FILE, "wb") as tokens_f, open(tmp / OFFSETS_FILE, "wb") as offsets_f:
+            offsets_f.write(np.zeros(1, dtype=np.uint64).tobytes())
+            for start in range(0, len(texts), ENCODE_CHUNK):
+                chunk = tokenizer.encode_batch(texts[start : start + ENCODE_CHUNK], add_special_tokens=False)
+                flat: list[int] = []
+                ends: list[int] = []
+                for enc in chunk:
+                    flat.extend(enc.ids)
+                    if sep is not None:
+                        flat.append(sep)
+                    ends.append(num_tokens + len(flat))
+                ids = np.asarray(flat, dtype=np.int64)
+                assert ids.size == 0 or int(ids.max()) < bound, "an id beyond the tokenizer's vocabulary"
+                tokens_f.write(ids.astype(dtype).tobytes())
+                offsets_f.write(np.asarray(ends, dtype=np.uint64).tobytes())
+                num_tokens += ids.size
+            for f in (tokens_f, offsets_f):
+                f.flush()
+                os.fsync(f.fileno())
+        cache = TokenCache(target, np.dtype(dtype).name, num_tokens, len(texts), sep)
+        _write_meta(tmp, cache, tokenizer, meta)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        won = find(target)  # another rank or process renamed its copy first: the same bytes
+        if won is None:
+            raise
+        return won
+    return cache
+
+
+def _write_meta(tmp: Path, cache: TokenCache, tokenizer: Tokenizer, extra: dict[str, str]) -> None:
+    meta = {
+        "format": FORMAT_VERSION,
+        "dtype": cache.dtype,
+        "num_tokens": cache.num_tokens,
+        "num_documents": cache.num_documents,
+        "separator_id": cache.separator_id,
+        "tokens_file": TOKENS_FILE,
+        "offsets_file": OFFSETS_FILE,
+        "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+        "tokenizers": _tokenizers_version(),
+        **extra,
+    }
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tokenizers_version() -> str:
+    try:
+        return metadata.version("tokenizers")
+    except metadata.PackageNotFoundError:
+        return "none"

@@ -1,0 +1,137 @@
+"""The two training backends behind one small interface, imported lazily by name.
+
+Both keep master weights and optimizer state in fp32 and compute in the
+plan's dtype; both report the loss scale and skipped steps the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from launcher.plan.resolve import Plan
+
+BACKENDS = {
+    "deepspeed": "launcher.worker.backends.deepspeed",
+    "accelerate": "launcher.worker.backends.accelerate",
+}
+
+
+class LossScaleFloor(Exception):
+    """fp16 gradients still overflow at the minimum loss scale: training cannot continue."""
+
+
+class NonFiniteStep(Exception):
+    """A step's loss or gradients were NaN or infinite and the run stopped; str() is the whole message."""
+
+
+class SkippedStep(NonFiniteStep):
+    """DeepSpeed skipped a step for non-finite gradients outside fp16 loss scaling (nothing adapts to it)."""
+
+
+def non_finite_message(step: int, dtype: str, loss_finite: bool, skipped_by: str | None = None) -> str:
+    """What happened at `step`, what it means for the checkpoints, and what to try.
+
+    The checkpointer checks every step since the last check before it saves, so a save never
+    seals a step at or after `step`.
+
+    Args:
+        step: the first bad step (1-based, as the logs count).
+        dtype: the compute dtype (precision.dtype as resolved).
+        loss_finite: the loss was finite on every rank, so only the gradients were not.
+        skipped_by: the library that skipped the step's update, if one did.
+    """
+    if loss_finite:
+        what = f"the gradients became NaN or infinite in {dtype} at step {step} while the loss was finite"
+        advice = "check the model's backward pass, or lower optimizer.lr"
+    else:
+        what = f"the loss became NaN or infinite in {dtype} at step {step}"
+        advice = "lower optimizer.lr, raise scheduler.warmup_steps or check the data"
+    if skipped_by is not None:
+        what += f"; {skipped_by} skipped that step, and {dtype} has no loss scale to lower"
+    return (
+        f"{what}: the run stopped and nothing from step {step} on was saved "
+        f"(the last complete checkpoint, if any, is kept); {advice} "
+        "(`mplaunch --resume RUN_DIR optimizer.lr=...` resumes from the last checkpoint with the new value)"
+    )
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step returns; tensors stay on the device (no host sync)."""
+
+    loss: torch.Tensor  # mean loss over the step's micro-batches
+    grad_norm: torch.Tensor | float | None
+    skipped: bool | None  # known only where the backend checks overflow anyway (fp16)
+    xray: dict[str, Any] | None = None  # the precision x-ray record, on steps that took one
+
+
+class Backend(Protocol):
+    model: nn.Module
+    measure_grads: bool  # read the gradients' bytes during this step (logging.memory_report)
+    xray: (
+        str | None
+    )  # this step's precision x-ray: None, "stats", or "sketch" (stats and sketch; launcher.worker.xray)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats: ...
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def loss_scale(self) -> float | None: ...
+    def skipped_steps(self) -> int: ...
+    def lr(self) -> float: ...
+    def save(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None: ...
+    def state_bytes(self) -> dict[str, int]: ...
+
+
+def load_backend(plan: Plan, model: nn.Module) -> Backend:
+    """Wrap `model` with the plan's backend."""
+    module = importlib.import_module(BACKENDS[plan.recipe.backend])
+    return module.Engine(plan, model)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices, not biases and norm weights (the BERT recipe)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    # Pinned host memory makes these copies asynchronous on CUDA.
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def tensor_bytes(*roots: object, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from `roots` (lists, tuples, dicts, tensors).
+
+    Storages already in `seen` are not counted again (pass one set across categories so an
+    alias, such as ZeRO-3's fp32 partition that is the parameter partition, counts once).
+    """
+    seen = set() if seen is None else seen
+    total = 0
+    stack = list(roots)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, seen: set[int] | None = None) -> int:
+    """Bytes of a torch optimizer's per-parameter state (Adam's moments), not its parameters."""
+    return tensor_bytes([s for s in optimizer.state.values()], seen=seen)

@@ -1,0 +1,244 @@
+"""DeepSpeed behind the Backend interface: ZeRO 0-3, offload, fp16 dynamic loss scaling, bf16.
+
+The engine is configured entirely by the plan's generated DeepSpeed config
+(the one the dry run prints); only the model, its parameter groups and the
+LR schedule are handed over in code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+
+from launcher.plan import schedule
+from launcher.plan.resolve import Plan
+from launcher.worker import xray
+from launcher.worker.backends import (
+    LossScaleFloor,
+    SkippedStep,
+    StepStats,
+    non_finite_message,
+    optimizer_state_bytes,
+    param_groups,
+    tensor_bytes,
+    to_device,
+)
+from launcher.worker.models import loss_of
+
+TAG = "deepspeed"
+# Where DeepSpeed's optimizers keep this rank's fp32 master weights and gradient partitions
+# in every configuration mplaunch generates.
+_MASTER = (
+    "single_partition_of_fp32_groups",  # ZeRO 1 and 2
+    "fp32_partitioned_groups_flat",  # ZeRO 3
+    "fp32_groups_flat_partition",  # the bf16 optimizer
+    "fp32_groups_flat",  # stage 0 fp16/bf16 (FP16_Optimizer)
+    "fp32_groups",  # stage 0 fp16/bf16 without fused ops (FP16_UnfusedOptimizer, e.g. on CPU)
+)
+_GRADS = (
+    "grads_in_partition",
+    "averaged_gradients",
+    "grad_partitions_flat_buffer",
+    "fp32_groups_gradients_flat",
+    "all_grad_tensors",  # stage 1-2: this rank's partition of the gradients, kept between micro-batches
+)
+
+
+class Engine:
+    """A DeepSpeed engine stepping one optimizer step per `train_step`."""
+
+    def __init__(self, plan: Plan, model: nn.Module) -> None:
+        self.plan = plan
+        groups = param_groups(model, plan.recipe.optimizer.weight_decay)
+        factor = schedule.factor(plan.recipe)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+            config=dict(plan.backend_config),
+        )
+        if plan.recipe.train.compile:
+            self.engine.compile()  # torch.compile of the wrapped module, hooks kept in place
+        self.model = self.engine
+        self.device = self.engine.device
+        self.grad_bytes: int | None = None
+        self.measure_grads = False
+        # DeepSpeed's ZeRO and 16-bit optimizers report the global gradient norm; a plain torch
+        # optimizer (ZeRO 0 in fp32) leaves it None, so the norm is taken here before the step.
+        self.own_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.xray: str | None = None
+        self.layers = xray.layers_of(list(self.engine.module.named_parameters()))
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
+        total = torch.zeros((), device=self.device)
+        skipped_before = self.engine.skipped_steps
+        probe = None
+        for i, batch in enumerate(micro_batches):
+            loss = loss_of(self.engine(**to_device(batch, self.device)))
+            self.engine.backward(loss)
+            last = i == len(micro_batches) - 1
+            if self.measure_grads:  # the most any micro-batch's backward left held
+                self.grad_bytes = max(self.grad_bytes or 0, self._grad_bytes())
+            if self.own_norm and last:
+                own_norm = _grad_norm(self.engine.module.parameters())  # reduced already, before clipping
+            if self.xray and last:  # reduced, still scaled in fp16, not yet clipped
+                dtype, scale = self.plan.precision.dtype, self.loss_scale()
+                probe = xray.Probe(
+                    self.layers, _shards(self.engine), dtype, scale, True, self.xray == "sketch"
+                )
+                lr = self.lr()
+            try:
+                self.engine.step()
+            except Exception as exc:
+                if "loss scale already at minimum" in str(exc):
+                    raise LossScaleFloor(str(exc)) from None
+                raise
+            total += loss.detach().float()
+        scaled = self.plan.precision.loss_scale is not None
+        skipped = self.engine.skipped_steps > skipped_before  # a host int: free to read
+        if skipped and not scaled:
+            # DeepSpeed skips a step with non-finite gradients in fp32 and bf16 too, and would
+            # go on skipping without a word: there is no loss scale for a skip to lower.
+            raise self._skipped(total)
+        grad_norm = own_norm if self.own_norm else self.engine.get_global_grad_norm()
+        seen = probe.finish(not skipped, lr, _world()) if probe is not None else None
+        return StepStats(total / len(micro_batches), grad_norm, skipped if scaled else None, seen)
+
+    def _skipped(self, loss_sum: torch.Tensor) -> SkippedStep:
+        """The error for a step DeepSpeed skipped outside fp16 loss scaling (every rank skips it alike)."""
+        bad = (~torch.isfinite(loss_sum)).float()
+        if torch.distributed.is_initialized():  # so every rank names the same cause
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        step = int(self.engine.global_steps)  # already counts the skipped step
+        message = non_finite_message(
+            step, self.plan.precision.dtype, loss_finite=not bad.item(), skipped_by="DeepSpeed"
+        )
+        return SkippedStep(message)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.engine.eval()
+        try:
+            return loss_of(self.engine(**to_device(batch, self.device))).detach().float()
+        finally:
+            self.engine.train()
+
+    def loss_scale(self) -> float | None:
+        if self.plan.precision.loss_scale is None:
+            return None
+        opt = self.engine.optimizer
+        for attr in ("cur_scale", "loss_scale"):
+            value = getattr(opt, attr, None)
+            if isinstance(value, (int, float)):
+                return float(value)
+        return float(opt.loss_scaler.cur_scale)
+
+    def skipped_steps(self) -> int:
+        return int(self.engine.skipped_steps)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def _grad_bytes(self) -> int:
+        opt = self.engine.optimizer
+        return tensor_bytes(
+            [[p.grad, getattr(p, "grad_accum", None)] for p in self.engine.module.parameters()],
+            [getattr(opt, a, None) for a in _GRADS],
+        )
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds: parameters (at ZeRO-3 its partition plus what it keeps whole),
+        fp32 master weights not aliasing those, optimizer state, and gradients as they stood at
+        the accumulation boundary before the optimizer step. Each storage counts once."""
+        opt = self.engine.optimizer
+        seen: set[int] = set()
+        params = [[getattr(p, "ds_tensor", None), p] for p in self.engine.module.parameters()]
+        return {
+            "params": tensor_bytes(params, seen=seen),
+            "master": tensor_bytes([getattr(opt, a, None) for a in _MASTER], seen=seen),
+            "optimizer": optimizer_state_bytes(getattr(opt, "optimizer", opt), seen=seen),
+            "grads": self.grad_bytes if self.grad_bytes is not None else -1,
+        }
+
+    def save(self, directory: Path) -> None:
+        """Every rank writes its shard of the model and optimizer state into `directory`."""
+        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+        schedule.continue_on(self.engine.lr_scheduler, self.plan.recipe)
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _shards(engine: deepspeed.DeepSpeedEngine) -> list[xray.Shard]:
+    """This rank's parts of the reduced gradients and fp32 master weights, between backward and step.
+
+    ZeRO-3 partitions and the fragments of ZeRO 1-2 and the bf16 optimizer are this rank's alone;
+    at ZeRO 0 the gradient is whole on every rank, which takes its slice of it and of the master
+    weight (the parameter itself in fp32, else the 16-bit optimizer's flat fp32 copy).
+    """
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+    rank, world = (torch.distributed.get_rank(), _world()) if torch.distributed.is_initialized() else (0, 1)
+    masters = _stage0_masters(engine.optimizer)
+    out = []
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = xray.layer_of(name)
+        if hasattr(p, "ds_id"):
+            # The partition is padded to an equal size on every rank: keep this rank's real elements.
+            grad, master = safe_get_local_grad(p).reshape(-1), safe_get_local_fp32_param(p).reshape(-1)
+            real = max(0, min(grad.numel(), p.ds_numel - rank * grad.numel()))
+            out.append(xray.Shard(layer, grad[:real], master[:real], rank * grad.numel()))
+        elif hasattr(p, "_hp_mapping"):
+            mapping = p._hp_mapping
+            if mapping is None:  # no part of this parameter is in this rank's partition
+                continue
+            grad = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+            where = mapping.lp_fragment_address
+            if grad.numel() == p.numel():  # the bf16 optimizer accumulates the whole gradient on every rank
+                grad = grad.narrow(0, where.start, where.numel)
+            out.append(xray.Shard(layer, grad, mapping.get_hp_fragment().reshape(-1), where.start))
+        elif p.grad is not None:
+            master = p if p.dtype == torch.float32 else masters.get(id(p))
+            mine = xray.my_slice(master, rank, world) if master is not None else None
+            start = xray.slice_start(p.numel(), rank, world)
+            out.append(xray.Shard(layer, xray.my_slice(p.grad, rank, world), mine, start))
+    return out
+
+
+def _stage0_masters(opt: object) -> dict[int, torch.Tensor]:
+    """ZeRO 0's 16-bit optimizer (FP16_Optimizer, also for bf16): each parameter's fp32 master weight."""
+    out: dict[int, torch.Tensor] = {}
+    groups = getattr(opt, "fp16_groups", None) or []
+    flat, unflat = getattr(opt, "fp32_groups_flat", None), getattr(opt, "fp32_groups", None)
+    for i, params in enumerate(groups):
+        offset = 0
+        for j, p in enumerate(params):
+            if flat:
+                out[id(p)] = flat[i].narrow(0, offset, p.numel())
+            elif unflat:
+                out[id(p)] = unflat[i][j].reshape(-1)
+            offset += p.numel()
+    return out
+
+
+def _grad_norm(parameters: Iterator[nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of the gradients, on the device (no host sync)."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2)

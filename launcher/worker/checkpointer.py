@@ -1,0 +1,300 @@
+"""The worker's checkpointer: when to save, what to save, sealing, verifying, pruning and restoring.
+
+The loop asks `due(step, stopping)`, calls `save(...)` and, once, `restore(...)`;
+everything else about checkpoints happens here. Each rank writes its backend
+shards and its RNG state into the temporary directory launcher.rundir.checkpoint
+hands out, then checksums its share of the files; rank 0 merges the checksums
+into the manifest (step, data position, structure, the resolved recipe, every
+file) and seals it. A checkpoint of a diverged run (a non-finite loss or
+non-finite parameters) is never sealed. A restore verifies the checksums on
+all ranks before loading and falls back to the next older checkpoint when one
+is bad.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from launcher.plan import resume
+from launcher.plan.resolve import Plan
+from launcher.recipe.schema import to_dict
+from launcher.rundir import checkpoint
+from launcher.rundir.layout import RunDir
+from launcher.worker.backends import Backend, NonFiniteStep
+from launcher.worker.metrics import Meter
+
+RNG_FILE = "rng-rank{rank}.pt"
+# A rank's reason for rejecting a checkpoint, left in the rejected directory for rank 0 (and the user).
+REJECTED_FILE = "rejected-by-rank-{rank}.txt"
+
+
+class Group(Protocol):
+    """What the checkpointer needs of the job: this rank, the world size, a barrier, and
+    agreement on a flag (train.Dist)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world(self) -> int: ...
+
+    def barrier(self) -> None: ...
+
+    def any(self, flag: bool) -> bool: ...
+
+
+class NonFiniteParameters(NonFiniteStep, ValueError):
+    """The parameters about to be saved hold NaN, inf or values too large to square in fp32.
+
+    A NonFiniteStep and a ValueError: train.main reports either as one line.
+    """
+
+
+class Checkpointer:
+    """One run's checkpoints, seen from one rank.
+
+    Args:
+        plan: the run's plan (checkpoint.every_steps, keep, resume; the structure a resume must match).
+        run_dir: where the checkpoints go (checkpoint.dir).
+        group: this rank, the world size, and the collectives every rank passes around a save.
+    """
+
+    def __init__(self, plan: Plan, run_dir: RunDir, group: Group) -> None:
+        self.plan, self.run_dir, self.group = plan, run_dir, group
+        self.root = run_dir.checkpoints
+        self.last_step: int | None = None  # the newest checkpoint this run restored or sealed
+        self.rejected: list[dict[str, Any]] = []  # checkpoints restore found bad, for `report`
+
+    def due(self, step: int, stopping: bool) -> bool:
+        """Save after `step`: on a stop request, at train.max_steps, and every checkpoint.every_steps."""
+        every = self.plan.recipe.checkpoint.every_steps
+        return stopping or step == self.plan.recipe.train.max_steps or (bool(every) and step % every == 0)
+
+    def save(self, step: int, backend: Backend, meter: Meter, position: tuple[int, int]) -> None:
+        """Write checkpoint `step` from every rank, checksum it on every rank, then seal it
+        atomically from rank 0.
+
+        Args:
+            position: (epoch, step within the epoch) of the data order after `step`.
+
+        Raises:
+            NonFiniteLoss, NonFiniteGrads (launcher.worker.backends.NonFiniteStep): the loss or the gradient
+                norm of a step so far was not finite; nothing is written.
+            NonFiniteParameters: a rank's parameters are not finite; nothing is written.
+        """
+        meter.check_finite()  # never seal a checkpoint of a diverged run
+        self._check_parameters(step, backend)
+        rank, world = self.group.rank, self.group.world
+        if rank == 0:
+            checkpoint.begin(self.root, step)
+        self.group.barrier()
+        tmp = checkpoint.tmp_dir(self.root, step)
+        backend.save(tmp)
+        torch.save(_rng_state(), tmp / RNG_FILE.format(rank=rank))
+        self.group.barrier()
+        # Every rank lists the same finished directory and hashes its share of it in parallel.
+        files = checkpoint.list_files(tmp)
+        checkpoint.write_checksums(tmp, rank, checkpoint.share(files, rank, world))
+        self.group.barrier()
+        if rank == 0:
+            manifest = self._manifest(step, backend, position)
+            manifest["files"] = checkpoint.merge_checksums(tmp, files)
+            final = checkpoint.commit(tmp, manifest, self.plan.recipe.checkpoint.keep)
+            meter.event(step, "checkpoint", f"step {step}: checkpoint saved to {final}", path=str(final))
+        self.group.barrier()
+        self.last_step = step
+
+    def _check_parameters(self, step: int, backend: Backend) -> None:
+        # Agreed across ranks, so every rank raises alike and none waits in a barrier for the others.
+        if self.group.any(not math.isfinite(parameter_square_sum(backend))):
+            kept = (
+                f"the last complete checkpoint, step {self.last_step}, is kept"
+                if self.last_step is not None
+                else "no earlier checkpoint exists"
+            )
+            raise NonFiniteParameters(
+                f"the parameters after step {step} are not finite (NaN, inf, or values beyond about 1e19): "
+                f"nothing was saved and {kept}; lower optimizer.lr, raise scheduler.warmup_steps or check the model"
+            )
+
+    def _manifest(self, step: int, backend: Backend, position: tuple[int, int]) -> dict[str, Any]:
+        recipe = to_dict(self.plan.recipe)
+        epoch, in_epoch = position
+        return {
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": in_epoch,
+            **checkpoint.structure(self.plan),
+            "precision": self.plan.precision.dtype,
+            "skipped_steps": backend.skipped_steps(),
+            "loss_scale": backend.loss_scale(),
+            "recipe_hash": checkpoint.recipe_hash(recipe),
+            "recipe": recipe,
+            # What a resume must not change (launcher.plan.resume); the launcher compares it up front.
+            resume.SIGNATURE_KEY: resume.signature(self.plan),
+        }
+
+    def restore(self, backend: Backend) -> int:
+        """Load the newest checkpoint that verifies (checkpoint.resume=auto); return the step to start at.
+
+        Candidates are tried newest first. Every rank checks the listed files' sizes and the
+        checksums of its share, the ranks agree, then every rank loads; a candidate failing
+        either (on any rank) is reported in one line on rank 0, renamed `corrupt-step-N` and
+        the next older one is tried. Torn directories are skipped silently here: the launcher
+        warned about them before the workers started.
+
+        Raises:
+            ValueError: a checkpoint was written with another world size, backend or ZeRO
+                stage, or there are checkpoints but none verifies.
+        """
+        if self.plan.recipe.checkpoint.resume == "never":
+            return 0
+        candidates = checkpoint.newest_first(self.root)
+        for path, manifest in candidates:
+            problems = checkpoint.mismatch(manifest, checkpoint.structure(self.plan))
+            if problems:
+                raise ValueError(f"cannot resume from {path}: {'; '.join(problems)}")
+            # Agree on the checksums before anyone loads: a rank that skipped the load while
+            # the others run the backend's collectives would leave them waiting.
+            problem = self._verify(path, manifest)
+            if not self.group.any(problem is not None):
+                problem = self._load(path, backend)
+                if not self.group.any(problem is not None):
+                    self.last_step = int(manifest["step"])
+                    return self.last_step
+            self._reject(path, manifest, problem)
+        if candidates:
+            raise ValueError(
+                f"no checkpoint in {self.root} passed verification (each was renamed "
+                f"{checkpoint.CORRUPT_PREFIX}{checkpoint.PREFIX}N and kept): nothing was started; "
+                "remove them, or use another name to start afresh"
+            )
+        return 0
+
+    def _verify(self, path: Path, manifest: dict[str, Any]) -> str | None:
+        """This rank's reason to reject `path` (sizes, then its share of the checksums), or None."""
+        rank, world = self.group.rank, self.group.world
+        if not checkpoint.verified(manifest):
+            if rank == 0:
+                _say(
+                    f"checkpoint {path.name} is format {manifest.get('format', 1)} with no checksums: "
+                    "resuming from it unverified"
+                )
+            return None
+        problem = checkpoint.check_sizes(path, manifest)
+        if problem is None:
+            names = checkpoint.share(checkpoint.listed(manifest), rank, world)
+            problem = checkpoint.check_checksums(path, manifest, names)
+        return problem
+
+    def _load(self, path: Path, backend: Backend) -> str | None:
+        """Load `path` on this rank; the error in one line if it fails.
+
+        Reached only once every rank's checksums passed, so a failure here is rare (a file
+        that verifies yet does not load); a rank failing inside one of the backend's
+        collectives can still leave the others waiting until the process group times out.
+        """
+        try:
+            backend.load(path)
+            _set_rng_state(torch.load(path / RNG_FILE.format(rank=self.group.rank), weights_only=False))
+        except Exception as exc:
+            return f"cannot be loaded ({type(exc).__name__}: {_first_line(exc)})"
+        return None
+
+    def _reject(self, path: Path, manifest: dict[str, Any], problem: str | None) -> None:
+        """Agreed bad: rank 0 reports the first rank's reason and renames the directory."""
+        rank = self.group.rank
+        if problem is not None:
+            (path / REJECTED_FILE.format(rank=rank)).write_text(problem + "\n")
+        self.group.barrier()
+        if rank == 0:
+            reasons = [
+                (r, (path / REJECTED_FILE.format(rank=r)).read_text().strip())
+                for r in range(self.group.world)
+                if (path / REJECTED_FILE.format(rank=r)).is_file()
+            ]
+            who, why = reasons[0] if reasons else (0, "rejected by another rank")
+            moved = checkpoint.mark_corrupt(path)
+            message = (
+                f"checkpoint {path.name} failed verification on rank {who}: {why}; "
+                f"renamed to {moved.name}, trying an older checkpoint"
+            )
+            _say(message)
+            self.rejected.append(
+                {"step": int(manifest["step"]), "path": str(moved), "reason": why, "message": message}
+            )
+        self.group.barrier()
+
+    def report(self, meter: Meter) -> None:
+        """Record the checkpoints `restore` rejected as metrics events (rank 0; already printed)."""
+        if self.group.rank != 0:
+            return
+        for bad in self.rejected:
+            meter.write({"kind": "event", "event": "checkpoint_rejected", "time": time.time(), **bad})
+        self.rejected = []
+
+    def finish(self, step: int) -> None:
+        """Mark the run finished at train.max_steps (rank 0): a requeue or relaunch then does nothing."""
+        if self.group.rank == 0:
+            self.run_dir.write_finished(step)
+
+
+def parameter_square_sum(backend: Backend) -> float:
+    """The sum of squares, in fp32, of the parameters this rank holds (its ZeRO-3 partition,
+    `ds_tensor`, where there is one). NaN or inf if any is, and inf once a weight passes
+    about 1e19 (its square overflows fp32): the cheap test that a step is fit to save."""
+    held = [_held(p) for p in backend.model.parameters()]
+    tensors = [t.detach() for t in held if t.numel()]
+    if not tensors:
+        return 0.0
+    # Norms taken in fp32 whatever the parameters' dtype: an fp16 norm overflows at 65504.
+    norms = torch.stack(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
+    return float((norms * norms).sum())
+
+
+def _held(param: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank holds of `param`: all of it, or the real elements of its ZeRO-3 partition.
+
+    A ZeRO-3 partition is padded to equal size on every rank, and the padding is uninitialised
+    memory no computation reads: it may hold any bits, NaN included, so it is left out.
+    """
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param
+    size = int(getattr(part, "ds_numel", part.numel()))
+    group = getattr(param, "ds_process_group", None)
+    rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+    real = max(0, min(size, int(getattr(param, "ds_numel", size)) - rank * size))
+    return part.reshape(-1).narrow(0, 0, real)
+
+
+def _say(message: str) -> None:
+    print(f"mplaunch: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

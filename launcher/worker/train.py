@@ -1,0 +1,458 @@
+"""The worker: one per rank, started by torchrun as `python -m launcher.worker.train RUN_DIR/plan.json`.
+
+`main` sets up (process group, seeds, data, model, backend, resume) and
+`fit` is the loop. A rank never prints a traceback: it prints one line
+(`mplaunch: rank N: error: ...`) and then writes the traceback to
+RUN_DIR/logs/rank-N.err, so the launcher can show the failing rank's error
+instead of torchrun's noise, even when the disk is too full for the file.
+Each rank beats a heartbeat (RUN_DIR/logs/rank-N.heartbeat) after every step
+and checkpoint, and dumps its threads' stacks to RUN_DIR/logs/rank-N.stack on
+SIGUSR2: the launcher's hang watch (launcher.rundir.watchdog) reads both.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher.plan.resolve import Plan
+from launcher.rundir.layout import RunDir
+from launcher.rundir.watchdog import collective_timeout_s
+from launcher.worker import data
+from launcher.worker.backends import Backend, LossScaleFloor, NonFiniteStep, load_backend
+from launcher.worker.checkpointer import Checkpointer
+from launcher.worker.metrics import Meter
+from launcher.worker.model_setup import document_positions, model_for
+from launcher.worker.models import ModelError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+# A file system with less free space than this is full for a checkpoint: torch.save's
+# opaque write errors then mean no space left, whatever the few bytes left over.
+NEARLY_FULL_BYTES = 1 << 20
+_TORCH_WRITE_FAILED = re.compile(r"file write failed|inline_container\.cc|PytorchStreamWriter")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This rank's place in the job, and the collectives the loop needs."""
+
+    rank: int
+    world: int
+    local_rank: int
+    control: dist.ProcessGroup | None  # a gloo group for host-side agreement
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.control)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.control)
+        return float(t.item()) / self.world
+
+
+class StopRequest:
+    """SIGINT, SIGTERM and SIGUSR1 (Slurm's warning) only set a flag; the loop acts on it."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signal = signum
+
+
+class StopAgreement:
+    """Every rank stops at the same step, without waiting on the others at every step.
+
+    Each step starts an all-reduce of this rank's stop flag over the gloo control group in the
+    background (async_op) and reads the one started a step earlier, which has long finished: the
+    ranks agree on the flags of step N at the end of step N + 1. A signal is thus honoured one
+    step later than it would be by a blocking all-reduce, and no step waits for the slowest rank's
+    host to reach the same line (on a GPU that wait would also stop the host from queueing work).
+    """
+
+    def __init__(self, d: Dist) -> None:
+        self.d = d
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def step(self, flag: bool) -> bool:
+        """Send this step's flag; True on every rank alike once some rank's flag of the step before was."""
+        if self.d.world == 1:
+            return flag
+        mine = torch.tensor([int(flag)])
+        work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.d.control, async_op=True)
+        previous, self.pending = self.pending, (work, mine)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())
+
+    def close(self) -> None:
+        """Wait for the last all-reduce (every rank started it), so none is left in flight."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    # Deprecation chatter from inside DeepSpeed/torch.distributed is not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    plan = Plan.from_json(Path(args[0]).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    files = RunDir.from_plan(plan)
+    _dump_stacks_on_sigusr2(files, rank)  # creates RUN_DIR/logs
+    files.write_heartbeat(rank, 0, "setup")
+    try:
+        return run(plan)
+    except (ModelError, LossScaleFloor, NonFiniteStep, ValueError, FileNotFoundError) as exc:
+        return _fail(plan, rank, _disk_full(plan, exc) or _explain(plan, exc))
+    except KeyboardInterrupt:
+        return _fail(plan, rank, "interrupted")
+    except Exception as exc:
+        return _fail(plan, rank, _disk_full(plan, exc) or f"{type(exc).__name__}: {exc}".rstrip(": "))
+    finally:
+        files.write_heartbeat(rank, 0, "exit")
+
+
+def _dump_stacks_on_sigusr2(files: RunDir, rank: int) -> None:
+    """On SIGUSR2 write every thread's Python stack to RUN_DIR/logs/rank-N.stack (the hang watch
+    sends it). faulthandler writes from its C signal handler, so a rank stuck in C code or in a
+    collective answers too."""
+    try:
+        files.logs.mkdir(parents=True, exist_ok=True)
+        out = open(files.stack_dump(rank), "w")  # noqa: SIM115 (kept open for the process's life)
+    except OSError:
+        return
+    faulthandler.register(signal.SIGUSR2, file=out, all_threads=True)
+
+
+def _disk_full(plan: Plan, exc: BaseException) -> str | None:
+    """ "no space left on device: PATH (N bytes free); ..." when `exc` is a full file system's doing.
+
+    An OSError with errno ENOSPC names its path. torch.save's writer fails on a full disk
+    with an opaque RuntimeError from inline_container.cc ("file write failed", "unexpected
+    pos ..."), naming no path: it counts when the checkpoint directory's (or the run
+    directory's) file system has less than NEARLY_FULL_BYTES free.
+    """
+    files = RunDir.from_plan(plan)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        path = str(exc.filename) if exc.filename else str(files.checkpoints)
+        free = _free_bytes(path)
+    elif isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(str(exc)):
+        candidates = [(_free_bytes(str(p)), str(p)) for p in (files.checkpoints, files.path)]
+        known = sorted((f, p) for f, p in candidates if f is not None)
+        if not known or known[0][0] >= NEARLY_FULL_BYTES:
+            return None
+        free, path = known[0]
+    else:
+        return None
+    shown = "unknown bytes free" if free is None else f"{free:,} bytes free"
+    return (
+        f"no space left on device: {path} ({shown}); free space there (or set checkpoint.dir or "
+        "logging.dir to a larger file system) and run again: it resumes from the latest complete checkpoint"
+    )
+
+
+def _free_bytes(path: str) -> int | None:
+    """Free bytes on the file system of `path` or its nearest existing parent."""
+    for candidate in (Path(path), *Path(path).parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def _explain(plan: Plan, exc: Exception) -> str:
+    if isinstance(exc, LossScaleFloor):
+        floor = plan.precision.loss_scale.min if plan.precision.loss_scale else 1.0
+        return (
+            f"fp16 gradients overflow even at the minimum loss scale {floor:g}: the run cannot continue in fp16. "
+            "Use precision.dtype=bf16 (same speed on Ampere or newer GPUs, no loss scaling), or lower the "
+            "learning rate; the last complete checkpoint is kept"
+        )
+    return str(exc)  # NonFiniteStep and the rest carry their whole message
+
+
+def _fail(plan: Plan, rank: int, message: str) -> int:
+    """Print the rank's one-line error, then write its report (which a full disk may lose)."""
+    message = " ".join(message.split()) or "an error without a message (the traceback is in the rank's log)"
+    print(f"mplaunch: rank {rank}: error: {message}", file=sys.stderr, flush=True)
+    RunDir.from_plan(plan).write_rank_error(rank, message, traceback.format_exc())
+    return EXIT_FAILED
+
+
+class Phases:
+    """How long a rank took from its process's start to its first step, phase by phase.
+
+    "start" is the time before `setup` began: the interpreter, imports (torch, the backend),
+    the process group. Each phase ends when `end` names it.
+    """
+
+    def __init__(self) -> None:
+        now = time.time()
+        began = _process_start_time()
+        self.began = now if began is None else began
+        self.last = now
+        self.seconds: dict[str, float] = {"start": round(now - self.began, 3)}
+
+    def end(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
+
+    def describe(self, step: int) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        return f"step {step} done {self.last - self.began:.1f} s after the worker started ({parts})"
+
+
+def _process_start_time() -> float | None:
+    """This process's start (Unix s), from /proc (Linux); None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built once per rank by `setup`."""
+
+    plan: Plan
+    backend: Backend
+    batches: data.Batches
+    evals: data.Batches | None
+    meter: Meter
+    ckpt: Checkpointer
+    stop: StopRequest
+    d: Dist
+    start: int  # the step training starts (or resumes) at
+    phases: Phases  # how long setting up took, by phase
+
+
+def run(plan: Plan) -> int:
+    """Set up this rank, resume if there is a checkpoint, train, and shut down cleanly."""
+    stop = StopRequest()
+    d = _init_distributed(plan)
+    try:
+        r = setup(plan, d, stop)
+        try:
+            return fit(r)
+        finally:
+            r.meter.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
+    """Data, model, backend and resume state of this rank."""
+    phases = Phases()
+    _seed(plan.recipe.train.seed)
+    tokens = data.load_tokens(plan, d.rank, d.barrier)
+    phases.end("data")
+    # Same seed on every rank for the weights; the backends also broadcast rank 0's.
+    model, notes = model_for(plan)
+    positions = False
+    if data.documents(tokens, plan):  # packed causal-lm rows: can the model be told where documents start?
+        positions, note = document_positions(model)
+        notes.append(note)
+    for note in notes if d.rank == 0 else []:
+        print(f"mplaunch: {note}", flush=True)
+    phases.end("model")
+    _seed(plan.recipe.train.seed + d.rank)
+    backend = load_backend(plan, model)
+    phases.end("backend")
+    rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
+    train = data.Batches(tokens, rows.train, plan, d.rank, positions=positions)
+    evals: data.Batches | None = None
+    if len(rows.eval):
+        evals = data.Batches(tokens, rows.eval, plan, d.rank, evaluation=True, positions=positions)
+    ckpt = Checkpointer(plan, RunDir.from_plan(plan), d)
+    start = ckpt.restore(backend)
+    phases.end("restore")
+    meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan))
+    ckpt.report(meter)  # checkpoints the restore rejected, as metrics events
+    return Run(plan, backend, train, evals, meter, ckpt, stop, d, start, phases)
+
+
+def fit(r: Run) -> int:
+    """The training loop: one optimizer step per iteration, from `r.start` to train.max_steps."""
+    t, meter, backend = r.plan.recipe.train, r.meter, r.backend
+    files = RunDir.from_plan(r.plan)
+
+    def beat(step: int, phase: str) -> None:  # the hang watch's sign of life (a small file, no sync)
+        files.write_heartbeat(r.d.rank, step, phase)
+
+    beat(r.start, "train")
+    steps = data.loader(r.batches, r.start, t.max_steps, r.plan.recipe.data.num_workers)
+    meter.event(
+        r.start,
+        "resume" if r.start else "start",
+        f"training from step {r.start} to {t.max_steps}",
+        from_step=r.start,
+    )
+    agreement = StopAgreement(r.d)
+    xray_every = r.plan.recipe.logging.precision_every
+    for step in range(r.start, t.max_steps):
+        waited = time.perf_counter()
+        micro = next(steps)
+        meter.data_wait(time.perf_counter() - waited)
+        done = step + 1
+        backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
+        # The x-ray of step 1 also sketches the gradients: the weights and batch `mplaunch parity` compares.
+        backend.xray = (
+            "sketch"
+            if done == 1 and xray_every
+            else "stats"
+            if xray_every and done % xray_every == 0
+            else None
+        )
+        stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
+        beat(done, "step")
+        meter.record(stats)
+        if stats.xray is not None:
+            meter.precision(done, stats.xray)
+        if step == r.start:
+            r.phases.end("first step")
+            meter.event(done, "ready", r.phases.describe(done), seconds=r.phases.seconds)
+        if stats.skipped:
+            scale = backend.loss_scale()
+            meter.event(
+                done,
+                "overflow",
+                f"step {done}: fp16 gradients overflowed; step skipped, loss scale now {scale:g}",
+                loss_scale=scale,
+            )
+        if backend.measure_grads:
+            _write_memory_report(r.plan, backend, r.d.rank, done)
+        if meter.due(done):
+            meter.flush(done, backend, r.batches.position(done)[0])
+        if r.evals is not None and t.eval_every and done % t.eval_every == 0:
+            meter.eval(done, evaluate(backend, r.evals, t.eval_steps, r.d))
+        stopping = agreement.step(r.stop.signal is not None)  # every rank stops at the same step
+        if r.ckpt.due(done, stopping):
+            r.ckpt.save(done, backend, meter, r.batches.position(done))
+            beat(done, "checkpoint")
+        if stopping:
+            agreement.close()
+            return _stopped(r, done)
+    agreement.close()
+    r.ckpt.finish(t.max_steps)
+    meter.event(t.max_steps, "finish", f"finished {t.max_steps} steps")
+    return EXIT_OK
+
+
+def _stopped(r: Run, step: int) -> int:
+    """After a stop request's checkpoint: record the stop (a Slurm job's script requeues on it)."""
+    name = signal.Signals(r.stop.signal).name if r.stop.signal else "a signal on another rank"
+    r.meter.event(step, "stop", f"stopped at step {step} on {name}; checkpoint saved, run again to resume")
+    r.d.barrier()
+    return EXIT_OK
+
+
+def evaluate(backend: Backend, evals: data.Batches, num_batches: int, d: Dist) -> float:
+    """Mean masked-LM loss over this rank's first `num_batches` evaluation micro-batches, averaged over ranks."""
+    rows = evals.rows[d.rank :: d.world]
+    chunks = [rows[i : i + evals.micro] for i in range(0, len(rows), evals.micro)][:num_batches]
+    losses = [float(backend.eval_loss(evals.collate(c, epoch=0))) for c in chunks if len(c)]
+    return d.mean(sum(losses) / len(losses) if losses else float("nan"))
+
+
+def _write_memory_report(plan: Plan, backend: Backend, rank: int, step: int) -> None:
+    import json
+
+    report = {"rank": rank, "step": step, "world_size": plan.world_size, "bytes": backend.state_bytes()}
+    path = RunDir.from_plan(plan).memory_report(rank)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _flops_per_step(plan: Plan) -> float | None:
+    from launcher.plan.estimate import flops
+
+    return flops.flops_per_step(plan.shape, plan.recipe.data.seq_len, plan.batch.global_batch_size)
+
+
+def _init_distributed(plan: Plan) -> Dist:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if plan.recipe.backend == "deepspeed" and plan.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if plan.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = plan.precision.allow_tf32
+        torch.backends.cudnn.allow_tf32 = plan.precision.allow_tf32
+    control = None
+    if world > 1 or "MASTER_ADDR" in os.environ:
+        # A collective waiting on a stuck rank fails after this instead of gloo's 30 min; it is
+        # longer than the launcher's hang watch, which reports a hang first, with stacks.
+        timeout = timedelta(seconds=collective_timeout_s(plan.recipe.launch.hang_timeout))
+        dist.init_process_group(backend=plan.dist_backend, rank=rank, world_size=world, timeout=timeout)
+        # Host-side agreement (stop requests, barriers) goes over gloo so it never waits on the GPU stream.
+        control = dist.new_group(backend="gloo", timeout=timeout) if plan.dist_backend != "gloo" else None
+    return Dist(rank, world, local_rank, control)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _exit(code: int) -> None:
+    """Leave without running interpreter and C++ static teardown.
+
+    Everything the run owns is closed by now (process group destroyed, metrics
+    and checkpoints flushed and synced). What remains are library threads
+    (gloo, DeepSpeed) whose destructors at interpreter exit now and then abort
+    with "terminate called without an active exception", turning a finished
+    run into a failed one.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())
