@@ -7,7 +7,7 @@
 #
 # On the device machine (carry [".whl"] built beforehand by ../shared/gpu/wheels.sh):
 #   bench/gpu_proof.sh "$OUT"                                 # timeout_s 540 leaves room for the caps
-# CPU rehearsal (tests/test_gpu_proof.py):
+# CPU rehearsal (tests/e2e/test_gpu_proof.py):
 #   bench/gpu_proof.sh /tmp/proof --device cpu --tiny
 #
 # Every result goes into OUT_DIR as it is made: data/STEP.json (what the step measured, rewritten as it
@@ -25,7 +25,7 @@
 #                     (skipped when deepspeed, pydantic and hjson are already there)
 #   env           15  mplaunch env
 #   nccl          20  all-reduce across every visible GPU (NCCL; gloo with 2 processes on CPU)
-#   gpu_tests     75  python -m pytest -m gpu tests/test_gpu.py (priority subset: ZeRO-2 bf16/fp16 on
+#   gpu_tests     75  python -m pytest -m gpu tests/e2e/test_gpu.py (priority subset: ZeRO-2 bf16/fp16 on
 #                     both backends and the fp16 overflow tests; --gpu-tests all runs the whole matrix,
 #                     which does not fit in 8 minutes)
 #   b_deepspeed   60  bench/gpu.py: BERT-base seq 128, DeepSpeed ZeRO-2, bf16 fp16 tf32 fp32
@@ -169,7 +169,7 @@ step env "$PY" -m launcher env
 step nccl "$PY" bench/gpu_proof.py nccl --device "$DEVICE" --out "$OUT/data/nccl.json"
 K=()
 [ "$GPU_TESTS" = all ] || K=(-k "2-bf16 or 2-fp16 or overflow")
-step gpu_tests "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider "${K[@]}"
+step gpu_tests "$PY" -m pytest -m gpu tests/e2e/test_gpu.py -v -p no:cacheprovider "${K[@]}"
 
 # b. BERT-base on both backends: samples/s, MFU, peak memory, speedups over fp32 and tf32
 for backend in deepspeed accelerate; do

@@ -430,7 +430,7 @@ def cmd_export(argv: list[str]) -> int:
         "lora": args.lora,
     }
     # Reading checkpoints takes torch, DeepSpeed and transformers: the worker-side module runs in a
-    # process of its own, so this one stays light (tests/test_import_graph.py). It prints its own
+    # process of its own, so this one stays light (tests/unit/test_import_graph.py). It prints its own
     # one-line errors and exits 2 for them.
     return subprocess.run([sys.executable, "-m", "launcher.worker.export", json.dumps(request)]).returncode
 

@@ -262,7 +262,7 @@ def lora_unmatched(model: HfModel, targets: Sequence[str]) -> list[str]:
 
 
 # peft's default LoRA targets by model_type (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
-# for the planner, which runs without peft; tests/test_lora.py holds them equal to the installed peft's.
+# for the planner, which runs without peft; tests/e2e/test_lora.py holds them equal to the installed peft's.
 PEFT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
     "roberta": ("query", "value"),

@@ -16,7 +16,7 @@ Named targets are suffixes of module names, as peft matches them (`query` matche
 transformers' Conv1D in GPT-2) and nothing else, or `apply` raises ModelError. Only the adapters
 train (bias "none"); a sequence classifier's head, which starts untrained, trains in full (peft's
 SEQ_CLS task: `modules_to_save`). The mirror of these defaults for the memory planner, without torch,
-is launcher.plan.estimate.state_bytes.lora_params; tests/test_lora.py checks that the two count the same.
+is launcher.plan.estimate.state_bytes.lora_params; tests/e2e/test_lora.py checks that the two count the same.
 
 The backends build the optimizer from `requires_grad` parameters only (launcher.worker.backends.param_groups),
 so frozen base weights get no gradient, fp32 master or Adam state:

@@ -111,7 +111,7 @@ class Params:
 
 
 # peft's default LoRA targets for the built-in families' model types (bert, gpt2), from its
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; tests/test_lora.py holds the two together.
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; tests/e2e/test_lora.py holds the two together.
 # tiny-mlp has no model type: every linear layer but the vocabulary head (launcher.worker.lora).
 PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"bert-mlm": ("query", "value"), "gpt2-lm": ("c_attn",)}
 
@@ -348,7 +348,7 @@ def lora_activation_delta(
     Nothing before the first adapter needs a gradient: the embeddings keep nothing (their
     LayerNorm input and dropout mask; GPT-2's first ln_1 input too). Inputs that another operation
     keeps anyway (the attention output projection's: SDPA keeps its output) stay counted. Checked
-    against autograd's saved tensors on CPU (tests/test_lora.py).
+    against autograd's saved tensors on CPU (tests/e2e/test_lora.py).
     """
     layers = lora_layers(shape, lora.target_modules)
     if not layers:

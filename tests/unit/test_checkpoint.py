@@ -1,0 +1,174 @@
+"""Checkpoint directories: sealing, pruning, finding the latest, crashes at every write (checksums too)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from launcher.rundir import checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write_step(root: Path, step: int, keep: int = 3, payload: bytes | None = None) -> Path:
+    tmp = checkpoint.begin(root, step)
+    (tmp / "deepspeed").mkdir()
+    (tmp / "deepspeed" / "weights.bin").write_bytes(payload or os.urandom(4096))
+    return checkpoint.commit(tmp, {**_MANIFEST, "step": step, "files": _checksums(tmp)}, keep)
+
+
+_MANIFEST = {"world_size": 2, "backend": "deepspeed", "zero_stage": 2}
+
+
+def _checksums(tmp: Path, world: int = 2) -> list[dict]:
+    """The manifest's file list as the ranks make it: each hashes its share, rank 0 merges."""
+    files = checkpoint.list_files(tmp)
+    for rank in range(world):
+        checkpoint.write_checksums(tmp, rank, checkpoint.share(files, rank, world))
+    return checkpoint.merge_checksums(tmp, files)
+
+
+def test_commit_seals_a_complete_directory_and_points_latest_at_it(tmp_path: Path) -> None:
+    final = _write_step(tmp_path, 50)
+    assert final.name == "step-00000050"
+    assert (tmp_path / "latest").read_text().strip() == "step-00000050"
+    assert checkpoint.read_manifest(final)["step"] == 50
+    assert not list(tmp_path.glob(".tmp-*"))
+    found = checkpoint.find_latest(tmp_path)
+    assert found.path == final
+    assert found.ignored == ()
+
+
+def test_keep_prunes_the_oldest_but_never_what_latest_names(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        _write_step(tmp_path, step, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000030", "step-00000040"]
+    # A pointer naming an old checkpoint protects it from pruning.
+    (tmp_path / "latest").write_text("step-00000030\n")
+    checkpoint.prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000030", "step-00000040"]
+
+
+def test_partial_directories_are_ignored_and_reported(tmp_path: Path) -> None:
+    _write_step(tmp_path, 10)
+    (tmp_path / "step-00000020").mkdir()  # no manifest: never sealed
+    (tmp_path / ".tmp-step-00000030").mkdir()  # a write in progress when the process died
+    (tmp_path / "step-00000040").mkdir()
+    (tmp_path / "step-00000040" / "manifest.json").write_text('{"step": 4')  # torn manifest
+    found = checkpoint.find_latest(tmp_path)
+    assert found.path == tmp_path / "step-00000010"
+    assert any("step-00000020: incomplete" in line for line in found.ignored)
+    assert any(".tmp-step-00000030: interrupted write" in line for line in found.ignored)
+    assert any("step-00000040: incomplete" in line for line in found.ignored)
+
+
+def test_a_lagging_pointer_is_overruled_by_a_newer_complete_checkpoint(tmp_path: Path) -> None:
+    _write_step(tmp_path, 10)
+    _write_step(tmp_path, 20)
+    (tmp_path / "latest").write_text("step-00000010\n")  # died between the rename and the pointer update
+    assert checkpoint.find_latest(tmp_path).path == tmp_path / "step-00000020"
+
+
+def test_an_empty_or_missing_directory_has_nothing_to_resume(tmp_path: Path) -> None:
+    assert checkpoint.find_latest(tmp_path / "nope").path is None
+    assert checkpoint.find_latest(tmp_path).path is None
+
+
+def test_resume_mismatch_names_what_differs() -> None:
+    manifest = {"world_size": 2, "backend": "deepspeed", "zero_stage": 2}
+    assert checkpoint.mismatch(manifest, dict(manifest)) == []
+    lines = checkpoint.mismatch(manifest, {"world_size": 1, "backend": "deepspeed", "zero_stage": 3})
+    assert lines == [
+        "the checkpoint was written with world size 2, this run has 1",
+        "the checkpoint was written with ZeRO stage 2, this run has 3",
+    ]
+
+
+def test_changed_keys_are_dotted_paths() -> None:
+    old = {"train": {"max_steps": 10, "seed": 1}, "backend": "deepspeed"}
+    new = {"train": {"max_steps": 20, "seed": 1}, "backend": "deepspeed"}
+    assert checkpoint.changed_keys(old, new) == ["train.max_steps"]
+
+
+# --------------------------------------------------------------------------- crashes during a save
+
+# Runs checkpoint.commit in a child process that dies (os._exit, as under SIGKILL: no cleanup)
+# at its Nth file-system operation. CRASH_AT=0 counts the operations instead.
+_CHILD = textwrap.dedent(
+    """
+    import os, shutil, sys
+    from pathlib import Path
+    from launcher.rundir import checkpoint
+
+    crash_at = int(os.environ["CRASH_AT"])
+    count = 0
+
+    def hook(name, real):
+        def wrapped(*args, **kwargs):
+            global count
+            count += 1
+            if count == crash_at:
+                os._exit(9)
+            return real(*args, **kwargs)
+        return wrapped
+
+    for name in ("rename", "replace", "fsync", "rmdir", "unlink"):
+        setattr(os, name, hook(name, getattr(os, name)))
+    shutil.rmtree = hook("rmtree", shutil.rmtree)
+
+    root = Path(sys.argv[1])
+    tmp = checkpoint.begin(root, 2)
+    (tmp / "deepspeed").mkdir()
+    (tmp / "deepspeed" / "weights.bin").write_bytes(bytes.fromhex(sys.argv[2]))
+    files = checkpoint.list_files(tmp)
+    for rank in range(2):
+        checkpoint.write_checksums(tmp, rank, checkpoint.share(files, rank, 2))
+    manifest = {"step": 2, "world_size": 2, "backend": "deepspeed", "zero_stage": 2}
+    checkpoint.commit(tmp, {**manifest, "files": checkpoint.merge_checksums(tmp, files)}, keep=1)
+    print(count)
+    """
+)
+
+
+def _run_child(root: Path, crash_at: int, payload: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD, str(root), payload.hex()],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "CRASH_AT": str(crash_at)},
+        timeout=60,
+    )
+
+
+def test_a_crash_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
+    old_payload, new_payload = b"old" * 1000, b"new" * 1000
+    counting = tmp_path / "count"
+    _write_step(counting, 1, payload=old_payload)
+    result = _run_child(counting, 0, new_payload)
+    assert result.returncode == 0, result.stderr
+    operations = int(result.stdout.strip())
+    assert operations >= 8  # fsyncs, the rename, the pointer update and the pruning at least
+
+    for crash_at in range(1, operations + 1):
+        root = tmp_path / f"crash-{crash_at}"
+        _write_step(root, 1, payload=old_payload)
+        died = _run_child(root, crash_at, new_payload)
+        assert died.returncode == 9, (crash_at, died.stderr)
+        found = checkpoint.find_latest(root)
+        assert found.path is not None, f"no complete checkpoint after a crash at operation {crash_at}"
+        weights = (found.path / "deepspeed" / "weights.bin").read_bytes()
+        expected = {1: old_payload, 2: new_payload}[found.manifest["step"]]
+        assert hashlib.sha256(weights).digest() == hashlib.sha256(expected).digest(), crash_at
+        names = [e["path"] for e in found.manifest["files"]]
+        assert names == ["deepspeed/weights.bin"], crash_at  # no rank's partial checksum file
+        assert checkpoint.check_checksums(found.path, found.manifest, names) is None, crash_at
+        # The next save after the crash works and cleans up what the crash left behind.
+        _write_step(root, 3, keep=1)
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000003"]
+        assert json.loads((root / "step-00000003" / "manifest.json").read_text())["step"] == 3
