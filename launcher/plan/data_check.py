@@ -58,7 +58,12 @@ class Scan:
 
 
 def problems(
-    recipe: Recipe, data_paths: Sequence[str], global_batch_size: int, trained_tokenizer: bool
+    recipe: Recipe,
+    data_paths: Sequence[str],
+    global_batch_size: int,
+    trained_tokenizer: bool,
+    *,
+    task: str | None = None,
 ) -> list[str]:
     """The data files' problems that would stop the workers, one line each.
 
@@ -68,14 +73,15 @@ def problems(
         global_batch_size: samples per optimizer step.
         trained_tokenizer: the workers tokenize with the tokenizer mplaunch trains on the data
             (no data.tokenizer and no model.hf tokenizer); the bound on packed rows holds for it.
+        task: the plan's task (`ModelFacts.task`); None: as the recipe alone decides it (launcher.recipe.tasks).
     """
-    d = recipe.data
+    d, task = recipe.data, task or tasks.resolve(recipe)
     if d.target is not None or d.kind not in CHECKED_KINDS:
         return []
     base = Path(recipe.source).parent if recipe.source else Path()
     shown = [str(base / p) for p in d.paths]
-    fields = needed_fields(recipe)
-    per_record = tasks.resolve(recipe) in tasks.PER_RECORD or not d.pack
+    fields = needed_fields(recipe, task)
+    per_record = task in tasks.PER_RECORD or not d.pack
     wanted = global_batch_size if per_record and d.kind in COUNTED_KINDS else 0
     found: list[str] = []
     scans: list[Scan] = []
@@ -91,16 +97,19 @@ def problems(
     if found or d.kind not in COUNTED_KINDS:
         return found
     if per_record:
-        return _too_few_records(recipe, shown, scans, global_batch_size)
+        return _too_few_records(recipe, shown, scans, global_batch_size, task)
     if trained_tokenizer:
-        return _too_few_tokens(recipe, shown, data_paths, scans, global_batch_size)
+        return _too_few_tokens(recipe, shown, data_paths, scans, global_batch_size, task == tasks.MASKED_LM)
     return []
 
 
-def needed_fields(recipe: Recipe) -> list[tuple[str, str]]:
+def needed_fields(recipe: Recipe, task: str | None = None) -> list[tuple[str, str]]:
     """(recipe key, field) of each record field the workers read: launcher.worker.examples.load's fields
-    for a per-record task, else launcher.plan.vocab.text_fields (the tokenizer and the token cache)."""
-    d, task = recipe.data, tasks.resolve(recipe)
+    for a per-record task, else launcher.plan.vocab.text_fields (the tokenizer and the token cache).
+
+    Args:
+        task: the plan's task; None: as the recipe alone decides it."""
+    d, task = recipe.data, task or tasks.resolve(recipe)
     if task == tasks.SEQUENCE_CLASSIFICATION:
         keys: tuple[str, ...] = ("text_field", "label_field")
     elif task == tasks.SFT or d.task == "sft":
@@ -112,7 +121,7 @@ def needed_fields(recipe: Recipe) -> list[tuple[str, str]]:
 
 def _enough(counted: int, eval_fraction: float, global_batch_size: int) -> Callable[[int], bool]:
     """Whether the records so far (`counted` before this file, n in it) fill one global batch."""
-    return lambda n: _train_rows(counted + n, eval_fraction) >= global_batch_size
+    return lambda n: counted + n - held_out(counted + n, eval_fraction) >= global_batch_size
 
 
 def scan(
@@ -231,18 +240,18 @@ def _mangled(header: list[str]) -> list[str]:
     return out
 
 
-def _train_rows(num_rows: int, eval_fraction: float) -> int:
-    """The training rows of `num_rows`: launcher.worker.data.split holds out int(num_rows * eval_fraction)."""
-    return num_rows - int(num_rows * eval_fraction)
+def held_out(num_rows: int, eval_fraction: float) -> int:
+    """The evaluation rows of `num_rows` (data.eval_fraction): the plan's count and launcher.worker.data.split's."""
+    return int(num_rows * eval_fraction)
 
 
 def _too_few_records(
-    recipe: Recipe, shown: list[str], scans: list[Scan], global_batch_size: int
+    recipe: Recipe, shown: list[str], scans: list[Scan], global_batch_size: int, task: str
 ) -> list[str]:
     if not all(s.complete for s in scans):
         return []  # counting stopped because there are enough
     num = sum(s.records_read for s in scans)
-    rows = "" if tasks.resolve(recipe) in tasks.PER_RECORD else ", one per row (data.pack false)"
+    rows = "" if task in tasks.PER_RECORD else ", one per row (data.pack false)"
     return _refusal(
         recipe, f"{_files(shown)} {_verb(shown, 'holds')} {num} records{rows}", num, global_batch_size
     )
@@ -269,10 +278,14 @@ def _token_bound(recipe: Recipe, data_paths: Sequence[str], scans: list[Scan]) -
 
 
 def _too_few_tokens(
-    recipe: Recipe, shown: list[str], data_paths: Sequence[str], scans: list[Scan], global_batch_size: int
+    recipe: Recipe,
+    shown: list[str],
+    data_paths: Sequence[str],
+    scans: list[Scan],
+    global_batch_size: int,
+    masked: bool,
 ) -> list[str]:
     bound = _token_bound(recipe, data_paths, scans)
-    masked = tasks.resolve(recipe) == tasks.MASKED_LM
     seq_len = recipe.data.seq_len
     body = (
         seq_len - 2 if masked else seq_len
@@ -291,7 +304,7 @@ def _too_few_tokens(
 def _refusal(recipe: Recipe, where: str, num_rows: int, global_batch_size: int) -> list[str]:
     """One line when the training rows of `num_rows` cannot fill one global batch, else none."""
     f = recipe.data.eval_fraction
-    train = _train_rows(num_rows, f)
+    train = num_rows - held_out(num_rows, f)
     if train >= global_batch_size:
         return []
     held = f", {train} for training after data.eval_fraction {f:g} holds out {num_rows - train}" if f else ""

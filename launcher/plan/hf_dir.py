@@ -42,12 +42,13 @@ _ARCHITECTURE_TASKS = (
     ("ForCausalLM", "causal-lm"),
     ("LMHeadModel", "causal-lm"),
 )
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+# The Hugging Face file names, one table for the plan, the recipe check of model.init_from, the
+# worker's model setup and export.
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
+WEIGHT_FILES = (SAFETENSORS_FILE, f"{SAFETENSORS_FILE}.index.json", TORCH_FILE, f"{TORCH_FILE}.index.json")
+# What model.init_from may hold: unsharded weights, or a safetensors index (what export writes).
+INIT_WEIGHT_FILES = WEIGHT_FILES[:3]
 # Files any transformers tokenizer can be loaded from (fast tokenizer, WordPiece, BPE, SentencePiece).
 TOKENIZER_FILES = (TOKENIZER_FILE, "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 # Config keys that size the weights: with weights pretrained an override of one no longer fits them.

@@ -20,6 +20,11 @@ from launcher.recipe.schema import LossScale, Recipe
 
 Dtype = Literal["fp32", "fp16", "bf16"]
 
+#: The closed vocabulary of dtype names used across mplaunch (recipe, plan, export,
+#: worker), each with its width in bytes. launcher.worker.precision maps the same
+#: names to torch dtypes.
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
+
 
 @dataclass(frozen=True)
 class PrecisionPolicy:

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
 from launcher.plan import schedule
-from launcher.recipe import tasks
 from launcher.recipe.schema import to_dict, validate
 from launcher.rundir.checkpoint import changed_keys, mismatch, structure
 
@@ -72,7 +71,7 @@ def signature(plan: Plan) -> dict[str, Any]:
         "ZeRO stage": r.zero.stage,
         "precision.dtype": plan.precision.dtype,
         "model": model,
-        "data.task": tasks.resolve(r),
+        "data.task": plan.model.task,
         "data.kind": d.kind,
         "data files": list(plan.data_paths),
         "vocabulary size": plan.vocab_size,

@@ -20,6 +20,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from launcher.recipe.rules import BUILT_IN_MODEL_KEYS, DATASET_KEYS
+from launcher.recipe.sections import Recipe
 from launcher.rundir.layout import PLAN_FILE, RECIPE_FILE
 
 
@@ -111,3 +113,29 @@ def _installed_spec(name: str) -> ModuleSpec | None:
         return find_spec(name)  # a top-level name: nothing runs to find it
     except (ImportError, ValueError):  # a module in sys.modules without a __spec__ (__main__)
         return None
+
+
+def only_target_keys(recipe: Recipe) -> Recipe:
+    """The recipe with the built-in model's keys at their defaults: a target (or model.hf) ignores them.
+
+    launcher.recipe.rules refuses those a user wrote beside the target; what is left came from an
+    `extends:` base. Resetting them keeps the vocabulary from following a base's model.name or
+    model.vocab_size, and RUN_DIR/recipe.yaml (every key written out) loads again on --resume.
+    """
+    m = recipe.model
+    defaults = {
+        key: (None if key == "name" else type(m).model_fields[key].default)
+        for key in ("name", *BUILT_IN_MODEL_KEYS)
+    }
+    return recipe.model_copy(update={"model": m.model_copy(update=defaults)})
+
+
+def only_dataset_keys(recipe: Recipe) -> Recipe:
+    """The recipe with the file-reading data keys at their defaults: a data.target ignores them.
+
+    As for model.target (`only_target_keys`): those written beside it are refused by
+    launcher.recipe.rules, and what is left came from an `extends:` base's files.
+    """
+    d = recipe.data
+    defaults = {key: type(d).model_fields[key].default for key in DATASET_KEYS}
+    return recipe.model_copy(update={"data": d.model_copy(update=defaults)})

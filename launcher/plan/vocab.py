@@ -23,8 +23,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.errors import UserError
 from launcher.plan import records
-from launcher.recipe.shapes import default_vocab_size
+from launcher.recipe import tasks
+from launcher.recipe.families import default_vocab_size
 
 if TYPE_CHECKING:
     from launcher.recipe.schema import Recipe
@@ -79,6 +81,37 @@ def resolve(
     return Vocab(
         MAX_TRAINED_VOCAB, "the trained tokenizer's cap; the tokenizer is trained at launch", exact=False
     )
+
+
+def of_target(recipe: Recipe, data_vocab: Vocab) -> Vocab:
+    """The vocabulary of a user's model: model.kwargs.vocab_size if set, else the data's.
+
+    Synthetic data has no tokenizer, so model.kwargs.vocab_size decides it (ids are drawn below
+    it). With text data the tokenizer decides; model.kwargs.vocab_size may be larger (padded
+    embeddings) but not smaller, which is refused here when the plan knows the tokenizer's size
+    and by the worker (launcher.worker.data) when it only knows an upper bound.
+
+    Raises:
+        UserError: model.kwargs.vocab_size is no positive whole number, or smaller than the data's.
+    """
+    given = recipe.model.kwargs.get("vocab_size")
+    if given is None:
+        return data_vocab
+    key = "model.kwargs.vocab_size"
+    lowest = len(SPECIALS) + 1 if recipe.data.kind == "synthetic" else 1
+    if isinstance(given, bool) or not isinstance(given, int) or given < lowest:
+        raise UserError(f"{key}: expected a whole number of at least {lowest}, got {given!r}")
+    if recipe.data.target is not None and recipe.data.tokenizer is None:
+        return Vocab(given, f"{key}; data.target's ids must be below it")
+    if recipe.data.kind == "synthetic" and recipe.data.target is None:
+        return Vocab(given, f"{key}; synthetic ids are drawn below it")
+    if data_vocab.exact and given < data_vocab.size:
+        raise UserError(
+            f"{key}: {given} is smaller than the data's vocabulary {data_vocab.size} ({data_vocab.source}); "
+            f"set it to at least {data_vocab.size}, or leave it out: a factory that takes vocab_size is given "
+            "the data's"
+        )
+    return Vocab(given, f"{key}; the data's is {data_vocab.size}, {data_vocab.source}", data_vocab.exact)
 
 
 def tokenizer_size(directory: Path) -> int | None:
@@ -148,11 +181,9 @@ def algorithm(recipe: Recipe) -> str:
     """The tokenizer trained for this recipe: byte-level BPE for a causal LM (causal-lm, sft), as
     GPT-2's, which never meets an unknown character; else WordPiece with BERT's specials.
 
-    launcher.recipe.tasks.resolve's rule, without reading model.hf's config (this module sits below
-    tasks in the import graph, and a model.hf directory brings its own tokenizer)."""
-    d, m = recipe.data, recipe.model
-    built_in_causal = d.task == "auto" and m.hf is None and m.target is None and m.name == "gpt2-lm"
-    return "bpe" if d.task in ("causal-lm", "sft") or built_in_causal else "wordpiece"
+    The task as the recipe alone decides it: a tokenizer is trained before the plan reads model.hf,
+    which brings its own tokenizer anyway."""
+    return "bpe" if tasks.resolve(recipe) in tasks.CAUSAL else "wordpiece"
 
 
 def read_texts(recipe: Recipe, data_paths: tuple[str, ...]) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from launcher.recipe.schema import Recipe
+from launcher.recipe.sections import Recipe
 
 
 def reference_rows() -> list[tuple[str, str, str, str]]:

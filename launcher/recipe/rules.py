@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
 from launcher.recipe import tasks
+from launcher.recipe.families import FAMILIES
 from launcher.recipe.files import read_chain, read_file
 from launcher.recipe.shapes import Shape, shape_of
 
 if TYPE_CHECKING:
-    from launcher.recipe.schema import Recipe
+    from launcher.recipe.sections import Recipe
 
 
 def check_rules(recipe: Recipe) -> list[str]:
@@ -48,7 +49,7 @@ BUILT_IN_MODEL_KEYS = ("size", *(f.name for f in fields(Shape) if f.name != "fam
 
 def _model_rules(recipe: Recipe) -> list[str]:
     m = recipe.model
-    problems = _hf_keys(recipe) + _init_from(recipe)
+    problems = _hf_keys(recipe)
     if m.target is None and m.name is None and m.hf is None:
         return [
             "model: set model.name to a built-in model, model.hf to a Hugging Face model, or model.target"
@@ -63,15 +64,17 @@ def _model_rules(recipe: Recipe) -> list[str]:
         return problems + _beside_target(recipe)
     if m.kwargs:
         problems.append("model.kwargs: only used with model.target")
-    if m.name == "tiny-mlp" and recipe.train.activation_checkpointing:
-        problems.append("train.activation_checkpointing: tiny-mlp has no transformer layers to recompute")
+    assert m.name is not None
+    transformer = FAMILIES[m.name].transformer
+    if not transformer and recipe.train.activation_checkpointing:
+        problems.append(f"train.activation_checkpointing: {m.name} has no transformer layers to recompute")
     shape = shape_of(m)
-    if m.name != "tiny-mlp" and shape.hidden_size % shape.num_heads:
+    if transformer and shape.hidden_size % shape.num_heads:
         problems.append(
             f"model.num_heads: {shape.num_heads} does not divide model.hidden_size {shape.hidden_size}"
             f" (the {m.size} preset's, unless set)"
         )
-    if m.name != "tiny-mlp" and recipe.data.seq_len > shape.max_position_embeddings:
+    if transformer and recipe.data.seq_len > shape.max_position_embeddings:
         problems.append(
             f"data.seq_len: {recipe.data.seq_len} is longer than model.max_position_embeddings"
             f" {shape.max_position_embeddings}"
@@ -95,22 +98,6 @@ def _hf_keys(recipe: Recipe) -> list[str]:
             f"model.num_labels: only used with data.task sequence-classification, not {recipe.data.task}"
         )
     return problems
-
-
-def _init_from(recipe: Recipe) -> list[str]:
-    """model.init_from must be a directory of weights the workers can load."""
-    if recipe.model.init_from is None:
-        return []
-    base = Path(recipe.source).parent if recipe.source else Path()
-    where = base / recipe.model.init_from
-    if not where.is_dir():
-        return [f"model.init_from: directory not found: {where}"]
-    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    if not any((where / n).is_file() for n in names):
-        return [
-            f"model.init_from: {where} holds none of {', '.join(names)}; expected what mplaunch export wrote"
-        ]
-    return []
 
 
 def _beside_target(recipe: Recipe) -> list[str]:
@@ -209,18 +196,12 @@ def _data_rules(recipe: Recipe) -> list[str]:
         elif not (base / p).is_file():
             problems.append(f"data.paths[{i}]: file not found: {base / p}")
     problems += _tokenizer_dir(recipe)
-    if recipe.model.name == "tiny-mlp" and recipe.model.target is None and d.kind != "synthetic":
-        problems.append("data.kind: the tiny-mlp model trains on synthetic data only")
-    needs = {
-        tasks.SEQUENCE_CLASSIFICATION: "data.label_field",
-        tasks.SFT: "data.prompt_field and data.response_field",
-    }
-    task = tasks.resolve(recipe) if d.kind == "text" else None
-    if task in needs:
-        problems.append(
-            f"data.kind: text has one field per line; {task} needs records with {needs[task]}: "
-            "use jsonl, json, csv, parquet, arrow or hf-disk"
-        )
+    m = recipe.model
+    if m.name is not None and m.target is None and FAMILIES[m.name].synthetic_only and d.kind != "synthetic":
+        problems.append(f"data.kind: the {m.name} model trains on synthetic data only")
+    # With model.hf and data.task auto its config decides the task: the plan checks that case.
+    if tasks.known(recipe):
+        problems += tasks.record_problems(d.kind, tasks.resolve(recipe))
     return problems
 
 

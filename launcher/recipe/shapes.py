@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from launcher.recipe.families import FAMILIES
+
 
 class ModelFields(Protocol):
-    """The recipe's model section, as far as a shape depends on it (launcher.recipe.schema.Model)."""
+    """The recipe's model section, as far as a shape depends on it (launcher.recipe.sections.Model)."""
 
     @property
     def name(self) -> str | None: ...
@@ -41,36 +43,6 @@ class Shape:
     max_position_embeddings: int
 
 
-_BERT = {"vocab_size": 30522, "max_position_embeddings": 512}
-_GPT2 = {"vocab_size": 50257, "max_position_embeddings": 1024}
-# hidden, layers, heads, intermediate
-_SIZES = {
-    "bert-mlm": {
-        "tiny": (128, 2, 2, 512),
-        "mini": (256, 4, 4, 1024),
-        "base": (768, 12, 12, 3072),
-        "large": (1024, 24, 16, 4096),
-    },
-    "gpt2-lm": {
-        "tiny": (128, 2, 2, 512),
-        "mini": (256, 4, 4, 1024),
-        "base": (768, 12, 12, 3072),
-        "large": (1280, 36, 20, 5120),
-    },
-    "tiny-mlp": {size: (64, 2, 1, 256) for size in ("tiny", "mini", "base", "large")},
-}
-_DEFAULTS = {
-    "bert-mlm": _BERT,
-    "gpt2-lm": _GPT2,
-    "tiny-mlp": {"vocab_size": 1000, "max_position_embeddings": 4096},
-}
-
-
-def default_vocab_size(name: str | None) -> int:
-    """The vocabulary of a built-in model when no tokenizer decides it (BERT's for a user's model)."""
-    return int(_DEFAULTS.get(name or "bert-mlm", _BERT)["vocab_size"])
-
-
 def shape_of(model: ModelFields, vocab_size: int | None = None) -> Shape:
     """The built-in model's shape: its size preset, then the recipe's overrides.
 
@@ -82,8 +54,9 @@ def shape_of(model: ModelFields, vocab_size: int | None = None) -> Shape:
         vocab_size: the run's vocabulary, when a tokenizer decides it.
     """
     assert model.name is not None, "shape_of needs a built-in model"
-    hidden, layers, heads, inter = _SIZES[model.name][model.size]
-    base = Shape(model.name, hidden, layers, heads, inter, **_DEFAULTS[model.name])
+    family = FAMILIES[model.name]
+    hidden, layers, heads, inter = family.sizes[model.size]
+    base = Shape(model.name, hidden, layers, heads, inter, family.vocab_size, family.max_position_embeddings)
     overrides = {
         k: getattr(model, k)
         for k in (
@@ -110,21 +83,21 @@ def linear_layers(shape: Shape) -> list[tuple[str, int, int]] | None:
     family is the output head over the vocabulary (tied to the embedding in BERT and GPT-2).
     """
     h, inter, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
-    if shape.family == "tiny-mlp":
-        return [("mlp.0", h, inter), ("mlp.3", inter, h), ("head", h, vocab)]
-    if shape.family not in ("bert-mlm", "gpt2-lm"):
+    family = FAMILIES.get(shape.family)
+    if family is None:
         return None
+    if not family.transformer:
+        return [("mlp.0", h, inter), ("mlp.3", inter, h), ("head", h, vocab)]
     out: list[tuple[str, int, int]] = []
     for i in range(shape.num_layers):
-        if shape.family == "bert-mlm":
-            p = f"bert.encoder.layer.{i}."
+        p = f"{family.layer_prefix}{i}."
+        if family.head_transform:  # BERT
             out += [(p + f"attention.self.{n}", h, h) for n in ("query", "key", "value")]
             out += [(p + "attention.output.dense", h, h), (p + "intermediate.dense", h, inter)]
             out += [(p + "output.dense", inter, h)]
-        else:
-            p = f"transformer.h.{i}."
+        else:  # GPT-2
             out += [(p + "attn.c_attn", h, 3 * h), (p + "attn.c_proj", h, h)]
             out += [(p + "mlp.c_fc", h, inter), (p + "mlp.c_proj", inter, h)]
-    if shape.family == "bert-mlm":
+    if family.head_transform:
         return [*out, ("cls.predictions.transform.dense", h, h), ("cls.predictions.decoder", h, vocab)]
     return [*out, ("lm_head", h, vocab)]

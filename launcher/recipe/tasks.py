@@ -1,8 +1,9 @@
 """The training objective (data.task): which batches the model receives (README.md, "Batches").
 
-Light side: decided from the recipe alone (and model.hf's config.json), so `check`
-and the dry run say it, and the workers' collation (launcher.worker.data, launcher.worker.examples)
-and the models follow it. Every batch holds `input_ids` and `labels`:
+Light side: decided from the recipe alone, and for model.hf with data.task auto from its
+config.json, which the plan reads (launcher.plan.model, whose `ModelFacts.task` everyone after the
+plan reads): `check` and the dry run say it, and the workers' collation (launcher.worker.data,
+launcher.worker.examples) and the models follow it. Every batch holds `input_ids` and `labels`:
 
 - masked-lm: `input_ids` with BERT's masking (of data.mask_prob of the tokens, 80 %
   [MASK], 10 % a random token, 10 % kept) and `labels` equal to the original token at
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from launcher.recipe import families
+
 if TYPE_CHECKING:
-    from launcher.recipe.schema import Recipe
+    from launcher.recipe.sections import Recipe
 
 MASKED_LM = "masked-lm"
 CAUSAL_LM = "causal-lm"
@@ -34,42 +37,66 @@ SEQUENCE_CLASSIFICATION = "sequence-classification"
 SFT = "sft"
 # Tasks whose rows are records (one per row, padded) rather than windows of a token stream.
 PER_RECORD = (SEQUENCE_CLASSIFICATION, SFT)
-# The objectives each built-in model is made for; the first is its auto.
-BUILT_IN = {"bert-mlm": (MASKED_LM,), "gpt2-lm": (CAUSAL_LM, SFT), "tiny-mlp": (MASKED_LM,)}
+# Tasks whose model predicts the next token (the model shifts the labels).
+CAUSAL = (CAUSAL_LM, SFT)
+# What a record holds for each per-record task, beyond the text.
+_RECORD_FIELDS = {
+    SEQUENCE_CLASSIFICATION: "data.label_field",
+    SFT: "data.prompt_field and data.response_field",
+}
 
 
-def resolve(recipe: Recipe) -> str:
-    """data.task, with auto decided by the model: the built-in's, model.hf's architecture's, else masked-lm."""
+def resolve(recipe: Recipe, hf_task: str | None = None) -> str:
+    """data.task, with auto decided by the model: the built-in's, model.hf's architecture's, else masked-lm.
+
+    Args:
+        recipe: the validated recipe.
+        hf_task: the task model.hf's config names (launcher.plan.hf_dir.task_of), which only the plan
+            reads; None when it names none or is not read.
+    """
     if recipe.data.task != "auto":
         return recipe.data.task
     if recipe.model.hf is not None:
-        return _hf_task(recipe) or MASKED_LM
+        return hf_task or MASKED_LM
     if recipe.model.target is None and recipe.model.name is not None:
-        return BUILT_IN[recipe.model.name][0]
+        return families.FAMILIES[recipe.model.name].tasks[0]
     return MASKED_LM
 
 
+def known(recipe: Recipe) -> bool:
+    """The task follows from the recipe alone: all but data.task auto with model.hf (its config decides)."""
+    return recipe.data.task != "auto" or recipe.model.hf is None
+
+
 def problems(recipe: Recipe) -> list[str]:
-    """A model asked to learn an objective it is not made for, one line each."""
+    """A built-in model asked to learn an objective it is not made for, one line each."""
     name, task = recipe.model.name, recipe.data.task
-    if recipe.model.hf is not None:
-        if task == "auto" and recipe.model.hf is not None and _hf_task(recipe) is None:
-            return [
-                f"data.task: auto cannot tell what {recipe.model.hf} is for (its config names no "
-                "…ForCausalLM, …ForMaskedLM or …ForSequenceClassification architecture); set data.task"
-            ]
+    if recipe.model.hf is not None or recipe.model.target is not None or name is None or task == "auto":
         return []
-    if recipe.model.target is not None or name is None or task == "auto" or task in BUILT_IN[name]:
+    made_for = families.FAMILIES[name].tasks
+    if task in made_for:
         return []
     return [
-        f"data.task: {name} is a {' / '.join(BUILT_IN[name])} model, it cannot train {task}; "
+        f"data.task: {name} is a {' / '.join(made_for)} model, it cannot train {task}; "
         "use model.hf or a model.target"
     ]
 
 
-def _hf_task(recipe: Recipe) -> str | None:
-    from launcher.plan import hf_dir
+def hf_problems(recipe: Recipe, hf_task: str | None) -> list[str]:
+    """data.task auto with a model.hf whose config the plan read names no task (or, a hub id, was not read)."""
+    if recipe.data.task != "auto" or recipe.model.hf is None or hf_task is not None:
+        return []
+    return [
+        f"data.task: auto cannot tell what {recipe.model.hf} is for (its config names no "
+        "…ForCausalLM, …ForMaskedLM or …ForSequenceClassification architecture); set data.task"
+    ]
 
-    assert recipe.model.hf is not None
-    model, _ = hf_dir.read(recipe.model.hf, recipe.source, dict(recipe.model.config))
-    return hf_dir.task_of(model) if model is not None and model.local else None
+
+def record_problems(kind: str, task: str) -> list[str]:
+    """Text files (one field per line) cannot feed a task whose rows are records."""
+    if kind != "text" or task not in _RECORD_FIELDS:
+        return []
+    return [
+        f"data.kind: text has one field per line; {task} needs records with {_RECORD_FIELDS[task]}: "
+        "use jsonl, json, csv, parquet, arrow or hf-disk"
+    ]

@@ -24,11 +24,13 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.errors import UserError
 from launcher.plan import records, vocab
 from launcher.plan.resolve import Plan
 from launcher.recipe.schema import Recipe
@@ -302,3 +304,68 @@ def _tokenizers_version() -> str:
         return metadata.version("tokenizers")
     except metadata.PackageNotFoundError:
         return "none"
+
+
+def checked_tokenizer(plan: Plan, tok_dir: Path, masked: bool) -> Tokenizer:
+    """The worker's tokenizer from `tok_dir`, checked against the plan: no id past the model's
+    vocabulary, and a [MASK] token for masked-lm.
+
+    Raises:
+        ValueError: one line saying which and what to change.
+    """
+    if not (tok_dir / vocab.TOKENIZER_FILE).is_file():
+        raise ValueError(
+            f"{tok_dir} holds no {vocab.TOKENIZER_FILE}: the launcher puts the trained tokenizer there before "
+            "the workers start; start runs with mplaunch"
+        )
+    tokenizer = load_tokenizer(tok_dir)
+    if tokenizer.get_vocab_size() > plan.vocab_size:
+        key = "model.kwargs.vocab_size" if plan.recipe.model.target else "model.vocab_size"
+        raise ValueError(
+            f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} tokens but the model's vocabulary is "
+            f"{plan.vocab_size} ({plan.vocab_source}); raise {key} or leave it unset"
+        )
+    if masked and tokenizer.token_to_id("[MASK]") is None:
+        raise ValueError(
+            f"the tokenizer in {tok_dir} has no [MASK] token; data.task masked-lm needs one "
+            "(a causal LM trains with data.task=causal-lm)"
+        )
+    return tokenizer
+
+
+def open_cache(plan: Plan, tok_dir: Path, tokenizer: Tokenizer, data_sha: str) -> TokenCache:
+    """The token cache of the plan's files under this tokenizer, written first if missing (said on stdout)."""
+    started = time.perf_counter()
+    cache, written = ensure(plan.recipe, plan.data_paths, tok_dir, tokenizer, data_sha)
+    if written:
+        print(
+            f"mplaunch: tokenized {cache.num_documents} documents ({cache.num_tokens} tokens) into "
+            f"{cache.directory} in {time.perf_counter() - started:.1f} s; later runs on these files map it "
+            "(`mplaunch prepare` does this ahead of a run)",
+            flush=True,
+        )
+    return cache
+
+
+def place_tokenizer(plan: Plan) -> None:
+    """Before the workers start: put the tokenizer trained on the recipe's files (vocab.prepare,
+    cached) into RUN_DIR/tokenizer, unless the run brings one (data.tokenizer, model.hf), trains on
+    synthetic data, or the directory already holds it (a resumed run keeps the one it trained with).
+
+    Workers only read it (`checked_tokenizer`); none trains a tokenizer.
+
+    Raises:
+        UserError: a data file cannot be read or holds no text.
+    """
+    if plan.tokenizer_dir is not None or plan.recipe.data.kind == "synthetic":
+        return
+    out_dir = RunDir.from_plan(plan).tokenizer
+    if (out_dir / vocab.TOKENIZER_FILE).exists():
+        return
+    try:
+        cached = vocab.prepare(plan.recipe, plan.data_paths)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"data.paths: {exc}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached / vocab.TOKENIZER_FILE, out_dir / f"{vocab.TOKENIZER_FILE}.tmp")
+    (out_dir / f"{vocab.TOKENIZER_FILE}.tmp").replace(out_dir / vocab.TOKENIZER_FILE)

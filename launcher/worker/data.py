@@ -10,7 +10,6 @@ Masked-LM masking is seeded per (seed, epoch, sample) for the same reason.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from launcher.plan import vocab
+from launcher.plan import data_check, vocab
 from launcher.plan.resolve import Plan
 from launcher.recipe import tasks
 from launcher.run import token_cache
@@ -183,26 +182,24 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
         if isinstance(found, user_data.DatasetRows):  # LM rows: Batches fills the labels, or masks
             return Tokens(found, plan.vocab_size, found.mask_id, found.special_ids)
         return found  # items with labels, collated as records (an examples.Examples)
-    if tasks.resolve(plan.recipe) in tasks.PER_RECORD:
-        return _examples(plan, rank, barrier)
+    if plan.model.task in tasks.PER_RECORD:
+        return _examples(plan)
     if d.kind == "synthetic":
         gen = torch.Generator().manual_seed(plan.recipe.train.seed)
         # Ids below len(SPECIALS) are reserved so the MLM mask id is never a real token.
         ids = torch.randint(len(SPECIALS), plan.vocab_size, (d.num_samples, d.seq_len), generator=gen)
         return Tokens(ArrayRows(ids.numpy()), plan.vocab_size, mask_id=4, special_ids=(0, 1, 2, 3, 4))
     tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else RunDir.from_plan(plan).tokenizer
-    masked = tasks.resolve(plan.recipe) == tasks.MASKED_LM
+    masked = plan.model.task == tasks.MASKED_LM
     data_sha = token_cache.data_digest(plan.data_paths)  # every rank at once, rank 0 no longer alone
     cache = None
     if rank == 0:
-        if plan.tokenizer_dir is None and not (tok_dir / "tokenizer.json").exists():
-            _copy_trained_tokenizer(plan, tok_dir)
-        tokenizer = _checked_tokenizer(plan, tok_dir, masked)
-        cache = _open_cache(plan, tok_dir, tokenizer, data_sha)
+        tokenizer = token_cache.checked_tokenizer(plan, tok_dir, masked)
+        cache = token_cache.open_cache(plan, tok_dir, tokenizer, data_sha)
     barrier()
     if cache is None:
-        tokenizer = _checked_tokenizer(plan, tok_dir, masked)
-        cache = _open_cache(plan, tok_dir, tokenizer, data_sha)
+        tokenizer = token_cache.checked_tokenizer(plan, tok_dir, masked)
+        cache = token_cache.open_cache(plan, tok_dir, tokenizer, data_sha)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), cache.separator_id
     framing = (cls_id if cls_id is not None else 0, sep_id if sep_id is not None else 0) if masked else None
     pad_id = next((i for i in map(tokenizer.token_to_id, PAD_TOKENS) if i is not None), 0)
@@ -212,58 +209,14 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
     return Tokens(rows, tokenizer.get_vocab_size(), -1 if mask_id is None else mask_id, specials)
 
 
-def _checked_tokenizer(plan: Plan, tok_dir: Path, masked: bool) -> Any:  # -> tokenizers.Tokenizer
-    tokenizer = token_cache.load_tokenizer(tok_dir)
-    if tokenizer.get_vocab_size() > plan.vocab_size:
-        key = "model.kwargs.vocab_size" if plan.recipe.model.target else "model.vocab_size"
-        raise ValueError(
-            f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} tokens but the model's vocabulary is "
-            f"{plan.vocab_size} ({plan.vocab_source}); raise {key} or leave it unset"
-        )
-    if masked and tokenizer.token_to_id("[MASK]") is None:
-        raise ValueError(
-            f"the tokenizer in {tok_dir} has no [MASK] token; data.task masked-lm needs one "
-            "(a causal LM trains with data.task=causal-lm)"
-        )
-    return tokenizer
-
-
-def _open_cache(plan: Plan, tok_dir: Path, tokenizer: Any, data_sha: str) -> token_cache.TokenCache:
-    started = time.perf_counter()
-    cache, written = token_cache.ensure(plan.recipe, plan.data_paths, tok_dir, tokenizer, data_sha)
-    if written:
-        print(
-            f"mplaunch: tokenized {cache.num_documents} documents ({cache.num_tokens} tokens) into "
-            f"{cache.directory} in {time.perf_counter() - started:.1f} s; later runs on these files map it "
-            "(`mplaunch prepare` does this ahead of a run)",
-            flush=True,
-        )
-    return cache
-
-
-def _examples(plan: Plan, rank: int, barrier: Callable[[], None]) -> Any:
+def _examples(plan: Plan) -> Any:
     """The records of a per-record task as rows (launcher.worker.examples), with the run's tokenizer."""
-    from launcher.worker import examples, model_setup
+    from launcher.worker import examples
 
-    classify = tasks.resolve(plan.recipe) == tasks.SEQUENCE_CLASSIFICATION
-    num_labels = model_setup.num_labels(plan) if classify else None
     if plan.recipe.data.kind == "synthetic":
-        return examples.load(plan, None, num_labels)
+        return examples.load(plan, None)
     tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else RunDir.from_plan(plan).tokenizer
-    if plan.tokenizer_dir is None and rank == 0 and not (tok_dir / "tokenizer.json").exists():
-        _copy_trained_tokenizer(plan, tok_dir)
-    barrier()
-    return examples.load(plan, _checked_tokenizer(plan, tok_dir, masked=False), num_labels)
-
-
-def _copy_trained_tokenizer(plan: Plan, out_dir: Path) -> None:
-    """Put the tokenizer trained on the recipe's files (vocab.prepare, cached) into `out_dir`."""
-    import shutil
-
-    cached = vocab.prepare(plan.recipe, plan.data_paths)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached / vocab.TOKENIZER_FILE, out_dir / "tokenizer.json.tmp")
-    (out_dir / "tokenizer.json.tmp").replace(out_dir / vocab.TOKENIZER_FILE)
+    return examples.load(plan, token_cache.checked_tokenizer(plan, tok_dir, masked=False))
 
 
 # --------------------------------------------------------------------------- batches
@@ -279,7 +232,7 @@ class Split:
 
 def split(num_samples: int, eval_fraction: float, seed: int) -> Split:
     order = np.random.default_rng([seed, 7]).permutation(num_samples)
-    n_eval = int(num_samples * eval_fraction)
+    n_eval = data_check.held_out(num_samples, eval_fraction)
     return Split(train=np.sort(order[n_eval:]), eval=np.sort(order[:n_eval]))
 
 
@@ -288,7 +241,7 @@ def documents(tokens: Tokens, plan: Plan) -> bool:
     causal-lm on a token stream with data.pack true. Masked-LM rows keep today's stream, no boundaries."""
     rows = getattr(tokens, "ids", None)  # the records of a per-record task have none
     packed = isinstance(rows, StreamRows) and rows.pack and rows.framing is None
-    return packed and tasks.resolve(plan.recipe) == tasks.CAUSAL_LM
+    return packed and plan.model.task == tasks.CAUSAL_LM
 
 
 class Batches:
@@ -326,7 +279,7 @@ class Batches:
         )
         self.seed = plan.recipe.train.seed
         self.mask_prob = plan.recipe.data.mask_prob
-        self.causal = tasks.resolve(plan.recipe) == tasks.CAUSAL_LM
+        self.causal = plan.model.task == tasks.CAUSAL_LM
         self.pin = plan.device == "cuda"
         self.steps_per_epoch = len(rows) // self.global_
         self._order_epoch: int | None = None

@@ -46,19 +46,20 @@ class Examples:
         }
 
 
-def load(plan: Plan, tokenizer: Any, num_labels: int | None) -> Examples:
+def load(plan: Plan, tokenizer: Any) -> Examples:
     """The run's records as rows (synthetic ones for data.kind synthetic).
+
+    A classifier's labels must be below its classes (`Plan.model.num_labels`).
 
     Args:
         tokenizer: a `tokenizers.Tokenizer` (launcher.worker.data loads the run's).
-        num_labels: the classifier's classes (sequence-classification); labels must be below it.
 
     Raises:
         ValueError: a record's label is no whole number in range, or no record keeps a response.
     """
     from launcher.plan import records
 
-    d, task = plan.recipe.data, tasks.resolve(plan.recipe)
+    d, task, num_labels = plan.recipe.data, plan.model.task, plan.model.num_labels
     if d.kind == "synthetic":
         return _synthetic(plan, num_labels)
     classify = task == tasks.SEQUENCE_CLASSIFICATION

@@ -19,6 +19,7 @@ from torch import nn
 
 from launcher.plan import hf_dir
 from launcher.plan.resolve import Plan
+from launcher.plan.vocab import TOKENIZER_FILE
 from launcher.recipe import tasks
 from launcher.worker.models import LMLoss, ModelError, build
 
@@ -30,10 +31,12 @@ def model_for(plan: Plan, load_init: bool = True) -> tuple[nn.Module, list[str]]
         load_init: load model.init_from's weights (export, which loads a checkpoint over them, does not).
     """
     m = plan.recipe.model
-    if plan.hf_dir is not None:
-        model = build_hf(plan)
-    else:
-        model = build(m, plan.shape, plan.vocab_size, plan.import_dir)
+    causal = plan.model.causal
+    model = (
+        build_hf(plan)
+        if plan.hf_dir
+        else build(m, plan.shape, plan.vocab_size, plan.import_dir, causal=causal)
+    )
     notes = []
     if plan.init_from is not None and load_init:
         notes.append(
@@ -126,42 +129,35 @@ def build_hf(plan: Plan) -> nn.Module:
     """model.hf as the task's Auto class, pretrained or from its config, wrapped to return the task's loss."""
     import transformers
 
-    m, task = plan.recipe.model, tasks.resolve(plan.recipe)
+    m, task = plan.recipe.model, plan.model.task
     assert plan.hf_dir is not None, "the plan resolves model.hf"
     auto = getattr(transformers, hf_dir.AUTO_CLASSES[task])
     overrides = dict(m.config)
-    if task == tasks.SEQUENCE_CLASSIFICATION:
-        overrides["num_labels"] = num_labels(plan)
+    classify = task == tasks.SEQUENCE_CLASSIFICATION
+    if classify:
+        overrides["num_labels"] = plan.model.num_labels
     _quiet_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(plan.hf_dir, **overrides)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.hf: cannot read the config of {plan.hf_dir}: {_first_line(exc)}") from None
-    if task == tasks.SEQUENCE_CLASSIFICATION and getattr(config, "pad_token_id", None) is None:
+    if classify and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = _pad_id(plan)  # a decoder's classifier reads the last non-pad token
     model = _instantiate(auto, plan.hf_dir, config, pretrained=m.weights == "pretrained")
-    if task == tasks.SEQUENCE_CLASSIFICATION:
+    if classify:
         return ClassifierLoss(model)
-    return LMLoss(model, causal=task != tasks.MASKED_LM)
-
-
-def num_labels(plan: Plan) -> int:
-    """model.num_labels, else the model config's (its id2label), else 2."""
-    if plan.recipe.model.num_labels is not None:
-        return plan.recipe.model.num_labels
-    model = hf_dir.read(plan.hf_dir, "", dict(plan.recipe.model.config))[0] if plan.hf_dir else None
-    return hf_dir.num_labels(model)
+    return LMLoss(model, causal=plan.model.causal)
 
 
 def _pad_id(plan: Plan) -> int | None:
     """The pad id of the tokenizer the rows are padded with (launcher.worker.examples pads the same way)."""
     from launcher.worker.examples import PAD_TOKENS
 
-    if plan.tokenizer_dir is None or not (Path(plan.tokenizer_dir) / "tokenizer.json").is_file():
+    if plan.tokenizer_dir is None or not (Path(plan.tokenizer_dir) / TOKENIZER_FILE).is_file():
         return None
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(Path(plan.tokenizer_dir) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(Path(plan.tokenizer_dir) / TOKENIZER_FILE))
     return next((i for i in map(tokenizer.token_to_id, PAD_TOKENS) if i is not None), 0)
 
 
@@ -227,11 +223,11 @@ def init_from(model: nn.Module, directory: str) -> str:
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / "model.safetensors").is_file():
+    if (directory / hf_dir.SAFETENSORS_FILE).is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(directory / "model.safetensors"))
-    index = directory / "model.safetensors.index.json"
+        return load_file(str(directory / hf_dir.SAFETENSORS_FILE))
+    index = directory / hf_dir.WEIGHT_FILES[1]  # the safetensors index
     if index.is_file():
         import json
 
@@ -239,7 +235,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for f in files for k, v in load_file(str(directory / f)).items()}
-    state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    state = torch.load(directory / hf_dir.TORCH_FILE, map_location="cpu", weights_only=True)
     return dict(state)
 
 

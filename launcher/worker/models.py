@@ -15,6 +15,7 @@ instead of an IndexError (or a CUDA device-side assert).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,10 @@ import torch
 from torch import nn
 
 from launcher.plan import targets
-from launcher.recipe.schema import Model
+from launcher.plan.model import LOSSES
+from launcher.recipe import tasks
+from launcher.recipe.families import FAMILIES
+from launcher.recipe.sections import Model
 from launcher.recipe.shapes import Shape
 
 
@@ -31,7 +35,11 @@ class ModelError(Exception):
 
 
 def build(
-    model: Model, shape: Shape | None, vocab_size: int | None = None, import_dir: str | None = None
+    model: Model,
+    shape: Shape | None,
+    vocab_size: int | None = None,
+    import_dir: str | None = None,
+    causal: bool | None = None,
 ) -> nn.Module:
     """The recipe's model: a user's factory (model.target), or a built-in one of the plan's `shape`.
 
@@ -41,6 +49,7 @@ def build(
         vocab_size: the run's vocabulary (`Plan.vocab_size`): given to a factory that takes it,
             and the bound the first batch's ids are checked against.
         import_dir: where model.target is imported from first (`Plan.import_dir`).
+        causal: a built-in LM predicts the next token (`Plan.model.causal`); None: as its family's own task.
 
     Raises:
         ModelError: the factory cannot be imported or called, or returns no nn.Module.
@@ -48,11 +57,12 @@ def build(
     if model.target is not None:
         return _from_target(model.target, dict(model.kwargs), vocab_size, import_dir)
     assert shape is not None, "the plan derives a shape for every built-in model"
-    built = BUILDERS[shape.family](shape, model.dropout)
-    return built if shape.family == "tiny-mlp" else LMLoss(built, causal=shape.family == "gpt2-lm")
-
-
-LOSSES = ("labelled", "full", "model")  # train.loss
+    family = FAMILIES[shape.family]
+    module_name, _, name = family.builder.partition(":")
+    built = getattr(importlib.import_module(module_name), name)(shape, model.dropout)
+    if not family.language_model:
+        return built
+    return LMLoss(built, causal=family.tasks[0] in tasks.CAUSAL if causal is None else causal)
 
 
 class LMLoss(nn.Module):
@@ -160,14 +170,15 @@ def _composes(model: nn.Module, body: nn.Module, head: nn.Module) -> bool:
         mask = torch.ones_like(ids)
         whole = model(input_ids=ids, attention_mask=mask).logits.float()
         split = head(body(input_ids=ids, attention_mask=mask)[0]).float()
-    except Exception:  # noqa: BLE001 - any failure means: do not split this model
+    except Exception:
         return False
     finally:
         model.train(training)
     return whole.shape == split.shape and torch.allclose(whole, split, rtol=1e-4, atol=1e-5)
 
 
-def _bert(shape: Shape, dropout: float) -> nn.Module:
+def bert(shape: Shape, dropout: float) -> nn.Module:
+    """The bert-mlm family's model (launcher.recipe.families)."""
     from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(
@@ -184,7 +195,8 @@ def _bert(shape: Shape, dropout: float) -> nn.Module:
     return BertForMaskedLM(config)
 
 
-def _gpt2(shape: Shape, dropout: float) -> nn.Module:
+def gpt2(shape: Shape, dropout: float) -> nn.Module:
+    """The gpt2-lm family's model (launcher.recipe.families)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
@@ -222,9 +234,6 @@ class TinyMLP(nn.Module):
         h = self.embed(input_ids)
         logits = self.head(h + self.mlp(h))
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-
-
-BUILDERS = {"bert-mlm": _bert, "gpt2-lm": _gpt2, "tiny-mlp": TinyMLP}
 
 
 def _from_target(

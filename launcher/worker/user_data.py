@@ -49,15 +49,10 @@ def load(plan: Plan) -> Any:
         ValueError: the factory cannot be imported or called, returns no map-style dataset, or its
             first item is unusable.
     """
-    d, task = plan.recipe.data, tasks.resolve(plan.recipe)
+    d, task = plan.recipe.data, plan.model.task
     assert d.target is not None, "launcher.worker.data dispatches only a data.target here"
     dataset = _call(targets.load(d.target, plan.import_dir, "data.target"), d.target, plan)
-    num_labels = None
-    if task == tasks.SEQUENCE_CLASSIFICATION:
-        from launcher.worker import model_setup
-
-        num_labels = model_setup.num_labels(plan)
-    rows = DatasetRows(dataset, d.target, d.seq_len, plan.vocab_size, num_labels)
+    rows = DatasetRows(dataset, d.target, d.seq_len, plan.vocab_size, plan.model.num_labels)
     if "labels" in rows.keys or task == tasks.SEQUENCE_CLASSIFICATION:
         if "labels" not in rows.keys:
             raise ValueError(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from launcher.recipe.families import FAMILIES
 from launcher.recipe.shapes import Shape
 
 # --------------------------------------------------------------------------- parameters
@@ -132,7 +133,7 @@ def matmul_params(shape: Shape) -> int:
     """`N` of the 6*N*tokens rule for BERT and GPT-2: every matmul weight, LM head included (module doc)."""
     h, inter = shape.hidden_size, shape.intermediate_size
     per_layer = 4 * h * h + 2 * h * inter
-    head_transform = h * h if shape.family == "bert-mlm" else 0
+    head_transform = h * h if FAMILIES[shape.family].head_transform else 0
     return shape.num_layers * per_layer + head_transform + h * shape.vocab_size
 
 
@@ -149,9 +150,8 @@ def tiny_mlp_flops_per_sequence(shape: Shape, seq_len: int) -> float:
 
 # The per-model hook for FLOPs: family -> training FLOPs of one sequence of seq_len tokens.
 FLOPS_PER_SEQUENCE: dict[str, Callable[[Shape, int], float]] = {
-    "bert-mlm": transformer_flops_per_sequence,
-    "gpt2-lm": transformer_flops_per_sequence,
-    "tiny-mlp": tiny_mlp_flops_per_sequence,
+    name: transformer_flops_per_sequence if family.transformer else tiny_mlp_flops_per_sequence
+    for name, family in FAMILIES.items()
 }
 
 

@@ -15,17 +15,15 @@ from typing import TYPE_CHECKING
 from launcher.errors import UserError
 from launcher.plan import hf_dir
 from launcher.plan.estimate import flops
+from launcher.plan.estimate.activations import activation_bytes, lora_activation_delta
 from launcher.plan.estimate.state_bytes import (
     LoraSetting,
     ModelState,
     Params,
-    activation_bytes,
-    lora_activation_delta,
     lora_params,
     lora_unmatched,
     model_state_bytes,
 )
-from launcher.recipe import tasks
 from launcher.recipe.shapes import Shape
 
 if TYPE_CHECKING:
@@ -205,9 +203,7 @@ def _hf_lora_of(plan: Plan) -> LoraSetting:
     unmatched = hf_dir.lora_unmatched(hf, targets) if hf is not None else []
     if hf is not None and unmatched:
         raise UserError(f"model.lora.target_modules: {unmatched[0]!r} matches no linear layer of {hf.source}")
-    classify = tasks.resolve(plan.recipe) == "sequence-classification"
-    classes = (model.num_labels or hf_dir.num_labels(hf)) if classify else None
-    count = hf_dir.lora_params(hf, lora.rank, targets, classes) if hf is not None else None
+    count = hf_dir.lora_params(hf, lora.rank, targets, plan.model.num_labels) if hf is not None else None
     if count is None:
         raise UserError(
             f"model {model.hf} with model.lora: the planner cannot count its adapters",

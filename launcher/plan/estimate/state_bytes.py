@@ -44,15 +44,7 @@ FSDP's flat gradient covers the frozen weights of a unit that holds an adapter (
 its gradient row counts them. `lora_params` counts the adapters `launcher.worker.lora.apply` adds to a
 built-in model: rank * (in + out) per adapted linear layer.
 
-Activations per transformer layer: Korthikanti et al. 2022 count s*b*h*(34 +
-5*a*s/h) bytes in 16-bit (I = 4h); the built-in models use SDPA, which keeps Q, K,
-V, its output and an fp32 log-sum-exp instead of the s^2 score, softmax and mask
-tensors (term by term in `_layer_activation_bytes`). Plus embeddings, head, and
-the loss tail 3*s*b*V*e_ls at the head's backward (checked tensor by tensor
-against autograd's saved tensors on CPU). Not modelled: backward temporaries of
-one layer, allocator fragmentation (we keep 5 % headroom). The CUDA context
-(driver, cuBLAS workspace) is taken as 500 MiB; torch.cuda.max_memory_allocated
-does not see it.
+Activations are launcher.plan.estimate.activations'.
 """
 
 from __future__ import annotations
@@ -61,6 +53,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from launcher.plan.estimate import flops
+from launcher.plan.precision import DTYPE_BYTES as _BYTES
+from launcher.recipe.families import FAMILIES
 from launcher.recipe.shapes import Shape, linear_layers
 
 # DeepSpeed's zero_optimization defaults, which our generated config leaves alone.
@@ -68,7 +62,6 @@ REDUCE_BUCKET = 500_000_000
 PREFETCH_BUCKET = 50_000_000
 PERSISTENCE_THRESHOLD = 100_000
 ALLREDUCE_CHUNK = 500_000_000
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,7 @@ class Params:
         tensors = flops.param_tensors(model)
         assert tensors is not None, f"no parameter hook for {model.family}"
         numels = tuple(n for _, n in tensors)
-        if model.family == "tiny-mlp":
+        if not FAMILIES[model.family].transformer:
             return cls(sum(numels), numels)
         return cls(sum(numels), numels, flops.layer_param_count(model), model.num_layers)
 
@@ -110,10 +103,11 @@ class Params:
         )
 
 
-# peft's default LoRA targets for the built-in families' model types (bert, gpt2), from its
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; tests/e2e/test_lora.py holds the two together.
-# tiny-mlp has no model type: every linear layer but the vocabulary head (launcher.worker.lora).
-PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"bert-mlm": ("query", "value"), "gpt2-lm": ("c_attn",)}
+# peft's default LoRA targets of the built-in families that have a model type (launcher.recipe.families);
+# tiny-mlp has none: every linear layer but the vocabulary head (launcher.worker.lora).
+PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    name: family.peft_targets for name, family in FAMILIES.items() if family.peft_targets
+}
 
 
 def lora_layers(shape: Shape, target_modules: Sequence[str] = ()) -> list[tuple[str, int, int]] | None:
@@ -147,7 +141,7 @@ def lora_params(shape: Shape, rank: int, target_modules: Sequence[str] = ()) -> 
     if layers is None:
         return None
     tensors = tuple(n for _, fan_in, fan_out in layers for n in (rank * fan_in, fan_out * rank))
-    blocks = ("bert.encoder.layer.", "transformer.h.")
+    blocks = tuple(f.layer_prefix for f in FAMILIES.values() if f.layer_prefix)
     in_blocks = sum(rank * (i + o) for name, i, o in layers if name.startswith(blocks))
     num_layers = shape.num_layers if in_blocks else 0
     return Params(sum(tensors), tensors, in_blocks // num_layers if num_layers else 0, num_layers)
@@ -303,113 +297,3 @@ def _accelerate_state(p: Params, f: Params, dtype: str, stage: int, n: int, offl
     state = ModelState(4 * part, 4 * grad_part, 0, 8 * opt_part, comm_buffers=2 * _BYTES[dtype] * unsharded)
     host = 4 * part + 4 * grad_part + 8 * opt_part
     return replace(state, params=0, grads=0, optimizer=0, cpu=host) if offload else state
-
-
-# --------------------------------------------------------------------------- activations
-
-
-def activation_bytes(
-    shape: Shape, seq_len: int, micro_batch_size: int, dtype: str, backend: str, dropout: float
-) -> int:
-    """Activation bytes of one micro-batch at the backward peak (the head's loss backward)."""
-    s, b, h = seq_len, micro_batch_size, shape.hidden_size
-    e = _BYTES[dtype]
-    # Autocast keeps LayerNorm inputs (the residual stream) in fp32; DeepSpeed casts the whole model.
-    e_ln = 4 if backend == "accelerate" else e
-    mask = 1 if dropout > 0 else 0  # CUDA dropout keeps a bool mask
-    # Loss tail: the saved log-softmax, its gradient and the logits' gradient, all s*b*V, in fp32:
-    # every built-in model computes its loss from logits upcast to fp32 (launcher.worker.models.LMLoss).
-    tail = 3 * 4 * s * b * shape.vocab_size
-    if shape.family == "tiny-mlp":
-        inter = shape.intermediate_size
-        return s * b * (2 * h * e + 2 * inter * e + inter * mask) + tail
-    layers = shape.num_layers * _layer_activation_bytes(shape, s, b, e, e_ln, mask)
-    if shape.family == "bert-mlm":
-        # Embedding LayerNorm input and dropout; head: dense, GELU, LayerNorm and decoder inputs.
-        return layers + s * b * h * (e_ln + mask + 3 * e + e_ln) + tail
-    # GPT-2: embedding dropout; ln_f input and lm_head input.
-    return layers + s * b * h * (mask + e_ln + e) + tail
-
-
-def lora_activation_delta(
-    shape: Shape,
-    seq_len: int,
-    micro_batch_size: int,
-    dtype: str,
-    backend: str,
-    dropout: float,
-    lora: LoraSetting,
-) -> int:
-    """What LoRA changes in `activation_bytes` (usually less: negative), for a built-in model.
-
-    Autograd keeps a linear layer's input only to compute its weight's gradient, so a frozen layer
-    keeps none; an adapter keeps its own input (the output of its dropout, with the dropout's mask,
-    when model.lora.dropout > 0; else the layer's input itself) and its rank-r intermediate.
-    Nothing before the first adapter needs a gradient: the embeddings keep nothing (their
-    LayerNorm input and dropout mask; GPT-2's first ln_1 input too). Inputs that another operation
-    keeps anyway (the attention output projection's: SDPA keeps its output) stay counted. Checked
-    against autograd's saved tensors on CPU (tests/e2e/test_lora.py).
-    """
-    layers = lora_layers(shape, lora.target_modules)
-    if not layers:
-        return 0
-    sb, e, r = seq_len * micro_batch_size, _BYTES[dtype], lora.rank
-    e_ln = 4 if backend == "accelerate" else e
-    mask = 1 if dropout > 0 else 0
-    adapted = {name for name, _, _ in layers}
-    delta = 0
-    for readers, width in _weight_only_inputs(shape):
-        # The base layers keep this input no longer; an adapter without dropout reads (keeps) it.
-        if lora.dropout > 0 or not adapted.intersection(readers):
-            delta -= sb * width * e
-    lora_mask = 1 if lora.dropout > 0 else 0
-    for _, fan_in, _ in layers:
-        delta += sb * r * e + (sb * fan_in * (e + lora_mask) if lora.dropout > 0 else 0)
-    h = shape.hidden_size
-    if shape.family == "bert-mlm":
-        delta -= sb * h * (e_ln + mask)  # embedding LayerNorm input and dropout mask
-    elif shape.family == "gpt2-lm":
-        delta -= sb * h * (mask + e_ln)  # embedding dropout mask, the first block's ln_1 input
-    return delta
-
-
-def _weight_only_inputs(shape: Shape) -> list[tuple[tuple[str, ...], int]]:
-    """(linear layers reading it, width) of each input kept only for those layers' weight gradients."""
-    h, inter = shape.hidden_size, shape.intermediate_size
-    if shape.family == "tiny-mlp":
-        return [(("mlp.0",), h), (("mlp.3",), inter), (("head",), h)]
-    out: list[tuple[tuple[str, ...], int]] = []
-    for i in range(shape.num_layers):
-        if shape.family == "bert-mlm":
-            p = f"bert.encoder.layer.{i}."
-            qkv = tuple(p + f"attention.self.{n}" for n in ("query", "key", "value"))
-            out += [(qkv, h), ((p + "intermediate.dense",), h), ((p + "output.dense",), inter)]
-        else:
-            p = f"transformer.h.{i}."
-            out += [((p + "attn.c_attn",), h), ((p + "mlp.c_fc",), h), ((p + "mlp.c_proj",), inter)]
-    if shape.family == "bert-mlm":
-        return [*out, (("cls.predictions.transform.dense",), h), (("cls.predictions.decoder",), h)]
-    return [*out, (("lm_head",), h)]
-
-
-def _layer_activation_bytes(shape: Shape, s: int, b: int, e: int, e_ln: int, mask: int) -> int:
-    """Korthikanti et al.'s 34*s*b*h (16-bit, I = 4h), with SDPA in place of the 5*a*s^2*b terms."""
-    h, a, inter = shape.hidden_size, shape.num_heads, shape.intermediate_size
-    # GPT-2's tanh GELU ("gelu_new") is built from pointwise ops that keep 3 more s*b*I tensors.
-    gelu_extra = 3 if shape.family == "gpt2-lm" else 0
-    sbh = s * b * h
-    attention = (
-        sbh * e  # QKV projection input
-        + 3 * sbh * e  # Q, K, V, kept by SDPA
-        + sbh * e  # SDPA output = output projection input (a view)
-        + a * s * b * 4  # SDPA's fp32 log-sum-exp; no s^2 scores, softmax or dropout mask
-        + sbh * mask  # dropout after the projection
-        + sbh * e_ln  # residual sum into LayerNorm
-    )
-    mlp = (
-        sbh * e  # first linear input
-        + s * b * inter * e * (2 + gelu_extra)  # GELU input, second linear input
-        + sbh * mask
-        + sbh * e_ln  # residual sum into LayerNorm
-    )
-    return attention + mlp

@@ -1,0 +1,76 @@
+"""Settings that would silently have no effect: the plan's warnings, one line each (`Plan.warnings`)."""
+
+from __future__ import annotations
+
+from launcher.plan.hf_dir import HfModel
+from launcher.plan.precision import PrecisionPolicy
+from launcher.recipe.schema import explicitly_set
+from launcher.recipe.sections import Recipe
+
+
+def warnings(
+    recipe: Recipe, policy: PrecisionPolicy, device: str, language_model: bool, hf: HfModel | None
+) -> list[str]:
+    """Settings that would silently have no effect, then what the plan could not check.
+
+    Args:
+        language_model: mplaunch takes the model's loss (`ModelFacts.language_model`): train.loss applies.
+        hf: model.hf as the plan read it (a hub id cannot be read).
+    """
+    written = explicitly_set(recipe)
+    out = _precision(written, policy, device)
+    z = recipe.zero
+    if device == "cpu" and (z.offload_optimizer or z.offload_params):
+        key = "zero.offload_optimizer" if z.offload_optimizer else "zero.offload_params"
+        out.append(f"{key}: the run is on the CPU already; offloading gains nothing")
+    if recipe.backend == "accelerate" and z.stage > 0:
+        if device == "cpu":
+            out.append(
+                f"zero.stage: accelerate runs plain DDP on CPU; stage {z.stage} sharding is not applied"
+            )
+        elif z.stage == 1:
+            out.append("zero.stage: FSDP has no stage-1 mode; stage 1 runs as SHARD_GRAD_OP (ZeRO-2)")
+    t = recipe.train
+    if "train.loss" in written and not language_model:
+        out.append("train.loss: has no effect: the model is not a language model mplaunch takes the loss of")
+    if recipe.scheduler.warmup_steps > t.max_steps:
+        out.append(
+            f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {t.max_steps};"
+            " the learning rate never reaches optimizer.lr"
+        )
+    if t.eval_every > t.max_steps:
+        out.append(
+            f"train.eval_every: {t.eval_every} is beyond train.max_steps {t.max_steps}; no evaluation will run"
+        )
+    if recipe.checkpoint.every_steps > t.max_steps:
+        out.append("checkpoint.every_steps: beyond train.max_steps; only the final checkpoint is written")
+    return out + _hub(hf)
+
+
+def _precision(written: set[str], policy: PrecisionPolicy, device: str) -> list[str]:
+    out = []
+    scale_keys = sorted(k for k in written if k.startswith("precision.loss_scale."))
+    if scale_keys and policy.dtype != "fp16":
+        out.append(f"{scale_keys[0]}: has no effect with {policy.dtype} (only fp16 scales the loss)")
+    dynamic_only = [
+        k
+        for k in scale_keys
+        if k.rsplit(".", 1)[1] in ("window", "hysteresis", "consecutive_hysteresis", "min")
+    ]
+    if dynamic_only and policy.loss_scale is not None and not policy.loss_scale.dynamic:
+        out.append(
+            f"{dynamic_only[0]}: has no effect with a static loss scale (precision.loss_scale.dynamic=false)"
+        )
+    if "precision.allow_tf32" in written and (policy.dtype != "fp32" or device == "cpu"):
+        out.append("precision.allow_tf32: only affects fp32 runs on Ampere or newer GPUs")
+    return out
+
+
+def _hub(hf: HfModel | None) -> list[str]:
+    """model.hf named a hub id: the plan could not read it."""
+    if hf is None or hf.local:
+        return []
+    return [
+        f"model.hf: {hf.source} is no local directory, so it is a hub id: the workers download it "
+        "(check could not read its config or tokenizer)"
+    ]
