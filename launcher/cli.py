@@ -17,31 +17,21 @@ A UserError becomes one line per problem and exit 2.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
-import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from launcher import __version__
-from launcher.analysis import parity, plots
+from launcher.analysis import parity
+from launcher.analysis.report import write_report
 from launcher.errors import UserError, report
-from launcher.plan.estimate import memory
-from launcher.plan.hardware import Hardware
-from launcher.plan.resolve import Plan, prepare_vocab, resolve
 from launcher.recipe import files as recipe_files
-from launcher.recipe import reference as recipe_reference
 from launcher.recipe import schema as recipe_mod
-from launcher.recipe import tasks
-from launcher.recipe.files import RECIPES_DIR
-from launcher.run import environment, launch, slurm, token_cache
-from launcher.rundir.layout import RunDir
+from launcher.run import environment, export, shipped, slurm, start
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,70 +133,23 @@ def cmd_run(argv: list[str]) -> int:
         recipe, overrides = None, [recipe, *overrides]
     values: dict[str, Any] = {}
     if args.resume:
-        if args.slurm:
-            raise UserError(
-                "--resume: a Slurm job resumes by itself",
-                hint=f"resubmit it: sbatch {RunDir.of(args.resume).slurm_script}",
-            )
-        saved, values = _resume_target(args.resume)
+        saved, values = start.resume_target(args.resume, slurm_job=args.slurm)
         recipe = recipe or saved
     elif recipe is None:
         raise UserError("mplaunch: the following arguments are required: recipe", hint="see mplaunch --help")
     if args.slurm:
         template = Path(args.slurm_template) if args.slurm_template else None
-        loaded = recipe_mod.load(find_recipe(recipe), overrides, slurm_values(args))
-        return slurm.run(loaded, template, dry_run=args.dry_run)
-    plan = _plan(
-        recipe, overrides, values, keep_machine_problems=args.dry_run, train_tokenizer=not args.dry_run
+        return start.submit(
+            find_recipe(recipe), overrides, slurm_values(args), template, dry_run=args.dry_run
+        )
+    return start.start(
+        find_recipe(recipe), overrides, values, dry_run=args.dry_run, resumed=bool(args.resume)
     )
-    if args.dry_run:
-        print("mplaunch dry run: nothing is started")
-        print(plan.describe(memory.describe(plan)))
-        # The whole plan is shown (it may be meant for another machine), but
-        # the exit code is what a real run here would give: scripts that use
-        # --dry-run as a pre-flight check must not be told "ok".
-        if plan.problems:
-            raise UserError([f"this machine cannot run the plan above: {p}" for p in plan.problems])
-        return 0
-    if args.resume:
-        # The saved recipe spells out every key, so each "has no effect" warning would fire on
-        # defaults; the run's first start showed the ones that applied. Only keys changed now count.
-        changed = {item.split("=", 1)[0] for item in overrides}
-        _print_warnings([w for w in plan.warnings if w.split(":", 1)[0] in changed])
-    else:
-        _print_warnings(plan.warnings)
-    return launch.run(plan)
-
-
-def _resume_target(run_dir: str) -> tuple[str, dict[str, Any]]:
-    """The saved recipe of the run in `run_dir` and the values that continue it there (`--resume RUN_DIR`)."""
-    path = Path(run_dir).resolve()
-    saved = RunDir.of(path).recipe_file
-    if not saved.is_file():
-        raise UserError(f"--resume {run_dir}: not a run directory (no {saved.name} in {path})")
-    where = {"logging.dir": str(path.parent), "name": path.name}
-    run = RunDir.of(path, recipe_mod.load(saved, values=where).checkpoint.dir)
-    if run.resume_point().path is None:
-        raise UserError(f"--resume {run_dir}: no complete checkpoint in {run.checkpoints}; nothing to resume")
-    return str(saved), {**where, "checkpoint.resume": "auto"}
 
 
 def find_recipe(name: str) -> Path:
     """A recipe path as given, or a shipped recipe by name; a mistyped verb gets a hint."""
     return recipe_files.locate(name, verbs=[v for v in VERBS if v != "run"])
-
-
-def _plan(
-    recipe_arg: str,
-    overrides: list[str],
-    values: dict[str, Any] | None = None,
-    keep_machine_problems: bool = False,
-    train_tokenizer: bool = False,
-) -> Plan:
-    recipe = recipe_mod.load(find_recipe(recipe_arg), overrides, values)
-    if train_tokenizer:  # a real launch: the plan then knows the trained tokenizer's exact vocabulary
-        prepare_vocab(recipe)
-    return resolve(recipe, Hardware.probe(), keep_machine_problems=keep_machine_problems)
 
 
 # --------------------------------------------------------------------------- check, env, recipes
@@ -223,16 +166,8 @@ def cmd_check(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)
     if args.recipe is None and not args.explain:
         p.error("the following arguments are required: recipe")
-    if args.recipe is not None:
-        plan = _plan(args.recipe, args.overrides)
-        _print_warnings(plan.warnings)
-        print(f"ok: {plan.recipe.source} ({plan.batch.equation(plan.nnodes, plan.nproc_per_node)})")
-    if args.explain and args.markdown:
-        print(recipe_reference.reference_markdown())
-    elif args.explain:
-        for key, type_, default, doc in recipe_reference.reference_rows():
-            print(f"{key:<44} {type_:<34} {default:<10} {doc}")
-    return 0
+    path = find_recipe(args.recipe) if args.recipe is not None else None
+    return start.check(path, args.overrides, explain=args.explain, markdown=args.markdown)
 
 
 def cmd_env(argv: list[str]) -> int:
@@ -248,64 +183,12 @@ def cmd_recipes(argv: list[str]) -> int:
         "--copy", metavar="PATH", help="copy the recipe (and the files it extends) to PATH for editing"
     )
     args = p.parse_args(argv)
-    shipped = sorted(RECIPES_DIR.glob("*.yaml"))
     if args.name is None:
         if args.copy:
             raise UserError("mplaunch recipes: --copy needs a recipe name")
-        for path in shipped:
-            first = path.read_text().splitlines()[0] if path.read_text() else ""
-            print(f"{path.stem:<16} {first.lstrip('# ')}")
-        return 0
+        return shipped.list_all()
     path = find_recipe(args.name)
-    if args.copy is None:
-        print(path.read_text(), end="")
-        return 0
-    return _copy_recipe(path, args.copy)
-
-
-def _copy_recipe(path: Path, where: str) -> int:
-    """Copy a recipe with the files it extends and the data it names, so the copy loads on its own.
-
-    `where` is a file name, or a folder (one that exists, or any path ending in a slash,
-    created as needed) that receives the recipe under its own name.
-    """
-    dest = Path(where)
-    if dest.is_dir() or where.endswith(("/", os.sep)):
-        dest = dest / path.name
-    pairs = _copy_pairs(path, dest)
-    # A base or data file already there with the same bytes (an earlier copy of
-    # a sibling recipe) is shared; anything else, and the recipe itself, is refused.
-    clashes = [
-        str(t)
-        for s, t in pairs
-        if t.exists() and (t == dest or t.is_dir() or t.read_bytes() != s.read_bytes())
-    ]
-    if clashes:
-        raise UserError([f"{t}: already exists; nothing was copied" for t in clashes])
-    for src, target in pairs:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, target)
-            print(f"copied {src} -> {target}")
-    return 0
-
-
-def _copy_pairs(path: Path, dest: Path) -> list[tuple[Path, Path]]:
-    # Each file keeps its position relative to the file that names it, so
-    # `extends:` and `data.paths` in the copies stay correct unedited.
-    pairs: list[tuple[Path, Path]] = []
-    src: Path | None = path
-    while src is not None and src.resolve() not in {s.resolve() for s, _ in pairs}:
-        pairs.append((src, dest))
-        raw = recipe_files.read_file(src)
-        data = raw.get("data")
-        names = data.get("paths", []) if isinstance(data, dict) else []
-        for name in names if isinstance(names, list) else []:
-            if isinstance(name, str) and not Path(name).is_absolute() and (src.parent / name).is_file():
-                pairs.append((src.parent / name, dest.parent / name))
-        parent = raw.get("extends")
-        src, dest = (src.parent / parent, dest.parent / parent) if isinstance(parent, str) else (None, dest)
-    return pairs
+    return shipped.show(path) if args.copy is None else shipped.copy(path, args.copy)
 
 
 # --------------------------------------------------------------------------- plan, report, parity
@@ -343,11 +226,7 @@ def cmd_plan(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)
     num_params = parse_count(args.num_params) if args.num_params is not None else None
     gpu_memory = (parse_size(args.gpu_memory), args.gpu_memory) if args.gpu_memory is not None else None
-    hardware = Hardware.probe()
-    recipe = recipe_mod.load(find_recipe(args.recipe), args.overrides)
-    plan = resolve(recipe, hardware, nnodes_allowed=True, keep_machine_problems=True)
-    memory.show(plan, hardware, gpu_memory, num_params)
-    return 0
+    return start.estimate(find_recipe(args.recipe), args.overrides, gpu_memory, num_params)
 
 
 def cmd_report(argv: list[str]) -> int:
@@ -355,8 +234,7 @@ def cmd_report(argv: list[str]) -> int:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory: finished, running, crashed or copied")
     p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR/report)")
     args = p.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    plots.write_report(run_dir, Path(args.out) if args.out else RunDir.of(run_dir).report)
+    write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     return 0
 
 
@@ -384,7 +262,7 @@ def cmd_parity(argv: list[str]) -> int:
     return parity.check(find_recipe(args.recipe), args.overrides, args.steps, args.tolerance, out)
 
 
-# --------------------------------------------------------------------------- export
+# --------------------------------------------------------------------------- export, prepare
 
 
 def _export_parser() -> _Parser:
@@ -421,21 +299,9 @@ def _export_parser() -> _Parser:
 
 def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
-    request = {
-        "run_dir": str(Path(args.run_dir).resolve()),
-        "out": str(Path(args.out).resolve()),
-        "step": args.step,
-        "dtype": args.dtype,
-        "force": args.force,
-        "lora": args.lora,
-    }
-    # Reading checkpoints takes torch, DeepSpeed and transformers: the worker-side module runs in a
-    # process of its own, so this one stays light (tests/unit/test_import_graph.py). It prints its own
-    # one-line errors and exits 2 for them.
-    return subprocess.run([sys.executable, "-m", "launcher.worker.export", json.dumps(request)]).returncode
-
-
-# --------------------------------------------------------------------------- prepare
+    return export.export(
+        args.run_dir, args.out, step=args.step, dtype=args.dtype, lora=args.lora, force=args.force
+    )
 
 
 def cmd_prepare(argv: list[str]) -> int:
@@ -446,40 +312,7 @@ def cmd_prepare(argv: list[str]) -> int:
     )
     _recipe_arguments(p)
     args = p.parse_intermixed_args(argv)
-    started = time.perf_counter()
-    plan = _plan(args.recipe, args.overrides, keep_machine_problems=True, train_tokenizer=True)
-    task = tasks.resolve(plan.recipe)
-    if plan.recipe.data.kind == "synthetic":
-        raise UserError("mplaunch prepare: data.kind is synthetic; there is nothing to tokenize")
-    if task in tasks.PER_RECORD:
-        raise UserError(
-            f"mplaunch prepare: data.task {task} tokenizes one record per row when a run starts; "
-            "the token cache is for masked-lm and causal-lm"
-        )
-    try:
-        cache, written = token_cache.ensure(
-            plan.recipe, plan.data_paths, token_cache.tokenizer_of(plan), fallback=False
-        )
-    except OSError as exc:
-        if exc.filename is not None and Path(exc.filename).is_relative_to(token_cache.cache_root()):
-            raise UserError(
-                f"mplaunch prepare: cannot write the token cache: {exc}",
-                hint="set MPLAUNCH_CACHE to a writable directory",
-            ) from None
-        raise UserError(f"data.paths: {exc}") from None
-    except ValueError as exc:
-        raise UserError(f"data.paths: {exc}") from None
-    print(
-        f"{'prepared' if written else 'cached'} {cache.directory}: {cache.num_tokens} tokens, "
-        f"{cache.num_documents} documents, {cache.size_bytes / 1e6:.2f} MB ({cache.dtype}), "
-        f"{time.perf_counter() - started:.2f} s"
-    )
-    return 0
-
-
-def _print_warnings(warnings: Sequence[str]) -> None:
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    return start.prepare(find_recipe(args.recipe), args.overrides)
 
 
 VERBS: dict[str, Callable[[list[str]], int]] = {

@@ -1,1 +1,2 @@
-"""Reading finished or running runs: report, plots, parity, precision health. Light: no torch."""
+"""Judging runs after the fact: the report's summary, plots and figures, parity and its comparison,
+precision health. Light: no torch."""

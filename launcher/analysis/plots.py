@@ -1,117 +1,22 @@
-"""The PNG plots of `mplaunch report` and `mplaunch parity`, drawn from launcher.analysis.report's Metrics.
-
-matplotlib (the `report` extra) is imported only when a figure is made, with a
-bare Figure on the Agg canvas so pyplot's global state is never touched.
+"""The PNG plots of `mplaunch report` and `mplaunch parity`, drawn from a run's Metrics
+(launcher.rundir.metrics_log): what each figure shows. The canvas they are drawn on, and
+the matplotlib import it delays, are launcher.analysis.figure's.
 """
 
 from __future__ import annotations
 
 import bisect
 import statistics
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from launcher.analysis import figure
 from launcher.analysis.health import LOST_SHARE, UNDERFLOW_SHARE
-from launcher.analysis.report import Metrics, is_number, print_summary, read_metrics, summarize
 from launcher.errors import UserError
-from launcher.rundir.layout import METRICS_FILE
+from launcher.rundir.metrics_log import Metrics, is_number
 
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import Formatter
-
-FIG_SIZE_IN = (8.0, 4.5)
-DPI = 110
 GIB = 1024**3
-INSTALL_HINT = "pip install -e '.[report]'"
-
-
-def require_matplotlib(verb: str) -> None:
-    """Refuse `verb` up front, before anything runs, when the plots it draws cannot be drawn.
-
-    Raises:
-        UserError: matplotlib (the `report` extra) is not installed.
-    """
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UserError(f"mplaunch {verb} needs matplotlib (not installed)", hint=INSTALL_HINT)
-
-
-def _new_figure(
-    nrows: int = 1, height_in: float = FIG_SIZE_IN[1], ratios: Sequence[float] = (3, 2)
-) -> tuple[Figure, list[Axes]]:
-    require_matplotlib("report")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # A bare Figure on the Agg canvas: no pyplot, so no global backend switch and no figure registry.
-    fig = Figure(figsize=(FIG_SIZE_IN[0], height_in), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(
-        nrows, 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": list(ratios)[:nrows]}
-    )
-    return fig, list(axes[:, 0])
-
-
-def _number_formatter() -> Formatter:
-    from matplotlib.ticker import Formatter
-
-    class Thousands(Formatter):
-        """1,234,567 style, with as many decimals as the tick spacing needs (0.5, 0.25...)."""
-
-        decimals = 0
-
-        def format_ticks(self, values: Sequence[float]) -> list[str]:
-            spacing = min((b - a for a, b in zip(values, values[1:], strict=False) if b > a), default=1.0)
-            self.decimals = next(
-                d for d in range(7) if d == 6 or abs(spacing * 10**d - round(spacing * 10**d)) < 1e-6
-            )
-            return [self(x) for x in values]
-
-        def __call__(self, x: float, pos: int | None = None) -> str:
-            return f"{x:,.{self.decimals}f}"
-
-    return Thousands()
-
-
-def _finish(fig: Figure, axes: list[Axes], path: Path, title: str, context: str, above: bool = False) -> Path:
-    """Title (above all axes when `above`, else on the first), step axis, and save."""
-    from matplotlib.ticker import MaxNLocator
-
-    text = f"{title} — {context}" if context else title
-    if above:
-        fig.suptitle(text, x=0.01, ha="left")
-    else:
-        axes[0].set_title(text, loc="left")
-    for ax in axes:
-        drawn = any(len(list(line.get_xdata())) for line in ax.lines) or ax.collections  # type: ignore[arg-type]
-        if not drawn:  # a note only: no scale to show
-            ax.set_xticks([])
-            continue
-        ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
-        ax.xaxis.set_major_formatter(_number_formatter())
-    axes[-1].set_xlabel("optimizer step")
-    fig.savefig(path)
-    return path
-
-
-def _note(ax: Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.35")
-    ax.set_yticks([])
-
-
-def _legend(*axes: Axes) -> None:
-    """One legend for the curves of all axes; below the plot when twin axes could hide it."""
-    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
-    if len(axes) > 1:
-        axes[0].figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
-    elif handles:
-        axes[0].legend(handles=handles, loc="best", framealpha=0.9)
 
 
 def plot_loss(curves: Mapping[str, Metrics], path: Path, *, title: str = "Loss", context: str = "") -> Path:
@@ -122,7 +27,7 @@ def plot_loss(curves: Mapping[str, Metrics], path: Path, *, title: str = "Loss",
             plot_loss({"fp32": read_metrics(a), "bf16": read_metrics(b)}, out / "loss.png").
         path: the PNG to write.
     """
-    fig, axes = _new_figure()
+    fig, axes = figure.new_figure()
     ax = axes[0]
     single = len(curves) == 1
     for i, (label, metrics) in enumerate(curves.items()):
@@ -143,26 +48,26 @@ def plot_loss(curves: Mapping[str, Metrics], path: Path, *, title: str = "Loss",
             mark = f"{prefix}error (crash)" if j == 0 else None
             ax.axvline(error["step"], color="C3", ls="--", lw=1.2, alpha=0.7, label=mark)
     if not any(m.series("loss")[0] for m in curves.values()):
-        _note(ax, "no training step logged yet")
+        figure.note(ax, "no training step logged yet")
     ax.set_ylabel("loss")
-    _legend(ax)
-    return _finish(fig, axes, path, title, context)
+    figure.legend(ax)
+    return figure.finish(fig, axes, path, title, context)
 
 
 def _plot_lr(metrics: Metrics, path: Path, context: str) -> Path:
     from matplotlib.ticker import ScalarFormatter
 
-    fig, axes = _new_figure()
+    fig, axes = figure.new_figure()
     steps, lr = metrics.series("lr")
     axes[0].plot(steps, lr, color="C0", lw=1.5)
     if not steps:
-        _note(axes[0], "no learning rate logged yet")
+        figure.note(axes[0], "no learning rate logged yet")
     formatter = ScalarFormatter(useMathText=True)
     formatter.set_powerlimits((-2, 3))
     axes[0].yaxis.set_major_formatter(formatter)
     axes[0].set_ylim(bottom=0)
     axes[0].set_ylabel("learning rate")
-    return _finish(fig, axes, path, "Learning rate", context)
+    return figure.finish(fig, axes, path, "Learning rate", context)
 
 
 def _times(factor: float) -> Any:
@@ -181,13 +86,13 @@ def _scale_at(steps: list[int], scales: list[float], step: int) -> float:
 def _plot_loss_scale(metrics: Metrics, path: Path, context: str) -> Path:
     from matplotlib.ticker import MaxNLocator, NullFormatter
 
-    fig, axes = _new_figure()
+    fig, axes = figure.new_figure()
     ax = axes[0]
     steps, scales = metrics.series("loss_scale")
     skip_steps, skipped = metrics.series("skipped_steps")
     if not steps:
-        _note(ax, "no loss scale recorded: this run does not use fp16 loss scaling (bf16 or fp32)")
-        return _finish(fig, axes, path, "Loss scale", context)
+        figure.note(ax, "no loss scale recorded: this run does not use fp16 loss scaling (bf16 or fp32)")
+        return figure.finish(fig, axes, path, "Loss scale", context)
     ax.step(steps, scales, where="post", color="C0", lw=1.6, label="loss scale")
     ax.set_yscale("log", base=2)
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -214,8 +119,8 @@ def _plot_loss_scale(metrics: Metrics, path: Path, context: str) -> Path:
     twin.set_ylabel("skipped steps (total)")
     twin.yaxis.set_major_locator(MaxNLocator(integer=True))
     twin.set_ylim(bottom=0, top=max([*skipped, 1]) * 1.15)
-    _legend(ax, twin)
-    return _finish(fig, axes, path, "Loss scale and skipped steps", context)
+    figure.legend(ax, twin)
+    return figure.finish(fig, axes, path, "Loss scale and skipped steps", context)
 
 
 def _constant_ratio(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> float | None:
@@ -231,42 +136,42 @@ def _plot_throughput(metrics: Metrics, path: Path, context: str) -> Path:
     from matplotlib.ticker import PercentFormatter
 
     samples, tokens, mfu = (metrics.series(k) for k in ("samples_per_s", "tokens_per_s", "mfu"))
-    fig, axes = _new_figure(2, 5.5) if mfu[0] else _new_figure()
+    fig, axes = figure.new_figure(2, 5.5) if mfu[0] else figure.new_figure()
     ax = axes[0]
     if not samples[0]:
-        _note(ax, "no throughput logged yet")
-        return _finish(fig, axes, path, "Throughput", context)
+        figure.note(ax, "no throughput logged yet")
+        return figure.finish(fig, axes, path, "Throughput", context)
     median = statistics.median(samples[1])
     ax.plot(*samples, color="C0", lw=1.4, label="samples/s")
     ax.axhline(median, color="C0", ls="--", lw=1, alpha=0.6, label=f"median {median:,.1f} samples/s")
     ax.set_ylim(bottom=0)
     ax.set_ylabel("samples/s")
-    ax.yaxis.set_major_formatter(_number_formatter())
+    ax.yaxis.set_major_formatter(figure.number_formatter())
     ratio = _constant_ratio(samples, tokens)
     if ratio:  # one curve, read on two scales
         secondary = ax.secondary_yaxis("right", functions=(_times(ratio), _times(1 / ratio)))
         secondary.set_ylabel(f"tokens/s ({ratio:,.0f} tokens per sample)")
-        secondary.yaxis.set_major_formatter(_number_formatter())
-        _legend(ax)
+        secondary.yaxis.set_major_formatter(figure.number_formatter())
+        figure.legend(ax)
     elif tokens[0]:
         twin = ax.twinx()
         twin.plot(*tokens, color="C1", lw=1.2, label="tokens/s")
         twin.set_ylim(bottom=0)
         twin.set_ylabel("tokens/s")
-        twin.yaxis.set_major_formatter(_number_formatter())
-        _legend(ax, twin)
+        twin.yaxis.set_major_formatter(figure.number_formatter())
+        figure.legend(ax, twin)
     else:
-        _legend(ax)
+        figure.legend(ax)
     if mfu[0]:
         axes[1].plot(*mfu, color="C2", lw=1.4)
         axes[1].set_ylim(0, max(mfu[1]) * 1.2)
         axes[1].yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
         axes[1].set_ylabel("MFU (% of peak)")
-    return _finish(fig, axes, path, "Throughput" + (" and MFU" if mfu[0] else ""), context)
+    return figure.finish(fig, axes, path, "Throughput" + (" and MFU" if mfu[0] else ""), context)
 
 
 def _plot_memory(metrics: Metrics, path: Path, context: str) -> Path:
-    fig, axes = _new_figure()
+    fig, axes = figure.new_figure()
     ax = axes[0]
     peak_steps, peak = metrics.series("mem_peak_bytes")
     reserved_steps, reserved = metrics.series("mem_reserved_bytes")
@@ -275,10 +180,10 @@ def _plot_memory(metrics: Metrics, path: Path, context: str) -> Path:
     if peak_steps or reserved_steps:
         ax.set_ylim(0, max([*peak, *reserved]) / GIB * 1.15)
         ax.set_ylabel("GiB")
-        _legend(ax)
+        figure.legend(ax)
     else:
-        _note(ax, "no GPU memory recorded")
-    return _finish(fig, axes, path, "GPU memory, rank 0", context)
+        figure.note(ax, "no GPU memory recorded")
+    return figure.finish(fig, axes, path, "GPU memory, rank 0", context)
 
 
 # The x-ray heatmaps: (record field, title, colour map, value range); fp16 runs show the first two.
@@ -303,15 +208,17 @@ def _plot_precision(metrics: Metrics, path: Path, context: str) -> Path:
     fp16 the loss-scale curve below; underflow and lost-update events as red dashed lines."""
     xrays = [r for r in metrics.precision if isinstance(r.get("layers"), dict) and r["layers"]]
     if not xrays:
-        fig, axes = _new_figure()
-        _note(axes[0], "no precision x-ray recorded (logging.precision_every is 0, or none was due yet)")
-        return _finish(fig, axes, path, "Precision x-ray", context)
+        fig, axes = figure.new_figure()
+        figure.note(
+            axes[0], "no precision x-ray recorded (logging.precision_every is 0, or none was due yet)"
+        )
+        return figure.finish(fig, axes, path, "Precision x-ray", context)
     layers = list(dict.fromkeys(name for r in xrays for name in r["layers"]))
     fp16 = any(r.get("loss_scale") is not None for r in xrays)
     maps = _FP16_MAPS if fp16 else _UPDATE_MAPS
     map_in = max(1.6, 0.16 * len(layers) + 0.8)
     ratios = [map_in] * len(maps) + ([1.6] if fp16 else [])
-    fig, axes = _new_figure(len(ratios), sum(ratios) + 1.0, ratios)
+    fig, axes = figure.new_figure(len(ratios), sum(ratios) + 1.0, ratios)
     from matplotlib import colormaps
 
     steps = [r["step"] for r in xrays]
@@ -338,7 +245,7 @@ def _plot_precision(metrics: Metrics, path: Path, context: str) -> Path:
             ax.axvline(e["step"], color="C3", ls="--", lw=1.2)
     events = len(metrics.named("underflow")) + len(metrics.named("lost_updates"))
     title = "Precision x-ray" + (f" ({events} warning{'s' * (events != 1)}: red dashed)" if events else "")
-    return _finish(fig, axes, path, title, context, above=True)
+    return figure.finish(fig, axes, path, title, context, above=True)
 
 
 def _edges(steps: list[int]) -> list[float]:
@@ -379,23 +286,3 @@ def write_plots(metrics: Metrics, out_dir: Path, context: str = "") -> list[Path
         _plot_memory(metrics, out_dir / "memory.png", context),
         _plot_precision(metrics, out_dir / "precision.png", context),
     ]
-
-
-def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
-    """`mplaunch report`: write the run's plots into `out_dir` and print its summary table.
-
-    Raises:
-        UserError: RUN_DIR has no metrics, or matplotlib is not installed.
-    """
-    metrics = read_metrics(run_dir)
-    summary = summarize(run_dir, metrics)
-    paths = write_plots(metrics, out_dir, summary.context)
-    print_summary(summary)
-    print(f"plots: {', '.join(p.name for p in paths)} in {out_dir}")
-    if metrics.bad_lines:
-        print(
-            f"note: skipped {metrics.bad_lines} unreadable line(s) of {METRICS_FILE}"
-            " (a half-written last line is normal for a running or killed run)",
-            file=sys.stderr,
-        )
-    return paths

@@ -1,1 +1,3 @@
-"""Starting and watching a run from the launcher's side: torchrun locally, Slurm, requeue, progress, the tokenizer cache built before workers start. Light: no torch at module level."""
+"""Starting and watching a run from the launcher's side: the verbs behind the CLI, preflight (run
+directory, tokenizer, resume checks), torchrun on this machine, Slurm and requeue, progress, the
+token cache. Light: no torch at module level."""

@@ -1,27 +1,38 @@
-"""`mplaunch env`: versions and GPUs, for bug reports and for checking a machine."""
+"""The machine a run starts on: `mplaunch env`'s report, and the env.json snapshot kept with each run.
+
+Light side: torch is imported only inside `report`, which is never called on the way to a run.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 import sys
+import time
 from importlib import metadata
 
+# What env.json records; `mplaunch env` shows the libraries a user asks about.
+SNAPSHOT_DISTS = ("mplaunch", "torch", "deepspeed", "accelerate", "transformers", "tokenizers", "pydantic")
+REPORT_DISTS = ("torch", "deepspeed", "accelerate", "transformers", "pydantic")
 
-def _version(dist: str) -> str:
+
+def _version(dist: str) -> str | None:
+    """The installed version of `dist`, or None when it is not installed."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
-        return "not installed"
+        return None
 
 
 def report() -> str:
     """Python, torch, CUDA, NCCL, deepspeed, accelerate and transformers versions, and each GPU."""
     lines = [
         f"python        {sys.version.split()[0]} ({platform.platform()})",
-        f"mplaunch      {_version('mplaunch')}",
+        f"mplaunch      {_version('mplaunch') or 'not installed'}",
     ]
-    for dist in ("torch", "deepspeed", "accelerate", "transformers", "pydantic"):
-        lines.append(f"{dist:<13} {_version(dist)}")
+    for dist in REPORT_DISTS:
+        lines.append(f"{dist:<13} {_version(dist) or 'not installed'}")
     try:
         import torch
     except ImportError:
@@ -43,3 +54,28 @@ def report() -> str:
             f"bf16 {'yes' if cap >= (8, 0) else 'no'}, tensor cores {'yes' if cap >= (7, 0) else 'no'}"
         )
     return "\n".join(lines)
+
+
+def snapshot() -> dict[str, object]:
+    """Versions, host and git commit: enough to reproduce or report a run (RUN_DIR/env.json)."""
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "cwd": os.getcwd(),
+        "argv": sys.argv,
+        "git_commit": _git_commit(),
+        "versions": {dist: _version(dist) for dist in SNAPSHOT_DISTS},
+        "time": time.time(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout
+    return out + ("-dirty" if dirty.strip() else "")

@@ -2,7 +2,7 @@
 
 Light side: no torch import. The launcher holds the run directory's lock
 (launcher.rundir.lock) for the run's life, checks that a resume is possible
-before any worker starts, starts torchrun in its own session, forwards
+before any worker starts (launcher.run.preflight), starts torchrun in its own session, forwards
 Ctrl-C and SIGTERM to the workers (which checkpoint and stop at the next
 step boundary), watches their heartbeats for a hang (launcher.rundir.watchdog),
 turns a failing rank into one readable message, recorded as an "error"
@@ -13,115 +13,28 @@ the libraries' noise: above the live progress bar on a terminal (launcher.run.pr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import platform
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import IO, TextIO
 
-import yaml
-
-from launcher.analysis.report import format_duration
-from launcher.errors import UserError
-from launcher.plan import resume
 from launcher.plan.resolve import Plan
-from launcher.recipe.schema import to_dict
 from launcher.run import progress
+from launcher.run.preflight import check_resume, finished_run, prepare_run_dir
 from launcher.rundir.layout import RankError, RunDir
 from launcher.rundir.lock import RunLock
+from launcher.rundir.metrics_log import format_duration
 from launcher.rundir.watchdog import Beat, Hang, HangRule, innermost_frame
 
 POLL_S = 1.0  # how often the watch thread reads the heartbeats
 STACK_WAIT_S = 5.0  # for the ranks' stack dumps to appear
 KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL when the launcher stops the workers
 _RANK_ERROR = re.compile(r"^mplaunch: rank (?P<rank>\d+): error: (?P<message>.*)$")
-
-
-def prepare_run_dir(plan: Plan) -> Path:
-    """Create RUN_DIR and write plan.json, recipe.yaml, command.txt and env.json into it."""
-    return RunDir.from_plan(plan).prepare(
-        plan_json=plan.to_json(),
-        recipe_yaml=yaml.safe_dump(_standalone_recipe(plan), sort_keys=False),
-        command=plan.command_line() + "\n",
-        env_json=json.dumps(environment(), indent=2) + "\n",
-    )
-
-
-def _standalone_recipe(plan: Plan) -> dict[str, object]:
-    """The resolved recipe with its file paths made absolute, so RUN_DIR/recipe.yaml loads from
-    anywhere (`mplaunch --resume RUN_DIR`)."""
-    recipe = to_dict(plan.recipe)
-    recipe["data"]["paths"] = list(plan.data_paths)
-    if plan.tokenizer_dir is not None:
-        recipe["data"]["tokenizer"] = plan.tokenizer_dir
-    if plan.hf_dir is not None:
-        recipe["model"]["hf"] = plan.hf_dir
-    if plan.init_from is not None:
-        recipe["model"]["init_from"] = plan.init_from
-    return recipe
-
-
-def environment() -> dict[str, object]:
-    """Versions, host and git commit: enough to reproduce or report a run."""
-    versions: dict[str, str | None] = {}
-    for dist in ("mplaunch", "torch", "deepspeed", "accelerate", "transformers", "tokenizers", "pydantic"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "host": platform.node(),
-        "cwd": os.getcwd(),
-        "argv": sys.argv,
-        "git_commit": _git_commit(),
-        "versions": versions,
-        "time": time.time(),
-    }
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout
-    return out + ("-dirty" if dirty.strip() else "")
-
-
-def check_resume(plan: Plan) -> str | None:
-    """What the run will resume from, or None for a fresh start.
-
-    Raises:
-        UserError: the run directory holds a checkpoint this plan cannot use,
-            or checkpoints a fresh start would bury (checkpoint.resume=never).
-    """
-    run_dir = RunDir.from_plan(plan)
-    found = run_dir.resume_point()
-    # The one warning about torn checkpoints: the workers skip them silently.
-    for line in found.ignored:
-        print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
-    if found.path is None or found.manifest is None:
-        return None
-    if plan.recipe.checkpoint.resume == "never":
-        raise UserError(
-            f"{run_dir.checkpoints}: holds checkpoints of an earlier run and checkpoint.resume is never; "
-            "nothing was started so nothing is overwritten",
-            hint="use another name, or checkpoint.resume=auto to continue it",
-        )
-    for line in resume.check(found.manifest, plan, str(found.path)):
-        print(f"mplaunch: {line}", file=sys.stderr)
-    return f"step {found.manifest['step']} ({found.path})"
 
 
 def run(plan: Plan) -> int:
@@ -155,23 +68,6 @@ def run(plan: Plan) -> int:
             # and fall back to an older checkpoint (saying so) if this one fails.
             print(f"mplaunch: resuming from {resume_from}, once the workers have verified its checksums")
         return Workers(plan, lock).wait()
-
-
-def finished_run(plan: Plan, then: str) -> bool:
-    """True (and says so) if the run directory has finished train.max_steps already.
-
-    A FINISHED file for fewer steps (train.max_steps was raised) is removed, so the run
-    trains on from its last checkpoint.
-    """
-    run_dir = RunDir.from_plan(plan)
-    done = run_dir.finished_step()
-    if done is None:
-        return False
-    if done >= plan.recipe.train.max_steps:
-        print(f"mplaunch: {plan.run_dir} already finished {done} steps; {then}")
-        return True
-    run_dir.clear_finished()
-    return False
 
 
 class Workers:
@@ -211,7 +107,8 @@ class Workers:
         )
         if self.bar is not None:
             self.bar.start()
-        assert self.proc.stdout is not None and self.proc.stderr is not None
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
         self.readers = [
             threading.Thread(target=self._pump, args=(stream, to, _TorchrunFilter(stderr)), daemon=True)
             for stream, to, stderr in ((self.proc.stdout, out, False), (self.proc.stderr, err, True))
@@ -461,7 +358,7 @@ def _report_failure(plan: Plan, code: int, printed: list[RankError]) -> str:
     run_dir = RunDir.from_plan(plan)
     first = run_dir.failed_rank(printed)
     if first is not None:
-        headline = f"the run failed on {first.label}: {first.message}"
+        headline = first.headline
         print(f"mplaunch: {headline}", file=sys.stderr)
         if first.path.exists():
             print(f"mplaunch: full traceback: {first.path}", file=sys.stderr)

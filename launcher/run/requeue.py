@@ -23,11 +23,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launcher.analysis.report import read_metrics
 from launcher.errors import UserError
 from launcher.plan.resolve import Plan
 from launcher.rundir import checkpoint
 from launcher.rundir.layout import RunDir
+from launcher.rundir.metrics_log import read_metrics
 
 
 def after_stop(run_dir: Path, since_s: float) -> bool:
@@ -117,7 +117,7 @@ def record_failure(run_dir: Path, status: int) -> None:
     files = RunDir.of(run_dir)
     first = files.failed_rank()
     headline = (
-        f"the run failed on {first.label}: {first.message}"
+        first.headline
         if first is not None
         else f"the workers exited with status {status} without an error report"
     )

@@ -40,9 +40,10 @@ from typing import Any
 from launcher import __version__
 from launcher.errors import UserError
 from launcher.plan.hardware import Gpu, Hardware
-from launcher.plan.resolve import Plan, prepare_vocab, resolve, torchrun_command
+from launcher.plan.processes import torchrun_command
+from launcher.plan.resolve import Plan, prepare_vocab, resolve
 from launcher.recipe import schema as recipe_mod
-from launcher.run import launch
+from launcher.run import preflight
 from launcher.rundir.layout import RunDir
 from launcher.rundir.lock import Holder, RunLock
 
@@ -88,8 +89,7 @@ def run(recipe: recipe_mod.Recipe, template: Path | None = None, dry_run: bool =
         prepare_vocab(recipe)
     plan = resolve_for_cluster(recipe)
     script = render(plan, template or DEFAULT_TEMPLATE)
-    for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    preflight.print_warnings(plan.warnings)
     if dry_run:
         print(script, end="")
         return 0
@@ -353,10 +353,10 @@ def submit(plan: Plan, script: str) -> int:
     # Refused while a local run or a live job holds the run directory; held until sbatch has
     # answered, then left naming the queued job, which takes it when it starts.
     with RunLock.acquire(RunDir.from_plan(plan).lock) as lock:
-        if launch.finished_run(plan, "nothing submitted"):
+        if preflight.finished_run(plan, "nothing submitted"):
             return 0
-        launch.check_resume(plan)
-        paths = Paths(Path(launch.prepare_run_dir(plan)))
+        preflight.check_resume(plan)
+        paths = Paths(Path(preflight.prepare_run_dir(plan)))
         paths.slurm_dir.mkdir(parents=True, exist_ok=True)
         paths.script.write_text(script)
         paths.files.command_file.write_text(f"sbatch {shlex.quote(str(paths.script))}\n")

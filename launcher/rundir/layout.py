@@ -20,12 +20,20 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from launcher.recipe.sections import Recipe
 from launcher.rundir import checkpoint
 
-if TYPE_CHECKING:
-    from launcher.plan.resolve import Plan
+
+class PlanPaths(Protocol):
+    """What a run directory is found from: launcher.plan.resolve.Plan, which imports this module."""
+
+    @property
+    def run_dir(self) -> str: ...
+    @property
+    def recipe(self) -> Recipe: ...
+
 
 PLAN_FILE = "plan.json"
 RECIPE_FILE = "recipe.yaml"
@@ -83,6 +91,11 @@ class RankError:
         """The rank as the launcher names it ("rank-N", the file's stem)."""
         return self.path.stem
 
+    @property
+    def headline(self) -> str:
+        """The failed run's one line, as the launcher prints it and records it as an "error" event."""
+        return f"the run failed on {self.label}: {self.message}"
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -105,7 +118,8 @@ class RunDir:
         return cls(path, path / (checkpoint_dir or CHECKPOINTS_DIR))
 
     @classmethod
-    def from_plan(cls, plan: Plan) -> RunDir:
+    def from_plan(cls, plan: PlanPaths) -> RunDir:
+        """The run directory a plan (launcher.plan.resolve.Plan) names."""
         return cls.of(plan.run_dir, plan.recipe.checkpoint.dir)
 
     # ------------------------------------------------------------------ paths

@@ -1,0 +1,100 @@
+"""Before any worker starts, locally (launcher.run.launch) or as a Slurm job (launcher.run.slurm).
+
+The starter shows the plan's warnings (`print_warnings`); then, under the run directory's
+lock, `finished_run` says whether anything is left to train, `check_resume` what the run will
+resume from (refusing checkpoints this plan cannot use), and `prepare_run_dir` writes the
+files the workers and a later `--resume` read: plan.json, recipe.yaml, command.txt, env.json.
+
+Light side: no torch import.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from launcher.errors import UserError
+from launcher.plan import resume
+from launcher.plan.resolve import Plan
+from launcher.recipe.schema import to_dict
+from launcher.run import environment, token_cache
+from launcher.rundir.layout import RunDir
+
+
+def print_warnings(warnings: Sequence[str]) -> None:
+    """Each of a plan's warnings as one `warning:` line on stderr."""
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def prepare_run_dir(plan: Plan) -> Path:
+    """Create RUN_DIR and write plan.json, recipe.yaml, command.txt and env.json into it, and the
+    tokenizer trained on the data files (RUN_DIR/tokenizer): the workers only read it."""
+    path = RunDir.from_plan(plan).prepare(
+        plan_json=plan.to_json(),
+        recipe_yaml=yaml.safe_dump(_standalone_recipe(plan), sort_keys=False),
+        command=plan.command_line() + "\n",
+        env_json=json.dumps(environment.snapshot(), indent=2) + "\n",
+    )
+    token_cache.place_tokenizer(plan)
+    return path
+
+
+def _standalone_recipe(plan: Plan) -> dict[str, object]:
+    """The resolved recipe with its file paths made absolute, so RUN_DIR/recipe.yaml loads from
+    anywhere (`mplaunch --resume RUN_DIR`)."""
+    recipe = to_dict(plan.recipe)
+    recipe["data"]["paths"] = list(plan.data_paths)
+    if plan.tokenizer_dir is not None:
+        recipe["data"]["tokenizer"] = plan.tokenizer_dir
+    if plan.hf_dir is not None:
+        recipe["model"]["hf"] = plan.hf_dir
+    if plan.init_from is not None:
+        recipe["model"]["init_from"] = plan.init_from
+    return recipe
+
+
+def check_resume(plan: Plan) -> str | None:
+    """What the run will resume from, or None for a fresh start.
+
+    Raises:
+        UserError: the run directory holds a checkpoint this plan cannot use,
+            or checkpoints a fresh start would bury (checkpoint.resume=never).
+    """
+    run_dir = RunDir.from_plan(plan)
+    found = run_dir.resume_point()
+    # The one warning about torn checkpoints: the workers skip them silently.
+    for line in found.ignored:
+        print(f"mplaunch: warning: checkpoint {line}", file=sys.stderr)
+    if found.path is None or found.manifest is None:
+        return None
+    if plan.recipe.checkpoint.resume == "never":
+        raise UserError(
+            f"{run_dir.checkpoints}: holds checkpoints of an earlier run and checkpoint.resume is never; "
+            "nothing was started so nothing is overwritten",
+            hint="use another name, or checkpoint.resume=auto to continue it",
+        )
+    for line in resume.check(found.manifest, plan, str(found.path)):
+        print(f"mplaunch: {line}", file=sys.stderr)
+    return f"step {found.manifest['step']} ({found.path})"
+
+
+def finished_run(plan: Plan, then: str) -> bool:
+    """True (and says so) if the run directory has finished train.max_steps already.
+
+    A FINISHED file for fewer steps (train.max_steps was raised) is removed, so the run
+    trains on from its last checkpoint.
+    """
+    run_dir = RunDir.from_plan(plan)
+    done = run_dir.finished_step()
+    if done is None:
+        return False
+    if done >= plan.recipe.train.max_steps:
+        print(f"mplaunch: {plan.run_dir} already finished {done} steps; {then}")
+        return True
+    run_dir.clear_finished()
+    return False
