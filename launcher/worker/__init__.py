@@ -1,1 +1,2 @@
-"""The worker process that torchrun starts: the training loop, data, models, backends, checkpointer, metrics, export. The only place torch is imported at module level."""
+"""The worker process that torchrun starts: the training loop, ranks, data, models, precision,
+backends, checkpointer, metrics, x-ray and export. The only package that imports torch at module level."""

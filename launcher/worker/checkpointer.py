@@ -8,7 +8,7 @@ into the manifest (step, data position, structure, the resolved recipe, every
 file) and seals it. A checkpoint of a diverged run (a non-finite loss or
 non-finite parameters) is never sealed. A restore verifies the checksums on
 all ranks before loading and falls back to the next older checkpoint when one
-is bad.
+is bad. `pick` verifies a checkpoint of a finished run in one process (`mplaunch export`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from launcher.errors import UserError
 from launcher.plan import resume
 from launcher.plan.resolve import Plan
 from launcher.recipe.schema import to_dict
@@ -38,7 +39,7 @@ REJECTED_FILE = "rejected-by-rank-{rank}.txt"
 
 class Group(Protocol):
     """What the checkpointer needs of the job: this rank, the world size, a barrier, and
-    agreement on a flag (train.Dist)."""
+    agreement on a flag (launcher.worker.ranks.Dist)."""
 
     @property
     def rank(self) -> int: ...
@@ -206,7 +207,7 @@ class Checkpointer:
             backend.load(path)
             _set_rng_state(torch.load(path / RNG_FILE.format(rank=self.group.rank), weights_only=False))
         except Exception as exc:
-            return f"cannot be loaded ({type(exc).__name__}: {_first_line(exc)})"
+            return f"cannot be loaded ({type(exc).__name__}: {first_line(exc)})"
         return None
 
     def _reject(self, path: Path, manifest: dict[str, Any], problem: str | None) -> None:
@@ -247,6 +248,40 @@ class Checkpointer:
             self.run_dir.write_finished(step)
 
 
+def pick(run: RunDir, step: int | None) -> tuple[Path, int]:
+    """The complete checkpoint of `step` (None: the newest), verified: sizes and CRC-32s.
+
+    Raises:
+        UserError: no complete checkpoint, no such step (the available ones are listed), or a
+            checkpoint that is unverifiable (format 1) or fails verification (the file is named).
+    """
+    found = checkpoint.newest_first(run.checkpoints)
+    steps = sorted(int(m["step"]) for _, m in found)
+    if not found:
+        raise UserError(f"{run.path}: no complete checkpoint in {run.checkpoints}; nothing to export")
+    chosen = [(p, m) for p, m in found if int(m["step"]) == step] if step is not None else found[:1]
+    if not chosen:
+        raise UserError(
+            f"--step {step}: no complete checkpoint of step {step} in {run.checkpoints}; "
+            f"available: {', '.join(map(str, steps))}"
+        )
+    path, manifest = chosen[0]
+    chosen_step = int(manifest["step"])
+    older = [s for s in steps if s < chosen_step]
+    hint = f"--step {older[-1]} exports an older one" if older else None
+    if not checkpoint.verified(manifest):
+        raise UserError(
+            f"{path}: format {manifest.get('format', 1)} checkpoint without checksums; cannot verify it",
+            hint=hint,
+        )
+    problem = checkpoint.check_sizes(path, manifest) or checkpoint.check_checksums(
+        path, manifest, [name for name, _ in checkpoint.listed(manifest)]
+    )
+    if problem is not None:
+        raise UserError(f"checkpoint {path} failed verification: {problem}", hint=hint)
+    return path, chosen_step
+
+
 def parameter_square_sum(backend: Backend) -> float:
     """The sum of squares, in fp32, of the parameters this rank holds (its ZeRO-3 partition,
     `ds_tensor`, where there is one). NaN or inf if any is, and inf once a weight passes
@@ -280,7 +315,8 @@ def _say(message: str) -> None:
     print(f"mplaunch: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first line, at most 300 characters, for a one-line report."""
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else "no message"
 

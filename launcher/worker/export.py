@@ -1,20 +1,8 @@
 """`mplaunch export RUN_DIR [--step N] [--dtype D] [--lora merge|adapter] --out DIR`: a run's trained weights.
 
 The checkpoint is verified first (every listed file's size and CRC-32, launcher.rundir.checkpoint),
-then its fp32 master weights are consolidated, whatever wrote them:
-
-    DeepSpeed ZeRO 1-3    the `*_optim_states.pt` shards, through DeepSpeed's own zero_to_fp32
-                          (ZeRO 1-2: `single_partition_of_fp32_groups`, ZeRO-3: `fp32_flat_groups`;
-                          DeepSpeed's BF16_Optimizer writes the same ZeRO-1 layout)
-    DeepSpeed stage 0     no optimizer shards: in fp32 the module in mp_rank_00_model_states.pt is
-                          the weights; in bf16/fp16 the fp32 masters are that file's optimizer state
-                          (`fp32_groups` per parameter, or `fp32_groups_flat` per group), in the
-                          order of the parameter groups the engine was given (launcher.worker.backends)
-    Accelerate            the model file save_state wrote (pytorch_model.bin; FSDP's sharded
-                          pytorch_model_fsdp_0/ is merged with torch.distributed.checkpoint)
-
-Where the checkpoint also holds the module's own (16-bit, or fp32) weights, every master must
-round to exactly those: a consolidation that disagrees is refused rather than written.
+then the backend that wrote it consolidates its fp32 master weights (`consolidate_fp32` of
+launcher.worker.backends.deepspeed and .accelerate: each knows its own files, for every ZeRO stage).
 
 A built-in transformer (bert-mlm, gpt2-lm) is rebuilt from the plan's shape by launcher.worker.models,
 loaded strictly, cast to --dtype and written with save_pretrained (config.json,
@@ -29,7 +17,6 @@ process (`python -m launcher.worker.export REQUEST_JSON`), so the launcher stays
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import pickle
@@ -48,21 +35,13 @@ from launcher.errors import UserError, report
 from launcher.plan import hf_dir
 from launcher.plan.resolve import Plan
 from launcher.plan.vocab import END_OF_TEXT, SPECIALS, TOKENIZER_FILE, trained_dir
-from launcher.recipe import tasks
-from launcher.rundir import checkpoint
 from launcher.rundir.layout import RunDir
-from launcher.worker import model_setup, models
+from launcher.worker import backends, model_setup, models
+from launcher.worker.checkpointer import first_line, pick
+from launcher.worker.precision import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_FAMILIES = {"bert-mlm": "AutoModelForMaskedLM", "gpt2-lm": "AutoModelForCausalLM"}
-WEIGHTS_FILE = "model.safetensors"
-# DeepSpeed's file names (deepspeed.utils.zero_to_fp32 reads the same ones).
-_DS_MODEL_STATES = "mp_rank_00_model_states.pt"
-_DS_ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-_DS_OPTIM_GLOB = "*_optim_states.pt"
-# What save_state writes for model 0: DDP and FSDP FULL_STATE_DICT, or FSDP SHARDED_STATE_DICT.
-_ACCELERATE_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp.bin")
-_ACCELERATE_DCP = "pytorch_model_fsdp_0"
+WEIGHTS_FILE = hf_dir.SAFETENSORS_FILE
 # What each special token of a trained tokenizer (launcher.plan.vocab) is to transformers.
 _TOKEN_ROLES = {
     **dict(zip(SPECIALS, ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), strict=True)),
@@ -149,41 +128,7 @@ def _read_plan(run_path: Path) -> Plan:
     except FileNotFoundError:
         raise UserError(f"{run_path}: not a run directory (no {plan_file.name})") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{plan_file}: cannot be read ({type(exc).__name__}: {_first_line(exc)})") from None
-
-
-def pick(run: RunDir, step: int | None) -> tuple[Path, int]:
-    """The complete checkpoint of `step` (None: the newest), verified: sizes and CRC-32s.
-
-    Raises:
-        UserError: no complete checkpoint, no such step (the available ones are listed), or a
-            checkpoint that is unverifiable (format 1) or fails verification (the file is named).
-    """
-    found = checkpoint.newest_first(run.checkpoints)
-    steps = sorted(int(m["step"]) for _, m in found)
-    if not found:
-        raise UserError(f"{run.path}: no complete checkpoint in {run.checkpoints}; nothing to export")
-    chosen = [(p, m) for p, m in found if int(m["step"]) == step] if step is not None else found[:1]
-    if not chosen:
-        raise UserError(
-            f"--step {step}: no complete checkpoint of step {step} in {run.checkpoints}; "
-            f"available: {', '.join(map(str, steps))}"
-        )
-    path, manifest = chosen[0]
-    chosen_step = int(manifest["step"])
-    older = [s for s in steps if s < chosen_step]
-    hint = f"--step {older[-1]} exports an older one" if older else None
-    if not checkpoint.verified(manifest):
-        raise UserError(
-            f"{path}: format {manifest.get('format', 1)} checkpoint without checksums; cannot verify it",
-            hint=hint,
-        )
-    problem = checkpoint.check_sizes(path, manifest) or checkpoint.check_checksums(
-        path, manifest, [name for name, _ in checkpoint.listed(manifest)]
-    )
-    if problem is not None:
-        raise UserError(f"checkpoint {path} failed verification: {problem}", hint=hint)
-    return path, chosen_step
+        raise UserError(f"{plan_file}: cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def consolidate(plan: Plan, path: Path) -> dict[str, torch.Tensor]:
@@ -193,110 +138,14 @@ def consolidate(plan: Plan, path: Path) -> dict[str, torch.Tensor]:
         UserError: the checkpoint's files cannot be read or put together.
     """
     try:
-        if plan.recipe.backend == "deepspeed":
-            return _deepspeed(plan, path)
-        return _accelerate(path)
+        return backends.consolidate_fp32(plan, path)
+    except models.ModelError as exc:
+        raise UserError(str(exc)) from None
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         # A file that verifies yet does not load (written by another version, say): one line.
         raise UserError(
-            f"{path}: cannot consolidate the weights ({type(exc).__name__}: {_first_line(exc)})"
+            f"{path}: cannot consolidate the weights ({type(exc).__name__}: {first_line(exc)})"
         ) from None
-
-
-def _deepspeed(plan: Plan, path: Path) -> dict[str, torch.Tensor]:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # unpickling the checkpoint imports deepspeed
-    from launcher.worker.backends.deepspeed import TAG
-
-    ds_dir = path / TAG
-    if not (ds_dir / _DS_MODEL_STATES).is_file() and not any(ds_dir.glob(_DS_OPTIM_GLOB)):
-        raise UserError(f"{ds_dir}: no DeepSpeed checkpoint files")
-    if any(ds_dir.glob(_DS_OPTIM_GLOB)):  # ZeRO 1-3 (and BF16_Optimizer): DeepSpeed's own consolidation
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
-        model_file = ds_dir / _DS_MODEL_STATES  # ZeRO 1-2; ZeRO-3 writes one per rank, all alike
-        if not model_file.is_file():
-            model_file = ds_dir / _DS_ZERO3_MODEL_STATES
-        module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    else:
-        saved = torch.load(ds_dir / _DS_MODEL_STATES, map_location="cpu", weights_only=False)
-        module = saved["module"]
-        state = _stage0_masters(plan, module, saved.get("optimizer") or {})
-    _check_against_module(state, module)
-    # Tensors without a master (buffers, frozen parameters) are the module's own.
-    return {**{k: v.float() if v.is_floating_point() else v for k, v in module.items()}, **state}
-
-
-def _stage0_masters(
-    plan: Plan, module: dict[str, torch.Tensor], opt: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    """Stage 0: fp32 keeps no separate masters (the module is the weights); bf16 and fp16 run
-    DeepSpeed's FP16 optimizer, whose fp32 copies follow the order of the parameter groups."""
-    if "fp32_groups" in opt:
-        groups = [list(g) for g in opt["fp32_groups"]]
-    elif "fp32_groups_flat" in opt:
-        groups = [[flat] for flat in opt["fp32_groups_flat"]]  # split below, once the shapes are known
-    else:
-        low = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
-        if low:
-            raise UserError(
-                f"no fp32 master weights in the stage-0 checkpoint, and {low[0]} is {module[low[0]].dtype}"
-            )
-        return dict(module)
-    from launcher.worker.backends import param_groups
-
-    model = _build(plan)
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):  # a tied parameter has two names
-        names.setdefault(id(param), []).append(name)
-    params = [g["params"] for g in param_groups(model, 0.0) if g["params"]]  # DeepSpeed drops empty groups
-    if len(params) != len(groups):
-        raise UserError(f"the checkpoint has {len(groups)} parameter groups, the model {len(params)}")
-    state: dict[str, torch.Tensor] = {}
-    for group, masters in zip(params, groups, strict=True):
-        if len(masters) == 1 and len(group) > 1:  # a flat group
-            sizes = [p.numel() for p in group]
-            masters = list(torch.split(masters[0][: sum(sizes)], sizes))
-        if len(masters) != len(group):
-            raise UserError(f"a parameter group has {len(masters)} fp32 masters for {len(group)} parameters")
-        for param, master in zip(group, masters, strict=True):
-            for name in names[id(param)]:
-                state[name] = master.view(param.shape)
-    return state
-
-
-def _check_against_module(state: dict[str, torch.Tensor], module: dict[str, torch.Tensor]) -> None:
-    """Every master must round to the module weights the run held (ZeRO-3 holds none whole)."""
-    for name, master in state.items():
-        held = module.get(name)
-        if held is None or held.shape != master.shape or not held.is_floating_point():
-            continue  # ZeRO-3's module holds empty placeholders
-        if not torch.equal(master.to(held.dtype), held):
-            raise UserError(
-                f"the consolidated fp32 master of {name} does not round to the module's {held.dtype} weights "
-                "in the checkpoint; not exporting weights that cannot be confirmed"
-            )
-
-
-def _accelerate(path: Path) -> dict[str, torch.Tensor]:
-    for name in _ACCELERATE_FILES:
-        if (path / name).is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(path / name)
-            loaded: dict[str, torch.Tensor] = torch.load(path / name, map_location="cpu", weights_only=True)
-            return loaded
-    if (path / _ACCELERATE_DCP).is_dir():  # FSDP SHARDED_STATE_DICT: merge the shards
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path / _ACCELERATE_DCP, Path(tmp) / "model.pt")
-            merged = torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)
-        return dict(merged.get("model", merged))
-    raise UserError(f"{path}: no model file from Accelerate's save_state ({', '.join(_ACCELERATE_FILES)})")
 
 
 # --------------------------------------------------------------------------- writing
@@ -344,7 +193,7 @@ def _usual_modes(directory: Path) -> None:
 def _auto_class(plan: Plan) -> str | None:
     """The transformers Auto class that loads the export; None for a model without a config."""
     if plan.hf_dir is not None:
-        return hf_dir.AUTO_CLASSES[tasks.resolve(plan.recipe)]
+        return hf_dir.AUTO_CLASSES[plan.model.task]
     return HF_FAMILIES.get(plan.shape.family) if plan.shape is not None else None
 
 
@@ -518,11 +367,6 @@ def _build(plan: Plan) -> nn.Module:
         return model_setup.model_for(plan, load_init=False)[0]
     except models.ModelError as exc:
         raise UserError(str(exc)) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "no message"
 
 
 if __name__ == "__main__":

@@ -216,6 +216,16 @@ class Meter:
         )
         self.console.note(message)
 
+    def overflow(self, step: int, scale: float | None) -> None:
+        """Record an fp16 step the loss scaler skipped, and the loss scale it lowered to (rank 0 only;
+        only fp16 skips steps, and fp16 always has a loss scale)."""
+        self.event(
+            step,
+            "overflow",
+            f"step {step}: fp16 gradients overflowed; step skipped, loss scale now {scale:g}",
+            loss_scale=scale,
+        )
+
     def precision(self, step: int, seen: dict[str, Any]) -> None:
         """Record a precision x-ray (rank 0 only) and show the events its judge draws from it."""
         if self.console is None or self.health is None:

@@ -26,7 +26,6 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +34,14 @@ import torch.distributed as dist
 from launcher.plan.resolve import Plan
 from launcher.rundir.layout import RunDir
 from launcher.rundir.watchdog import collective_timeout_s
-from launcher.worker import data
+from launcher.worker import data, xray
 from launcher.worker.backends import Backend, LossScaleFloor, NonFiniteStep, load_backend
 from launcher.worker.checkpointer import Checkpointer
 from launcher.worker.metrics import Meter
 from launcher.worker.model_setup import document_positions, model_for
 from launcher.worker.models import ModelError
+from launcher.worker.precision import set_tf32
+from launcher.worker.ranks import Dist, StopAgreement, StopRequest
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -48,82 +49,6 @@ EXIT_FAILED = 1
 # opaque write errors then mean no space left, whatever the few bytes left over.
 NEARLY_FULL_BYTES = 1 << 20
 _TORCH_WRITE_FAILED = re.compile(r"file write failed|inline_container\.cc|PytorchStreamWriter")
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This rank's place in the job, and the collectives the loop needs."""
-
-    rank: int
-    world: int
-    local_rank: int
-    control: dist.ProcessGroup | None  # a gloo group for host-side agreement
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(group=self.control)
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(t.item())
-
-    def mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, group=self.control)
-        return float(t.item()) / self.world
-
-
-class StopRequest:
-    """SIGINT, SIGTERM and SIGUSR1 (Slurm's warning) only set a flag; the loop acts on it."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        self.signal = signum
-
-
-class StopAgreement:
-    """Every rank stops at the same step, without waiting on the others at every step.
-
-    Each step starts an all-reduce of this rank's stop flag over the gloo control group in the
-    background (async_op) and reads the one started a step earlier, which has long finished: the
-    ranks agree on the flags of step N at the end of step N + 1. A signal is thus honoured one
-    step later than it would be by a blocking all-reduce, and no step waits for the slowest rank's
-    host to reach the same line (on a GPU that wait would also stop the host from queueing work).
-    """
-
-    def __init__(self, d: Dist) -> None:
-        self.d = d
-        self.pending: tuple[Any, torch.Tensor] | None = None
-
-    def step(self, flag: bool) -> bool:
-        """Send this step's flag; True on every rank alike once some rank's flag of the step before was."""
-        if self.d.world == 1:
-            return flag
-        mine = torch.tensor([int(flag)])
-        work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.d.control, async_op=True)
-        previous, self.pending = self.pending, (work, mine)
-        if previous is None:
-            return False
-        previous[0].wait()
-        return bool(previous[1].item())
-
-    def close(self) -> None:
-        """Wait for the last all-reduce (every rank started it), so none is left in flight."""
-        if self.pending is not None:
-            self.pending[0].wait()
-            self.pending = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,14 +264,7 @@ def fit(r: Run) -> int:
         meter.data_wait(time.perf_counter() - waited)
         done = step + 1
         backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
-        # The x-ray of step 1 also sketches the gradients: the weights and batch `mplaunch parity` compares.
-        backend.xray = (
-            "sketch"
-            if done == 1 and xray_every
-            else "stats"
-            if xray_every and done % xray_every == 0
-            else None
-        )
+        backend.xray = xray.mode(done, xray_every)
         stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
         beat(done, "step")
         meter.record(stats)
@@ -356,13 +274,7 @@ def fit(r: Run) -> int:
             r.phases.end("first step")
             meter.event(done, "ready", r.phases.describe(done), seconds=r.phases.seconds)
         if stats.skipped:
-            scale = backend.loss_scale()
-            meter.event(
-                done,
-                "overflow",
-                f"step {done}: fp16 gradients overflowed; step skipped, loss scale now {scale:g}",
-                loss_scale=scale,
-            )
+            meter.overflow(done, backend.loss_scale())
         if backend.measure_grads:
             _write_memory_report(r.plan, backend, r.d.rank, done)
         if meter.due(done):
@@ -421,8 +333,7 @@ def _init_distributed(plan: Plan) -> Dist:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if plan.device == "cuda":
         torch.cuda.set_device(local_rank)
-        torch.backends.cuda.matmul.allow_tf32 = plan.precision.allow_tf32
-        torch.backends.cudnn.allow_tf32 = plan.precision.allow_tf32
+        set_tf32(plan.precision)
     control = None
     if world > 1 or "MASTER_ADDR" in os.environ:
         # A collective waiting on a stuck rank fails after this instead of gloo's 30 min; it is

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from launcher.worker.precision import DTYPES
+
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14
 FP16_TO_ZERO = 2.0**-25  # half the smallest subnormal (2^-24): round-to-nearest gives 0 below it
@@ -34,7 +36,6 @@ HEADROOM = 16.0  # "near the maximum" is within this factor of FP16_MAX
 UPDATE_SAMPLE = 1 << 16  # elements per layer whose update is followed through the step
 SKETCH = 8  # random projections of each layer's gradient, at step 1 (mplaunch parity compares them)
 CHUNK = 1 << 24  # elements measured at once (bounds the temporary of |x|)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Columns of the per-layer count matrix, summed over ranks; MAX_COLUMN is reduced by max.
 GRAD = ("elements", "zero", "below_to_zero", "below_normal", "near_max")
@@ -61,6 +62,17 @@ class Shard:
 
 # Parts of parameter names that wrappers add: DDP's leading "module", torch.compile's, FSDP's, checkpointing's.
 _WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def mode(step: int, every: int) -> str | None:
+    """What the x-ray of optimizer step `step` (1-based) takes, at logging.precision_every `every`
+    (0: never): "sketch" at step 1 (stats and sketch: the weights and batch `mplaunch parity`
+    compares), "stats" every `every` steps, else None."""
+    if not every:
+        return None
+    if step == 1:
+        return "sketch"
+    return "stats" if step % every == 0 else None
 
 
 def layer_of(name: str) -> str:

@@ -2,6 +2,8 @@
 
 Both keep master weights and optimizer state in fp32 and compute in the
 plan's dtype; both report the loss scale and skipped steps the same way.
+Each owns its checkpoint format: `Engine.save` and `Engine.load` write and read
+it in a run, `consolidate_fp32` reads it back without an engine.
 """
 
 from __future__ import annotations
@@ -92,6 +94,22 @@ def load_backend(plan: Plan, model: nn.Module) -> Backend:
     """Wrap `model` with the plan's backend."""
     module = importlib.import_module(BACKENDS[plan.recipe.backend])
     return module.Engine(plan, model)
+
+
+def consolidate_fp32(plan: Plan, directory: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights (and buffers) of the checkpoint the plan's backend saved into
+    `directory`, under the trained module's names; no engine, process group or GPU needed.
+
+    Raises:
+        launcher.errors.UserError: the backend's files are missing or do not fit together.
+        launcher.worker.models.ModelError: the plan's model, which DeepSpeed stage 0 in 16 bits
+            needs to order its masters, cannot be built.
+        OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError: a file
+            does not load.
+    """
+    module = importlib.import_module(BACKENDS[plan.recipe.backend])
+    state: dict[str, torch.Tensor] = module.consolidate_fp32(directory, plan)
+    return state
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -1,26 +1,32 @@
 """HF Accelerate behind the Backend interface: DDP, or FSDP for ZeRO stages on GPU.
 
 The engine consumes exactly the plan's accelerate settings (what the dry run
-prints; backend_config.accelerate_settings). Gradient accumulation, autocast
-and fp16 loss scaling are done here explicitly, and only here: the
+prints; backend_config.accelerate_settings). Gradient accumulation is done here,
+autocast and fp16 loss scaling by launcher.worker.precision from the plan's policy
+(the settings' `autocast` and `loss_scale` print the same values): the
 Accelerator runs with mixed_precision "no", because Accelerate has no autocast
 and no GradScaler for fp16 on CPU and its scaler lacks DeepSpeed's hysteresis
 and floor: `precision.loss_scale` must mean the same on both backends.
+
+`consolidate_fp32` reads a checkpoint this engine saved back without an engine
+(`mplaunch export`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from launcher.plan import schedule
-from launcher.plan.loss_scale import DynamicScale, ScaleAtMinimum
+from launcher.errors import UserError
+from launcher.plan import hf_dir, schedule
+from launcher.plan.loss_scale import ScaleAtMinimum
 from launcher.plan.resolve import Plan
-from launcher.recipe.schema import LossScale
 from launcher.worker import xray
 from launcher.worker.backends import (
     LossScaleFloor,
@@ -31,45 +37,12 @@ from launcher.worker.backends import (
     to_device,
 )
 from launcher.worker.models import loss_of
+from launcher.worker.precision import Precision
 
 EXTRA_STATE = "mplaunch_accelerate.json"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _scaler_class(sharded: bool) -> type:
-    from torch.amp import GradScaler
-
-    base: type[GradScaler] = GradScaler
-    if sharded:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        base = ShardedGradScaler
-
-    class HysteresisScaler(base):  # type: ignore[valid-type,misc]  # a base chosen at run time
-        """torch's GradScaler (which unscales, checks for inf and skips the step) whose
-        scale follows DeepSpeed's rules (hysteresis, window, floor) instead of its own.
-
-        Reading the overflow flag is one host sync per step, only in fp16; DeepSpeed's
-        fp16 optimizers make the same check.
-        """
-
-        def __init__(self, device: str, rule: DynamicScale) -> None:
-            super().__init__(device, init_scale=rule.scale, growth_interval=2**31 - 1)
-            self.rule = rule
-            self.last_overflow = False
-
-        def update(self, new_scale: float | None = None) -> None:
-            found = [
-                v
-                for state in self._per_optimizer_states.values()
-                for v in state["found_inf_per_device"].values()
-            ]
-            self.last_overflow = bool(sum(float(v.item()) for v in found))
-            super().update()  # resets the per-step bookkeeping; the scale is set below
-            self.rule.update(self.last_overflow)
-            self._scale.fill_(self.rule.scale)
-
-    return HysteresisScaler
+# What save_state writes for model 0: DDP and FSDP FULL_STATE_DICT, or FSDP SHARDED_STATE_DICT.
+MODEL_FILES = (hf_dir.SAFETENSORS_FILE, hf_dir.TORCH_FILE, "pytorch_model_fsdp.bin")
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
 
 
 class Engine:
@@ -82,7 +55,6 @@ class Engine:
         settings = plan.backend_config
         self.accum = settings["grad_accum"]
         self.clip = settings["grad_clip"]
-        self.dtype = DTYPES[settings["autocast"]] if settings["autocast"] else None
         self.acc = Accelerator(**settings["accelerator"], fsdp_plugin=_fsdp_plugin(settings["fsdp_plugin"]))
         self.device = self.acc.device
         opt = settings["optimizer"]
@@ -98,10 +70,9 @@ class Engine:
         if plan.recipe.train.compile:
             model.compile()  # in place: parameter names, and so checkpoints, stay the same
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.scaler = None
-        if settings["loss_scale"] is not None:
-            rule = DynamicScale.from_recipe(LossScale(**settings["loss_scale"]))
-            self.scaler = _scaler_class(settings["fsdp_plugin"] is not None)(self.device.type, rule)
+        self.precision = Precision(
+            plan.precision, self.device.type, sharded=settings["fsdp_plugin"] is not None
+        )
         self.skipped = 0
         self.grad_bytes: int | None = None
         self.measure_grads = False
@@ -128,10 +99,15 @@ class Engine:
             out.append(xray.Shard(xray.layer_of(name), g, w, start))
         return out
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype (the settings' `autocast`); None: no autocast."""
+        return self.precision.autocast_dtype
+
+    @property
+    def scaler(self) -> Any:
+        """The fp16 loss scaler (the settings' `loss_scale`); None without one."""
+        return self.precision.scaler
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
         total = torch.zeros((), device=self.device)
@@ -141,17 +117,13 @@ class Engine:
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with sync:
-                with self._autocast():
+                with self.precision.autocast():
                     loss = loss_of(self.model(**to_device(batch, self.device)))
-                scaled = loss.float() / self.accum
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
+                self.precision.scale(loss.float() / self.accum).backward()
             total += loss.detach().float()
         if self.measure_grads:
             self.grad_bytes = tensor_bytes([p.grad for p in self.model.parameters()])
-        if self.scaler is not None:
-            self.scaler.unscale_(inner)
+        self.precision.unscale_(inner)
         probe = None
         if self.xray:  # the unscaled, unclipped gradients; the scale their backward used
             dtype, scale = self.plan.precision.dtype, self.loss_scale()
@@ -160,20 +132,14 @@ class Engine:
         grad_norm = self.acc.clip_grad_norm_(
             self.model.parameters(), self.clip if self.clip > 0 else float("inf")
         )
-        skipped = None
-        if self.scaler is not None:
-            self.scaler.step(inner)
-            try:
-                self.scaler.update()
-            except ScaleAtMinimum as exc:
-                raise LossScaleFloor(str(exc)) from None
-            skipped = self.scaler.last_overflow
-            self.skipped += int(skipped)
-        else:
-            # Nothing skips a step with non-finite gradients here (deciding on the host would
-            # sync every step): the returned grad_norm marks it in the Meter, on the device, and
-            # the check at the next log interval or save stops the run before any of it is saved.
-            inner.step()
+        # Without a scaler nothing skips a step with non-finite gradients (deciding on the host
+        # would sync every step): the returned grad_norm marks it in the Meter, on the device, and
+        # the check at the next log interval or save stops the run before any of it is saved.
+        try:
+            skipped = self.precision.step(inner)
+        except ScaleAtMinimum as exc:
+            raise LossScaleFloor(str(exc)) from None
+        self.skipped += int(bool(skipped))
         # A skipped step must not advance the LR schedule (DeepSpeed's rule too).
         if not skipped:
             self.scheduler.step()
@@ -185,13 +151,13 @@ class Engine:
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.model.eval()
         try:
-            with self._autocast():
+            with self.precision.autocast():
                 return loss_of(self.model(**to_device(batch, self.device))).detach().float()
         finally:
             self.model.train()
 
     def loss_scale(self) -> float | None:
-        return self.scaler.rule.scale if self.scaler is not None else None
+        return self.precision.loss_scale()
 
     def skipped_steps(self) -> int:
         return self.skipped
@@ -216,7 +182,7 @@ class Engine:
             extra = {
                 "scheduler": self.scheduler.state_dict(),
                 "skipped_steps": self.skipped,
-                "scale": self.scaler.rule.state_dict() if self.scaler else None,
+                "scale": self.precision.state_dict(),
             }
             (directory / EXTRA_STATE).write_text(json.dumps(extra))
 
@@ -226,10 +192,7 @@ class Engine:
         self.scheduler.load_state_dict(extra["scheduler"])
         schedule.continue_on(self.scheduler, self.plan.recipe)
         self.skipped = extra["skipped_steps"]
-        if self.scaler is not None and extra["scale"] is not None:
-            self.scaler.rule = DynamicScale(**extra["scale"])
-            self.scaler._scale = None  # re-created at the rule's scale on first use
-            self.scaler._init_scale = self.scaler.rule.scale
+        self.precision.load_state_dict(extra["scale"])
 
 
 def _fsdp_plugin(fsdp: dict | None):
@@ -238,3 +201,33 @@ def _fsdp_plugin(fsdp: dict | None):
     from accelerate import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(**fsdp)
+
+
+def consolidate_fp32(directory: Path, plan: Plan) -> dict[str, torch.Tensor]:
+    """The full fp32 weights (and buffers) in checkpoint `directory`, as `Engine.save` wrote them.
+
+    Under autocast the parameters are the fp32 master weights, so the model file save_state wrote
+    is the answer: pytorch_model.bin (DDP, FSDP FULL_STATE_DICT), or FSDP's sharded
+    pytorch_model_fsdp_0/ merged with torch.distributed.checkpoint.
+
+    Raises:
+        UserError: no model file from save_state in `directory`.
+    """
+    for name in MODEL_FILES:
+        if (directory / name).is_file():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(directory / name)
+            loaded: dict[str, torch.Tensor] = torch.load(
+                directory / name, map_location="cpu", weights_only=True
+            )
+            return loaded
+    if (directory / SHARDED_MODEL_DIR).is_dir():  # FSDP SHARDED_STATE_DICT: merge the shards
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(directory / SHARDED_MODEL_DIR, Path(tmp) / "model.pt")
+            merged = torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)
+        return dict(merged.get("model", merged))
+    raise UserError(f"{directory}: no model file from Accelerate's save_state ({', '.join(MODEL_FILES)})")

@@ -2,18 +2,39 @@
 
 The engine is configured entirely by the plan's generated DeepSpeed config
 (the one the dry run prints); only the model, its parameter groups and the
-LR schedule are handed over in code.
+LR schedule are handed over in code. DeepSpeed scales the fp16 loss itself.
+
+`consolidate_fp32` reads a checkpoint this engine saved back without an engine
+(`mplaunch export`), whatever the stage:
+
+    ZeRO 1-3      the `*_optim_states.pt` shards, through DeepSpeed's own zero_to_fp32
+                  (ZeRO 1-2: `single_partition_of_fp32_groups`, ZeRO-3: `fp32_flat_groups`;
+                  DeepSpeed's BF16_Optimizer writes the same ZeRO-1 layout)
+    stage 0       no optimizer shards: in fp32 the module in mp_rank_00_model_states.pt is
+                  the weights; in bf16/fp16 the fp32 masters are that file's optimizer state
+                  (`fp32_groups` per parameter, or `fp32_groups_flat` per group), in the
+                  order of the parameter groups the engine was given (`param_groups`)
+
+Where the checkpoint also holds the module's own (16-bit, or fp32) weights, every master must
+round to exactly those: a consolidation that disagrees is refused rather than written.
+
+deepspeed is imported where it is used: a CPU process must name DeepSpeed's accelerator
+(DS_ACCELERATOR) before the import, and the worker and export each do so first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import deepspeed
 import torch
 from torch import nn
 
+from launcher.errors import UserError
 from launcher.plan import schedule
 from launcher.plan.resolve import Plan
 from launcher.worker import xray
@@ -29,7 +50,14 @@ from launcher.worker.backends import (
 )
 from launcher.worker.models import loss_of
 
+if TYPE_CHECKING:
+    import deepspeed
+
 TAG = "deepspeed"
+# DeepSpeed's file names (deepspeed.utils.zero_to_fp32 reads the same ones).
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+OPTIM_STATES_GLOB = "*_optim_states.pt"
 # Where DeepSpeed's optimizers keep this rank's fp32 master weights and gradient partitions
 # in every configuration mplaunch generates.
 _MASTER = (
@@ -52,6 +80,8 @@ class Engine:
     """A DeepSpeed engine stepping one optimizer step per `train_step`."""
 
     def __init__(self, plan: Plan, model: nn.Module) -> None:
+        import deepspeed
+
         self.plan = plan
         groups = param_groups(model, plan.recipe.optimizer.weight_decay)
         factor = schedule.factor(plan.recipe)
@@ -191,7 +221,7 @@ def _shards(engine: deepspeed.DeepSpeedEngine) -> list[xray.Shard]:
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
     rank, world = (torch.distributed.get_rank(), _world()) if torch.distributed.is_initialized() else (0, 1)
-    masters = _stage0_masters(engine.optimizer)
+    masters = _live_stage0_masters(engine.optimizer)
     out = []
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
@@ -219,7 +249,7 @@ def _shards(engine: deepspeed.DeepSpeedEngine) -> list[xray.Shard]:
     return out
 
 
-def _stage0_masters(opt: object) -> dict[int, torch.Tensor]:
+def _live_stage0_masters(opt: object) -> dict[int, torch.Tensor]:
     """ZeRO 0's 16-bit optimizer (FP16_Optimizer, also for bf16): each parameter's fp32 master weight."""
     out: dict[int, torch.Tensor] = {}
     groups = getattr(opt, "fp16_groups", None) or []
@@ -242,3 +272,92 @@ def _grad_norm(parameters: Iterator[nn.Parameter]) -> torch.Tensor:
         return torch.zeros(())
     norms = torch._foreach_norm(grads, 2)
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2)
+
+
+# --------------------------------------------------------------------------- reading a checkpoint
+
+
+def consolidate_fp32(directory: Path, plan: Plan) -> dict[str, torch.Tensor]:
+    """The full fp32 weights (and buffers) in checkpoint `directory`, as `Engine.save` wrote them,
+    under the trained module's names (see the module's docstring for each stage's layout).
+
+    Raises:
+        UserError: no DeepSpeed checkpoint files, or masters that do not fit the model or do
+            not round to the module weights the checkpoint holds.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # unpickling the checkpoint imports deepspeed
+    ds_dir = directory / TAG
+    if not (ds_dir / MODEL_STATES).is_file() and not any(ds_dir.glob(OPTIM_STATES_GLOB)):
+        raise UserError(f"{ds_dir}: no DeepSpeed checkpoint files")
+    if any(ds_dir.glob(OPTIM_STATES_GLOB)):  # ZeRO 1-3 (and BF16_Optimizer): DeepSpeed's own consolidation
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+        model_file = ds_dir / MODEL_STATES  # ZeRO 1-2; ZeRO-3 writes one per rank, all alike
+        if not model_file.is_file():
+            model_file = ds_dir / ZERO3_MODEL_STATES
+        module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    else:
+        saved = torch.load(ds_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+        module = saved["module"]
+        state = _stage0_masters(plan, module, saved.get("optimizer") or {})
+    _check_against_module(state, module)
+    # Tensors without a master (buffers, frozen parameters) are the module's own.
+    return {**{k: v.float() if v.is_floating_point() else v for k, v in module.items()}, **state}
+
+
+def _stage0_masters(
+    plan: Plan, module: dict[str, torch.Tensor], opt: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Stage 0: fp32 keeps no separate masters (the module is the weights); bf16 and fp16 run
+    DeepSpeed's FP16 optimizer, whose fp32 copies follow the order of the parameter groups.
+
+    Raises:
+        launcher.worker.models.ModelError: the plan's model cannot be built (to learn that order).
+    """
+    if "fp32_groups" in opt:
+        groups = [list(g) for g in opt["fp32_groups"]]
+    elif "fp32_groups_flat" in opt:
+        groups = [[flat] for flat in opt["fp32_groups_flat"]]  # split below, once the shapes are known
+    else:
+        low = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
+        if low:
+            raise UserError(
+                f"no fp32 master weights in the stage-0 checkpoint, and {low[0]} is {module[low[0]].dtype}"
+            )
+        return dict(module)
+    from launcher.worker.model_setup import model_for
+
+    model = model_for(plan, load_init=False)[0]  # freshly initialised: only its parameters' order counts
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):  # a tied parameter has two names
+        names.setdefault(id(param), []).append(name)
+    params = [g["params"] for g in param_groups(model, 0.0) if g["params"]]  # DeepSpeed drops empty groups
+    if len(params) != len(groups):
+        raise UserError(f"the checkpoint has {len(groups)} parameter groups, the model {len(params)}")
+    state: dict[str, torch.Tensor] = {}
+    for group, masters in zip(params, groups, strict=True):
+        if len(masters) == 1 and len(group) > 1:  # a flat group
+            sizes = [p.numel() for p in group]
+            masters = list(torch.split(masters[0][: sum(sizes)], sizes))
+        if len(masters) != len(group):
+            raise UserError(f"a parameter group has {len(masters)} fp32 masters for {len(group)} parameters")
+        for param, master in zip(group, masters, strict=True):
+            for name in names[id(param)]:
+                state[name] = master.view(param.shape)
+    return state
+
+
+def _check_against_module(state: dict[str, torch.Tensor], module: dict[str, torch.Tensor]) -> None:
+    """Every master must round to the module weights the run held (ZeRO-3 holds none whole)."""
+    for name, master in state.items():
+        held = module.get(name)
+        if held is None or held.shape != master.shape or not held.is_floating_point():
+            continue  # ZeRO-3's module holds empty placeholders
+        if not torch.equal(master.to(held.dtype), held):
+            raise UserError(
+                f"the consolidated fp32 master of {name} does not round to the module's {held.dtype} weights "
+                "in the checkpoint; not exporting weights that cannot be confirmed"
+            )
