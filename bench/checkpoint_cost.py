@@ -44,8 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launcher.recipe import shapes  # noqa: E402
 from launcher.recipe import schema as recipe_mod  # noqa: E402
+from launcher.recipe import shapes  # noqa: E402
 from launcher.rundir import checkpoint  # noqa: E402
 from launcher.worker import models  # noqa: E402
 from launcher.worker.checkpointer import parameter_square_sum  # noqa: E402

@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from launcher.rundir.layout import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 # Micro-batch per (size, seq_len): large enough to keep an H100 busy, small enough for 80 GB in fp32.
 MICRO = {("base", 128): 64, ("base", 512): 16, ("large", 128): 32, ("large", 512): 8}
@@ -85,7 +87,7 @@ def measure(path: Path, warmup_records: int) -> dict[str, Any]:
         lines = [line for line in result.stderr.splitlines() if "error" in line]
         return {"config": name, "error": (lines or result.stderr.splitlines() or ["failed"])[-1]}
     run_dir = path.parent / "runs" / name
-    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in RunDir.of(run_dir).metrics.read_text().splitlines()]
     train = [r for r in train if r["kind"] == "train"][warmup_records:] or [
         r for r in train if r["kind"] == "train"
     ]

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher.rundir.layout import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMED_OUT = {124, 137}  # timeout(1): the cap was reached (137: it had to SIGKILL)
 CPU_FP16 = "not supported by DeepSpeed on CPU"  # DeepSpeed's refusal, recorded as a skip with its message
@@ -442,7 +444,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
             code = 1
         _dump(Path(args.out), body)
         measured = gpu.measure(path, args.warmup_records)
-        shutil.rmtree(scratch / "runs" / path.stem / "checkpoints", ignore_errors=True)  # GBs we never read
+        shutil.rmtree(
+            RunDir.of(scratch / "runs" / path.stem).checkpoints, ignore_errors=True
+        )  # GBs we never read
         print(json.dumps(measured), flush=True)
         entry["measured"] = measured
         if "error" in measured:

@@ -42,6 +42,8 @@ from typing import Any
 
 from gpu_proof import device_name  # bench/, this script's own folder
 
+from launcher.rundir.layout import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 10  # steps left out of the steady state (first-step work, allocator warm-up)
 WAYS = ("plain", "model", "labelled")
@@ -79,7 +81,7 @@ def run_mplaunch(tmp: Path, backend: str, steps: int, loss: str) -> dict[str, fl
     started = time.time()
     subprocess.run([sys.executable, "-m", "launcher", str(recipe)], check=True, cwd=ROOT, capture_output=True)
     ended = time.time()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunDir.of(run_dir).metrics.read_text().splitlines()]
     times = {r["step"]: r["time"] for r in records if r["kind"] == "train"}
     ready = next(r for r in records if r["kind"] == "event" and r["event"] == "ready")
     return {
@@ -90,7 +92,7 @@ def run_mplaunch(tmp: Path, backend: str, steps: int, loss: str) -> dict[str, fl
 
 
 def run_plain(tmp: Path, backend: str, steps: int) -> dict[str, float]:
-    plan = tmp / "runs" / f"overhead-{backend}-model" / "plan.json"  # written by the warm-up run
+    plan = RunDir.of(tmp / "runs" / f"overhead-{backend}-model").plan_file  # written by the warm-up run
     out = tmp / "plain.json"
     saved = json.loads(plan.read_text())["plan"]
     env = {**os.environ, **saved["env"]}  # the environment mplaunch gives its workers (threads, accelerator)

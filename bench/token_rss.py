@@ -88,9 +88,11 @@ def child(recipe_path: str, mode: str, num_batches: int) -> None:
     from launcher.plan.hardware import Hardware
     from launcher.plan.resolve import resolve
     from launcher.recipe.schema import load
+    from launcher.run import token_cache
     from launcher.worker import data
 
     plan = resolve(load(Path(recipe_path)), Hardware(cpu_count=os.cpu_count() or 1))
+    token_cache.place_tokenizer(plan)  # the launcher's step before any worker, not measured
     baseline = _status("VmHWM")["VmHWM"]
     imported_at = time.time()
     started = time.perf_counter()

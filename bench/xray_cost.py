@@ -53,6 +53,8 @@ from typing import Any
 import overhead  # bench/, this script's own folder: the device setup and its DEVICE
 from gpu_proof import device_name
 
+from launcher.rundir.layout import RunDir
+
 ROOT = overhead.ROOT
 WAYS: dict[str, int | None] = {"off": 0, "every": 1, "default": None}  # None: the recipe's default
 NOISY = 0.05  # other processes' share of the CPUs in a run above which the summary says it was disturbed
@@ -120,8 +122,8 @@ def run(
     cores = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
     if done.returncode:
         raise SystemExit(f"mplaunch {recipe} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    every = json.loads((run_dir / "plan.json").read_text())["recipe"]["logging"]["precision_every"]
+    records = [json.loads(line) for line in RunDir.of(run_dir).metrics.read_text().splitlines()]
+    every = json.loads(RunDir.of(run_dir).plan_file.read_text())["recipe"]["logging"]["precision_every"]
     xrays = [r["step"] for r in records if r["kind"] == "precision"]
     expected = [s for s in range(1, steps + 1) if every and (s == 1 or s % every == 0)]
     if xrays != expected:  # the configuration did not take effect as this benchmark assumes

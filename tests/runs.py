@@ -87,6 +87,21 @@ def records(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
     return [r for r in out if kind is None or r["kind"] == kind]
 
 
+def train_record(step: int = 4, **fields: Any) -> dict[str, Any]:
+    """A train record as metrics.jsonl holds it, with `fields` replaced."""
+    return {
+        "kind": "train",
+        "step": step,
+        "loss": 2.5,
+        "loss_scale": None,
+        "skipped_steps": 0,
+        "samples_per_s": 1234.5,
+        "step_time_s": 0.5,
+        "mfu": None,
+        **fields,
+    }
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """The latest recorded training loss of every step."""
     return {r["step"]: r["loss"] for r in records(run_dir, "train")}
@@ -111,6 +126,14 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
             )
         time.sleep(0.2)
     raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (a stale lock's holder)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(done.stdout)
 
 
 def explain(result: subprocess.CompletedProcess) -> str:

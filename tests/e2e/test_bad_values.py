@@ -7,7 +7,6 @@ The training runs are 2-rank CPU runs of a tiny model, one per fixture.
 
 from __future__ import annotations
 
-import math
 import re
 import subprocess
 import time
@@ -15,15 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from launcher.errors import UserError
-from launcher.plan.hardware import Hardware
-from launcher.plan.resolve import resolve
-from launcher.recipe.files import MAX_VALUES, Loader, expanded_size
+from launcher.recipe.files import MAX_VALUES
 from launcher.recipe.schema import load
-from launcher.worker.backends import StepStats
-from launcher.worker.metrics import Meter, NonFiniteGrads, NonFiniteLoss
 from tests.runs import FAST, FAST_USER_MODEL, TINY, explain, mplaunch, records, write_recipe
 
 NAN_STEP = 3
@@ -98,6 +92,7 @@ def _assert_sound_checkpoints(run_dir: Path) -> None:
             assert w.abs().max() < HUGE, f"checkpoint {step} holds weights of {w.abs().max():g}"
 
 
+@pytest.mark.slow
 def test_nan_gradients_under_a_finite_loss_stop_the_run_and_are_never_sealed(accelerate_nan: tuple) -> None:
     result, run_dir = accelerate_nan
     assert result.returncode == 1, explain(result)
@@ -111,6 +106,7 @@ def test_nan_gradients_under_a_finite_loss_stop_the_run_and_are_never_sealed(acc
     assert not (run_dir / "FINISHED").exists()
 
 
+@pytest.mark.slow
 def test_deepspeed_skipping_a_step_in_fp32_stops_the_run(deepspeed_nan: tuple) -> None:
     result, run_dir = deepspeed_nan
     assert result.returncode == 1, explain(result)
@@ -124,6 +120,7 @@ def test_deepspeed_skipping_a_step_in_fp32_stops_the_run(deepspeed_nan: tuple) -
     _assert_sound_checkpoints(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["accelerate", "deepspeed"])
 def test_a_huge_learning_rate_stops_the_run_and_seals_no_huge_weights(workdir: Path, backend: str) -> None:
     name = f"lr-{backend}"
@@ -134,63 +131,6 @@ def test_a_huge_learning_rate_stops_the_run_and_seals_no_huge_weights(workdir: P
     assert "NaN or infinite" in line or "not finite" in line, line
     assert "Traceback" not in result.stderr
     _assert_sound_checkpoints(workdir / "runs" / name)
-
-
-# --------------------------------------------------------------------------- the Meter, in process
-
-
-@pytest.fixture
-def meter(tmp_path: Path) -> Meter:
-    plan = resolve(
-        load(TINY, [f"logging.dir={tmp_path}", "launch.nproc_per_node=1", "logging.tensorboard=false"]),
-        Hardware(cpu_count=2),
-    )
-    return Meter(plan, is_rank0=False, start_step=10)
-
-
-def _no_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object) -> None:
-        raise AssertionError("Meter.record read a tensor back to the host")
-
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-
-
-def test_the_meter_marks_the_first_bad_step_without_a_host_sync(
-    meter: Meter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    good, nan = torch.tensor(2.0), torch.tensor(math.nan)
-    with monkeypatch.context() as m:
-        _no_host_reads(m)
-        meter.record(StepStats(good, torch.tensor(1.0), None))  # step 11
-        meter.record(StepStats(good, torch.tensor(math.inf), None))  # step 12: gradients
-        meter.record(StepStats(nan, torch.tensor(math.nan), None))  # step 13: the loss too
-    with pytest.raises(NonFiniteGrads, match="gradients became NaN or infinite in fp32 at step 12 while"):
-        meter.check_finite()
-
-
-@pytest.mark.gpu
-def test_the_meter_never_waits_for_the_gpu(meter: Meter) -> None:
-    loss, norm = torch.tensor(2.0, device="cuda"), torch.tensor(math.inf, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
-    try:
-        for _ in range(3):
-            meter.record(StepStats(loss, norm, None))
-            meter.record(StepStats(loss, 1.0, None))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    with pytest.raises(NonFiniteGrads, match="at step 11 while"):
-        meter.check_finite()
-
-
-def test_the_meter_names_a_bad_loss_and_ignores_fp16_skipped_steps(meter: Meter) -> None:
-    meter.record(StepStats(torch.tensor(math.inf), torch.tensor(math.nan), True))  # skipped: the scaler's
-    meter.check_finite()
-    meter.record(StepStats(torch.tensor(math.nan), 1.0, None))
-    with pytest.raises(NonFiniteLoss, match="the loss became NaN or infinite in fp32 at step 12") as exc:
-        meter.check_finite()
-    assert "nothing from step 12 on was saved" in str(exc.value)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -220,19 +160,6 @@ def test_a_yaml_alias_bomb_is_refused_at_check_time_in_one_line(tmp_path: Path) 
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, explain(result)
         assert str(path) in lines[0] and f"{MAX_VALUES:,} values" in lines[0]
-
-
-def test_a_recipe_that_refers_to_itself_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "loop.yaml"
-    path.write_text(f"extends: {TINY}\nname: loop\nmodel:\n  kwargs: &k {{again: *k}}\n")
-    with pytest.raises(UserError, match="expands to more than"):
-        load(path)
-
-
-def test_the_shipped_recipes_are_far_below_the_size_limit() -> None:
-    for path in TINY.parent.glob("*.yaml"):
-        values, _ = expanded_size(yaml.compose(path.read_text(), Loader=Loader), {}, set())
-        assert values * 100 < MAX_VALUES, path
 
 
 def test_a_data_path_naming_a_directory_says_so(tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ import torch
 
 from launcher.errors import UserError
 from launcher.plan.resolve import Plan
-from launcher.worker import export, models
+from launcher.worker import models
+from launcher.worker.backends import deepspeed as ds_backend
 from tests.runs import FAST, explain, mplaunch, write_recipe
 
 STEPS = 4
@@ -199,9 +200,9 @@ def test_stage0_flat_masters_and_a_wrong_order_is_refused(runs: Runs) -> None:
     stage0_bf16 = runs("stage0_bf16")
     saved = _load(stage0_bf16.ds_file("mp_rank_00_model_states.pt"))
     groups = saved["optimizer"]["fp32_groups"]
-    per_param = export._stage0_masters(stage0_bf16.plan, saved["module"], {"fp32_groups": groups})
+    per_param = ds_backend._stage0_masters(stage0_bf16.plan, saved["module"], {"fp32_groups": groups})
     flat = {"fp32_groups_flat": [torch.cat([t.flatten() for t in g]) for g in groups]}  # FP16_Optimizer's
-    from_flat = export._stage0_masters(stage0_bf16.plan, saved["module"], flat)
+    from_flat = ds_backend._stage0_masters(stage0_bf16.plan, saved["module"], flat)
     assert per_param.keys() == from_flat.keys()
     assert all(torch.equal(per_param[k], from_flat[k]) for k in per_param)
     # Two same-shaped masters swapped (a wrong mapping) are caught by the module's own weights.
@@ -214,9 +215,9 @@ def test_stage0_flat_masters_and_a_wrong_order_is_refused(runs: Runs) -> None:
     )
     swapped = [list(groups[0]), list(g)]
     swapped[1][i], swapped[1][j] = g[j], g[i]
-    bad = export._stage0_masters(stage0_bf16.plan, saved["module"], {"fp32_groups": swapped})
+    bad = ds_backend._stage0_masters(stage0_bf16.plan, saved["module"], {"fp32_groups": swapped})
     with pytest.raises(UserError, match="does not round to the module"):
-        export._check_against_module(bad, saved["module"])
+        ds_backend._check_against_module(bad, saved["module"])
 
 
 # --------------------------------------------------------------------------- the tokenizer
@@ -298,27 +299,3 @@ def test_not_a_run_directory(tmp_path: Path) -> None:
 def test_export_needs_out(tmp_path: Path) -> None:
     line = _one_error(mplaunch("export", str(tmp_path)))
     assert "--out" in line, line
-
-
-# --------------------------------------------------------------------------- models without an HF config
-
-
-def test_a_state_dict_is_written_for_models_without_a_config(tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
-    weight = torch.randn(4, 3)
-    state = {"embed.weight": weight, "head.weight": weight, "head.bias": torch.randn(4)}
-    state["steps"] = torch.tensor(7)
-    what = export._save_state_dict(state, torch.bfloat16, tmp_path)
-    loaded = load_file(str(tmp_path / "model.safetensors"))
-    assert loaded.keys() == state.keys()
-    assert loaded["head.weight"].dtype == torch.bfloat16
-    assert torch.equal(loaded["head.weight"], weight.bfloat16())
-    assert loaded["steps"].dtype == torch.int64  # not floating: kept as it is
-    assert "4 tensors, 17 elements" in what, what  # the tied weight counts once: 12 + 4 + 1
-
-
-def test_fp16_overflow_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="not finite in float16"):
-        export._save_state_dict({"w": torch.tensor([1e6])}, torch.float16, tmp_path)
-    assert not (tmp_path / "model.safetensors").exists()

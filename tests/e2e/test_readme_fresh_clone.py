@@ -1,7 +1,7 @@
 """A fresh clone runs the README's commands in the README's order, as a new user pastes them.
 
-The README's install commands are what `.ci/run` runs (checked here; CI installs with them before
-this test runs), so the clone uses this interpreter's environment. Commands that need what a CPU
+The README's install commands are what `.ci/run` runs (tests/unit/test_readme_fresh_clone.py checks;
+CI installs with them before this test runs), so the clone uses this interpreter's environment. Commands that need what a CPU
 machine has not are run as far as one can be: the Slurm submission as a dry run (the live Slurm
 tests submit), the GPU proof not at all (tests/e2e/test_gpu_proof.py rehearses it on the CPU).
 """
@@ -9,7 +9,6 @@ tests submit), the GPU proof not at all (tests/e2e/test_gpu_proof.py rehearses i
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -17,85 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```([a-z]*)\n(.*?)```", README, flags=re.S)
-
-# The README's placeholder line, as the three commands a user makes of it.
-PLACEHOLDERS = {
-    "mplaunch recipes [NAME] [--copy PATH]": [
-        "mplaunch recipes",
-        "mplaunch recipes bert_tiny",
-        "mplaunch recipes bert_tiny --copy new/dir/",
-    ],
-}
-NOT_HERE = {
-    "bash .ci/run": "CI itself, which is running this test",
-    ". .venv/bin/activate && python -m pytest -q": "the test command, which is running this test",
-}
-
-
-def _lines(block: str) -> list[str]:
-    """The block's commands: trailing comments and comment-only continuation lines dropped."""
-    out = []
-    for line in block.splitlines():
-        line = re.sub(r"(^|\s+)#.*$", "", line).strip()
-        if line:
-            out.extend(PLACEHOLDERS.get(line, [line]))
-    return out
-
-
-def _install_and_run(line: str) -> tuple[list[str], str]:
-    """The set-up line's install steps, and the command that runs the main job."""
-    parts = [p.strip() for p in line.split(" && ")]
-    installs = [p for p in parts if p.startswith(("python3 -m venv", ". .venv", "pip install"))]
-    return installs, " && ".join(p for p in parts if p not in installs)
-
-
-def _named_after(block_lang: str, block: str, before: str) -> Path | None:
-    """Where the README says to save a python or yaml example: 'NAME.py beside the recipe'."""
-    if block_lang == "python":
-        found = re.findall(r"`(\w+\.py)` beside the recipe", before)
-        return Path("recipes") / found[-1] if found else None
-    if block_lang == "yaml":
-        name = re.search(r"^name: ([\w-]+)$", block, flags=re.M)
-        return Path("recipes") / f"{name.group(1)}.yaml" if name else None
-    return None
-
-
-def _script() -> list[tuple[str, str]]:
-    """(kind, text) in README order: 'run' a shell command, 'write PATH' a file, 'python' a snippet."""
-    steps: list[tuple[str, str]] = []
-    offset = 0
-    for lang, body in BLOCKS:
-        at = README.index(f"```{lang}\n{body}```", offset)
-        before, offset = README[offset:at], at + len(body)
-        if lang == "bash":
-            for line in _lines(body):
-                if line in NOT_HERE or any(line == cmd for kind, cmd in steps if kind == "run"):
-                    continue  # not here, or a command the README repeats
-                if line.startswith("python3 -m venv"):
-                    line = _install_and_run(line)[1]
-                steps.append(("run", line))
-        elif (target := _named_after(lang, body, before)) is not None:
-            steps.append((f"write {target}", body))
-        elif lang == "python":
-            steps.append(("python", body))
-    return steps
-
-
-def test_the_readme_install_commands_are_what_ci_installs() -> None:
-    (line,) = [b for lang, b in BLOCKS if lang == "bash" and b.startswith("python3 -m venv")]
-    installs, main_job = _install_and_run(line.strip())
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "python3 -m venv .venv" in ci and ". .venv/bin/activate" in ci
-    for step in installs[2:]:
-        # CI's lines are the README's with -q, `python -m pip`, and the dev extra for the tests.
-        package = step.removeprefix("pip install ")
-        wanted = package.replace("[train,report]", "[train,report,dev]")
-        assert f"python -m pip install -q {wanted}" in ci, step
-    assert "'.[train,report]'" in line  # `mplaunch report` and `parity` need the report extra
-    assert main_job.startswith("if nvidia-smi") and "mplaunch recipes/bert_tiny.yaml" in main_job
+from tests.readme_steps import ROOT, script
 
 
 def _run(command: str, clone: Path, env: dict[str, str]) -> str:
@@ -108,13 +29,14 @@ def _run(command: str, clone: Path, env: dict[str, str]) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_every_readme_command_works_in_a_fresh_clone(tmp_path: Path) -> None:
     clone = tmp_path / "mplaunch"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     bin_dir = str(Path(sys.executable).parent)  # this environment's mplaunch and python
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("PYTHONPATH", None)
-    steps = _script()
+    steps = script()
     commands = [text for kind, text in steps if kind == "run"]
     assert len(commands) >= 20, commands  # the README's commands were found, not a handful
     outputs: dict[str, str] = {}
@@ -144,8 +66,3 @@ def test_every_readme_command_works_in_a_fresh_clone(tmp_path: Path) -> None:
         assert any((clone / "exported" / exported).iterdir()), exported
     assert "finished 20 steps" in outputs["run recipes/my-lm.yaml"]
     assert "finished 20 steps" in outputs["run recipes/my-arithmetic.yaml"]
-
-
-@pytest.mark.parametrize("line", ["mplaunch check x.yaml   # a comment", "  # only a comment"])
-def test_comments_are_not_commands(line: str) -> None:
-    assert _lines(line) == (["mplaunch check x.yaml"] if "check" in line else [])

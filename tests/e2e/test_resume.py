@@ -6,13 +6,11 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-import torch
 
 from launcher.run.launch import child_pids
+from tests.checkpoint_state import assert_bitwise_equal, final_checkpoint
 from tests.runs import FAST, explain, losses, mplaunch, records, start, wait_for_step, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -23,64 +21,6 @@ RESUMABLE = {
     "checkpoint": {"every_steps": 2, "keep": 2},
     "model": {"dropout": 0.1},
 }
-# Files whose tensors hold model, optimizer, scheduler, scaler and RNG state in a final checkpoint.
-STATE_SUFFIXES = (".pt", ".bin", ".pkl")
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}/{k}"))
-        return out
-    if isinstance(value, (list, tuple)):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}[{i}]"))
-        return out
-    if hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, np.ndarray, type)):
-        return _flatten(vars(value), f"{prefix}<{type(value).__name__}>")  # e.g. DeepSpeed's loss scaler
-    return {prefix: value}
-
-
-def _state(final: Path) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    for path in sorted(final.rglob("*")):
-        if path.suffix in STATE_SUFFIXES:
-            loaded = torch.load(path, map_location="cpu", weights_only=False)
-            state.update(_flatten(loaded, str(path.relative_to(final))))
-    assert state, f"no state files in {final}"
-    if any("/fp32_flat_groups[" in key for key in state):
-        # ZeRO-3 pads each parameter's partition with uninitialised memory that no computation
-        # reads; its raw flat groups therefore hold arbitrary bits there. Compare the fp32 master
-        # weights as DeepSpeed consolidates them (padding stripped) instead.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = {k: v for k, v in state.items() if "/fp32_flat_groups[" not in k}
-        master = get_fp32_state_dict_from_zero_checkpoint(str(final), tag="deepspeed")
-        state.update(_flatten(dict(master), "consolidated fp32 master weights"))
-    return state
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return np.array_equal(a, b)
-    return a == b
-
-
-def _assert_bitwise_equal(left: Path, right: Path) -> None:
-    a, b = _state(left), _state(right)
-    assert a.keys() == b.keys()
-    tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
-    assert tensors, "no tensors compared"
-    differ = [k for k in a if not _same(a[k], b[k])]
-    assert not differ, f"{len(differ)} entries differ, e.g. {differ[:5]}"
-
-
-def _final(run_dir: Path, step: int = STEPS) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
 def _recipe(tmp: Path, name: str, backend: str, stage: int, dtype: str, extra: dict | None = None) -> Path:
@@ -143,7 +83,9 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
     straight = _recipe(tmp_path, "straight", backend, stage, dtype, {**constant, "train": {"max_steps": end}})
     result = mplaunch(str(straight))
     assert result.returncode == 0, explain(result)
-    _assert_bitwise_equal(_final(run_dir, end), _final(tmp_path / "runs" / "straight", end))
+    assert_bitwise_equal(
+        final_checkpoint(run_dir, end), final_checkpoint(tmp_path / "runs" / "straight", end)
+    )
     # One continuous curve: every step's loss equals the uninterrupted run's.
     assert losses(run_dir) == losses(tmp_path / "runs" / "straight")
 
@@ -170,7 +112,9 @@ def test_a_killed_rank_is_restarted_and_resumes_to_the_same_result(tmp_path: Pat
 
     straight = mplaunch(str(_recipe(tmp_path, "straight", "deepspeed", 2, "fp32", extra)))
     assert straight.returncode == 0, explain(straight)
-    _assert_bitwise_equal(_final(run_dir), _final(tmp_path / "runs" / "straight"))
+    assert_bitwise_equal(
+        final_checkpoint(run_dir, STEPS), final_checkpoint(tmp_path / "runs" / "straight", STEPS)
+    )
     assert losses(run_dir) == losses(tmp_path / "runs" / "straight")
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from launcher.rundir.layout import FINISHED_FILE
+from tests.checkpoint_state import assert_bitwise_equal, final_checkpoint
 from tests.runs import FAST, FAST_USER_MODEL, ROOT, explain, losses, mplaunch, write_recipe
-from tests.e2e.test_data_target import user_recipe
-from tests.e2e.test_resume import _assert_bitwise_equal, _final
+from tests.user_code import data_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _backend(name: str) -> dict[str, Any]:
 
 
 def _data_target(tmp: Path, models: Path) -> Path:
-    return user_recipe(tmp, "target", RESUMABLE, _backend("deepspeed"))
+    return data_recipe(tmp, "target", RESUMABLE, _backend("deepspeed"))
 
 
 def _jsonl_classification(tmp: Path, models: Path) -> Path:
@@ -96,11 +96,11 @@ def test_a_resumed_run_equals_the_uninterrupted_one_bitwise(
     assert first.returncode == 0, explain(first)
     straight, straight_losses = tmp_path / "uninterrupted", losses(run_dir)
     assert sorted(straight_losses) == list(range(1, STEPS + 1))
-    shutil.move(_final(run_dir, STEPS), straight)
+    shutil.move(final_checkpoint(run_dir, STEPS), straight)
     (run_dir / FINISHED_FILE).unlink()  # as if the run had stopped after its step-2 checkpoint
 
     again = mplaunch(str(recipe), timeout=600, env=env)
     assert again.returncode == 0, explain(again)
     assert "resuming from step 2" in again.stdout, explain(again)
-    _assert_bitwise_equal(straight, _final(run_dir, STEPS))
+    assert_bitwise_equal(straight, final_checkpoint(run_dir, STEPS))
     assert losses(run_dir) == straight_losses  # steps 3 and 4 again, each the same

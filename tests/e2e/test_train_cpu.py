@@ -8,6 +8,7 @@ precision and the reduction order.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,27 @@ def _train(workdir: Path, name: str, backend: str, stage: int, dtype: str) -> Pa
     return workdir / "runs" / name
 
 
+Cell = Callable[[str, int, str], Path]  # (backend, stage, dtype) -> that run's directory
+
+
+@pytest.fixture(scope="module")
+def matrix(workdir: Path) -> Cell:
+    """The run directory of one cell of the matrix, trained the first time any test asks for it.
+
+    The loss test and the sharding and planner tests below share these runs, and each trains what
+    it needs, so any one of them runs alone (`-k`) as well as after the others."""
+    done: dict[tuple[str, int, str], Path] = {}
+
+    def cell(backend: str, stage: int, dtype: str) -> Path:
+        if (backend, stage, dtype) not in done:
+            done[backend, stage, dtype] = _train(
+                workdir, f"{backend}-z{stage}-{dtype}", backend, stage, dtype
+            )
+        return done[backend, stage, dtype]
+
+    return cell
+
+
 MATRIX = [("deepspeed", stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("fp32", "bf16")] + [
     ("accelerate", 0, dtype) for dtype in ("fp32", "bf16", "fp16")
 ]
@@ -70,38 +92,37 @@ MATRIX = [("deepspeed", stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("f
 
 @pytest.mark.parametrize(("backend", "stage", "dtype"), MATRIX, ids=lambda v: str(v))
 def test_loss_matches_single_process_fp32(
-    workdir: Path, reference: float, backend: str, stage: int, dtype: str
+    matrix: Cell, reference: float, backend: str, stage: int, dtype: str
 ) -> None:
-    run_dir = _train(workdir, f"{backend}-z{stage}-{dtype}", backend, stage, dtype)
+    run_dir = matrix(backend, stage, dtype)
     loss = _last_loss(run_dir)
     assert abs(loss - reference) / reference < TOLERANCE[dtype], (loss, reference)
     first = records(run_dir, "train")[0]
     assert first["loss"] > loss, "the loss should fall"
     assert (first["loss_scale"] is not None) == (dtype == "fp16")
     assert first["skipped_steps"] == 0
-    # Each rank writes what it holds; used by the sharding test below.
+    # Each rank writes what it holds; the sharding and planner tests below read it.
     for rank in (0, 1):
         held = json.loads((run_dir / "memory" / f"rank-{rank}.json").read_text())["bytes"]
         assert held["params"] > 0
         assert held["optimizer"] > 0
 
 
-def _held(workdir: Path, stage: int, dtype: str, rank: int) -> dict[str, int]:
-    path = workdir / "runs" / f"deepspeed-z{stage}-{dtype}" / "memory" / f"rank-{rank}.json"
-    if not path.exists():
-        pytest.skip(f"needs the deepspeed stage {stage} {dtype} run of the matrix above")
+def _held(matrix: Cell, stage: int, dtype: str, rank: int) -> dict[str, int]:
+    """What `rank` of the DeepSpeed run at this stage and dtype held, by its memory report."""
+    path = matrix("deepspeed", stage, dtype) / "memory" / f"rank-{rank}.json"
     return json.loads(path.read_text())["bytes"]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_zero_shards_master_weights_and_optimizer_state(workdir: Path, dtype: str) -> None:
+def test_zero_shards_master_weights_and_optimizer_state(matrix: Cell, dtype: str) -> None:
     """From stage 1 on each rank holds 1/world of the fp32 master weights and Adam state.
     Bytes measured on the live tensors."""
-    full = _held(workdir, 0, dtype, 0)
+    full = _held(matrix, 0, dtype, 0)
     master_full = full["master"] if dtype == "bf16" else full["params"]  # fp32 stage 0 has no copy
     for stage in (1, 2, 3):
         for rank in (0, 1):
-            held = _held(workdir, stage, dtype, rank)
+            held = _held(matrix, stage, dtype, rank)
             assert held["optimizer"] == pytest.approx(full["optimizer"] / 2, rel=0.02), (stage, rank, held)
             assert held["master"] == pytest.approx(master_full / 2, rel=0.02), (stage, rank, held)
             if stage < 3:  # unsharded; DeepSpeed's flat buffers add a few bytes of alignment
@@ -122,20 +143,19 @@ PLANNER_TOLERANCE = 0.05
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_memory_planner_matches_what_each_rank_holds(workdir: Path, stage: int, dtype: str) -> None:
+def test_memory_planner_matches_what_each_rank_holds(matrix: Cell, stage: int, dtype: str) -> None:
     from launcher.plan.estimate import state_bytes
     from launcher.recipe.schema import Model
     from launcher.recipe.shapes import shape_of
 
-    run_dir = workdir / "runs" / f"deepspeed-z{stage}-{dtype}"
-    _held(workdir, stage, dtype, 0)  # skips unless the matrix above ran
+    run_dir = matrix("deepspeed", stage, dtype)
     vocab = len(json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
     shape = shape_of(Model(name="bert-mlm", size="tiny", max_position_embeddings=512), vocab_size=vocab)
     predicted = state_bytes.model_state_bytes(
         shape, dtype, "deepspeed", stage, 2, overlap_comm=False, grad_accum=2
     )
     for rank in (0, 1):
-        held = _held(workdir, stage, dtype, rank)
+        held = _held(matrix, stage, dtype, rank)
         for row in ("params", "master", "optimizer", *(("grads",) if stage != 2 else ())):
             expected = getattr(predicted, row)
             assert held[row] == pytest.approx(expected, rel=PLANNER_TOLERANCE, abs=64), (

@@ -291,21 +291,3 @@ def test_every_shipped_recipe_still_checks_ok(capsys: pytest.CaptureFixture[str]
     code, err = check(capsys, path)
     assert code == 0
     assert not [line for line in err if line.startswith("error:")]
-
-
-def test_the_workers_hint_names_num_samples_only_for_synthetic_data() -> None:
-    import numpy as np
-
-    from launcher.plan.resolve import resolve
-    from launcher.worker import data
-
-    for overrides, hint in (
-        ([], "lower train.global_batch_size or add data, or lower data.eval_fraction (0.05)"),
-        (["data.kind=synthetic", "data.paths=[]"], "lower train.global_batch_size or raise data.num_samples"),
-    ):
-        plan = resolve(load(BERT, overrides), Hardware(cpu_count=2))
-        with pytest.raises(ValueError, match="cannot fill one global batch of 32") as info:
-            data.Batches(None, np.arange(20), plan, 0)  # type: ignore[arg-type]  # no row is read
-        assert str(info.value).startswith("20 training samples")
-        assert hint in str(info.value)
-        assert ("num_samples" in str(info.value)) == bool(overrides)

@@ -8,30 +8,12 @@ import pytest
 
 from launcher.analysis.health import PrecisionHealth, initial_search_steps
 from launcher.plan.hardware import Gpu, Hardware
-from launcher.plan.resolve import Plan, resolve
-from launcher.recipe.schema import validate
+from tests.plans import V100, GiB, make_plan
 
-GiB = 2**30
-A100 = Hardware(gpus=(Gpu(0, "NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB),), cpu_count=16)
-V100 = Hardware(gpus=(Gpu(0, "Tesla V100-SXM2-32GB", (7, 0), 32 * GiB),), cpu_count=16)
 MIXED = Hardware(
     gpus=(Gpu(0, "Tesla T4", (7, 5), 16 * GiB), Gpu(1, "NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB))
 )
 EVERY = 10  # logging.every_steps of the synthetic runs
-
-
-def make_plan(
-    dtype: str = "fp16", hardware: Hardware = A100, backend: str = "accelerate", **loss_scale: Any
-) -> Plan:
-    raw = {
-        "name": "t",
-        "model": {"name": "tiny-mlp"},
-        "train": {"micro_batch_size": 4},
-        "precision": {"dtype": dtype, "loss_scale": loss_scale},
-        "launch": {"device": "cuda" if hardware.gpus else "cpu", "nproc_per_node": 1},
-        "backend": backend,
-    }
-    return resolve(validate(raw, "test"), hardware)
 
 
 def records(

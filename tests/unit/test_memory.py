@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from launcher import cli
-from launcher.plan.estimate import memory, state_bytes
+from launcher.plan.estimate import activations, memory, state_bytes
 from launcher.plan.estimate.memory import Config, Setting
 from launcher.plan.estimate.state_bytes import Params, model_state_bytes
 from launcher.plan.hardware import Gpu, Hardware
@@ -113,17 +113,17 @@ def test_accelerate_keeps_fp32_params_and_shards_with_fsdp() -> None:
 )
 def test_activations_grow_linearly_in_micro_batch(family: str, dtype: str, backend: str) -> None:
     shape = Shape(family, 256, 4, 4, 1024, 30522, 512)
-    one = state_bytes.activation_bytes(shape, 128, 1, dtype, backend, 0.1)
+    one = activations.activation_bytes(shape, 128, 1, dtype, backend, 0.1)
     assert one > 0
     for b in (2, 7, 32):
-        assert state_bytes.activation_bytes(shape, 128, b, dtype, backend, 0.1) == b * one
+        assert activations.activation_bytes(shape, 128, b, dtype, backend, 0.1) == b * one
 
 
 def test_layer_activations_are_korthikanti_with_sdpa() -> None:
     # 16-bit, I = 4h, dropout on: 34*s*b*h bytes per layer; SDPA replaces the 5*a*s^2*b
     # score terms with a 4-byte log-sum-exp per head and position.
     s, b, h, a = 128, 8, 768, 12
-    got = state_bytes._layer_activation_bytes(BERT_BASE, s, b, e=2, e_ln=2, mask=1)
+    got = activations._layer_activation_bytes(BERT_BASE, s, b, e=2, e_ln=2, mask=1)
     assert got == 34 * s * b * h + 4 * a * s * b
 
 
@@ -133,7 +133,7 @@ def test_activations_of_bert_base_by_hand() -> None:
     embeddings_and_head = s * b * h * (2 + 1 + 3 * 2 + 2)
     loss_tail = 3 * 4 * s * b * vocab  # fp32 log-softmax, its gradient, the logits' gradient (LMLoss)
     expected = layers * per_layer + embeddings_and_head + loss_tail
-    assert state_bytes.activation_bytes(BERT_BASE, s, b, "bf16", "deepspeed", 0.1) == expected
+    assert activations.activation_bytes(BERT_BASE, s, b, "bf16", "deepspeed", 0.1) == expected
 
 
 def _setting(params: Params, shape: Shape | None = None, micro: int = 8, world: int = 1) -> Setting:
@@ -327,13 +327,13 @@ def test_lora_activations_drop_the_frozen_layers_inputs() -> None:
     per_layer = -s * b * (h + inter) * e + 2 * s * b * 8 * e
     expected = 12 * per_layer - s * b * h * (e + 1) - 2 * s * b * h * e
     assert (
-        state_bytes.lora_activation_delta(BERT_BASE, s, b, "bf16", "deepspeed", 0.1, no_dropout) == expected
+        activations.lora_activation_delta(BERT_BASE, s, b, "bf16", "deepspeed", 0.1, no_dropout) == expected
     )
     # With LoRA dropout the shared input goes too, and each adapter keeps its dropped-out copy and mask.
     dropout = state_bytes.LoraSetting(8, 0.05, adapters)
     extra = 12 * (-s * b * h * e + 2 * s * b * h * (e + 1))
     assert (
-        state_bytes.lora_activation_delta(BERT_BASE, s, b, "bf16", "deepspeed", 0.1, dropout)
+        activations.lora_activation_delta(BERT_BASE, s, b, "bf16", "deepspeed", 0.1, dropout)
         == expected + extra
     )
 

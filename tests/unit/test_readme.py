@@ -31,9 +31,11 @@ def _commands(program: str) -> list[str]:
 
 
 def test_readme_test_command_is_what_ci_runs() -> None:
-    (command,) = [c for block in CODE_BLOCKS for c in re.split(r"&&", block) if "pytest" in c]
-    command = command.strip()
-    assert command == "python -m pytest -q"
+    commands = [c.strip() for block in CODE_BLOCKS for c in re.split(r"&&|\n", block) if "pytest" in c]
+    # The whole suite, then the inner loop beside it: the unit tier.
+    assert commands == ["python -m pytest -q", "python -m pytest tests/unit -q"]
+    assert (ROOT / "tests" / "unit").is_dir()
+    command = commands[0]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     ci_commands = [line for line in ci if line and not line.startswith("#")]
     assert ci_commands[-1] == command  # CI ends by running exactly the README's test command

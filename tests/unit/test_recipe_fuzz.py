@@ -36,7 +36,7 @@ def _sections(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tupl
 
 SECTIONS = _sections(Recipe)
 LEAVES = [tuple(k.split(".")) for k in all_keys()]
-MAPPING_LEAVES = {("model", "kwargs"), ("slurm", "env")}
+MAPPING_LEAVES = {("model", "kwargs"), ("model", "config"), ("data", "kwargs"), ("slurm", "env")}
 
 scalars = st.one_of(
     st.none(),

@@ -15,7 +15,8 @@ import pytest
 
 from launcher import cli
 from launcher.analysis.plots import plot_loss
-from launcher.analysis.report import Metrics, read_metrics, summarize
+from launcher.analysis.report import summarize
+from launcher.rundir.metrics_log import Metrics, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("loss.png", "lr.png", "loss_scale.png", "throughput.png", "memory.png", "precision.png")

@@ -9,19 +9,24 @@ import numpy as np
 import pytest
 import torch
 
+from launcher.errors import UserError
 from launcher.plan import vocab
 from launcher.plan.hardware import Hardware
 from launcher.plan.resolve import resolve
 from launcher.recipe.schema import load
+from launcher.run import token_cache
 from launcher.worker import data
 
 ROOT = Path(__file__).resolve().parents[2]
+CORPUS = ROOT / "recipes" / "data" / "corpus.txt"
 CPU = Hardware(cpu_count=2)
 
 
 def _plan(tmp_path: Path, *overrides: str):
-    recipe = load(ROOT / "recipes" / "bert_tiny.yaml", [f"logging.dir={tmp_path}", *overrides])
-    return resolve(recipe, CPU)
+    """The plan as the launcher leaves it for the workers: RUN_DIR/tokenizer in place."""
+    plan = resolve(load(ROOT / "recipes" / "bert_tiny.yaml", [f"logging.dir={tmp_path}", *overrides]), CPU)
+    token_cache.place_tokenizer(plan)
+    return plan
 
 
 def _batches(plan, rank: int) -> data.Batches:
@@ -96,8 +101,19 @@ def test_a_jsonl_record_without_the_field_names_file_and_line(tmp_path: Path) ->
     # `check` reads the first 1000 records (launcher.plan.data_check); the workers read every one.
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a fine record of a few words"}\n' * 1001 + '{"other": "no text here"}\n')
-    plan = _plan(tmp_path, "data.kind=jsonl", f"data.paths=[{json.dumps(str(path))}]")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1002: record has no field 'text' \(data.text_field\)"):
+    where = r"bad.jsonl:1002: record has no field 'text' \(data.text_field\)"
+    # The launcher reads every record to train the tokenizer, before any worker starts.
+    with pytest.raises(UserError, match=rf"^data.paths: .*{where}"):
+        _plan(tmp_path, "data.kind=jsonl", f"data.paths=[{json.dumps(str(path))}]")
+    # With a tokenizer given, the workers read every record as they tokenize.
+    tok = vocab.prepare(load(ROOT / "recipes" / "bert_tiny.yaml"), (str(CORPUS),))
+    plan = _plan(
+        tmp_path,
+        "data.kind=jsonl",
+        f"data.paths=[{json.dumps(str(path))}]",
+        f"data.tokenizer={json.dumps(str(tok))}",
+    )
+    with pytest.raises(ValueError, match=where):
         data.load_tokens(plan, 0, lambda: None)
 
 
@@ -141,6 +157,7 @@ def test_the_shipped_bert_recipe_has_training_and_evaluation_batches(tmp_path: P
     # Its held-out 5 % is smaller than one global batch of 256: evaluation reads it micro-batch
     # by micro-batch and must not demand a full global batch (it once stopped the main job at start).
     plan = resolve(load(ROOT / "recipes" / "bert.yaml", [f"logging.dir={tmp_path}"]), CPU)
+    token_cache.place_tokenizer(plan)
     tokens = data.load_tokens(plan, 0, lambda: None)
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
     assert 0 < len(rows.eval) < plan.batch.global_batch_size

@@ -20,6 +20,7 @@ from launcher import cli
 from launcher.plan.hardware import Gpu, Hardware
 from launcher.plan.resolve import Plan, resolve
 from launcher.recipe.schema import load
+from launcher.run import start
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -42,7 +43,7 @@ def printed_config(
     backend = next(o.split("=", 1)[1] for o in overrides if o.startswith("backend="))
     body = out.split(HEADERS[backend] + "\n", 1)[1]
     section = body.split("\n== ", 1)[0]
-    plan = cli._plan(str(recipe), list(overrides))
+    plan = start.plan_recipe(recipe, list(overrides))
     return json.loads(section), plan
 
 

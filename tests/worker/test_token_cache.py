@@ -18,6 +18,7 @@ from launcher.plan.hardware import Hardware
 from launcher.plan.resolve import resolve
 from launcher.recipe.schema import load
 from launcher.run import token_cache
+from launcher.rundir.layout import RunDir
 from launcher.worker import data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +36,10 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _plan(tmp_path: Path, *overrides: str):
-    recipe = load(ROOT / "recipes" / "bert_tiny.yaml", [f"logging.dir={tmp_path}", *overrides])
-    return resolve(recipe, CPU)
+    """The plan as the launcher leaves it for the workers: RUN_DIR/tokenizer in place."""
+    plan = resolve(load(ROOT / "recipes" / "bert_tiny.yaml", [f"logging.dir={tmp_path}", *overrides]), CPU)
+    token_cache.place_tokenizer(plan)
+    return plan
 
 
 def _every_row(tokens: data.Tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -236,7 +239,6 @@ def test_an_unwritable_cache_falls_back_to_a_directory_of_the_process(
 def test_two_ranks_rank_zero_writes_and_both_map_the_same_file(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    plan = _plan(tmp_path)
     reads: list[str] = []
     read_texts = vocab.read_texts
 
@@ -246,6 +248,7 @@ def test_two_ranks_rank_zero_writes_and_both_map_the_same_file(
         return read_texts(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(vocab, "read_texts", counted)
+    plan = _plan(tmp_path)
     barrier = threading.Barrier(2, timeout=60)
     out: dict[int, data.Tokens] = {}
 
@@ -258,7 +261,8 @@ def test_two_ranks_rank_zero_writes_and_both_map_the_same_file(
     for t in threads:
         t.join(120)
     assert sorted(out) == [0, 1]
-    assert reads == ["rank0", "rank0"]  # the tokenizer's training, then the token cache: rank 0 only
+    # The launcher trains the tokenizer before the workers start; then rank 0 alone writes the token cache.
+    assert reads == ["MainThread", "rank0"]
     assert len(_token_dirs(cache)) == 1
     a, b = out[0].ids, out[1].ids
     assert isinstance(a, data.StreamRows) and isinstance(b, data.StreamRows)
@@ -269,7 +273,7 @@ def test_two_ranks_rank_zero_writes_and_both_map_the_same_file(
 def test_a_rank_that_finds_no_cache_after_the_barrier_writes_its_own(tmp_path: Path, cache: Path) -> None:
     # A rank on another node (its own MPLAUNCH_CACHE disk) or after rank 0's fallback.
     plan = _plan(tmp_path)
-    data.load_tokens(plan, 0, lambda: None)  # the run's tokenizer copy, as rank 0 leaves it
+    data.load_tokens(plan, 0, lambda: None)  # rank 0 writes the token cache
     for where in _token_dirs(cache):
         import shutil
 
@@ -445,3 +449,31 @@ def test_prepare_with_an_unwritable_cache_says_so(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot write the token cache" in err and "MPLAUNCH_CACHE" in err
+
+
+# --------------------------------------------------------------------------- who trains the tokenizer
+
+
+def test_workers_only_read_the_tokenizer_the_launcher_placed(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.run import preflight
+
+    plan = resolve(load(ROOT / "recipes" / "bert_tiny.yaml", [f"logging.dir={tmp_path}"]), CPU)
+    tok = RunDir.from_plan(plan).tokenizer / "tokenizer.json"
+    # Without the launcher's step a worker refuses, naming the file, and trains nothing.
+    trained: list[object] = []
+    with monkeypatch.context() as m:
+        m.setattr(vocab, "prepare", lambda *a: trained.append(a))
+        with pytest.raises(
+            ValueError, match=r"holds no tokenizer.json: the launcher puts the trained tokenizer"
+        ):
+            data.load_tokens(plan, 0, lambda: None)
+    assert trained == []
+    assert not tok.exists()
+    preflight.prepare_run_dir(plan)  # what `mplaunch RECIPE` and the Slurm submit do before any worker
+    assert tok.is_file()
+    before = tok.stat().st_mtime_ns
+    preflight.prepare_run_dir(plan)  # a resumed run keeps the tokenizer it trained with
+    assert tok.stat().st_mtime_ns == before
+    assert len(data.load_tokens(plan, 0, lambda: None).ids) > 1000

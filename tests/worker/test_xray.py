@@ -11,7 +11,7 @@ import torch
 from launcher.analysis.health import PrecisionHealth, underflow_share
 from launcher.worker import xray
 from launcher.worker.xray import Probe, Shard, grad_counts, layer_of, my_slice
-from tests.unit.test_health import V100, make_plan
+from tests.plans import V100, make_plan
 
 SUB = 2.0**-20  # fp16 subnormal (between 2^-24 and 2^-14)
 TINY = 2.0**-27  # below half of fp16's smallest subnormal: rounds to zero in fp16

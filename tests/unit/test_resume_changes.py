@@ -1,0 +1,155 @@
+"""What a resume may change, decided before anything starts: refused, applied or warned."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from launcher.errors import UserError
+from launcher.plan import resume, schedule
+from launcher.plan.hardware import Hardware
+from launcher.plan.resolve import Plan, resolve
+from launcher.recipe.schema import to_dict, validate
+from launcher.rundir.checkpoint import structure
+
+CPU = Hardware(gpus=(), cpu_count=4)
+
+
+def _plan(**sections: Any) -> Plan:
+    raw: dict[str, Any] = {
+        "name": "t",
+        "backend": "deepspeed",
+        "model": {"name": "bert-mlm", "size": "tiny", "vocab_size": 512},
+        "train": {"micro_batch_size": 4, "max_steps": 100},
+        "scheduler": {"warmup_steps": 10},
+        "launch": {"device": "cpu", "nproc_per_node": 2},
+        "precision": {"dtype": "fp32"},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return resolve(validate(raw, "test"), CPU)
+
+
+def _manifest(plan: Plan, step: int = 40, skipped: int = 0) -> dict[str, Any]:
+    """What the checkpointer records about a plan (launcher.worker.checkpointer.Checkpointer._manifest)."""
+    return {
+        "step": step,
+        "skipped_steps": skipped,
+        **structure(plan),
+        "precision": plan.precision.dtype,
+        resume.SIGNATURE_KEY: resume.signature(plan),
+        "recipe": to_dict(plan.recipe),
+    }
+
+
+def test_an_unchanged_recipe_resumes_without_a_word() -> None:
+    plan = _plan()
+    assert resume.check(_manifest(plan), plan, "ckpt") == []
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"launch": {"nproc_per_node": 1}}, "world size 2, this run has 1"),
+        ({"backend": "accelerate"}, "backend deepspeed, this run has accelerate"),
+        ({"zero": {"stage": 3}}, "ZeRO stage 0, this run has 3"),
+        ({"precision": {"dtype": "bf16"}}, "precision.dtype fp32, this run has bf16"),
+        ({"model": {"hidden_size": 256}}, "model hidden_size 128, this run has 256"),
+        ({"model": {"vocab_size": 600}}, "model vocab_size 512, this run has 600"),
+        ({"data": {"seq_len": 64}}, "data.seq_len 128, this run has 64"),
+        ({"data": {"num_samples": 1000}}, "data.num_samples 4096, this run has 1000"),
+        ({"data": {"eval_fraction": 0.1}}, "data.eval_fraction 0.05, this run has 0.1"),
+        ({"train": {"seed": 7}}, "train.seed 1234, this run has 7"),
+        ({"train": {"global_batch_size": 16}}, "global batch size 8, this run has 16"),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else "",
+)
+def test_changes_the_checkpoint_cannot_take_are_refused_naming_them(
+    change: dict[str, Any], named: str
+) -> None:
+    saved = _manifest(_plan())
+    with pytest.raises(UserError) as caught:
+        resume.check(saved, _plan(**change), "ckpt")
+    message = str(caught.value)
+    assert message.startswith("cannot resume from ckpt: the checkpoint was written with ")
+    assert named in message
+
+
+def test_every_refused_difference_is_named_at_once() -> None:
+    saved = _manifest(_plan())
+    with pytest.raises(UserError) as caught:
+        resume.check(saved, _plan(precision={"dtype": "bf16"}, data={"seq_len": 64}), "ckpt")
+    assert "precision.dtype" in str(caught.value)
+    assert "seq_len" in str(caught.value)
+
+
+def test_a_checkpoint_without_a_signature_is_checked_on_its_saved_recipe() -> None:
+    saved = _manifest(_plan())
+    del saved[resume.SIGNATURE_KEY]
+    assert resume.check(saved, _plan(), "ckpt") == []
+    with pytest.raises(UserError, match="model.hidden_size None, this run has 256"):
+        resume.check(saved, _plan(model={"hidden_size": 256}), "ckpt")
+    with pytest.raises(UserError, match="precision.dtype fp32, this run has bf16"):
+        resume.check(saved, _plan(precision={"dtype": "bf16"}), "ckpt")
+
+
+def test_optimizer_and_schedule_changes_are_applied_and_the_lr_shown() -> None:
+    saved = _manifest(_plan(), step=40, skipped=2)
+    lines = resume.check(saved, _plan(optimizer={"lr": 1e-3}, train={"max_steps": 200}), "ckpt")
+    assert lines[0] == "applied on resume: optimizer.lr 0.0001 -> 0.001, train.max_steps 100 -> 200"
+    # 38 optimizer steps applied (2 skipped): linear decay from step 10 to max_steps.
+    before = 1e-4 * (1 - (38 - 10) / (100 - 10))
+    after = 1e-3 * (1 - (38 - 10) / (200 - 10))
+    assert lines[1] == (
+        f"the LR schedule continues at optimizer step 38 with the new settings: lr {before:.3g} -> {after:.3g}"
+    )
+
+
+def test_loss_scale_settings_are_kept_from_the_checkpoint_and_warned() -> None:
+    saved = _manifest(_plan())
+    lines = resume.check(saved, _plan(precision={"loss_scale": {"window": 50}}), "ckpt")
+    assert lines == [
+        "warning: precision.loss_scale.window: kept from the checkpoint on resume "
+        "(the loss scaler restores its scale and counters); start afresh to change them"
+    ]
+
+
+def test_where_the_run_lives_is_not_a_change() -> None:
+    saved = _manifest(_plan())
+    moved = _plan(name="elsewhere", logging={"dir": "/somewhere/else"}, checkpoint={"resume": "auto"})
+    assert resume.check(saved, moved, "ckpt") == []
+
+
+class _Scheduler:
+    """The parts of a torch LambdaLR that continue_on reads and writes."""
+
+    def __init__(self, groups: list[dict[str, Any]], last_epoch: int) -> None:
+        self.optimizer = type("Opt", (), {"param_groups": groups})()
+        self.last_epoch = last_epoch
+        self.base_lrs = [g["lr"] for g in groups]
+
+
+def test_continue_on_overrides_what_loading_restored() -> None:
+    recipe = validate(
+        {
+            "name": "t",
+            "model": {"name": "tiny-mlp"},
+            "optimizer": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.8, 0.9], "eps": 1e-6},
+            "scheduler": {"name": "cosine", "warmup_steps": 0},
+            "train": {"micro_batch_size": 4, "max_steps": 10},
+        },
+        "test",
+    )
+    restored = [
+        {"lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+        {"lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    ]
+    sched = _Scheduler(restored, last_epoch=5)
+    schedule.continue_on(sched, recipe)
+    expected_lr = 1e-3 * schedule.factor(recipe)(5)
+    assert [g["lr"] for g in restored] == [expected_lr, expected_lr]
+    assert [g["weight_decay"] for g in restored] == [0.1, 0.0]
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in restored)
+    assert sched.base_lrs == [1e-3, 1e-3]
