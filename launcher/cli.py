@@ -31,7 +31,8 @@ from launcher.analysis.report import write_report
 from launcher.errors import UserError, report
 from launcher.recipe import files as recipe_files
 from launcher.recipe import schema as recipe_mod
-from launcher.run import environment, export, shipped, slurm, start
+from launcher.recipe import shipped
+from launcher.run import environment, export, slurm, start
 
 
 class _Parser(argparse.ArgumentParser):

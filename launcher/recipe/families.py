@@ -4,15 +4,18 @@ Light side (no torch): the worker's builder is named by its dotted path and impo
 launcher.worker.models only when a worker builds the model. The shape presets are read by
 launcher.recipe.shapes, the objectives by launcher.recipe.tasks, the vocabulary defaults by
 launcher.plan.vocab; the FLOP and memory formulas (launcher.plan.estimate) read `layer_prefix`,
-`head_transform` and `peft_targets`, and give a family's parameter tensors by its name.
+`head_transform`, `peft_targets` and `tensors` (its parameter tensors, launcher.recipe.tensors).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import get_args
 
+from launcher.recipe import tensors
 from launcher.recipe.sections import Model
+from launcher.recipe.tensors import Dims
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class Family:
     # else the module computes its own loss.
     language_model: bool
     transformer: bool  # has attention layers (num_heads, positions, activation checkpointing)
+    tensors: Callable[
+        [Dims], list[tuple[str, int]]
+    ]  # its parameters as (name, numel): launcher.recipe.tensors
     synthetic_only: bool = False  # trains on synthetic data only
     layer_prefix: str = ""  # module name of transformer block i, before the index ("" without blocks)
     head_transform: bool = False  # a dense h x h transform before the vocabulary projection (BERT's)
@@ -52,6 +58,7 @@ FAMILIES: dict[str, Family] = {
         max_position_embeddings=512,
         language_model=True,
         transformer=True,
+        tensors=tensors.bert_mlm,
         layer_prefix="bert.encoder.layer.",
         head_transform=True,
         peft_targets=("query", "value"),
@@ -65,6 +72,7 @@ FAMILIES: dict[str, Family] = {
         max_position_embeddings=1024,
         language_model=True,
         transformer=True,
+        tensors=tensors.gpt2_lm,
         layer_prefix="transformer.h.",
         gelu_saved=3,
         peft_targets=("c_attn",),
@@ -78,6 +86,7 @@ FAMILIES: dict[str, Family] = {
         max_position_embeddings=4096,
         language_model=False,
         transformer=False,
+        tensors=tensors.tiny_mlp,
         synthetic_only=True,
     ),
 }

@@ -34,84 +34,11 @@ from launcher.recipe.shapes import Shape
 # --------------------------------------------------------------------------- parameters
 
 
-def bert_mlm_tensors(shape: Shape) -> list[tuple[str, int]]:
-    """(name, numel) of BertForMaskedLM's parameters, in `model.parameters()` order.
-
-    No pooler (the masked-LM model is built without one). The decoder weight is
-    tied to the word embedding and its bias is `cls.predictions.bias`, so both
-    appear once, as `parameters()` yields shared tensors once.
-    """
-    h, inter = shape.hidden_size, shape.intermediate_size
-    out = [
-        ("bert.embeddings.word_embeddings.weight", shape.vocab_size * h),
-        ("bert.embeddings.position_embeddings.weight", shape.max_position_embeddings * h),
-        ("bert.embeddings.token_type_embeddings.weight", 2 * h),
-        ("bert.embeddings.LayerNorm.weight", h),
-        ("bert.embeddings.LayerNorm.bias", h),
-    ]
-    for i in range(shape.num_layers):
-        p = f"bert.encoder.layer.{i}."
-        for proj in ("self.query", "self.key", "self.value", "output.dense"):
-            out += [(f"{p}attention.{proj}.weight", h * h), (f"{p}attention.{proj}.bias", h)]
-        out += [(p + "attention.output.LayerNorm.weight", h), (p + "attention.output.LayerNorm.bias", h)]
-        out += [(p + "intermediate.dense.weight", inter * h), (p + "intermediate.dense.bias", inter)]
-        out += [(p + "output.dense.weight", h * inter), (p + "output.dense.bias", h)]
-        out += [(p + "output.LayerNorm.weight", h), (p + "output.LayerNorm.bias", h)]
-    out += [
-        ("cls.predictions.bias", shape.vocab_size),
-        ("cls.predictions.transform.dense.weight", h * h),
-        ("cls.predictions.transform.dense.bias", h),
-        ("cls.predictions.transform.LayerNorm.weight", h),
-        ("cls.predictions.transform.LayerNorm.bias", h),
-    ]
-    return out
-
-
-def gpt2_lm_tensors(shape: Shape) -> list[tuple[str, int]]:
-    """(name, numel) of GPT2LMHeadModel's parameters; `lm_head` is tied to `wte`, so it is not listed."""
-    h, inter = shape.hidden_size, shape.intermediate_size
-    out = [
-        ("transformer.wte.weight", shape.vocab_size * h),
-        ("transformer.wpe.weight", shape.max_position_embeddings * h),
-    ]
-    for i in range(shape.num_layers):
-        p = f"transformer.h.{i}."
-        out += [(p + "ln_1.weight", h), (p + "ln_1.bias", h)]
-        out += [(p + "attn.c_attn.weight", h * 3 * h), (p + "attn.c_attn.bias", 3 * h)]
-        out += [(p + "attn.c_proj.weight", h * h), (p + "attn.c_proj.bias", h)]
-        out += [(p + "ln_2.weight", h), (p + "ln_2.bias", h)]
-        out += [(p + "mlp.c_fc.weight", h * inter), (p + "mlp.c_fc.bias", inter)]
-        out += [(p + "mlp.c_proj.weight", inter * h), (p + "mlp.c_proj.bias", h)]
-    return out + [("transformer.ln_f.weight", h), ("transformer.ln_f.bias", h)]
-
-
-def tiny_mlp_tensors(shape: Shape) -> list[tuple[str, int]]:
-    """(name, numel) of `launcher.worker.models.TinyMLP`: embedding, two-layer MLP, untied vocabulary head."""
-    h, inter, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
-    return [
-        ("embed.weight", vocab * h),
-        ("mlp.0.weight", inter * h),
-        ("mlp.0.bias", inter),
-        ("mlp.3.weight", h * inter),
-        ("mlp.3.bias", h),
-        ("head.weight", vocab * h),
-        ("head.bias", vocab),
-    ]
-
-
-# The per-model hook: family -> parameter tensors. A family missing here (or a
-# user's `model.target`) has no count; callers get None and say so.
-PARAM_TENSORS: dict[str, Callable[[Shape], list[tuple[str, int]]]] = {
-    "bert-mlm": bert_mlm_tensors,
-    "gpt2-lm": gpt2_lm_tensors,
-    "tiny-mlp": tiny_mlp_tensors,
-}
-
-
 def param_tensors(shape: Shape) -> list[tuple[str, int]] | None:
-    """The model's parameter tensors as (name, numel), or None for a family without a hook."""
-    fn = PARAM_TENSORS.get(shape.family)
-    return fn(shape) if fn else None
+    """The model's parameter tensors as (name, numel) (its family's `tensors`), or None for a model
+    that is not a built-in family."""
+    family = FAMILIES.get(shape.family)
+    return family.tensors(shape) if family else None
 
 
 def param_count(shape: Shape) -> int | None:
