@@ -187,6 +187,29 @@ def test_no_import_cycle_type_checking_imports_included() -> None:
     assert cycles == [], "import cycles: " + " ; ".join(" -> ".join(c) for c in cycles)
 
 
+# The rooms in the order they may import each other: each only those before it (README.md, "How the
+# code is laid out"). errors, cli and __main__ stand outside: errors imports nothing, cli everything.
+PACKAGE_ORDER = ("recipe", "rundir", "plan", "run", "analysis", "worker")
+
+
+def _room(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_every_room_imports_only_the_rooms_before_it() -> None:
+    assert {_room(m) for m in MODULES} == {*PACKAGE_ORDER, "errors", "cli", "__main__"}
+    upward = sorted(
+        f"{m} -> {t}"
+        for m in MODULES
+        if _room(m) in PACKAGE_ORDER
+        for t in _edges(m, typing_too=True)
+        if _room(t) in PACKAGE_ORDER and PACKAGE_ORDER.index(_room(t)) > PACKAGE_ORDER.index(_room(m))
+    )
+    assert upward == [], "imports against the order " + " < ".join(PACKAGE_ORDER) + ": " + ", ".join(upward)
+    assert _edges("errors", typing_too=True) == set()
+    assert not any("cli" in _edges(m, typing_too=True) for m in MODULES if m != "__main__"), "nothing imports cli"
+
+
 def test_the_parser_sees_every_kind_of_import() -> None:
     # Or the tests above prove nothing.
     found = imports_of(
