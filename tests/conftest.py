@@ -30,6 +30,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _inductor_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """torch sets TORCHINDUCTOR_CACHE_DIR for good the first time anything asks for inductor's cache
+    (an optimizer step, some imports), in whichever test comes first: set for the whole session, the
+    per-test leak check below sees it unchanged."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor").resolve())
+    yield
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_env() -> object:
     """Fail a test that leaves environment variables changed."""

@@ -76,6 +76,12 @@ class FakeBackend:
     def lr(self) -> float:
         return 1e-3
 
+    def torch_optimizer(self) -> None:
+        return None  # no optimizer: the optimizer audit has nothing to read
+
+    def fp32_masters(self) -> list[Any]:
+        return []
+
     def save(self, directory: Path) -> None:
         self.calls.append(("save", self.steps))
         (directory / "fake.json").write_text(json.dumps({"steps": self.steps}))

@@ -10,8 +10,9 @@
   grows with the steps;
 * the speed ratio: median samples/s of the mixed run over that of the fp32 run.
 
-The verdict is PASS when both runs complete and the final difference is at most
-the tolerance. Skipped fp16 steps log no loss; they are left out and counted.
+The verdict is PASS when both runs complete, the final difference is at most
+the tolerance, and neither run recorded an optimizer audit event (launcher.worker.audit).
+Skipped fp16 steps log no loss; they are left out and counted.
 `attribution` says where the runs differ: the gradient of step 1 (the same weights and batch
 in both) layer by layer, from the precision x-ray's sketches (launcher.worker.xray.sketch).
 launcher.analysis.parity runs the two trainings and holds the measured default tolerance.
@@ -23,6 +24,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from launcher.analysis.health import AUDIT_EVENTS
 from launcher.rundir.metrics_log import Metrics
 
 FINAL_FRACTION = 0.10
@@ -112,6 +114,7 @@ def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: fl
     final = abs(final_got - final_ref) / abs(final_ref) if final_ref and final_got is not None else None
     if final is None:
         problems.append("no step has a loss in both runs")
+    problems += audit_problems({"fp32": fp32, dtype: mixed})
     worst = max(range(len(diffs)), key=diffs.__getitem__) if diffs else None
     return Comparison(
         dtype=dtype,
@@ -130,6 +133,17 @@ def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: fl
         tolerance=tolerance,
         problems=tuple(problems),
     )
+
+
+def audit_problems(runs: dict[str, Metrics]) -> list[str]:
+    """One problem per optimizer audit event (launcher.worker.audit) in each run: an optimizer that
+    counts or moves other than the steps taken fails parity however close the losses are."""
+    return [
+        f"optimizer audit of the {name} run, step {e.get('step')}: {e.get('cause') or e.get('message')}"
+        for name, metrics in runs.items()
+        for e in metrics.events
+        if e.get("event") in AUDIT_EVENTS
+    ]
 
 
 @dataclass(frozen=True)

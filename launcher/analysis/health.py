@@ -30,6 +30,12 @@ in every layer: a gradient can be zero by construction), with the remedy that fi
 the loss-scale settings and the largest gradient's headroom; a **lost_updates** event when
 LOST_SHARE of a layer's updates leave its fp32 master weight unchanged, in any dtype.
 
+The optimizer audit (launcher.worker.audit, at step 1 and at every checkpoint) records an
+**optimizer_steps** event when an optimizer state's step counter is not the number of optimizer
+steps taken, and an **optimizer_first_update** event when Adam's first update is not the +-lr per
+element it promises (FIRST_UPDATE_TOLERANCE); both are built here (`step_counter_event`,
+`first_update_event`), and `mplaunch parity` fails on either.
+
 Light side: no torch. Whether the GPUs have bf16 is read from the plan's
 precision policy, never probed again at run time.
 """
@@ -49,6 +55,14 @@ from launcher.plan.resolve import Plan
 UNDERFLOW_SHARE = 0.05
 LOST_SHARE = 0.10
 LOST_MIN_LR = 0.1
+# The optimizer audit's events, and how far the median |update| / lr of Adam's first step may lie
+# from the 1.0 it promises: fp32 rounding of the measured update moves it by under 1 % (elements
+# where the update is below 2^7 ULPs of the weight are not measured); an optimizer one step ahead,
+# as DeepSpeed's stage-0 16-bit optimizers left it, gives sqrt(1 + beta2) / (1 + beta1): 0.735 at
+# betas 0.9/0.95, 0.744 at 0.9/0.999.
+STEPS_EVENT, FIRST_UPDATE_EVENT = "optimizer_steps", "optimizer_first_update"
+AUDIT_EVENTS = (STEPS_EVENT, FIRST_UPDATE_EVENT)
+FIRST_UPDATE_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -235,6 +249,53 @@ def _lost(step: int, lost: dict[str, float], lr: float, dtype: str) -> tuple[str
     )
     message = f"warning: step {step}: {cause}. Fix: {remedy}"
     return "lost_updates", message, {"layers": lost, "lr": lr, "cause": cause, "remedy": remedy}
+
+
+def step_counter_event(
+    step: int, expected: int, counters: dict[int, int], setup: str
+) -> tuple[str, str, dict[str, Any]]:
+    """The audit's event for optimizer states whose step counters are not `expected` (the optimizer
+    steps taken by `step`, skipped fp16 steps not counted); `counters`: counter -> states holding it;
+    `setup`: the run's settings that choose the optimizer (backend, zero.stage, precision.dtype)."""
+    found = ", ".join(f"{n} state{'s' if n > 1 else ''} at {c}" for c, n in sorted(counters.items()))
+    taken = (
+        f"the optimizer's step counters are not the {expected} optimizer steps taken by step {step} ({found})"
+    )
+    if any(c > expected for c in counters):
+        cause = (
+            f"{taken}: the optimizer took steps the run did not (DeepSpeed's stage-0 fp16/bf16 optimizer steps "
+            "once on zero gradients when it is built, or an optimizer stepped on a step reported skipped), so "
+            "Adam's bias correction runs ahead and every update differs from a reference run's"
+        )
+        remedy = (
+            "if this run resumed a checkpoint written before mplaunch undid DeepSpeed's pre-step, train it again "
+            f"from step 0; otherwise report it with the run's settings ({setup})"
+        )
+    else:
+        cause = f"{taken}: some parameters got no gradient in some steps, or the optimizer skipped steps unreported"
+        remedy = f"freeze the parameters that get no gradient, or report it with the run's settings ({setup})"
+    message = f"warning: step {step}: optimizer audit: {cause}. Fix: {remedy}"
+    fields = {"expected": expected, "counters": {str(c): n for c, n in counters.items()}}
+    return STEPS_EVENT, message, {**fields, "cause": cause, "remedy": remedy}
+
+
+def first_update_event(
+    ratio: float, elements: int, lr: float, betas: tuple[float, float], setup: str
+) -> tuple[str, str, dict[str, Any]] | None:
+    """The audit's event when the median |update| / lr of Adam's first step, over `elements` sampled
+    fp32 master weights (weight decay's share left out), is not the 1.0 Adam promises; None when it is."""
+    if abs(ratio - 1.0) <= FIRST_UPDATE_TOLERANCE:
+        return None
+    ahead = math.sqrt(1 + betas[1]) / (1 + betas[0])  # the first update of an Adam one step ahead
+    cause = (
+        f"Adam's first update moved the fp32 master weights by {ratio:.3f} x lr (median of {elements} sampled "
+        f"elements, lr {lr:g}) where its bias correction promises 1.0 x lr; an optimizer one step ahead "
+        f"(moments or step counter not starting from zero) moves {ahead:.3f} x lr at betas {betas[0]:g}/{betas[1]:g}"
+    )
+    remedy = f"report it with the run's settings ({setup}) and optimizer settings"
+    message = f"warning: step 1: optimizer audit: {cause}. Fix: {remedy}"
+    fields = {"ratio": ratio, "elements": elements, "lr": lr}
+    return FIRST_UPDATE_EVENT, message, {**fields, "cause": cause, "remedy": remedy}
 
 
 def _names(shares: dict[str, float], most: int = 4) -> str:

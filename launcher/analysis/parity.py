@@ -8,7 +8,9 @@ data order and masking:
     OUT/mixed   the recipe's own dtype (bf16 or fp16; `auto` resolved on this machine)
 
 Every step's loss is logged (logging.every_steps=1) and compared by launcher.analysis.compare
-(per-step and final differences, speed, the per-layer attribution at step 1). Measured on
+(per-step and final differences, speed, the per-layer attribution at step 1). Either run's optimizer
+audit event (launcher.worker.audit: step counters, Adam's first update) fails the check whatever the
+losses: an optimizer one step ahead moved the losses by only 0.05-0.2 %, well inside the tolerance. Measured on
 the tiny BERT, the attribution gives healthy bf16 0.2-2.3 % per layer (DeepSpeed ZeRO-2);
 fp16 at a static scale of 2^-16, 100 % in every encoder layer with a norm ratio of 0 (flushed).
 
@@ -77,6 +79,7 @@ from launcher.plan.hardware import Hardware
 from launcher.plan.resolve import Plan, prepare_vocab, resolve
 from launcher.plan.vocab import TOKENIZER_FILE
 from launcher.recipe import schema as recipe_mod
+from launcher.recipe.rules import logging_dir
 from launcher.run import launch
 from launcher.run.preflight import print_warnings
 from launcher.rundir.layout import RunDir
@@ -113,7 +116,7 @@ def plan_pair(
     """
     base = recipe_mod.load(recipe_path, overrides)
     prepare_vocab(base)  # both runs train on the tokenizer's exact vocabulary
-    out_dir = (Path(out) if out else Path(base.logging.dir) / f"parity-{base.name}").resolve()
+    out_dir = (Path(out) if out else logging_dir(base)[0] / f"parity-{base.name}").resolve()
     common: dict[str, Any] = {
         "train.max_steps": steps,
         "logging.every_steps": 1,

@@ -14,7 +14,17 @@ from pathlib import Path
 
 from launcher.analysis.plots import write_plots
 from launcher.rundir.layout import METRICS_FILE, RunDir
-from launcher.rundir.metrics_log import Metrics, format_duration, read_metrics, read_run_info, run_state
+from launcher.rundir.metrics_log import (
+    Metrics,
+    format_duration,
+    is_number,
+    read_metrics,
+    read_run_info,
+    run_state,
+)
+
+# An eval record's task metrics (launcher.worker.evaluation), as the summary names them.
+_EVAL_NAMES = {"eval_perplexity": "perplexity", "eval_accuracy": "accuracy", "eval_f1": "F1"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,8 @@ class Summary:
     wall_s: float | None
     xrays: int = 0
     xray_warnings: tuple[str, ...] = ()  # the layers the precision x-ray's events named
+    # The last evaluation's task metric (eval_perplexity, eval_accuracy, eval_f1) and its step.
+    last_eval: tuple[dict[str, float], int] | None = None
 
     @property
     def overflow_rate(self) -> float | None:
@@ -51,6 +63,7 @@ class Summary:
             ("steps", f"{self.step:,} of {'?' if self.max_steps is None else f'{self.max_steps:,}'}"),
             ("final loss", number(self.final_loss, ".4f")),
             ("best eval loss", f"{best[0]:.4f} at step {best[1]:,}" if best else "n/a"),
+            ("last eval", self._last_eval()),
             ("median samples/s", number(self.median_samples_per_s, ",.1f")),
             ("median MFU", number(self.median_mfu, ".1%")),
             ("skipped steps", f"{self.skipped_steps:,}"),
@@ -59,6 +72,12 @@ class Summary:
             ("wall time", "n/a" if self.wall_s is None else format_duration(self.wall_s)),
             ("precision x-ray", self._xray()),
         ]
+
+    def _last_eval(self) -> str:
+        if self.last_eval is None or not self.last_eval[0]:
+            return "n/a"
+        shown = ", ".join(f"{_EVAL_NAMES[k]} {v:.4g}" for k, v in self.last_eval[0].items())
+        return f"{shown} at step {self.last_eval[1]:,}"
 
     def _xray(self) -> str:
         if not self.xrays:
@@ -76,6 +95,10 @@ def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -
     _, losses = metrics.series("loss")
     eval_steps, eval_losses = metrics.series("eval_loss", "eval")
     best = min(zip(eval_losses, eval_steps, strict=True), default=None)
+    last = metrics.eval[-1] if metrics.eval else None
+    last_eval = (
+        ({k: float(last[k]) for k in _EVAL_NAMES if is_number(last.get(k))}, last["step"]) if last else None
+    )
     _, samples = metrics.series("samples_per_s")
     _, mfu = metrics.series("mfu")
     _, skipped = metrics.series("skipped_steps")
@@ -94,6 +117,7 @@ def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -
         checkpoints=tuple(RunDir.of(run_dir, info.checkpoint_dir).checkpoint_steps()),
         wall_s=times[-1] - times[0] if times else None,
         xrays=len(metrics.precision),
+        last_eval=last_eval,
         xray_warnings=tuple(
             dict.fromkeys(
                 n

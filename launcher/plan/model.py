@@ -24,6 +24,12 @@ LOSSES = {
     "model": "train.loss model: the model's own loss, in the compute dtype",
 }
 assert tuple(LOSSES) == get_args(Train.model_fields["loss"].annotation), "train.loss's names are LOSSES'"
+# train.loss_normalization as the dry run says it (launcher.worker.backends.TokenWeights does it).
+NORMALIZATIONS = {
+    "tokens": "averaged over the step's label tokens on every rank (train.loss_normalization tokens)",
+    "batch": "the mean of the micro-batches' means (train.loss_normalization batch)",
+}
+assert tuple(NORMALIZATIONS) == get_args(Train.model_fields["loss_normalization"].annotation)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ def warnings(
     t = recipe.train
     if "train.loss" in written and not language_model:
         out.append("train.loss: has no effect: the model is not a language model mplaunch takes the loss of")
+    if "train.loss_normalization" in written and not language_model:
+        out.append(
+            "train.loss_normalization: has no effect: the model computes its own loss, a mean per "
+            "micro-batch, and those means are averaged over the step (as batch)"
+        )
     if recipe.scheduler.warmup_steps > t.max_steps:
         out.append(
             f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {t.max_steps};"

@@ -25,9 +25,10 @@ from launcher.errors import UserError
 from launcher.plan import backend_config, data_check, hf_dir, no_effect, precision, processes, targets, vocab
 from launcher.plan.batch import Batch, resolve_batch
 from launcher.plan.hardware import Hardware
-from launcher.plan.model import LOSSES, ModelFacts, ResolvedModel, facts_of, resolve_model
+from launcher.plan.model import LOSSES, NORMALIZATIONS, ModelFacts, ResolvedModel, facts_of, resolve_model
 from launcher.plan.precision import PrecisionPolicy
 from launcher.recipe import tasks
+from launcher.recipe.rules import logging_dir
 from launcher.recipe.schema import to_dict
 from launcher.recipe.sections import Recipe
 from launcher.recipe.shapes import Shape, shape_of
@@ -111,6 +112,10 @@ class Plan:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
         return f"{env} {shlex.join(self.command)}".strip()
 
+    def _loss_row(self) -> str:
+        assert self.model.loss is not None
+        return f"{LOSSES[self.model.loss]}; {NORMALIZATIONS[self.recipe.train.loss_normalization]}"
+
     def _target_row(self) -> str:
         vocab_ = (
             ""
@@ -157,7 +162,7 @@ class Plan:
             ("batch", self.batch.equation(self.nnodes, self.nproc_per_node)),
             ("backend", f"{self.recipe.backend}, {self.sharding}"),
             ("task", f"{self.model.task} (data.task {self.recipe.data.task})"),
-            *([("loss", LOSSES[self.model.loss])] if self.model.loss is not None else []),
+            *([("loss", self._loss_row())] if self.model.loss is not None else []),
             ("vocab", f"{self.vocab_size} ({self.vocab_source})"),
             *([("model", self._target_row())] if self.recipe.model.target else []),
             *([("model", self._hf_row())] if self.hf_dir else []),
@@ -167,7 +172,10 @@ class Plan:
                 if self.init_from
                 else []
             ),
-            ("run dir", self.run_dir),
+            (
+                "run dir",
+                f"{self.run_dir} (logging.dir {self.recipe.logging.dir} {logging_dir(self.recipe)[1]})",
+            ),
         ]
         ranks = f"0..{self.world_size - 1}" if self.world_size > 1 else "0"
         per_rank = (
@@ -224,7 +232,7 @@ def resolve(
         raise UserError(problems + machine)
     assert batch is not None
     assert batch.global_batch_size == batch.micro_batch_size * batch.grad_accum * batch.world_size
-    run_dir = str((Path(recipe.logging.dir) / recipe.name).resolve())
+    run_dir = str(logging_dir(recipe)[0] / recipe.name)
     data_paths, tokenizer = data_files(recipe, hf := model.hf)
     vocab_ = _vocab(recipe, model, batch.global_batch_size, data_paths, tokenizer, run_dir)
     return Plan(

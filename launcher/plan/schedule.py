@@ -17,13 +17,22 @@ if TYPE_CHECKING:
 
 def factor(recipe: Recipe) -> Callable[[int], float]:
     """The multiplier of optimizer.lr after `n` applied optimizer steps: linear warmup, then decay
-    (scheduler.name) to scheduler.min_lr_ratio at train.max_steps."""
+    (scheduler.name) to scheduler.min_lr_ratio at train.max_steps.
+
+    Warmup is (n+1)/(W+1) (scheduler.warmup_style mplaunch) or n/W (hf). The decay is Hugging
+    Face's: with min_lr_ratio 0, linear and cosine equal transformers'
+    get_linear_schedule_with_warmup and get_cosine_schedule_with_warmup over the run's steps, and
+    cosine with a floor its get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=min_lr_ratio).
+    """
     s, total = recipe.scheduler, recipe.train.max_steps
     warmup, floor = s.warmup_steps, s.min_lr_ratio
+    # hf's first step has lr 0 (a step that only moves Adam's moments); mplaunch's starts at
+    # lr/(W+1) and both reach lr at step W.
+    offset = 1 if s.warmup_style == "mplaunch" else 0
 
     def at(n: int) -> float:
         if n < warmup:
-            return (n + 1) / (warmup + 1)
+            return (n + offset) / (warmup + offset)
         if s.name == "constant" or total <= warmup:
             return 1.0
         progress = min(1.0, (n - warmup) / (total - warmup))

@@ -153,8 +153,23 @@ def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return section if isinstance(section, dict) else {}
 
 
+def logging_dir(recipe: Recipe) -> tuple[Path, str]:
+    """logging.dir as an absolute path, and how it was read (for the dry run).
+
+    The one rule of a recipe's paths: a relative path the recipe sets (in its file, a file it
+    extends, or a `key=value` override) is relative to the recipe file's folder, as data.paths,
+    data.tokenizer and model.hf are. Left unset, logging.dir is `runs` in the working directory.
+    """
+    written = Path(recipe.logging.dir)
+    if written.is_absolute():
+        return written.resolve(), "as written"
+    if "dir" not in recipe.logging.model_fields_set or not recipe.source:
+        return written.resolve(), "in the working directory"
+    return (Path(recipe.source).parent / written).resolve(), "relative to the recipe's folder"
+
+
 def _logging_rules(recipe: Recipe) -> list[str]:
-    parent = Path(recipe.logging.dir)
+    parent = logging_dir(recipe)[0]
     for path, key in ((parent, "logging.dir"), (parent / recipe.name, "name")):
         if path.exists() and not path.is_dir():
             return [f"{key}: {path} is a file, not a directory; a run directory cannot go there"]

@@ -143,6 +143,8 @@ class Scheduler(Section):
     """Decay after warmup: linear or cosine to min_lr_ratio x lr, or constant."""
     warmup_steps: Count = 0
     """Optimizer steps of linear warmup from 0 to lr."""
+    warmup_style: Literal["mplaunch", "hf"] = "mplaunch"
+    """Warmup's factor at optimizer step n (from 0) of W: mplaunch (the default) (n+1)/(W+1), so the first step already moves the weights; hf n/W, Hugging Face's get_*_schedule_with_warmup exactly (lr 0 at the first step)."""
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """Final learning rate as a fraction of lr."""
 
@@ -158,8 +160,8 @@ class Train(Section):
     """Optimizer steps to train."""
     eval_every: Count = 0
     """Evaluate every this many steps (0: never)."""
-    eval_steps: PositiveInt = 10
-    """Micro-batches per evaluation."""
+    eval_steps: Count = 0
+    """Micro-batches per rank per evaluation, from the start of the held-out split; 0: the whole split. The loss is token-weighted (all label tokens of all ranks), with perplexity for language models, accuracy (and F1 for two classes) for classifiers."""
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
     # torch seeds are 64-bit; below 2**63 the per-rank and per-step offsets stay in range.
@@ -171,6 +173,8 @@ class Train(Section):
     """Recompute each transformer layer's activations in the backward pass instead of keeping them: less memory, about a third more compute."""
     loss: Literal["labelled", "full", "model"] = "labelled"
     """A language model's loss: labelled runs the output head and an fp32 cross-entropy on labelled positions only (the same loss, less work); full on every position; model: the model's own loss in its compute dtype, as a plain script computes it."""
+    loss_normalization: Literal["tokens", "batch"] = "tokens"
+    """How a language model's loss is averaged over an optimizer step: tokens divides the summed token losses of every micro-batch on every rank by the step's label tokens (as Hugging Face Trainer does); batch averages each micro-batch's mean; models computing their own loss always average per micro-batch (as batch)."""
 
 
 class LossScale(Section):

@@ -48,6 +48,7 @@ def _standalone_recipe(plan: Plan) -> dict[str, object]:
     """The resolved recipe with its file paths made absolute, so RUN_DIR/recipe.yaml loads from
     anywhere (`mplaunch --resume RUN_DIR`)."""
     recipe = to_dict(plan.recipe)
+    recipe["logging"]["dir"] = str(Path(plan.run_dir).parent)
     recipe["data"]["paths"] = list(plan.data_paths)
     if plan.tokenizer_dir is not None:
         recipe["data"]["tokenizer"] = plan.tokenizer_dir

@@ -29,6 +29,7 @@ from launcher.plan.resolve import Plan
 from launcher.recipe.schema import to_dict
 from launcher.rundir import checkpoint
 from launcher.rundir.layout import RunDir
+from launcher.worker import audit
 from launcher.worker.backends import Backend, NonFiniteStep
 from launcher.worker.metrics import Meter
 
@@ -93,6 +94,7 @@ class Checkpointer:
         """
         meter.check_finite()  # never seal a checkpoint of a diverged run
         self._check_parameters(step, backend)
+        audit.record_counters(backend, step, meter)  # the optimizer audit: its step counters
         rank, world = self.group.rank, self.group.world
         if rank == 0:
             checkpoint.begin(self.root, step)

@@ -76,14 +76,21 @@ class Meter:
         self.steps = 0
         self.data_wait_s = 0.0
         self.grad_norm: Any = None
+        self.lr: float | None = None
         self.skipped_in_interval = 0
 
     def data_wait(self, seconds: float) -> None:
         self.data_wait_s += seconds
 
-    def record(self, stats: StepStats) -> None:
-        """Add one optimizer step; no host-device synchronisation."""
+    def record(self, stats: StepStats, lr: float | None = None) -> None:
+        """Add one optimizer step; no host-device synchronisation.
+
+        Args:
+            lr: the learning rate the step used (Backend.lr() read before the step: after it the
+                schedule has moved on to the next step's); the interval's record logs the last one.
+        """
         self.steps += 1
+        self.lr = lr
         self.step += 1
         if stats.skipped:
             # A skipped fp16 step has an overflowed loss that says nothing about training,
@@ -159,7 +166,7 @@ class Meter:
             "step": step,
             "time": time.time(),
             "loss": loss,
-            "lr": backend.lr(),
+            "lr": self.lr,
             "loss_scale": backend.loss_scale(),
             "skipped_steps": backend.skipped_steps(),
             "grad_norm": _number(self.grad_norm),
@@ -234,11 +241,12 @@ class Meter:
         for event, message, fields in self.health.xray(step, seen):
             self.event(step, event, message, **fields)
 
-    def eval(self, step: int, loss: float) -> None:
+    def eval(self, step: int, results: Mapping[str, Any]) -> None:
+        """Record and print an evaluation (rank 0 only): launcher.worker.evaluation's numbers."""
         if self.console is None:
             return
-        self.write({"kind": "eval", "step": step, "time": time.time(), "eval_loss": loss})
-        self.console.note(f"step {step}: eval loss {loss:.4f}")
+        self.write({"kind": "eval", "step": step, "time": time.time(), **results})
+        self.console.note(f"step {step}: {describe_eval(results)}")
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -277,8 +285,25 @@ _TB_FIELDS = {
         "data_wait_frac",
         "overflow_rate",
     ),
-    "eval": ("eval_loss",),
+    "eval": ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1"),
 }
+
+# How the console names an eval record's numbers, in this order.
+_EVAL_SHOWN = (
+    ("eval_loss", "eval loss", ".4f"),
+    ("eval_perplexity", "perplexity", ".4g"),
+    ("eval_accuracy", "accuracy", ".4f"),
+    ("eval_f1", "F1", ".4f"),
+)
+
+
+def describe_eval(results: Mapping[str, Any]) -> str:
+    """ "eval loss 2.3026, perplexity 10 (over 1,024 labels)": an eval record's numbers for the console."""
+    parts = [
+        f"{name} {results[key]:{spec}}" for key, name, spec in _EVAL_SHOWN if results.get(key) is not None
+    ]
+    labels = results.get("eval_labels")
+    return ", ".join(parts) + (f" (over {labels:,} labels)" if labels is not None else "")
 
 
 def _tensorboard(plan: Plan):

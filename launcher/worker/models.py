@@ -127,6 +127,11 @@ class LMLoss(nn.Module):
         chosen = labels != -100
         return _cross_entropy(head(hidden[chosen]), labels[chosen])
 
+    def label_tokens(self, labels: torch.Tensor) -> int:
+        """The label tokens `forward`'s loss is the mean over, in every train.loss mode: the labels
+        other than -100, after the causal shift. Read `labels` on the host (a CPU batch: no sync)."""
+        return int((labels[:, 1:] if self.causal else labels).ne(-100).sum())
+
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)

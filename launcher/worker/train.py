@@ -34,7 +34,7 @@ import torch.distributed as dist
 from launcher.plan.resolve import Plan
 from launcher.rundir.layout import RunDir
 from launcher.rundir.watchdog import collective_timeout_s
-from launcher.worker import data, xray
+from launcher.worker import audit, data, evaluation, xray
 from launcher.worker.backends import Backend, LossScaleFloor, NonFiniteStep, load_backend
 from launcher.worker.checkpointer import Checkpointer
 from launcher.worker.metrics import Meter
@@ -265,9 +265,13 @@ def fit(r: Run) -> int:
         done = step + 1
         backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
         backend.xray = xray.mode(done, xray_every)
+        lr = backend.lr()  # the step's own: after it the schedule has moved on (a host number)
+        first = audit.FirstUpdate(backend) if done == 1 else None  # the optimizer audit's sample of step 1
         stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
         beat(done, "step")
-        meter.record(stats)
+        meter.record(stats, lr)
+        if first is not None:
+            first.record(backend, meter)
         if stats.xray is not None:
             meter.precision(done, stats.xray)
         if step == r.start:
@@ -280,7 +284,7 @@ def fit(r: Run) -> int:
         if meter.due(done):
             meter.flush(done, backend, r.batches.position(done)[0])
         if r.evals is not None and t.eval_every and done % t.eval_every == 0:
-            meter.eval(done, evaluate(backend, r.evals, t.eval_steps, r.d))
+            meter.eval(done, evaluation.evaluate(backend, r.evals, r.plan, r.d))
         stopping = agreement.step(r.stop.signal is not None)  # every rank stops at the same step
         if r.ckpt.due(done, stopping):
             r.ckpt.save(done, backend, meter, r.batches.position(done))
@@ -300,14 +304,6 @@ def _stopped(r: Run, step: int) -> int:
     r.meter.event(step, "stop", f"stopped at step {step} on {name}; checkpoint saved, run again to resume")
     r.d.barrier()
     return EXIT_OK
-
-
-def evaluate(backend: Backend, evals: data.Batches, num_batches: int, d: Dist) -> float:
-    """Mean masked-LM loss over this rank's first `num_batches` evaluation micro-batches, averaged over ranks."""
-    rows = evals.rows[d.rank :: d.world]
-    chunks = [rows[i : i + evals.micro] for i in range(0, len(rows), evals.micro)][:num_batches]
-    losses = [float(backend.eval_loss(evals.collate(c, epoch=0))) for c in chunks if len(c)]
-    return d.mean(sum(losses) / len(losses) if losses else float("nan"))
 
 
 def _write_memory_report(plan: Plan, backend: Backend, rank: int, step: int) -> None:

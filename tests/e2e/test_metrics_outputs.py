@@ -65,6 +65,7 @@ TB_TAGS = {
     "train/data_wait_frac",
     "train/overflow_rate",
     "eval/eval_loss",
+    "eval/eval_perplexity",  # a language model's task metric
     "precision/max_lost",  # the step-1 x-ray's worst layers (fp32: no fp16 range measures)
     "precision/max_stale",
 }
@@ -133,6 +134,9 @@ def test_metrics_jsonl_has_the_documented_fields(finished: Path) -> None:
         assert r["tflops"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / 2 / 1e12)
     assert [r["step"] for r in records(finished, "eval")] == [6, 12]
     assert all(math.isfinite(r["eval_loss"]) for r in records(finished, "eval"))
+    for r in records(finished, "eval"):  # token-weighted across ranks, with the task's metric
+        assert r["eval_labels"] > 0
+        assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
     events = records(finished, "event")
     assert {e["event"] for e in events} <= EVENTS
     assert all(isinstance(e["message"], str) and isinstance(e["time"], float) for e in events)

@@ -108,6 +108,50 @@ def test_loss_matches_single_process_fp32(
         assert held["optimizer"] > 0
 
 
+def _by_hand_first_step(run_dir: Path) -> tuple[float, float]:
+    """Step 1's loss and gradient norm computed in this process on the rows both ranks trained on:
+    the summed masked-LM cross-entropy of every label of the 2 ranks x 2 micro-batches over their
+    count (train.loss_normalization tokens, the default), from the weights the run started with."""
+    import torch
+    from torch import nn
+
+    from launcher.plan.resolve import Plan
+    from launcher.worker import data, train
+    from launcher.worker.model_setup import model_for
+
+    plan = Plan.from_json((run_dir / "plan.json").read_text())
+    train._seed(plan.recipe.train.seed)  # as train.setup: the seed, the data, then the model
+    tokens = data.load_tokens(plan, 0, lambda: None)
+    model = model_for(plan)[0]
+    rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed).train
+    micro = [b for rank in (0, 1) for b in data.Batches(tokens, rows, plan, rank).for_step(0)]
+    assert len(micro) == 4
+    assert len({int((b["labels"] != -100).sum()) for b in micro}) > 1  # unequal: tokens differs from batch
+    total, count = torch.zeros(()), 0
+    for batch in micro:
+        logits = model.lm(input_ids=batch["input_ids"]).logits
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        total = total + nn.functional.cross_entropy(flat, batch["labels"].reshape(-1), reduction="sum")
+        count += int((batch["labels"] != -100).sum())
+    loss = total / count
+    loss.backward()
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return float(loss.detach()), float(torch.linalg.vector_norm(torch.stack(grads)))
+
+
+@pytest.mark.parametrize(("backend", "stage"), [("deepspeed", 0), ("deepspeed", 2), ("accelerate", 0)])
+def test_first_step_is_the_token_weighted_mean_over_ranks_and_accumulation(
+    matrix: Cell, backend: str, stage: int
+) -> None:
+    """2 ranks x grad_accum 2 with micro-batches of unequal label counts: the logged loss and gradient
+    norm of step 1 are those of the step's token-weighted loss (Hugging Face Trainer's)."""
+    run_dir = matrix(backend, stage, "fp32")
+    loss, norm = _by_hand_first_step(run_dir)
+    first = records(run_dir, "train")[0]
+    assert first["loss"] == pytest.approx(loss, rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(norm, rel=1e-5)
+
+
 def _held(matrix: Cell, stage: int, dtype: str, rank: int) -> dict[str, int]:
     """What `rank` of the DeepSpeed run at this stage and dtype held, by its memory report."""
     path = matrix("deepspeed", stage, dtype) / "memory" / f"rank-{rank}.json"

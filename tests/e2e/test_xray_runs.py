@@ -28,7 +28,6 @@ BROKEN = {"precision": {"dtype": "fp16", "loss_scale": {"dynamic": False, "initi
 @pytest.fixture(scope="module", autouse=True)
 def _module_env() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
         import transformers.models.bert.modeling_bert  # noqa: F401  (its import sets TORCHINDUCTOR_CACHE_DIR)
 
         yield

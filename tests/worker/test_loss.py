@@ -28,7 +28,6 @@ from tests.conftest import RECIPES  # noqa: E402
 @pytest.fixture(scope="module", autouse=True)
 def _module_env() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
         import transformers.models.bert.modeling_bert  # noqa: F401  (their import sets TORCHINDUCTOR_CACHE_DIR)
         import transformers.models.gpt2.modeling_gpt2  # noqa: F401
         import transformers.models.llama.modeling_llama  # noqa: F401

@@ -25,7 +25,6 @@ BERT_TINY = TINY  # its data: the shipped corpus, one document per line
 @pytest.fixture(scope="module", autouse=True)
 def _module_env() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
         import peft  # noqa: F401  (model.lora; these imports set TORCHINDUCTOR_CACHE_DIR)
         import transformers.models.gpt2.modeling_gpt2  # noqa: F401
         import transformers.models.llama.modeling_llama  # noqa: F401

@@ -24,7 +24,6 @@ from launcher.worker.precision import DTYPES, Precision
 def _module_env() -> Iterator[None]:
     # torch's first optimizer step imports what sets TORCHINDUCTOR_CACHE_DIR: for this module only.
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
         model, opt = _setup()
         model(torch.randn(1, 8)).sum().backward()
         opt.step()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from launcher.plan.resolve import Plan
+from launcher.worker.models import LMLoss
 
 BACKENDS = {
     "deepspeed": "launcher.worker.backends.deepspeed",
@@ -67,7 +68,8 @@ def non_finite_message(step: int, dtype: str, loss_finite: bool, skipped_by: str
 class StepStats:
     """What one optimizer step returns; tensors stay on the device (no host sync)."""
 
-    loss: torch.Tensor  # mean loss over the step's micro-batches
+    # mean over the step's micro-batches of their (TokenWeights-weighted) losses; the mean over ranks is the step's loss
+    loss: torch.Tensor
     grad_norm: torch.Tensor | float | None
     skipped: bool | None  # known only where the backend checks overflow anyway (fp16)
     xray: dict[str, Any] | None = None  # the precision x-ray record, on steps that took one
@@ -84,6 +86,10 @@ class Backend(Protocol):
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
     def loss_scale(self) -> float | None: ...
     def skipped_steps(self) -> int: ...
+    # The optimizer audit's view (launcher.worker.audit): the torch optimizer over the fp32 master
+    # weights (None: none to audit), and this rank's masters, each with its param group.
+    def torch_optimizer(self) -> torch.optim.Optimizer | None: ...
+    def fp32_masters(self) -> list[tuple[torch.Tensor, dict[str, Any]]]: ...
     def lr(self) -> float: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
@@ -110,6 +116,56 @@ def consolidate_fp32(plan: Plan, directory: Path) -> dict[str, torch.Tensor]:
     module = importlib.import_module(BACKENDS[plan.recipe.backend])
     state: dict[str, torch.Tensor] = module.consolidate_fp32(directory, plan)
     return state
+
+
+class TokenWeights:
+    """Each micro-batch's loss factor under train.loss_normalization tokens; identity otherwise.
+
+    Both backends average the gradients over ranks and over the step's micro-batches (DDP and FSDP
+    divide by the world size, the Accelerate engine and DeepSpeed's `backward` by grad_accum), so a
+    micro-batch whose mean loss over its n label tokens is multiplied by
+    n * world_size * grad_accum / N, N being the step's label tokens on every rank, leaves exactly
+    the gradient of (sum of every token loss of the step) / N, Hugging Face Trainer's loss. The
+    per-rank mean of the weighted losses, averaged over ranks as the Meter does, is that loss.
+
+    The micro-batches are counted on the host from their labels (CPU tensors: no device sync) when
+    the step begins, and N is summed by one all_reduce started then and waited for only before the
+    first micro-batch's loss is weighted, after its forward: it adds no host-device sync.
+    """
+
+    def __init__(self, plan: Plan, model: nn.Module, device: torch.device) -> None:
+        self.on = plan.model.language_model and plan.recipe.train.loss_normalization == "tokens"
+        self.lm = model if isinstance(model, LMLoss) else None
+        self.device = device
+        self.accum = plan.batch.grad_accum  # what both backends divide the gradients by
+        self.counts: list[int] = []
+        self.factor = self.accum
+        self.total = torch.zeros((), dtype=torch.int64)
+        self.pending: Any = None
+
+    def start(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Count this step's label tokens on this rank and start summing them over the ranks."""
+        if not self.on:
+            return
+        assert self.lm is not None, "the plan takes a language model's loss through LMLoss"
+        self.counts = [self.lm.label_tokens(b["labels"]) for b in micro_batches]
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.factor = self.accum * world
+        self.total = torch.tensor(sum(self.counts), dtype=torch.int64).to(self.device, non_blocking=True)
+        if torch.distributed.is_initialized():
+            self.pending = torch.distributed.all_reduce(self.total, async_op=True)
+
+    def __call__(self, i: int, loss: torch.Tensor) -> torch.Tensor:
+        """Micro-batch `i`'s mean loss, weighted for the step's token mean (unchanged under batch)."""
+        if not self.on:
+            return loss
+        if self.pending is not None:
+            self.pending.wait()  # NCCL: the stream waits, not the host
+            self.pending = None
+        if self.counts[i] == 0:  # its mean is 0/0 (NaN), but no label sends a gradient back
+            return loss.float().nan_to_num(0.0) * 0.0
+        # In fp32 whatever the loss's dtype: a bf16 factor would round the step's weights by 1/256.
+        return loss.float() * (self.counts[i] * self.factor / self.total.double()).float()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from launcher.worker import xray
 from launcher.worker.backends import (
     LossScaleFloor,
     StepStats,
+    TokenWeights,
     optimizer_state_bytes,
     param_groups,
     tensor_bytes,
@@ -69,6 +70,7 @@ class Engine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor(plan.recipe))
         if plan.recipe.train.compile:
             model.compile()  # in place: parameter names, and so checkpoints, stay the same
+        self.weights = TokenWeights(plan, model, self.device)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.precision = Precision(
             plan.precision, self.device.type, sharded=settings["fsdp_plugin"] is not None
@@ -112,13 +114,14 @@ class Engine:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepStats:
         total = torch.zeros((), device=self.device)
         inner = self.optimizer.optimizer
+        self.weights.start(micro_batches)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with sync:
                 with self.precision.autocast():
-                    loss = loss_of(self.model(**to_device(batch, self.device)))
+                    loss = self.weights(i, loss_of(self.model(**to_device(batch, self.device))))
                 self.precision.scale(loss.float() / self.accum).backward()
             total += loss.detach().float()
         if self.measure_grads:
@@ -161,6 +164,15 @@ class Engine:
 
     def skipped_steps(self) -> int:
         return self.skipped
+
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer over the fp32 master weights, which are the parameters (the audit reads its state)."""
+        inner: torch.optim.Optimizer = self.optimizer.optimizer
+        return inner
+
+    def fp32_masters(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """This rank's fp32 master weights (the parameters, FSDP's shards), each with its param group."""
+        return [(p, g) for g in self.torch_optimizer().param_groups for p in g["params"]]
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

@@ -37,11 +37,12 @@ from torch import nn
 from launcher.errors import UserError
 from launcher.plan import schedule
 from launcher.plan.resolve import Plan
-from launcher.worker import xray
+from launcher.worker import audit, xray
 from launcher.worker.backends import (
     LossScaleFloor,
     SkippedStep,
     StepStats,
+    TokenWeights,
     non_finite_message,
     optimizer_state_bytes,
     param_groups,
@@ -91,10 +92,12 @@ class Engine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
             config=dict(plan.backend_config),
         )
+        _undo_prestep(self.engine.optimizer)  # before any checkpoint is loaded into it
         if plan.recipe.train.compile:
             self.engine.compile()  # torch.compile of the wrapped module, hooks kept in place
         self.model = self.engine
         self.device = self.engine.device
+        self.weights = TokenWeights(plan, model, self.device)
         self.grad_bytes: int | None = None
         self.measure_grads = False
         # DeepSpeed's ZeRO and 16-bit optimizers report the global gradient norm; a plain torch
@@ -107,8 +110,9 @@ class Engine:
         total = torch.zeros((), device=self.device)
         skipped_before = self.engine.skipped_steps
         probe = None
+        self.weights.start(micro_batches)
         for i, batch in enumerate(micro_batches):
-            loss = loss_of(self.engine(**to_device(batch, self.device)))
+            loss = self.weights(i, loss_of(self.engine(**to_device(batch, self.device))))
             self.engine.backward(loss)
             last = i == len(micro_batches) - 1
             if self.measure_grads:  # the most any micro-batch's backward left held
@@ -169,6 +173,17 @@ class Engine:
 
     def skipped_steps(self) -> int:
         return int(self.engine.skipped_steps)
+
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+
+    def fp32_masters(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """ZeRO-3 hands the inner optimizer each partition only while it steps: those, else its parameters."""
+        opt, groups = self.engine.optimizer, self.torch_optimizer().param_groups
+        flats = getattr(opt, "fp32_partitioned_groups_flat", None)
+        if flats is not None:
+            return [(f, groups[opt.sub_group_to_group_id[i]]) for i, f in enumerate(flats)]
+        return [(p, g) for g in groups for p in g["params"]]
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -247,6 +262,26 @@ def _shards(engine: deepspeed.DeepSpeedEngine) -> list[xray.Shard]:
             start = xray.slice_start(p.numel(), rank, world)
             out.append(xray.Shard(layer, xray.my_slice(p.grad, rank, world), mine, start))
     return out
+
+
+def _undo_prestep(opt: object) -> None:
+    """Undo the step DeepSpeed's stage-0 16-bit optimizers (FP16_Optimizer, fused, and FP16_UnfusedOptimizer,
+    for fp16 and bf16) take on zero gradients when built: Adam's counter would read 1 before training, its
+    first update move a weight by 0.735 x lr (betas 0.9/0.95), and AdamW's decay have shrunk the fp32
+    masters once. ZeRO 1-3 do not pre-step. The state becomes a never-stepped one and each master is
+    copied back from the 16-bit weight it was cloned from (its exact value before that step)."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)) or not audit.fresh_state(opt.optimizer):
+        return
+    with torch.no_grad():
+        for i, params in enumerate(opt.fp16_groups):
+            if isinstance(opt, FP16_Optimizer):
+                opt.fp32_groups_flat[i].copy_(opt.fp16_groups_flat[i])
+            else:
+                for master, p in zip(opt.fp32_groups[i], params, strict=True):
+                    master.copy_(p)
 
 
 def _live_stage0_masters(opt: object) -> dict[int, torch.Tensor]:
