@@ -62,8 +62,9 @@ def test_a_new_learning_rate_on_resume_is_applied(first_run: Path) -> None:
     assert "applied on resume: optimizer.lr 0.0001 -> 0.001, train.max_steps 4 -> 6" in again.stderr
     recipe = validate(json.loads((first_run / "plan.json").read_text())["recipe"], "plan")
     by_step = {r["step"]: r["lr"] for r in records(first_run, "train")}
-    # A record's lr is the one the next step uses: after step 5, the new schedule at 5 applied steps
-    # (FAST: 2 warmup steps, then linear decay to step 6).
+    # A record's lr is the one its step used: step 5, the first after the resume, ran at the new
+    # schedule after 4 applied steps (FAST: 2 warmup steps, then linear decay to step 6).
     assert recipe.optimizer.lr == 1e-3
-    assert by_step[5] == pytest.approx(1e-3 * (1 - (5 - 2) / (6 - 2)), rel=1e-6)
-    assert by_step[5] == pytest.approx(schedule.lr_at(recipe, 5), rel=1e-6)
+    assert by_step[5] == pytest.approx(1e-3 * (1 - (4 - 2) / (6 - 2)), rel=1e-6)
+    assert by_step[5] == pytest.approx(schedule.lr_at(recipe, 4), rel=1e-6)
+    assert by_step[6] == pytest.approx(schedule.lr_at(recipe, 5), rel=1e-6)
