@@ -38,6 +38,8 @@ def warnings(
             "train.loss_normalization: has no effect: the model computes its own loss, a mean per "
             "micro-batch, and those means are averaged over the step (as batch)"
         )
+    if "scheduler.warmup_style" in written and recipe.scheduler.warmup_steps == 0:
+        out.append("scheduler.warmup_style: has no effect without warm-up (scheduler.warmup_steps is 0)")
     if recipe.scheduler.warmup_steps > t.max_steps:
         out.append(
             f"scheduler.warmup_steps: {recipe.scheduler.warmup_steps} is more than train.max_steps {t.max_steps};"

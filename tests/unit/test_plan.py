@@ -412,6 +412,11 @@ def test_describe_has_every_part_of_the_dry_run() -> None:
             "scheduler.warmup_steps: 2000 is more than train.max_steps 1000; the learning rate never reaches",
         ),
         (make(checkpoint={"every_steps": 2000}), CPU, "checkpoint.every_steps: beyond train.max_steps"),
+        (
+            make(scheduler={"warmup_style": "hf", "warmup_steps": 0}),
+            CPU,
+            "scheduler.warmup_style: has no effect without warm-up",
+        ),
     ],
 )
 def test_settings_without_effect_are_warned(recipe: Recipe, hw: Hardware, warning: str) -> None:
@@ -421,6 +426,7 @@ def test_settings_without_effect_are_warned(recipe: Recipe, hw: Hardware, warnin
 
 def test_a_plain_recipe_has_no_warnings() -> None:
     assert resolve(make(), CPU).warnings == ()
+    assert resolve(make(scheduler={"warmup_style": "hf", "warmup_steps": 10}), CPU).warnings == ()
     assert resolve(make(precision={"dtype": "fp16", "loss_scale": {"window": 10}}), H100x8).warnings == ()
 
 
