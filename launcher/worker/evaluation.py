@@ -24,6 +24,7 @@ from launcher.recipe import tasks
 from launcher.worker import data
 from launcher.worker.backends import Backend
 from launcher.worker.model_setup import ClassifierLoss
+from launcher.worker.models import label_tokens
 from launcher.worker.ranks import Dist
 
 # The sums each rank keeps, in this order, added across ranks in one all_reduce.
@@ -78,7 +79,7 @@ def _sums(
     reads no device memory). The model's loss is the mean over its labels: the labels other than
     -100 (after the causal shift), or the rows of a classifier or a model that takes other labels."""
     tokens = logits is None and labels.dim() > 1
-    count = int((labels[:, 1:] if causal else labels).ne(-100).sum()) if tokens else labels.shape[0]
+    count = label_tokens(labels, causal) if tokens else labels.shape[0]
     out = torch.zeros(6, device=loss.device)
     if count:  # a micro-batch without labels has a NaN mean loss and adds nothing
         out[_LOSS] = loss.float() * count

@@ -128,9 +128,14 @@ class LMLoss(nn.Module):
         return _cross_entropy(head(hidden[chosen]), labels[chosen])
 
     def label_tokens(self, labels: torch.Tensor) -> int:
-        """The label tokens `forward`'s loss is the mean over, in every train.loss mode: the labels
-        other than -100, after the causal shift. Read `labels` on the host (a CPU batch: no sync)."""
-        return int((labels[:, 1:] if self.causal else labels).ne(-100).sum())
+        """The label tokens `forward`'s loss is the mean over, in every train.loss mode."""
+        return label_tokens(labels, self.causal)
+
+
+def label_tokens(labels: torch.Tensor, causal: bool) -> int:
+    """The label tokens a language model's mean loss is over: the labels other than -100, after the
+    causal shift. Read `labels` on the host (a CPU batch: no sync)."""
+    return int((labels[:, 1:] if causal else labels).ne(-100).sum())
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

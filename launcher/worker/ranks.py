@@ -35,13 +35,6 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
-    def mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, group=self.control)
-        return float(t.item()) / self.world
-
 
 class StopRequest:
     """SIGINT, SIGTERM and SIGUSR1 (Slurm's warning) only set a flag; the loop acts on it."""
