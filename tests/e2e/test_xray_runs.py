@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,6 @@ pytestmark = pytest.mark.slow
 
 XRAY = {"logging": {"precision_every": 5, "every_steps": 5}, "train": {"max_steps": 10}}
 BROKEN = {"precision": {"dtype": "fp16", "loss_scale": {"dynamic": False, "initial": 2.0**-16}}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        import transformers.models.bert.modeling_bert  # noqa: F401  (its import sets TORCHINDUCTOR_CACHE_DIR)
-
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -207,7 +207,9 @@ def test_every_room_imports_only_the_rooms_before_it() -> None:
     )
     assert upward == [], "imports against the order " + " < ".join(PACKAGE_ORDER) + ": " + ", ".join(upward)
     assert _edges("errors", typing_too=True) == set()
-    assert not any("cli" in _edges(m, typing_too=True) for m in MODULES if m != "__main__"), "nothing imports cli"
+    assert not any("cli" in _edges(m, typing_too=True) for m in MODULES if m != "__main__"), (
+        "nothing imports cli"
+    )
 
 
 def test_the_parser_sees_every_kind_of_import() -> None:

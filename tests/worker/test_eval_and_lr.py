@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,14 +24,6 @@ from launcher.worker.model_setup import ClassifierLoss
 from tests.fake_loop import FakeBackend, loop_run, small_plan
 
 ONE = ranks.Dist(rank=0, world=1, local_rank=0, control=None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_env() -> Iterator[None]:
-    # torch's first optimizer step imports what sets TORCHINDUCTOR_CACHE_DIR: for this module only.
-    with pytest.MonkeyPatch.context() as mp:
-        torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1).step()
-        yield
 
 
 @pytest.fixture(scope="module")

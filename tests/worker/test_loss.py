@@ -6,7 +6,6 @@ The tiny Hugging Face directories come from recipes/models/make_tiny.py (the `ti
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,6 @@ from launcher.plan.resolve import resolve  # noqa: E402
 from launcher.recipe.schema import load  # noqa: E402
 from launcher.worker.models import LMLoss, split_head  # noqa: E402
 from tests.conftest import RECIPES  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        import transformers.models.bert.modeling_bert  # noqa: F401  (their import sets TORCHINDUCTOR_CACHE_DIR)
-        import transformers.models.gpt2.modeling_gpt2  # noqa: F401
-        import transformers.models.llama.modeling_llama  # noqa: F401
-
-        yield
 
 
 MODELS = [("tiny-bert", "AutoModelForMaskedLM", False), ("tiny-gpt2", "AutoModelForCausalLM", True),

@@ -6,7 +6,6 @@ One process here (world 1); tests/e2e/test_train_cpu.py checks 2 ranks on both b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ from launcher.worker.models import LMLoss, gpt2  # noqa: E402
 from tests.conftest import RECIPES  # noqa: E402
 
 ACCUM = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (its import sets TORCHINDUCTOR_CACHE_DIR)
-
-        yield
 
 
 def _plan(tmp_path: Path, normalization: str, recipe: str = "gpt2_tiny.yaml", *more: str) -> Plan:
@@ -63,7 +54,7 @@ def _micro_batches(vocab: int) -> list[dict[str, torch.Tensor]]:
 
 def _step_grads(plan: Plan, model: LMLoss, micro: list[dict[str, torch.Tensor]]) -> tuple[float, list]:
     """What a backend does: weigh each micro-batch's loss, backward it / grad_accum; the logged loss."""
-    weights = TokenWeights(plan, model, torch.device("cpu"))
+    weights = TokenWeights(plan, torch.device("cpu"))
     model.zero_grad(set_to_none=True)
     weights.start(micro)
     total = 0.0
@@ -130,7 +121,7 @@ def test_models_with_their_own_loss_are_left_alone(tmp_path: Path) -> None:
     """tiny-mlp computes its own loss: tokens changes nothing, and the plan says so when it is written."""
     plan = _plan(tmp_path, "tokens", "bert_tiny.yaml", "model.name=tiny-mlp")
     assert not plan.model.language_model
-    weights = TokenWeights(plan, nn.Linear(1, 1), torch.device("cpu"))
+    weights = TokenWeights(plan, torch.device("cpu"))
     loss = torch.tensor(2.5)
     weights.start([{"labels": torch.zeros(2, 2)}])
     assert weights(0, loss) is loss

@@ -3,7 +3,6 @@ positions restart at each document, and the probe tells which models keep docume
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +19,6 @@ from launcher.worker.models import LMLoss
 from tests.runs import TINY
 
 BERT_TINY = TINY  # its data: the shipped corpus, one document per line
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        import peft  # noqa: F401  (model.lora; these imports set TORCHINDUCTOR_CACHE_DIR)
-        import transformers.models.gpt2.modeling_gpt2  # noqa: F401
-        import transformers.models.llama.modeling_llama  # noqa: F401
-        import transformers.models.opt.modeling_opt  # noqa: F401
-
-        yield
 
 
 # --------------------------------------------------------------------------- end to end

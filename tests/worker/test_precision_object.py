@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import fields
 
 import pytest
@@ -18,16 +17,6 @@ from launcher.plan.precision import DTYPE_BYTES, PrecisionPolicy
 from launcher.recipe.schema import LossScale
 from launcher.worker import precision, xray
 from launcher.worker.precision import DTYPES, Precision
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_env() -> Iterator[None]:
-    # torch's first optimizer step imports what sets TORCHINDUCTOR_CACHE_DIR: for this module only.
-    with pytest.MonkeyPatch.context() as mp:
-        model, opt = _setup()
-        model(torch.randn(1, 8)).sum().backward()
-        opt.step()
-        yield
 
 
 def _policy(dtype: str, **scale: float) -> PrecisionPolicy:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from launcher.plan.resolve import Plan
-from launcher.worker.models import LMLoss
+from launcher.worker.models import label_tokens
 
 BACKENDS = {
     "deepspeed": "launcher.worker.backends.deepspeed",
@@ -133,9 +133,9 @@ class TokenWeights:
     first micro-batch's loss is weighted, after its forward: it adds no host-device sync.
     """
 
-    def __init__(self, plan: Plan, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, plan: Plan, device: torch.device) -> None:
         self.on = plan.model.language_model and plan.recipe.train.loss_normalization == "tokens"
-        self.lm = model if isinstance(model, LMLoss) else None
+        self.causal = plan.model.causal
         self.device = device
         self.accum = plan.batch.grad_accum  # what both backends divide the gradients by
         self.counts: list[int] = []
@@ -147,8 +147,7 @@ class TokenWeights:
         """Count this step's label tokens on this rank and start summing them over the ranks."""
         if not self.on:
             return
-        assert self.lm is not None, "the plan takes a language model's loss through LMLoss"
-        self.counts = [self.lm.label_tokens(b["labels"]) for b in micro_batches]
+        self.counts = [label_tokens(b["labels"], self.causal) for b in micro_batches]
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.factor = self.accum * world
         self.total = torch.tensor(sum(self.counts), dtype=torch.int64).to(self.device, non_blocking=True)

@@ -70,7 +70,7 @@ class Engine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor(plan.recipe))
         if plan.recipe.train.compile:
             model.compile()  # in place: parameter names, and so checkpoints, stay the same
-        self.weights = TokenWeights(plan, model, self.device)
+        self.weights = TokenWeights(plan, self.device)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.precision = Precision(
             plan.precision, self.device.type, sharded=settings["fsdp_plugin"] is not None

@@ -97,7 +97,7 @@ class Engine:
             self.engine.compile()  # torch.compile of the wrapped module, hooks kept in place
         self.model = self.engine
         self.device = self.engine.device
-        self.weights = TokenWeights(plan, model, self.device)
+        self.weights = TokenWeights(plan, self.device)
         self.grad_bytes: int | None = None
         self.measure_grads = False
         # DeepSpeed's ZeRO and 16-bit optimizers report the global gradient norm; a plain torch
