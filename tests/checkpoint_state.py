@@ -38,6 +38,17 @@ def _state(final: Path) -> dict[str, Any]:
         if path.suffix in STATE_SUFFIXES:
             loaded = torch.load(path, map_location="cpu", weights_only=False)
             state.update(_flatten(loaded, str(path.relative_to(final))))
+    if (
+        final / "dcp"
+    ).is_dir():  # FSDP2: the shards of every rank, merged as export reads them (model and optimizer)
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        merged = final / "dcp-merged.pt.tmp"
+        dcp_to_torch_save(final / "dcp", merged)
+        try:
+            state.update(_flatten(torch.load(merged, map_location="cpu", weights_only=False), "dcp"))
+        finally:
+            merged.unlink()
     assert state, f"no state files in {final}"
     if any("/fp32_flat_groups[" in key for key in state):
         # ZeRO-3 pads each parameter's partition with uninitialised memory that no computation

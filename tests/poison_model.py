@@ -5,8 +5,9 @@ On the last micro-batch of `poison_step` the forward pass, after computing a
 finite loss, overwrites one parameter with NaN. That parameter enters the loss
 only as `0 * sum`, so its gradient is 0 and the step's loss and gradient norm
 look healthy; only the parameters themselves show that the step is not fit to
-save. Meant for backends whose parameters are the optimizer's own (Accelerate):
-DeepSpeed's separate fp32 master copy would overwrite the NaN at the step.
+save. Meant for backends whose parameters are the optimizer's own (Accelerate's DDP, zero.stage 0):
+DeepSpeed's separate fp32 master copy, and FSDP2's fp32 shards behind the gathered parameters,
+would overwrite the NaN at the step.
 """
 
 from __future__ import annotations

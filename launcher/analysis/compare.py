@@ -185,7 +185,7 @@ def attribution(fp32: Metrics, mixed: Metrics) -> tuple[list[LayerDiff], str | N
     if not out:
         return (
             [],
-            "the x-ray of step 1 has no gradient sketches (FSDP does not expose where its shards start)",
+            "the x-ray of step 1 has no gradient sketches (x-ray off, or no layer with gradients in both runs)",
         )
     return sorted(out, key=lambda d: -d.rel_diff), None
 

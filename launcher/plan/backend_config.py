@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.plan.precision import PrecisionPolicy, deepspeed_fp16_block
+from launcher.recipe.families import FAMILIES
 from launcher.recipe.schema import Recipe
 
 
@@ -58,8 +59,9 @@ def deepspeed_config(
 
 
 def accelerate_settings(recipe: Recipe, policy: PrecisionPolicy, device: str, accum: int) -> dict[str, Any]:
-    """Everything the accelerate engine consumes: Accelerator and FSDP plugin arguments, autocast,
-    the fp16 loss scale, accumulation, clipping and the optimizer.
+    """Everything the accelerate engine consumes: Accelerator arguments, the FSDP2 sharding
+    (`fsdp2`, None at zero.stage 0: DDP), autocast, the fp16 loss scale, accumulation, clipping
+    and the optimizer.
 
     mplaunch, not Accelerate, owns autocast and the loss scaler: Accelerate has neither for fp16
     on CPU, and its scaler lacks DeepSpeed's hysteresis and floor, so `precision.loss_scale`
@@ -67,22 +69,9 @@ def accelerate_settings(recipe: Recipe, policy: PrecisionPolicy, device: str, ac
     mixed_precision "no" and never wraps the forward pass itself.
     """
     z, opt = recipe.zero, recipe.optimizer
-    fsdp = None
-    if z.stage > 0 and device == "cuda":
-        fsdp = {
-            # FSDP has no optimizer-only sharding: stage 1 runs as ZeRO-2 (SHARD_GRAD_OP).
-            "sharding_strategy": "FULL_SHARD" if z.stage == 3 else "SHARD_GRAD_OP",
-            "cpu_offload": z.offload_params,
-            "use_orig_params": True,
-            "auto_wrap_policy": "transformer_based_wrap",
-            "state_dict_type": "SHARDED_STATE_DICT",
-            # The sharded parameters stay fp32 (the master weights); FSDP gathers them for
-            # compute, and reduces gradients, in the 16-bit dtype.
-            "mixed_precision_policy": policy.dtype if policy.autocast else None,
-        }
     return {
         "accelerator": {"mixed_precision": "no", "cpu": device == "cpu"},
-        "fsdp_plugin": fsdp,
+        "fsdp2": fsdp2_settings(recipe, policy, device) if z.stage > 0 else None,
         "autocast": policy.dtype if policy.autocast else None,
         "loss_scale": policy.loss_scale.model_dump() if policy.loss_scale else None,
         "grad_accum": accum,
@@ -96,3 +85,40 @@ def accelerate_settings(recipe: Recipe, policy: PrecisionPolicy, device: str, ac
             "fused": device == "cuda",
         },
     }
+
+
+def fsdp2_settings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> dict[str, Any]:
+    """How the accelerate engine applies torch's `fully_shard` (FSDP2) for zero.stage 1-3, on
+    every device: mplaunch shards the model itself (launcher.worker.backends.fsdp2), never through
+    Accelerate's FSDP plugin, which Accelerate turns into DDP on CPU.
+
+    Parameters, gradients and AdamW state are sharded on dim 0 in fp32 at every stage (the shards
+    are the master weights). Stage 3 frees the gathered parameters after each unit's forward and
+    gathers them again for its backward; stage 2 keeps them from forward to backward; FSDP2 has no
+    optimizer-only mode, so stage 1 runs as stage 2 (the plan warns). In 16 bits the parameters are
+    gathered in that dtype and the gradients reduce-scattered in fp32 (MixedPrecisionPolicy);
+    fp32 runs without a policy. Parameter offload (CPUOffloadPolicy) applies on GPUs only.
+    """
+    z = recipe.zero
+    return {
+        "reshard_after_forward": z.stage == 3,
+        "param_dtype": policy.dtype,
+        "reduce_dtype": "fp32",
+        "offload_params": z.offload_params and device == "cuda",
+        "wrap": fsdp2_wrap(recipe),
+    }
+
+
+def fsdp2_wrap(recipe: Recipe) -> str:
+    """Which modules `fully_shard` makes units of, in the words the worker's record uses."""
+    name = recipe.model.name if recipe.model.target is None and recipe.model.hf is None else None
+    if name is None:
+        return (
+            "each module whose class is in the model's _no_split_modules (none listed: each transformers "
+            "GradientCheckpointingLayer) but one sharing a weight with a module outside it, then the root; "
+            "the root alone if there are none"
+        )
+    block = FAMILIES[name].block
+    if not block:
+        return f"the root alone ({name} has no transformer blocks)"
+    return f"each {block}, then the root"

@@ -23,13 +23,11 @@ def warnings(
     if device == "cpu" and (z.offload_optimizer or z.offload_params):
         key = "zero.offload_optimizer" if z.offload_optimizer else "zero.offload_params"
         out.append(f"{key}: the run is on the CPU already; offloading gains nothing")
-    if recipe.backend == "accelerate" and z.stage > 0:
-        if device == "cpu":
-            out.append(
-                f"zero.stage: accelerate runs plain DDP on CPU; stage {z.stage} sharding is not applied"
-            )
-        elif z.stage == 1:
-            out.append("zero.stage: FSDP has no stage-1 mode; stage 1 runs as SHARD_GRAD_OP (ZeRO-2)")
+    if recipe.backend == "accelerate" and z.stage == 1:
+        out.append(
+            "zero.stage: FSDP2 has no optimizer-only mode; stage 1 runs as stage 2 (parameters, "
+            "gradients and optimizer state sharded, no reshard after forward)"
+        )
     t = recipe.train
     if "train.loss" in written and not language_model:
         out.append("train.loss: has no effect: the model is not a language model mplaunch takes the loss of")

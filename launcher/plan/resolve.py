@@ -70,14 +70,15 @@ class Plan:
 
     @property
     def sharding(self) -> str:
-        """How the backend shards the model, as it will run: ZeRO stage, FSDP strategy or DDP."""
+        """How the backend shards the model, as it will run: ZeRO stage, FSDP2 or DDP."""
         stage = self.recipe.zero.stage
         if self.recipe.backend == "deepspeed":
             return f"ZeRO stage {stage}"
-        fsdp = self.backend_config.get("fsdp_plugin")
+        fsdp = self.backend_config.get("fsdp2")
         if fsdp:
-            return f"FSDP {fsdp['sharding_strategy']} (zero.stage {stage})"
-        return "DDP" + (f" (zero.stage {stage} is not applied on {self.device})" if stage else "")
+            how = "reshard after forward" if fsdp["reshard_after_forward"] else "no reshard after forward"
+            return f"FSDP2 fully_shard, {how} (zero.stage {stage})"
+        return "DDP"
 
     @property
     def plan_path(self) -> Path:

@@ -3,7 +3,8 @@
 Light side (no torch): the worker's builder is named by its dotted path and imported by
 launcher.worker.models only when a worker builds the model. The shape presets are read by
 launcher.recipe.shapes, the objectives by launcher.recipe.tasks, the vocabulary defaults by
-launcher.plan.vocab; the FLOP and memory formulas (launcher.plan.estimate) read `layer_prefix`,
+launcher.plan.vocab, the FSDP2 unit (`block`) by launcher.plan.backend_config and the worker that
+applies it; the FLOP and memory formulas (launcher.plan.estimate) read `layer_prefix`,
 `head_transform`, `peft_targets` and `tensors` (its parameter tensors, launcher.recipe.tensors).
 """
 
@@ -37,6 +38,9 @@ class Family:
     ]  # its parameters as (name, numel): launcher.recipe.tensors
     synthetic_only: bool = False  # trains on synthetic data only
     layer_prefix: str = ""  # module name of transformer block i, before the index ("" without blocks)
+    # The class of one transformer block: FSDP2 shards each as a unit (launcher.worker.backends.fsdp2);
+    # "" without blocks.
+    block: str = ""
     head_transform: bool = False  # a dense h x h transform before the vocabulary projection (BERT's)
     # Extra (seq x batch x intermediate) tensors its GELU keeps for the backward: GPT-2's tanh GELU
     # ("gelu_new") is built from pointwise ops that keep 3.
@@ -60,6 +64,7 @@ FAMILIES: dict[str, Family] = {
         transformer=True,
         tensors=tensors.bert_mlm,
         layer_prefix="bert.encoder.layer.",
+        block="BertLayer",
         head_transform=True,
         peft_targets=("query", "value"),
     ),
@@ -74,6 +79,7 @@ FAMILIES: dict[str, Family] = {
         transformer=True,
         tensors=tensors.gpt2_lm,
         layer_prefix="transformer.h.",
+        block="GPT2Block",
         gelu_saved=3,
         peft_targets=("c_attn",),
     ),

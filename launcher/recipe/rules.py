@@ -31,8 +31,8 @@ def check_rules(recipe: Recipe) -> list[str]:
         problems.append(f"zero.offload_params: needs zero.stage 3, got stage {z.stage}")
     if recipe.backend == "accelerate" and z.offload_optimizer and not z.offload_params:
         problems.append(
-            "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together; "
-            "set zero.offload_params=true too, or use backend=deepspeed"
+            "zero.offload_optimizer: FSDP2 under accelerate offloads parameters, gradients and optimizer "
+            "state together (CPUOffloadPolicy); set zero.offload_params=true too, or use backend=deepspeed"
         )
     problems += _model_rules(recipe)
     problems += _data_rules(recipe)

@@ -203,11 +203,11 @@ class Precision(Section):
 
 class Zero(Section):
     stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_no_bool)] = 0
-    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters (accelerate: 0 is DDP, 1-3 FSDP2, 1 runs as 2)."""
     offload_optimizer: bool = False
-    """Keep optimizer state (and its step) on the CPU; needs stage >= 1."""
+    """Keep optimizer state (and its step) on the CPU; needs stage >= 1 (accelerate: with offload_params)."""
     offload_params: bool = False
-    """Keep parameters on the CPU; needs stage 3."""
+    """Keep parameters on the CPU; needs stage 3 (accelerate: FSDP2's CPUOffloadPolicy, GPUs only)."""
 
 
 # A duration in seconds: finite, and within what a timedelta (the collectives' timeout) takes.
@@ -302,7 +302,7 @@ class Recipe(Section):
     backend: Literal["deepspeed", "accelerate"] = "deepspeed"
     """Which library wraps the model."""
     zero: Zero = Zero()
-    """ZeRO sharding (FSDP under accelerate)."""
+    """ZeRO sharding (FSDP2 under accelerate)."""
     launch: Launch = Launch()
     """Processes and devices."""
     checkpoint: Checkpoint = Checkpoint()

@@ -15,7 +15,8 @@ Part of the precision x-ray's world, on every backend. Two checks, each reported
 
 Both read the backend's torch optimizer over the fp32 master weights (`torch_optimizer`, its
 state) and this rank's masters with their param groups (`fp32_masters`): Accelerate's AdamW over
-the model's fp32 parameters (FSDP's shards), DeepSpeed's over its fp32 copies (stage 0 in 16 bits),
+the model's fp32 parameters (FSDP2's DTensors, whose moments are DTensors too: each rank reads
+its local shard), DeepSpeed's over its fp32 copies (stage 0 in 16 bits),
 flat partitions (ZeRO 1-2) or partitioned groups (ZeRO-3). Reading counters and samples syncs the
 host, which is why the audit runs only at step 1 and at checkpoints; each rank judges its own
 states (every rank steps alike) and rank 0 records.
@@ -30,6 +31,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from launcher.analysis.health import first_update_event, step_counter_event
 from launcher.plan.resolve import Plan
@@ -111,7 +113,7 @@ class FirstUpdate:
         self.optimizer = backend.torch_optimizer()
         self.before: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor, float]] = []
         for p, group in backend.fp32_masters():
-            flat = p.detach().reshape(-1)
+            flat = _local(p.detach()).reshape(-1)
             if flat.numel():
                 self.before.append((p, group, _sample(flat).double().clone(), float(group["lr"])))
 
@@ -145,8 +147,8 @@ class FirstUpdate:
             if lr <= 0 or "exp_avg" not in state:
                 continue
             lr_seen = lr
-            w1 = _sample(p.detach().reshape(-1)).double()
-            grad = _sample(state["exp_avg"].reshape(-1)).double().abs() / (1.0 - group["betas"][0])
+            w1 = _sample(_local(p.detach()).reshape(-1)).double()
+            grad = _sample(_local(state["exp_avg"]).reshape(-1)).double().abs() / (1.0 - group["betas"][0])
             decay = lr * group.get("weight_decay", 0.0) if decoupled else 0.0
             ratio = (w0 * (1.0 - decay) - w1.to(w0.device)).abs() / lr
             keep = (grad.to(w0.device) >= MIN_GRAD_EPS * group["eps"]) & (
@@ -154,6 +156,11 @@ class FirstUpdate:
             )
             out.append(ratio[keep].cpu())
         return (torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)), lr_seen
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (reading it needs no collective); other tensors as they are."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _sample(flat: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,11 @@ so frozen base weights get no gradient, fp32 master or Adam state:
 
 * DeepSpeed ZeRO 0-2: the engine casts the whole module to the compute dtype, frozen weights
   included; the ZeRO optimizers flatten and partition only the groups they are given.
-* Accelerate DDP: DDP registers hooks and buckets for parameters that require grad only. FSDP
-  (use_orig_params=True, GPU) accepts frozen and trainable parameters in one unit, but its flat
-  gradient covers the frozen ones too (torch's FSDP docstring warns of it), so it saves optimizer
-  state, not gradient memory.
+* Accelerate DDP (zero.stage 0): DDP registers hooks and buckets for parameters that require grad
+  only. Accelerate FSDP2 (stages 1-3, launcher.worker.backends.fsdp2): a block's frozen base
+  weights and its trainable adapters share one `fully_shard` unit; FSDP2 keeps each parameter a
+  DTensor of its own, gathers the frozen ones for compute and reduce-scatters gradients only for
+  those that have one, so frozen weights hold no gradient (tests/worker/test_fsdp2.py trains it).
 * DeepSpeed ZeRO-3: works. DeepSpeed partitions every parameter, frozen ones too, and its stage-3
   optimizer drops `requires_grad=False` ones from its groups (stage3.py
   `_get_trainable_parameter_groups`); peft documents LoRA as compatible with ZeRO-1/2/3

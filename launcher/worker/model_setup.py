@@ -183,6 +183,7 @@ class ClassifierLoss(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.lm = model  # the name export and LoRA look for, as with LMLoss
+        # The block classes FSDP2 shards as units (launcher.worker.backends.fsdp2), as with LMLoss.
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -243,7 +244,9 @@ def checkpoint_activations(model: nn.Module) -> None:
     """Recompute each layer's activations in backward (transformers' gradient checkpointing).
 
     Non-reentrant checkpointing: it gives correct gradients when the inputs need none (frozen
-    embeddings under LoRA) and works with DeepSpeed and DDP alike.
+    embeddings under LoRA) and works with DeepSpeed, DDP and FSDP2 alike. Under FSDP2 the
+    checkpointed call is the block's own `__call__`, FSDP2's hooks included, so the recompute in
+    backward gathers the block's parameters again (stage 3 had freed them after forward).
     """
     target = inner(model)
     # transformers 5 renames it activation_checkpointing_enable; 4.x has only the old name.

@@ -87,7 +87,7 @@ class LMLoss(nn.Module):
         self.lm = lm
         self.causal = causal
         self.loss = loss
-        # FSDP's transformer-based wrapping (accelerate) looks for the block classes here.
+        # The block classes FSDP2 shards as units for model.hf (launcher.worker.backends.fsdp2).
         self._no_split_modules = getattr(lm, "_no_split_modules", None)
         # (base model, head) for `labelled`, decided by `choose_loss`; a tuple, so not submodules again.
         self._split: tuple[nn.Module, ...] | None = None

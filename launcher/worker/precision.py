@@ -4,7 +4,9 @@
 torch dtypes; every worker module reads it. `Precision` owns, for one rank, what Lightning
 Fabric's precision plugin owns: the autocast context, the fp16 loss scaler with its checkpoint
 state, and (`set_tf32`) whether fp32 matrix products may use TF32. It reads the policy and never
-re-decides it. The Accelerate backend drives it; DeepSpeed scales the loss inside its engine
+re-decides it. The Accelerate backend drives it, at zero.stage 0 (DDP) and 1-3 (FSDP2, whose
+16-bit parameter gathering comes beside autocast, not instead of it:
+launcher.worker.backends.fsdp2); DeepSpeed scales the loss inside its engine
 (from the plan's DeepSpeed config), so its backend builds none.
 """
 
@@ -35,8 +37,10 @@ class Precision:
     Args:
         policy: the plan's precision (plan.precision).
         device_type: where compute runs ("cpu" or "cuda").
-        sharded: the gradients are FSDP-sharded, so overflow is agreed across ranks
-            (torch's ShardedGradScaler underneath).
+        sharded: the gradients are FSDP2's DTensor shards (zero.stage 1-3 on Accelerate): torch's
+            ShardedGradScaler underneath unscales each rank's shards and all-reduces the overflow
+            flag, so every rank skips the same steps and lowers the scale alike (a plain
+            GradScaler would only see this rank's shards).
     """
 
     def __init__(self, policy: PrecisionPolicy, device_type: str, sharded: bool = False) -> None:

@@ -237,6 +237,13 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     phases.end("restore")
     meter = Meter(plan, d.rank == 0, start, _flops_per_step(plan))
     ckpt.report(meter)  # checkpoints the restore rejected, as metrics events
+    sharded = getattr(
+        backend, "sharded", None
+    )  # what FSDP2's fully_shard was applied to (the dry run's `fsdp2`)
+    if sharded and d.rank == 0:  # recorded only: the engine printed it as it applied it
+        meter.write(
+            {"kind": "event", "step": start, "time": time.time(), "event": "sharding", "message": sharded}
+        )
     return Run(plan, backend, train, evals, meter, ckpt, stop, d, start, phases)
 
 

@@ -1,10 +1,11 @@
 """Precision x-ray: per layer, how close the gradients come to fp16's limits, and which updates vanish.
 
 At step 1 and every `logging.precision_every` steps each rank measures its own shard of the
-reduced gradients (the whole gradient where it is not sharded: then each rank takes an equal
-slice of every layer) and of its fp32 master weights, between the last backward and the
-optimizer step; the counts of all ranks are gathered once. A "layer" is a module: a parameter's
-name without its last part (`encoder.layer.0.attention.self.query` holds its weight and bias).
+reduced gradients (FSDP2's DTensor shards, ZeRO's partitions; where the gradient is whole on every
+rank, each rank takes an equal slice of every layer) and of its fp32 master weights, between the
+last backward and the optimizer step; the counts of all ranks are gathered once. A "layer" is a
+module: a parameter's name without its last part (`encoder.layer.0.attention.self.query` holds its
+weight and bias).
 
 Gradient columns, in units of the scaled gradient `x = g * loss_scale` (fp16 runs; the value fp16
 holds or would hold): exactly zero; fp16 subnormal (0 < |x| < 2^-14: precision lost), of them
@@ -60,8 +61,9 @@ class Shard:
     offset: int | None = 0
 
 
-# Parts of parameter names that wrappers add: DDP's leading "module", torch.compile's, FSDP's, checkpointing's.
-_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# Parts of parameter names that wrappers add: DDP's leading "module", torch.compile's, checkpointing's
+# (FSDP2's fully_shard adds none).
+_WRAPPERS = ("_orig_mod", "_checkpoint_wrapped_module")
 
 
 def mode(step: int, every: int) -> str | None:

@@ -75,9 +75,14 @@ def _sealed(run_dir: Path) -> list[int]:
 
 
 def _weights(checkpoint_dir: Path) -> list[torch.Tensor]:
-    """The model weights a checkpoint holds (Accelerate's model file, or DeepSpeed's model states)."""
+    """The model weights a checkpoint holds (Accelerate's model file or FSDP2's DCP shards, or
+    DeepSpeed's model states)."""
     accelerate = checkpoint_dir / "pytorch_model.bin"
-    if accelerate.exists():
+    if (checkpoint_dir / "dcp").is_dir():
+        from launcher.worker.backends import fsdp2
+
+        state = fsdp2.consolidate_fp32(checkpoint_dir)
+    elif accelerate.exists():
         state = torch.load(accelerate, map_location="cpu", weights_only=True)
     else:
         states = checkpoint_dir / "deepspeed" / "mp_rank_00_model_states.pt"

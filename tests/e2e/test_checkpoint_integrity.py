@@ -187,6 +187,9 @@ def test_absurd_weights_from_a_huge_learning_rate_are_never_sealed(tmp_path: Pat
 def test_nan_weights_behind_a_finite_loss_are_never_sealed(tmp_path: Path) -> None:
     poisoned = {
         "backend": "accelerate",
+        # DDP: the parameters are the optimizer's own. FSDP2 poisons only the gathered copy, which the
+        # fp32 shards (the checkpoint's content) never see.
+        "zero": {"stage": 0},
         "model": {
             "name": None,
             "target": "poison_model:build",

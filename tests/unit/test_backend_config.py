@@ -51,31 +51,52 @@ def test_min_loss_scale_is_written_as_an_int() -> None:
 
 
 @pytest.mark.parametrize(
-    ("stage", "offload", "hw", "strategy"),
+    ("stage", "offload", "hw", "dtype", "reshard"),
     [
-        (0, "none", H100x8, None),
-        (1, "none", H100x8, "SHARD_GRAD_OP"),
-        (2, "none", H100x8, "SHARD_GRAD_OP"),
-        (3, "none", H100x8, "FULL_SHARD"),
-        (3, "both", H100x8, "FULL_SHARD"),
-        (3, "none", CPU, None),  # no FSDP on CPU: plain DDP, with a warning
+        (1, "none", H100x8, "bf16", False),  # FSDP2 has no optimizer-only mode: as stage 2
+        (2, "none", H100x8, "fp16", False),
+        (3, "none", H100x8, "bf16", True),
+        (3, "both", H100x8, "bf16", True),
+        (2, "none", CPU, "fp32", False),  # FSDP2 on CPU too (gloo)
+        (3, "none", CPU, "bf16", True),
+        (3, "both", CPU, "fp32", True),  # nothing to offload to on CPU (the plan warns)
     ],
 )
-def test_accelerate_sharding_follows_zero_stage(
-    stage: int, offload: str, hw: Hardware, strategy: str | None
+def test_accelerate_zero_stages_are_fsdp2_on_every_device(
+    stage: int, offload: str, hw: Hardware, dtype: str, reshard: bool
 ) -> None:
-    s = resolve(make("accelerate", stage=stage, offload=offload), hw).backend_config
-    if strategy is None:
-        assert s["fsdp_plugin"] is None
-    else:
-        assert s["fsdp_plugin"] == {
-            "sharding_strategy": strategy,
-            "cpu_offload": offload == "both",
-            "use_orig_params": True,
-            "auto_wrap_policy": "transformer_based_wrap",
-            "state_dict_type": "SHARDED_STATE_DICT",
-            "mixed_precision_policy": "bf16",
-        }
+    s = resolve(make("accelerate", stage=stage, offload=offload, dtype=dtype), hw).backend_config
+    assert s["fsdp2"] == {
+        "reshard_after_forward": reshard,
+        "param_dtype": dtype,  # fp32: no mixed-precision policy
+        "reduce_dtype": "fp32",
+        "offload_params": offload == "both" and hw is H100x8,
+        "wrap": "the root alone (tiny-mlp has no transformer blocks)",
+    }
+    assert "fsdp_plugin" not in s
+
+
+@pytest.mark.parametrize("hw", [CPU, H100x8])
+def test_accelerate_stage_0_is_ddp(hw: Hardware) -> None:
+    assert resolve(make("accelerate", stage=0), hw).backend_config["fsdp2"] is None
+
+
+@pytest.mark.parametrize(
+    ("model", "wrap"),
+    [
+        ({"name": "bert-mlm"}, "each BertLayer, then the root"),
+        ({"name": "gpt2-lm"}, "each GPT2Block, then the root"),
+        (
+            {"name": None, "target": "tests.user_code:build"},
+            "each module whose class is in the model's _no_split_modules (none listed: each transformers "
+            "GradientCheckpointingLayer) but one sharing a weight with a module outside it, then the root; "
+            "the root alone if there are none",
+        ),
+    ],
+)
+def test_fsdp2_units_are_named_as_the_worker_applies_them(model: dict, wrap: str) -> None:
+    s = resolve(make("accelerate", stage=3, model=model), CPU).backend_config
+    assert s["fsdp2"]["wrap"] == wrap
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])

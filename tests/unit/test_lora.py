@@ -69,9 +69,10 @@ def test_frozen_weights_under_accelerate() -> None:
     assert (ddp.params, ddp.grads, ddp.optimizer, ddp.comm_buffers) == (
         4 * 1_004_000_000, 4 * 4_000_000, 8 * 4_000_000, 4 * 4_000_000,
     )  # fmt: skip
-    fsdp = _lora_state(3, "accelerate")
-    # FSDP: the flat gradient spans the frozen weights (no layer size given: all of them).
-    assert (fsdp.params, fsdp.grads, fsdp.optimizer) == (4 * 125_500_000, 4 * 125_500_000, 8 * 500_000)
+    fsdp2 = _lora_state(3, "accelerate")
+    # FSDP2: every parameter an fp32 shard, frozen ones too; gradients and moments for the adapters only
+    # (FSDP2 reduce-scatters the parameters that have gradients: no flat gradient spans frozen weights).
+    assert (fsdp2.params, fsdp2.grads, fsdp2.optimizer) == (4 * 125_500_000, 4 * 500_000, 8 * 500_000)
 
 
 def test_fp32_frozen_weights_are_4_bytes() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -96,15 +97,85 @@ def test_offload_params_keeps_only_persistent_params_on_the_gpu() -> None:
     assert off.grads == 0
 
 
-def test_accelerate_keeps_fp32_params_and_shards_with_fsdp() -> None:
+def test_accelerate_ddp_keeps_fp32_params_and_its_buckets() -> None:
     ddp = model_state_bytes(PSI, "bf16", "accelerate", 0, N)
     assert (ddp.params, ddp.grads, ddp.master, ddp.optimizer) == (4 * PSI, 4 * PSI, 0, 8 * PSI)
     assert ddp.comm_buffers == 4 * PSI  # DDP's gradient buckets
-    fsdp = model_state_bytes(PSI, "bf16", "accelerate", 3, N)
-    assert fsdp.device_state == 16 * PSI // N
-    off = model_state_bytes(PSI, "bf16", "accelerate", 3, N, offload_params=True)
+    assert model_state_bytes(PSI, "bf16", "accelerate", 0, 1).comm_buffers == 0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_fsdp2_shards_fp32_params_grads_and_adam_state(dtype: str) -> None:
+    # The fp32 DTensor shards are the master weights: 4 + 4 + 8 bytes per parameter over N, in any dtype.
+    for stage in (1, 2, 3):
+        s = model_state_bytes(PSI, dtype, "accelerate", stage, N)
+        assert (s.params, s.grads, s.master, s.optimizer) == (4 * PSI // N, 4 * PSI // N, 0, 8 * PSI // N)
+        assert s.cpu == 0
+    # FSDP2 has no optimizer-only sharding: stage 1 runs as stage 2.
+    assert model_state_bytes(PSI, dtype, "accelerate", 1, N) == model_state_bytes(
+        PSI, dtype, "accelerate", 2, N
+    )
+    # CPUOffloadPolicy: shards, gradients and Adam state on the host, the unsharded copies on the device.
+    off = model_state_bytes(PSI, dtype, "accelerate", 3, N, offload_params=True)
     assert off.device_state == 0
     assert off.cpu == 16 * PSI // N
+    assert off.comm_buffers == model_state_bytes(PSI, dtype, "accelerate", 3, N).comm_buffers > 0
+
+
+def test_fsdp2_splits_each_tensor_on_dim_0_as_torch_chunk() -> None:
+    # An odd vocabulary of 1001 rows x 64, a 64-element norm and 2 token-type rows, over 8 ranks:
+    # the first ranks take ceil(rows / 8) rows of each tensor, the last ones fewer (or none).
+    p = Params(1001 * 64 + 64 + 2 * 64, (1001 * 64, 64, 2 * 64), dim0=(1001, 64, 2))
+    assert p.shard(8) == 126 * 64 + 8 + 1 * 64
+    assert p.partition(8) == 8008 + 8 + 16  # DeepSpeed's flat partition: numel / 8, rounded up
+    s = model_state_bytes(p, "bf16", "accelerate", 3, 8)
+    # Adam keeps a 4-byte `step` per tensor besides its two fp32 moments.
+    assert (s.params, s.grads, s.optimizer) == (4 * p.shard(8), 4 * p.shard(8), 8 * p.shard(8) + 3 * 4)
+
+
+def test_fsdp2_bytes_match_fully_shard_on_two_cpu_ranks() -> None:
+    # Recorded from torch 2.13's fully_shard (per block, then the root) on 2 gloo ranks, BertForMaskedLM
+    # tiny with a 1001-token vocabulary, after 2 micro-batches' backward and the step: rank 0's local
+    # DTensor bytes (rank 1 holds 516 bytes fewer: half a vocabulary row of the embedding and the bias).
+    # tests/worker/test_memory_fsdp2.py measures them live.
+    tiny = Shape("bert-mlm", 128, 2, 2, 512, 1001, 512)
+    for dtype, stage in [("bf16", 3), ("bf16", 2), ("fp32", 3)]:
+        s = model_state_bytes(tiny, dtype, "accelerate", stage, 2)
+        assert (s.params, s.grads, s.master, s.optimizer) == (1_217_236, 1_217_236, 0, 2_434_640)
+    adapters = state_bytes.lora_params(tiny, 4)  # query and value, rank 4
+    assert adapters is not None
+    lora = model_state_bytes(adapters, "bf16", "accelerate", 3, 2, frozen=Params.of(tiny))
+    assert (lora.params, lora.grads, lora.optimizer) == (1_225_428, 8_192, 16_416)
+
+
+def test_fsdp2_gathers_the_root_and_two_blocks_at_stage_3_and_everything_at_stage_2() -> None:
+    p = Params.of(BERT_BASE)
+    layer, root = p.layer, p.total - 12 * p.layer
+    assert root > layer  # BERT's root unit (embeddings, head) outweighs a block
+    assert state_bytes.fsdp2_gathered(p, 3) == root + 2 * layer
+    assert state_bytes.fsdp2_gathered(p, 2) == state_bytes.fsdp2_gathered(p, 1) == p.total
+    # Plus the largest unit's unsharded gradients (compute dtype) and their fp32 reduce-scatter input.
+    z3, z2 = (model_state_bytes(p, "bf16", "accelerate", stage, N) for stage in (3, 2))
+    assert z3.comm_buffers == 2 * (root + 2 * layer) + (2 + 4) * root
+    assert z2.comm_buffers == 2 * p.total + (2 + 4) * root
+    # fp32 (no MixedPrecisionPolicy): the all-gathers and gradients are fp32.
+    assert model_state_bytes(p, "fp32", "accelerate", 3, N).comm_buffers == 4 * (root + 2 * layer) + 8 * root
+    # Without a block size the model is one unit, gathered whole.
+    assert model_state_bytes(PSI, "bf16", "accelerate", 3, N).comm_buffers == 2 * PSI + 6 * PSI
+
+
+def test_fsdp2_accumulates_whole_fp32_gradients_between_micro_batches() -> None:
+    # grad_accum > 1: only the last micro-batch reduce-scatters; before it every rank holds the trained
+    # parameters' whole gradients, upcast to fp32 (measured: 4 x 608,489 bytes per rank, 2 CPU ranks).
+    one, four = (model_state_bytes(PSI, "bf16", "accelerate", 3, N, grad_accum=a) for a in (1, 4))
+    assert four.comm_buffers == one.comm_buffers + 4 * PSI
+    assert (four.params, four.grads, four.optimizer) == (one.params, one.grads, one.optimizer)
+    # LoRA: the adapters' gradients only.
+    adapters, base = Params(4_000_000), Params(PSI)
+    lora = [
+        model_state_bytes(adapters, "bf16", "accelerate", 3, N, grad_accum=a, frozen=base) for a in (1, 4)
+    ]
+    assert lora[1].comm_buffers == lora[0].comm_buffers + 4 * 4_000_000
 
 
 @pytest.mark.parametrize("family", ["bert-mlm", "gpt2-lm", "tiny-mlp"])
@@ -260,6 +331,67 @@ def test_describe_for_the_dry_run() -> None:
     assert "activations" in line
 
 
+@pytest.mark.parametrize(
+    ("stage", "name"),
+    [
+        (0, "DDP (zero.stage 0)"),
+        (1, "FSDP2 reshard_after_forward=False (zero.stage 1)"),
+        (2, "FSDP2 reshard_after_forward=False (zero.stage 2)"),
+        (3, "FSDP2 reshard_after_forward=True (zero.stage 3)"),
+    ],
+)
+def test_describe_names_fsdp2_on_cpu(stage: int, name: str) -> None:
+    # FSDP2 runs on CPU too (gloo): a CPU plan's estimate is sharded, not DDP's whole copy.
+    plan = resolve(
+        load(RECIPES / "bert_tiny.yaml", ["backend=accelerate", f"zero.stage={stage}"]), Hardware(cpu_count=2)
+    )
+    assert plan.device == "cpu"
+    line = memory.describe(plan).splitlines()[1]
+    assert line.startswith(f"{name}: ")
+    setting = memory.setting_of(plan)
+    ddp, est = (memory.estimate(setting, Config(s)).state for s in (0, stage))
+    if stage:
+        assert est.params == pytest.approx(ddp.params / 2, rel=1e-3)
+        assert est.optimizer == pytest.approx(ddp.optimizer / 2, rel=1e-3)
+        # The unsharded blocks and a unit's gradients (DDP's buckets: the gradients' size).
+        assert 0 < est.comm_buffers != ddp.comm_buffers
+
+
+def test_plan_for_accelerate_names_fsdp2_and_offloads_nothing_on_cpu(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _no_gpu(monkeypatch, Hardware(cpu_count=2, memory_bytes=24 * GiB))
+    tiny = str(RECIPES / "bert_tiny.yaml")
+    assert cli.main(["plan", tiny, "backend=accelerate", "zero.stage=3", "model.size=base"]) == 0
+    out = capsys.readouterr().out
+    assert "GiB per process" in out
+    assert "stage 3 = FSDP2 reshard_after_forward=True" in out
+    # 2 processes: stages 1-3 hold half of what DDP (stage 0) holds whole, stage 1 as stage 2.
+    params = [
+        float(x) for x in next(line for line in out.splitlines() if line.startswith("params")).split()[1:]
+    ]
+    assert params[1] == params[2] == params[3] == pytest.approx(params[0] / 2, abs=0.01)
+    # A CPU process holds everything in host memory: offload is never the suggestion there.
+    huge = Setting(Params(2_000_000_000), None, "bf16", "accelerate", 1, 8, 8, 1, 128, 0.1, device="cpu")
+    assert "offload" not in memory.suggest(huge, 24 * GiB)
+    assert "offload_params=true" in memory.suggest(replace(huge, device="cuda"), 24 * GiB)
+
+
+def test_offload_moves_nothing_in_a_cpu_plan() -> None:
+    offload = [
+        "backend=accelerate",
+        "zero.stage=3",
+        "zero.offload_params=true",
+        "zero.offload_optimizer=true",
+    ]
+    plan = resolve(load(RECIPES / "bert_tiny.yaml", offload), Hardware(cpu_count=2))
+    assert memory.recipe_config(plan, 3) == Config(3, True, True)  # planned for GPUs
+    assert memory.recipe_config(plan, 3, "cpu") == Config(3)
+    line = memory.describe(plan).splitlines()[1]
+    assert line.startswith("FSDP2 reshard_after_forward=True (zero.stage 3): ")
+    assert "on the CPU" not in line
+
+
 def test_planner_imports_no_torch() -> None:
     code = (
         "import sys, launcher.plan.estimate.flops, launcher.cli as c;"
@@ -370,7 +502,8 @@ def test_planner_with_lora_imports_no_torch() -> None:
 
 def test_a_hugging_face_model_is_counted_from_its_safetensors_headers(tiny_models) -> None:
     plan = resolve(load(RECIPES / "bert_finetune_tiny.yaml"), Hardware(cpu_count=2))
-    assert plan.num_params is not None and plan.num_params > 0
+    assert plan.num_params is not None
+    assert plan.num_params > 0
     setting = memory.setting_of(plan)  # no --num-params needed
     assert setting.num_params == plan.num_params
     assert memory.setting_of(plan, num_params=1000).num_params == 1000  # --num-params still wins

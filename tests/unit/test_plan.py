@@ -403,8 +403,16 @@ def test_describe_has_every_part_of_the_dry_run() -> None:
             CPU,
             "zero.offload_optimizer: the run is on the CPU already",
         ),
-        (make(backend="accelerate", zero={"stage": 2}), CPU, "zero.stage: accelerate runs plain DDP on CPU"),
-        (make(backend="accelerate", zero={"stage": 1}), H100x8, "zero.stage: FSDP has no stage-1 mode"),
+        (
+            make(backend="accelerate", zero={"stage": 1}),
+            CPU,
+            "zero.stage: FSDP2 has no optimizer-only mode; stage 1 runs as stage 2",
+        ),
+        (
+            make(backend="accelerate", zero={"stage": 1}),
+            H100x8,
+            "zero.stage: FSDP2 has no optimizer-only mode",
+        ),
         (make(train={"eval_every": 2000}), CPU, "train.eval_every: 2000 is beyond train.max_steps 1000"),
         (
             make(scheduler={"warmup_steps": 2000}),
@@ -426,6 +434,8 @@ def test_settings_without_effect_are_warned(recipe: Recipe, hw: Hardware, warnin
 
 def test_a_plain_recipe_has_no_warnings() -> None:
     assert resolve(make(), CPU).warnings == ()
+    # FSDP2 shards on CPU as on GPUs: stages 2 and 3 of accelerate say nothing.
+    assert resolve(make(backend="accelerate", zero={"stage": 3}), CPU).warnings == ()
     assert resolve(make(scheduler={"warmup_style": "hf", "warmup_steps": 10}), CPU).warnings == ()
     assert resolve(make(precision={"dtype": "fp16", "loss_scale": {"window": 10}}), H100x8).warnings == ()
 
@@ -435,9 +445,11 @@ def test_a_plain_recipe_has_no_warnings() -> None:
     [
         ("deepspeed", 2, CPU, "ZeRO stage 2"),
         ("accelerate", 0, H100x8, "DDP"),
-        ("accelerate", 2, CPU, "DDP (zero.stage 2 is not applied on cpu)"),
-        ("accelerate", 1, H100x8, "FSDP SHARD_GRAD_OP (zero.stage 1)"),
-        ("accelerate", 3, H100x8, "FSDP FULL_SHARD (zero.stage 3)"),
+        ("accelerate", 0, CPU, "DDP"),
+        ("accelerate", 2, CPU, "FSDP2 fully_shard, no reshard after forward (zero.stage 2)"),
+        ("accelerate", 1, H100x8, "FSDP2 fully_shard, no reshard after forward (zero.stage 1)"),
+        ("accelerate", 3, CPU, "FSDP2 fully_shard, reshard after forward (zero.stage 3)"),
+        ("accelerate", 3, H100x8, "FSDP2 fully_shard, reshard after forward (zero.stage 3)"),
     ],
 )
 def test_the_sharding_said_is_the_one_that_runs(

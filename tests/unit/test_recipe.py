@@ -377,7 +377,8 @@ def test_override_applies_after_the_extends_chain() -> None:
         ),
         (
             {"backend": "accelerate", "zero": {"stage": 2, "offload_optimizer": True}},
-            "zero.offload_optimizer: FSDP under accelerate offloads parameters and optimizer together",
+            "zero.offload_optimizer: FSDP2 under accelerate offloads parameters, gradients and optimizer "
+            "state together (CPUOffloadPolicy); set zero.offload_params=true too",
         ),
         (
             {"model": {"name": None}},

@@ -107,19 +107,20 @@ def test_every_shipped_recipe_passes_deepspeeds_parser(ds_parse: Any, path: Path
 @pytest.mark.parametrize(
     ("stage", "offload", "dtype"), [(1, "none", "bf16"), (3, "both", "fp16"), (2, "none", "fp32")]
 )
-def test_fsdp_settings_are_accepted_by_accelerate(stage: int, offload: str, dtype: str) -> None:
+def test_fsdp2_settings_become_torchs_policies(stage: int, offload: str, dtype: str) -> None:
     torch = pytest.importorskip("torch")
-    accelerate_utils = pytest.importorskip("accelerate.utils")
-    fsdp = resolve(make("accelerate", stage=stage, offload=offload, dtype=dtype), H100x8).backend_config[
-        "fsdp_plugin"
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    from launcher.worker.backends import fsdp2
+
+    settings = resolve(make("accelerate", stage=stage, offload=offload, dtype=dtype), H100x8).backend_config[
+        "fsdp2"
     ]
-    plugin = accelerate_utils.FullyShardedDataParallelPlugin(**fsdp)
-    assert plugin.sharding_strategy.name == fsdp["sharding_strategy"]
-    assert plugin.cpu_offload.offload_params is fsdp["cpu_offload"]
-    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+    got = fsdp2.options(settings)
+    assert got["reshard_after_forward"] is (stage == 3)
+    assert isinstance(got.get("offload_policy"), CPUOffloadPolicy) is (offload == "both")
     if dtype == "fp32":
-        assert plugin.mixed_precision_policy is None
-    else:  # fp32 shards (the master weights), gathered and reduced in the 16-bit dtype
+        assert "mp_policy" not in got
+    else:  # fp32 shards (the master weights), gathered in the 16-bit dtype, gradients reduced in fp32
         want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        assert plugin.mixed_precision_policy.param_dtype == want
-        assert plugin.mixed_precision_policy.reduce_dtype == want
+        assert got["mp_policy"] == MixedPrecisionPolicy(param_dtype=want, reduce_dtype=torch.float32)

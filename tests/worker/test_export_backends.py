@@ -24,8 +24,11 @@ def _cpu_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 
 
-def _plan(tmp_path: Path, backend: str) -> Plan:
-    recipe = load(ROOT / "recipes" / "bert_tiny.yaml", [f"logging.dir={tmp_path}", f"backend={backend}"])
+def _plan(tmp_path: Path, backend: str, stage: int = 2) -> Plan:
+    recipe = load(
+        ROOT / "recipes" / "bert_tiny.yaml",
+        [f"logging.dir={tmp_path}", f"backend={backend}", f"zero.stage={stage}"],
+    )
     return resolve(recipe, Hardware(cpu_count=2))
 
 
@@ -55,7 +58,7 @@ def test_missing_backend_files_are_one_user_error(backend: str, tmp_path: Path) 
 def test_accelerate_reads_the_model_file_save_state_wrote(tmp_path: Path) -> None:
     state = {"lm.weight": torch.randn(3, 2), "lm.bias": torch.zeros(3)}
     torch.save(state, tmp_path / "pytorch_model.bin")
-    got = acc_backend.consolidate_fp32(tmp_path, _plan(tmp_path, "accelerate"))
+    got = acc_backend.consolidate_fp32(tmp_path, _plan(tmp_path, "accelerate", stage=0))
     assert got.keys() == state.keys()
     assert all(torch.equal(got[k], state[k]) for k in state)
 
@@ -63,5 +66,26 @@ def test_accelerate_reads_the_model_file_save_state_wrote(tmp_path: Path) -> Non
 def test_a_file_that_does_not_load_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a torch file")
     with pytest.raises(UserError, match="cannot consolidate the weights") as err:
-        export.consolidate(_plan(tmp_path, "accelerate"), tmp_path)
+        export.consolidate(_plan(tmp_path, "accelerate", stage=0), tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_accelerate_fsdp2_reads_the_model_part_of_the_dcp_checkpoint(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from launcher.worker.backends import fsdp2
+
+    model = {"lm.weight": torch.randn(5, 2), "lm.bias": torch.randn(5)}
+    optim = {"state": {"lm.weight": {"exp_avg": torch.randn(5, 2)}}, "param_groups": [{"lr": 0.1}]}
+    # What Engine.save writes, here from one process (a run's ranks each write their shards).
+    dcp.save({"model": model, "optim": optim}, checkpoint_id=tmp_path / fsdp2.DCP_DIR, no_dist=True)
+    got = export.consolidate(_plan(tmp_path, "accelerate", stage=3), tmp_path)
+    assert got.keys() == model.keys()  # the optimizer's state is not read
+    assert all(torch.equal(got[k], model[k]) for k in model)
+    assert all(v.dtype == torch.float32 for v in got.values())
+
+
+def test_accelerate_fsdp2_without_a_dcp_checkpoint_is_one_user_error(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(1)}, tmp_path / "pytorch_model.bin")  # a stage-0 file is not it
+    with pytest.raises(UserError, match="no FSDP2 checkpoint"):
+        export.consolidate(_plan(tmp_path, "accelerate", stage=3), tmp_path)

@@ -8,7 +8,7 @@ step, and Adam's first update as a multiple of lr, per backend, stage and dtype.
 from __future__ import annotations
 
 import dataclasses
-import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from launcher.worker import audit
 from launcher.worker.backends import load_backend
 from launcher.worker.metrics import Meter
 from launcher.worker.model_setup import model_for
+from tests.one_rank import one_rank_world
 
 CPU = Hardware(gpus=(), cpu_count=2)
 BETAS = (0.9, 0.95)
@@ -32,38 +33,15 @@ AHEAD = (1 + BETAS[1]) ** 0.5 / (1 + BETAS[0])  # Adam's first update one step a
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_process_group() -> Any:
+def _one_process_group() -> Iterator[None]:
     """A one-process gloo group for the module, as torchrun would set it up for a world of 1 (DeepSpeed
     keeps the first group it sees for the process's life).
 
     Importing deepspeed sets PYTORCH_NVML_BASED_CUDA_CHECK for good, and torch's first optimizer step
     TORCHINDUCTOR_CACHE_DIR: both happen here, before the per-test env-leak check watches.
     """
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            **env,
-            "LOCAL_RANK": "0",
-            "LOCAL_WORLD_SIZE": "1",
-            "DS_ACCELERATOR": "cpu",
-        }.items():
-            mp.setenv(key, value)
-        import accelerate  # noqa: F401
-        import deepspeed  # noqa: F401
-
-        w = torch.zeros(1, requires_grad=True)
-        w.grad = torch.ones(1)
-        torch.optim.AdamW([w]).step()
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
+    with one_rank_world():
+        yield
 
 
 def make_plan(tmp_path: Path, backend: str, dtype: str, stage: int = 0) -> Plan:

@@ -62,7 +62,7 @@ def test_layer_names_drop_wrappers_and_the_parameter() -> None:
         layer_of("module.bert.encoder.layer.0.attention.self.query.weight")
         == "bert.encoder.layer.0.attention.self.query"
     )
-    assert layer_of("_orig_mod.lm._fsdp_wrapped_module.head.bias") == "lm.head"
+    assert layer_of("_orig_mod.lm._checkpoint_wrapped_module.head.bias") == "lm.head"
     assert layer_of("bias") == "bias"
 
 

@@ -2,9 +2,10 @@
 
     mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE] [--num-params N]
 
-The byte formulas (and the sources they follow) live in launcher.plan.estimate.state_bytes;
-this module turns a plan into the planner's inputs, compares configurations,
-suggests what fits and prints the table and the dry run's memory section.
+The byte formulas (and the sources they follow) live in launcher.plan.estimate.state_bytes, the
+planner's inputs from a plan in launcher.plan.estimate.setting; this module compares configurations
+(DeepSpeed's ZeRO stages; DDP and FSDP2 under accelerate), suggests what fits and prints the
+table and the dry run's memory section.
 """
 
 from __future__ import annotations
@@ -13,18 +14,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from launcher.errors import UserError
-from launcher.plan import hf_dir
-from launcher.plan.estimate import flops
 from launcher.plan.estimate.activations import activation_bytes, lora_activation_delta
-from launcher.plan.estimate.state_bytes import (
-    LoraSetting,
-    ModelState,
-    Params,
-    lora_params,
-    lora_unmatched,
-    model_state_bytes,
-)
-from launcher.recipe.shapes import Shape
+from launcher.plan.estimate.setting import Setting, setting_of
+from launcher.plan.estimate.state_bytes import ModelState, model_state_bytes
 
 if TYPE_CHECKING:
     from launcher.plan.hardware import Hardware
@@ -46,37 +38,19 @@ class Config:
     offload_optimizer: bool = False
     offload_params: bool = False
 
+    def sharding(self, backend: str) -> str:
+        """What runs under `backend` (the dry run's name for it): a ZeRO stage, DDP or FSDP2."""
+        if backend != "accelerate":
+            return f"ZeRO stage {self.stage}"
+        if self.stage == 0:
+            return "DDP (zero.stage 0)"
+        offload = ", CPUOffloadPolicy" if self.offload_params else ""
+        return f"FSDP2 reshard_after_forward={self.stage == 3}{offload} (zero.stage {self.stage})"
+
     def overrides(self) -> str:
         text = f"zero.stage={self.stage}"
         text += " zero.offload_optimizer=true" if self.offload_optimizer else ""
         return text + (" zero.offload_params=true" if self.offload_params else "")
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Everything but the ZeRO configuration, taken from a plan."""
-
-    params: Params  # the model's own parameters (with LoRA: the frozen base)
-    shape: Shape | None  # None: a model without an activation formula
-    dtype: str
-    backend: str
-    world_size: int
-    micro_batch_size: int
-    global_batch_size: int
-    grad_accum: int
-    seq_len: int
-    dropout: float
-    lora: LoraSetting | None = None  # model.lora: only its adapters train
-    device: str = "cuda"  # cpu: each process holds its state in host memory, without a CUDA context
-
-    @property
-    def unit(self) -> str:
-        """What one estimate is of: a GPU, or a CPU process."""
-        return "GPU" if self.device == "cuda" else "process"
-
-    @property
-    def num_params(self) -> int:
-        return self.params.total + (self.lora.params.total if self.lora else 0)
 
 
 @dataclass(frozen=True)
@@ -137,98 +111,28 @@ def estimate(setting: Setting, config: Config) -> Estimate:
     return Estimate(config, state, per_sample, CUDA_CONTEXT_BYTES if s.device == "cuda" else 0)
 
 
-def setting_of(plan: Plan, num_params: int | None = None, num_trainable: int | None = None) -> Setting:
-    """The planner's inputs from a resolved plan; `num_params` stands in for an unknown model.
-
-    Args:
-        plan: the resolved plan.
-        num_params: the model's parameter count, for a model the planner cannot count.
-        num_trainable: with model.lora, the adapters' parameter count, for the same reason.
-
-    Raises:
-        UserError: the model has no parameter count and num_params is None; with model.lora, the
-            adapters cannot be counted and num_trainable is None, or a target module matches nothing.
-    """
-    r, b = plan.recipe, plan.batch
-    shape = plan.shape
-    if num_params is None and shape is None and plan.num_params is not None:
-        num_params = plan.num_params  # model.hf: counted from its safetensors headers
-    if num_params is not None or shape is None or flops.param_tensors(shape) is None:
-        if num_params is None:
-            raise UserError(
-                f"model {r.model.target or r.model.hf or r.model.name}: the planner cannot count its parameters",
-                hint="pass --num-params, e.g. 350M",
-            )
-        params, shape = Params(num_params), None
-    else:
-        params = Params.of(shape)
-    lora = _lora_of(plan, shape, num_trainable)
-    return Setting(
-        params, shape, plan.precision.dtype, r.backend, b.world_size, b.micro_batch_size,
-        b.global_batch_size, b.grad_accum, r.data.seq_len, r.model.dropout, lora, plan.device,
-    )  # fmt: skip
+def recipe_config(plan: Plan, stage: int, device: str = "cuda") -> Config:
+    """The recipe's offload choices, applied to `stage` where that stage allows them, on GPUs
+    (a CPU process holds everything in host memory already: offload moves nothing there)."""
+    z, gpu = plan.recipe.zero, device == "cuda"
+    return Config(stage, gpu and z.offload_optimizer and stage >= 1, gpu and z.offload_params and stage == 3)
 
 
-def _lora_of(plan: Plan, shape: Shape | None, num_trainable: int | None) -> LoraSetting | None:
-    """model.lora's adapters, counted from the built-in shape (launcher.worker.lora adds the same ones)."""
-    lora, model = plan.recipe.model.lora, plan.recipe.model
-    if not lora.rank:
-        return None
-    targets = tuple(lora.target_modules)
-    if num_trainable is not None:
-        return LoraSetting(lora.rank, lora.dropout, Params(num_trainable), targets)
-    if shape is None and plan.hf_dir is not None:
-        return _hf_lora_of(plan)
-    adapters = lora_params(shape, lora.rank, targets) if shape is not None else None
-    if shape is None or adapters is None:
-        name = model.target or model.hf or model.name
-        raise UserError(
-            f"model {name} with model.lora: the planner cannot count its adapters",
-            hint="LoRA adds rank x (in + out) parameters per adapted linear layer",
-        )
-    unmatched = lora_unmatched(shape, targets)
-    if unmatched:
-        raise UserError(
-            f"model.lora.target_modules: {unmatched[0]!r} matches no linear layer of {shape.family}"
-        )
-    return LoraSetting(lora.rank, lora.dropout, adapters, targets)
-
-
-def _hf_lora_of(plan: Plan) -> LoraSetting:
-    """model.lora on model.hf: the adapters counted from the directory's safetensors headers."""
-    lora, model = plan.recipe.model.lora, plan.recipe.model
-    assert plan.hf_dir is not None
-    hf = hf_dir.read(plan.hf_dir, "", dict(model.config))[0]
-    targets = tuple(lora.target_modules)
-    unmatched = hf_dir.lora_unmatched(hf, targets) if hf is not None else []
-    if hf is not None and unmatched:
-        raise UserError(f"model.lora.target_modules: {unmatched[0]!r} matches no linear layer of {hf.source}")
-    count = hf_dir.lora_params(hf, lora.rank, targets, plan.model.num_labels) if hf is not None else None
-    if count is None:
-        raise UserError(
-            f"model {model.hf} with model.lora: the planner cannot count its adapters",
-            hint="name model.lora.target_modules (linear layers, as in the model's safetensors)",
-        )
-    return LoraSetting(lora.rank, lora.dropout, Params(count), targets)
-
-
-def recipe_config(plan: Plan, stage: int) -> Config:
-    """The recipe's offload choices, applied to `stage` where that stage allows them."""
-    z = plan.recipe.zero
-    return Config(stage, z.offload_optimizer and stage >= 1, z.offload_params and stage == 3)
-
-
-def candidates(backend: str) -> list[Config]:
-    """Configurations, cheapest first: lower stages, then offload (FSDP offloads everything at once)."""
+def candidates(backend: str, device: str = "cuda") -> list[Config]:
+    """Configurations, cheapest first: lower stages, then offload (FSDP2's CPUOffloadPolicy moves
+    parameters, gradients and optimizer state at once; stage 1 is stage 2 there). A CPU process
+    already holds everything in host memory: offload moves nothing there."""
     if backend == "accelerate":
-        return [Config(0), Config(2), Config(3), Config(3, True, True)]
-    offload = [Config(1, True), Config(2, True), Config(3, True), Config(3, True, True)]
-    return [Config(0), Config(1), Config(2), Config(3), *offload]
+        plain, offload = [Config(0), Config(2), Config(3)], [Config(3, True, True)]
+    else:
+        plain = [Config(0), Config(1), Config(2), Config(3)]
+        offload = [Config(1, True), Config(2, True), Config(3, True), Config(3, True, True)]
+    return plain if device == "cpu" else plain + offload
 
 
 def suggest(setting: Setting, usable_bytes: int) -> str:
     """One line: the cheapest configuration that fits, and the largest micro-batch for it."""
-    estimates = [estimate(setting, c) for c in candidates(setting.backend)]
+    estimates = [estimate(setting, c) for c in candidates(setting.backend, setting.device)]
     micro = setting.micro_batch_size
     fitting = [e for e in estimates if e.total(micro) <= usable_bytes]
     if fitting:
@@ -269,7 +173,7 @@ def _largest(setting: Setting, est: Estimate, usable_bytes: int) -> str:
 
 def table(setting: Setting, plan: Plan, usable_bytes: int) -> str:
     """Stages 0-3 side by side, in GiB per GPU (or CPU process), with the recipe's own stage starred."""
-    ests = [estimate(setting, recipe_config(plan, stage)) for stage in range(4)]
+    ests = [estimate(setting, recipe_config(plan, stage, setting.device)) for stage in range(4)]
     m, star = setting.micro_batch_size, plan.recipe.zero.stage
     lines = [
         f"{'GiB per ' + setting.unit:<16}"
@@ -306,10 +210,10 @@ def describe(plan: Plan, gpu_memory_bytes: int | None = None) -> str:
         setting = setting_of(plan)
     except UserError as err:
         return f"{title}\n{err.lines[0]}"
-    est = estimate(setting, recipe_config(plan, plan.recipe.zero.stage))
+    est = estimate(setting, recipe_config(plan, plan.recipe.zero.stage, setting.device))
     m = setting.micro_batch_size
     *parts, (_, total) = est.rows(m)
-    line = f"ZeRO stage {est.config.stage}: {_gib(total or 0)} GiB = " + ", ".join(
+    line = f"{est.config.sharding(setting.backend)}: {_gib(total or 0)} GiB = " + ", ".join(
         f"{label} {'?' if v is None else _gib(v)}" for label, v in parts
     )
     if est.state.cpu:
@@ -320,6 +224,19 @@ def describe(plan: Plan, gpu_memory_bytes: int | None = None) -> str:
         fits = est.total(m) <= gpu_memory_bytes * HEADROOM
         line += f"; {'fits' if fits else 'does not fit'} in {_gib(gpu_memory_bytes)} GiB"
     return f"{title}\n{line}"
+
+
+def _fsdp2_legend(dtype: str, grad_accum: int) -> str:
+    """What accelerate's columns run, and what FSDP2's comm buffers hold."""
+    return (
+        "accelerate: stage 0 = DDP; stages 1-2 = FSDP2 reshard_after_forward=False, stage 3 = FSDP2"
+        " reshard_after_forward=True (fully_shard per transformer block, then the root): fp32 shards of"
+        " parameters, gradients and Adam state, no master copy\n"
+        f"        FSDP2's comm buffers = the {dtype} unsharded parameters during forward and backward"
+        " (stage 3: the root and about two blocks; stages 1-2: all) + one unit's unsharded gradients"
+        " and their fp32 reduce-scatter input"
+        + (f" + the whole fp32 gradients, accumulated over grad_accum {grad_accum}" if grad_accum > 1 else "")
+    )
 
 
 # --------------------------------------------------------------------------- mplaunch plan
@@ -373,6 +290,8 @@ def show(
     print("total = params + grads + master + optimizer" + (" + context" if s.device == "cuda" else ""))
     print("        + max(activations + comm buffers, step buffers): the step runs after backward frees them")
     print("* = the recipe's stage, with its offload settings where the stage allows them")
+    if s.backend == "accelerate":
+        print(_fsdp2_legend(s.dtype, s.grad_accum))
     if s.shape is None:
         print("activations: unknown for this model, left out of the totals")
     print(suggest(s, usable))

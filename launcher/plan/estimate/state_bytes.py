@@ -29,19 +29,40 @@ runtime/zero/stage_1_and_2.py, stage3.py, fp16/unfused_optimizer.py) differs:
   buffer (also on the device); stage-2/3 gradients then go straight there.
   offload_params moves stage 3's partitions, except those of persistent params.
 
-Accelerate trains fp32 parameters under autocast: 4 (params) + 4 (grads) + 8
-(moments), no separate master. DDP (N > 1) adds its gradient buckets (4Psi,
-gradient_as_bucket_view off). FSDP (stages 1-3, GPU only) shards params, grads and
-moments; SHARD_GRAD_OP holds all unsharded compute-dtype params through
-forward and backward, FULL_SHARD about the root (embeddings, head) plus two
-transformer layers (current and prefetched), with their gradients.
+Accelerate trains fp32 parameters: 4 (params) + 4 (grads) + 8 (moments), no separate master.
+Stage 0 is DDP (N > 1 adds its gradient buckets, 4Psi, gradient_as_bucket_view off). Stages 1-3
+are FSDP2, on CPU (gloo) as on CUDA: mplaunch applies torch's `fully_shard` to every transformer
+block, then to the root (embeddings, head, everything outside the blocks), each a unit:
+* every parameter is a DTensor sharded on dim 0 over the N ranks, in fp32 (the master weights):
+  rank r holds torch.chunk's r-th piece, ceil(rows / N) rows, fewer on the last ranks; FSDP2 pads
+  each rank's storage to the first rank's piece, which is what `Params.shard` counts. Gradients
+  are reduce-scattered into fp32 shards of the same size (reduce_dtype fp32) on a step's last
+  micro-batch; Adam's moments are fp32 shards, plus its 4-byte `step` per parameter tensor.
+* with grad_accum > 1 the earlier micro-batches skip the reduce-scatter
+  (set_requires_gradient_sync(False)): every rank accumulates whole fp32 gradients of the trained
+  parameters (FSDP2 upcasts them to reduce_dtype; measured: 4Psi on each of 2 CPU ranks), live
+  from the first micro-batch's backward until the last one's reduce-scatter.
+* stage 3 (reshard_after_forward=True) all-gathers a block for its forward and again for its
+  backward, in the compute dtype (MixedPrecisionPolicy param_dtype; fp32 without one), and frees
+  it after: the root's unsharded parameters stay for the whole forward and backward, the blocks
+  come and go about two at a time (the current one and the prefetched next one). Stage 2
+  (reshard_after_forward=False) keeps every block's unsharded copy from its forward to its
+  backward, so at the start of backward all of them are live; stage 1 runs as stage 2 (FSDP2 has
+  no optimizer-only sharding). Either way each unit's backward leaves its unsharded
+  compute-dtype gradients, copied into an fp32 reduce-scatter input of the unit's size, before
+  the reduce-scatter shards them: these two are the `comm_buffers` of FSDP2 (live during forward
+  and backward), with the unsharded parameters and the accumulated gradients. All-gather staging
+  buffers are not modelled apart: the second block stands in for them.
+* zero.offload_params (CPUOffloadPolicy) keeps the shards, their gradients and Adam's state on
+  the host; the unsharded copies are still made on the device.
 
 LoRA (model.lora): `model` is then the adapters, the only parameters with gradients, masters and
 Adam state, and `frozen` the base weights, held once, in the compute dtype where the backend casts
 the module (DeepSpeed) and in fp32 where it keeps fp32 parameters (Accelerate). ZeRO-3 partitions
 frozen weights as any others (and gathers them for compute); DDP buckets only trainable gradients;
-FSDP's flat gradient covers the frozen weights of a unit that holds an adapter (use_orig_params), so
-its gradient row counts them. `lora_params` counts the adapters `launcher.worker.lora.apply` adds to a
+FSDP2 shards frozen weights as DTensors like the others and all-gathers them with their unit, but
+reduce-scatters gradients only for the parameters that have them (no flat gradient spans the
+frozen ones). `lora_params` counts the adapters `launcher.worker.lora.apply` adds to a
 built-in model: rank * (in + out) per adapted linear layer.
 
 Activations are launcher.plan.estimate.activations'.
@@ -53,6 +74,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from launcher.plan.estimate import flops
+from launcher.plan.estimate.dims import chunk0, param_dim0
 from launcher.plan.precision import DTYPE_BYTES as _BYTES
 from launcher.recipe.families import FAMILIES
 from launcher.recipe.shapes import Shape, linear_layers
@@ -70,8 +92,9 @@ class Params:
 
     total: int
     tensors: tuple[int, ...] = ()  # numel per tensor when known: stage-3 padding and persistence
-    layer: int = 0  # one transformer block, an FSDP unit under per-layer wrapping (0: unknown)
+    layer: int = 0  # one transformer block, an FSDP2 unit under per-block wrapping (0: unknown)
     num_layers: int = 0
+    dim0: tuple[int, ...] = ()  # each tensor's first dimension, when known: FSDP2's shards
 
     @classmethod
     def of(cls, model: Shape | int) -> Params:
@@ -79,10 +102,10 @@ class Params:
             return cls(model)
         tensors = flops.param_tensors(model)
         assert tensors is not None, f"no parameter hook for {model.family}"
-        numels = tuple(n for _, n in tensors)
+        numels, dim0 = tuple(n for _, n in tensors), param_dim0(model) or ()
         if not FAMILIES[model.family].transformer:
-            return cls(sum(numels), numels)
-        return cls(sum(numels), numels, flops.layer_param_count(model), model.num_layers)
+            return cls(sum(numels), numels, dim0=dim0)
+        return cls(sum(numels), numels, flops.layer_param_count(model), model.num_layers, dim0)
 
     def persistent(self) -> int:
         """Elements stage 3 keeps whole on every rank (tensors within the persistence threshold)."""
@@ -92,14 +115,23 @@ class Params:
         """Elements of this rank's stage-3 partition: each tensor padded to a multiple of world."""
         return sum(-(-n // world) for n in self.tensors) if self.tensors else -(-self.total // world)
 
+    def shard(self, world: int) -> int:
+        """Elements of the first rank's FSDP2 shards, the most any rank holds: each tensor split on
+        dim 0 as torch.chunk splits it (the partition's arithmetic where the rows are unknown)."""
+        if not self.dim0:
+            return self.partition(world)
+        return sum(chunk0(n, rows, world) for n, rows in zip(self.tensors, self.dim0, strict=True))
+
     def plus(self, other: Params) -> Params:
         """Both sets of parameters together (tensor sizes kept where both are known, or one is empty)."""
         known = (bool(self.tensors) or not self.total) and (bool(other.tensors) or not other.total)
+        rows = (bool(self.dim0) or not self.total) and (bool(other.dim0) or not other.total)
         return Params(
             self.total + other.total,
             self.tensors + other.tensors if known else (),
             self.layer + other.layer,
             max(self.num_layers, other.num_layers),
+            self.dim0 + other.dim0 if known and rows else (),
         )
 
 
@@ -141,10 +173,11 @@ def lora_params(shape: Shape, rank: int, target_modules: Sequence[str] = ()) -> 
     if layers is None:
         return None
     tensors = tuple(n for _, fan_in, fan_out in layers for n in (rank * fan_in, fan_out * rank))
+    dim0 = tuple(rows for _, _, fan_out in layers for rows in (rank, fan_out))
     blocks = tuple(f.layer_prefix for f in FAMILIES.values() if f.layer_prefix)
     in_blocks = sum(rank * (i + o) for name, i, o in layers if name.startswith(blocks))
     num_layers = shape.num_layers if in_blocks else 0
-    return Params(sum(tensors), tensors, in_blocks // num_layers if num_layers else 0, num_layers)
+    return Params(sum(tensors), tensors, in_blocks // num_layers if num_layers else 0, num_layers, dim0)
 
 
 @dataclass(frozen=True)
@@ -193,18 +226,20 @@ def model_state_bytes(
     a micro-batch's backward (the most over the step's micro-batches), before the step:
       params     DeepSpeed stages 0-2: every p in model.parameters(). Stage 3: every
                  p.ds_tensor, plus p.data of the persistent ones (p.ds_persist).
-                 Accelerate: the fp32 parameters (FSDP: this rank's flat shard).
+                 Accelerate: the fp32 parameters (FSDP2: the local tensors of this rank's
+                 DTensor shards; the first rank's, padded, are the most).
       grads      DeepSpeed stage 0: every p.grad. Stages 1-2: optimizer.averaged_gradients
                  (stage 1 with grad_accum > 1: every p.grad, kept between micro-batches).
-                 Stage 3: optimizer.grad_partitions_flat_buffer. Accelerate: p.grad (fp32).
+                 Stage 3: optimizer.grad_partitions_flat_buffer. Accelerate: p.grad (fp32;
+                 FSDP2: the local shards, after the last micro-batch's reduce-scatter).
       master     Stage 0 mixed: optimizer.fp32_groups. Stages 1-2:
                  optimizer.single_partition_of_fp32_groups. Stage 3 mixed:
                  optimizer.fp32_partitioned_groups_flat (a clone of the partition, fp32 too).
-      optimizer  exp_avg and exp_avg_sq in the torch optimizer's state (`step` ignored).
+      optimizer  exp_avg and exp_avg_sq in the torch optimizer's state (Accelerate: and
+                 Adam's 4-byte `step` per tensor, where the tensors are known).
     With offload the same tensors exist, on the host: the rows then show device bytes
     only and `cpu` the host side plus its staging buffers, so compare a measurement
-    with the offload=False numbers. Accelerate with stage >= 1 is FSDP, which mplaunch
-    uses on GPUs only; a CPU accelerate run is DDP, so pass stage 0 for it.
+    with the offload=False numbers. Accelerate's stages 1-3 are FSDP2 on every device.
 
     Args:
         model: a built-in shape, a parameter count, or a Params.
@@ -213,7 +248,7 @@ def model_state_bytes(
         stage: ZeRO stage 0-3.
         world_size: data-parallel ranks.
         offload_optimizer: ZeRO-Offload of the optimizer state (stage >= 1).
-        offload_params: stage-3 parameter offload (accelerate: FSDP cpu_offload).
+        offload_params: stage-3 parameter offload (accelerate: FSDP2's CPUOffloadPolicy).
         overlap_comm: DeepSpeed's zero_optimization.overlap_comm (ours: on for CUDA).
         grad_accum: micro-batches per optimizer step.
         frozen: parameters that do not train (LoRA's base weights); `model` is then the ones that do.
@@ -221,7 +256,7 @@ def model_state_bytes(
     p = model if isinstance(model, Params) else Params.of(model)
     f = frozen or Params(0)
     if backend == "accelerate":
-        return _accelerate_state(p, f, dtype, stage, world_size, offload_params)
+        return _accelerate_state(p, f, dtype, stage, world_size, offload_params, grad_accum)
     if stage == 0:
         w, psi, mixed = _BYTES[dtype], p.total, dtype != "fp32"
         # DeepSpeed's unfused fp16/bf16 optimizer: fp32 master copies, fp32 grads made at the step.
@@ -276,24 +311,42 @@ def _zero3_state(
     return ModelState(params, 0, 0, 0, comm, 0, host_params + (w + 4 + 8 + 4) * part)
 
 
-def _accelerate_state(p: Params, f: Params, dtype: str, stage: int, n: int, offload: bool) -> ModelState:
+def _accelerate_state(
+    p: Params, f: Params, dtype: str, stage: int, n: int, offload: bool, accum: int
+) -> ModelState:
     psi = p.total
+    # torch AdamW: two fp32 moments per trained element and a 4-byte `step` per trained tensor.
+    steps = 4 * len(p.tensors)
     if stage == 0:
         # DDP: fp32 params and grads, plus its gradient buckets (a second copy) when N > 1;
         # frozen parameters get neither a gradient nor a bucket.
-        return ModelState(4 * (psi + f.total), 4 * psi, 0, 8 * psi, comm_buffers=4 * psi if n > 1 else 0)
-    held = p.plus(f)
-    part, opt_part = -(-held.total // n), -(-psi // n)
-    # FULL_SHARD: the root unit (everything outside the blocks) stays gathered, plus the
-    # current and the prefetched layer; without a layer size, assume the whole model.
-    psi_all, layer = held.total, held.layer
-    unsharded = psi_all if stage < 3 or not layer else min(psi_all, psi_all - (held.num_layers - 2) * layer)
-    # A unit's flat gradient spans its frozen parameters too (use_orig_params=True): under LoRA
-    # every block holds an adapter, so the blocks' frozen weights get gradients; the root unit's
-    # (embeddings, head) do not. Without a layer size, count them all.
-    with_grads = psi + (f.layer * f.num_layers if f.layer else f.total)
-    grad_part = -(-with_grads // n)
-    # The unsharded compute-dtype params, and their gradients before the reduce-scatter.
-    state = ModelState(4 * part, 4 * grad_part, 0, 8 * opt_part, comm_buffers=2 * _BYTES[dtype] * unsharded)
-    host = 4 * part + 4 * grad_part + 8 * opt_part
-    return replace(state, params=0, grads=0, optimizer=0, cpu=host) if offload else state
+        ddp = ModelState(4 * (psi + f.total), 4 * psi, 0, 8 * psi + steps)
+        return replace(ddp, comm_buffers=4 * psi if n > 1 else 0)
+    # FSDP2: every parameter, frozen or not, an fp32 shard; gradients and moments for the trained ones.
+    state = ModelState(4 * p.plus(f).shard(n), 4 * p.shard(n), 0, 8 * p.shard(n) + steps)
+    # Between micro-batches: whole fp32 gradients, accumulated until the last one's reduce-scatter.
+    accumulated = 4 * psi if accum > 1 else 0
+    state = replace(state, comm_buffers=_fsdp2_transient(p, p.plus(f), _BYTES[dtype], stage) + accumulated)
+    if not offload:
+        return state
+    # CPUOffloadPolicy: shards, gradients and Adam's state on the host; the unsharded copies on the device.
+    return replace(state, params=0, grads=0, optimizer=0, cpu=state.device_state)
+
+
+def _fsdp2_transient(p: Params, held: Params, w: int, stage: int) -> int:
+    """Bytes FSDP2 holds during forward and backward besides the shards: the unsharded
+    compute-dtype parameters (`w` bytes each), and one unit's unsharded gradients with the fp32
+    reduce-scatter input they are copied into. Without a block size the model is one unit."""
+    blocks = held.num_layers if held.layer else 0
+    trained_layer = p.layer if blocks else 0
+    unit = max(trained_layer, p.total - blocks * trained_layer)
+    return w * fsdp2_gathered(held, stage) + (w + 4) * unit
+
+
+def fsdp2_gathered(held: Params, stage: int) -> int:
+    """Elements FSDP2 holds unsharded at once: stage 3 regathers each block for its backward, so
+    the root and about two blocks (the current one and the prefetched next one); stages 1-2 keep
+    every block's unsharded copy from its forward to its backward. Without a block size, all."""
+    blocks = held.num_layers if held.layer else 0
+    root = held.total - blocks * held.layer
+    return root + min(2, blocks) * held.layer if stage == 3 else held.total
