@@ -86,9 +86,10 @@ class FakeBackend:
         self.calls.append(("save", self.steps))
         (directory / "fake.json").write_text(json.dumps({"steps": self.steps}))
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, saved_world: int = 1) -> str | None:
         self.calls.append(("load", directory.name))
         self.steps = json.loads((directory / "fake.json").read_text())["steps"]
+        return None
 
     def state_bytes(self) -> dict[str, int]:
         return {}

@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 # written relative to the recipe; the signature compares the resolved files instead.
 LOCATION = ("name", "source", "logging.dir", "checkpoint.resume", "data.paths", "data.tokenizer")
 KEPT = ("precision.loss_scale.",)
+# Signature entries a resume may change because the workers convert the checkpoint: DeepSpeed's
+# ZeRO partitions through its universal checkpoint, FSDP2's shards through torch's distributed
+# checkpoint, DDP and ZeRO-0's whole copies as they are (launcher.worker.backends).
+RESHARDED = ("world size",)
+# The recipe keys that size the batch: a user who sets one on resume decides the batch.
+BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum", "train.global_batch_size")
 SIGNATURE_KEY = "resume_signature"
 # What a checkpoint written before the signature is compared on, from its saved recipe.
 OLD_FORMAT_REFUSED = (
@@ -107,8 +113,8 @@ def refusals(manifest: dict[str, Any], plan: Plan) -> list[str]:
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
     out = []
     for key in new:
-        if key not in old:
-            continue  # recorded only by a later mplaunch: the checkpoint does not say
+        if key not in old or key in RESHARDED:
+            continue  # recorded only by a later mplaunch, or the workers reshard it
         a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict) and key == "model":
             out += _differences(a, b, f"{key} ")
@@ -179,3 +185,47 @@ def _lr_line(manifest: dict[str, Any], plan: Plan) -> str | None:
         f"the LR schedule continues at optimizer step {applied} with the new settings: "
         f"lr {before:.3g} -> {after:.3g}"
     )
+
+
+def keep_global_batch(manifest: dict[str, Any], world: int, overrides: list[str]) -> dict[str, Any] | None:
+    """The batch values that keep the checkpoint's global batch at world size `world`, or None
+    when the world size is the checkpoint's (or the user set a batch key: the signature judges).
+
+    The micro-batch stays the checkpoint's and grad_accum absorbs the change, so every optimizer
+    step sees the same samples in the same order (launcher.worker.data splits one global batch).
+
+    Raises:
+        UserError: the global batch does not split over the new world size; names the sizes that would.
+    """
+    saved = manifest.get(SIGNATURE_KEY) or {}
+    old_world, global_ = saved.get("world size"), saved.get("global batch size")
+    if old_world is None or global_ is None or old_world == world:
+        return None
+    if any(item.split("=", 1)[0] in BATCH_KEYS for item in overrides):
+        return None
+    micro = _saved_micro(manifest, int(global_), int(old_world))
+    if global_ % (micro * world):
+        per_micro = global_ // micro
+        worlds = [w for w in range(1, per_micro + 1) if per_micro % w == 0]
+        micros = [
+            m for m in range(1, global_ // world + 1) if global_ % world == 0 and (global_ // world) % m == 0
+        ]
+        other = f"; or give train.micro_batch_size one of {_show_all(micros)}" if micros else ""
+        raise UserError(
+            f"cannot resume on {world} ranks: the checkpoint's global batch of {global_} samples in micro-batches "
+            f"of {micro} splits over world sizes {_show_all(worlds)} only{other}",
+            hint="the global batch must stay the same so every step sees the same samples; nothing was started",
+        )
+    return {"train.global_batch_size": global_, "train.micro_batch_size": micro, "train.grad_accum": None}
+
+
+def _saved_micro(manifest: dict[str, Any], global_: int, old_world: int) -> int:
+    """The micro-batch size the checkpoint's run used (its recipe's, or derived as the batch triple did)."""
+    train = manifest.get("recipe", {}).get("train", {})
+    if train.get("micro_batch_size"):
+        return int(train["micro_batch_size"])
+    return global_ // (int(train.get("grad_accum") or 1) * old_world)
+
+
+def _show_all(values: list[int]) -> str:
+    return ", ".join(map(str, values[:-1])) + f" and {values[-1]}" if len(values) > 1 else str(values[0])

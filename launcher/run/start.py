@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.plan import processes, resume
 from launcher.plan.estimate import memory
 from launcher.plan.hardware import Hardware
 from launcher.plan.resolve import Plan, prepare_vocab, resolve
@@ -51,6 +52,8 @@ def start(
 
     `resumed`: `--resume RUN_DIR`, whose `values` (resume_target) continue that run.
     """
+    if resumed:
+        values = {**values, **_keep_global_batch(path, overrides, values)}
     plan = plan_recipe(path, overrides, values, keep_machine_problems=dry_run, train_tokenizer=not dry_run)
     if dry_run:
         print("mplaunch dry run: nothing is started")
@@ -69,6 +72,27 @@ def start(
     else:
         print_warnings(plan.warnings)
     return launch.run(plan)
+
+
+def _keep_global_batch(path: Path, overrides: Sequence[str], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch values a resume at another world size needs (launcher.plan.resume.keep_global_batch);
+    none when the world size is the checkpoint's. `values` are resume_target's (the run's folder)."""
+    recipe = recipe_mod.load(path, overrides, values)
+    found = RunDir.of(Path(values["logging.dir"]) / values["name"], recipe.checkpoint.dir).resume_point()
+    if found.manifest is None:
+        return {}
+    hardware, ignored = Hardware.probe(), list[str]()
+    world = processes.nproc(recipe, hardware, processes.device(recipe, hardware, ignored)[0], ignored)
+    pinned = resume.keep_global_batch(found.manifest, world * recipe.launch.nnodes, list(overrides))
+    if pinned is None:
+        return {}
+    print(
+        f"mplaunch: resuming on {world * recipe.launch.nnodes} ranks, the checkpoint has "
+        f"{found.manifest[resume.SIGNATURE_KEY]['world size']}: the global batch stays "
+        f"{pinned['train.global_batch_size']} (grad_accum absorbs the change) and the workers reshard "
+        "the checkpoint as they load it"
+    )
+    return pinned
 
 
 def resume_target(run_dir: str, slurm_job: bool = False) -> tuple[str, dict[str, Any]]:

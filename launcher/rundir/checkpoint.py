@@ -114,13 +114,17 @@ def structure(plan: Any) -> dict[str, Any]:
     }
 
 
-def mismatch(manifest: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What makes a checkpoint unusable for the current plan, one line each."""
+def mismatch(manifest: dict[str, Any], current: dict[str, Any], resizable: bool = False) -> list[str]:
+    """What makes a checkpoint unusable for the current plan, one line each.
+
+    `resizable`: the reader reshards a checkpoint of another world size (the workers do; a
+    checkpoint of an mplaunch that did not write its world size is read as it was).
+    """
     names = {"world_size": "world size", "backend": "backend", "zero_stage": "ZeRO stage"}
     return [
         f"the checkpoint was written with {names[k]} {manifest[k]}, this run has {current[k]}"
         for k in STRUCTURAL
-        if manifest.get(k) != current[k]
+        if manifest.get(k) != current[k] and not (resizable and k == "world_size")
     ]
 
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from launcher.errors import UserError
 from launcher.plan import resume
@@ -30,7 +31,7 @@ from launcher.recipe.schema import to_dict
 from launcher.rundir import checkpoint
 from launcher.rundir.layout import RunDir
 from launcher.worker import audit
-from launcher.worker.backends import Backend, NonFiniteStep
+from launcher.worker.backends import Backend, NonFiniteStep, ReshardError
 from launcher.worker.metrics import Meter
 
 RNG_FILE = "rng-rank{rank}.pt"
@@ -74,6 +75,7 @@ class Checkpointer:
         self.root = run_dir.checkpoints
         self.last_step: int | None = None  # the newest checkpoint this run restored or sealed
         self.rejected: list[dict[str, Any]] = []  # checkpoints restore found bad, for `report`
+        self.resized: dict[str, Any] | None = None  # the world-size change restore made, for `report`
 
     def due(self, step: int, stopping: bool) -> bool:
         """Save after `step`: on a stop request, at train.max_steps, and every checkpoint.every_steps."""
@@ -162,14 +164,19 @@ class Checkpointer:
             return 0
         candidates = checkpoint.newest_first(self.root)
         for path, manifest in candidates:
-            problems = checkpoint.mismatch(manifest, checkpoint.structure(self.plan))
+            problems = checkpoint.mismatch(manifest, checkpoint.structure(self.plan), resizable=True)
             if problems:
                 raise ValueError(f"cannot resume from {path}: {'; '.join(problems)}")
             # Agree on the checksums before anyone loads: a rank that skipped the load while
             # the others run the backend's collectives would leave them waiting.
             problem = self._verify(path, manifest)
             if not self.group.any(problem is not None):
-                problem = self._load(path, backend)
+                try:
+                    problem = self._load(path, manifest, backend)
+                except ReshardError as exc:
+                    raise ValueError(
+                        f"cannot resume from {path} on {_ranks(self.group.world)}: {exc}"
+                    ) from None
                 if not self.group.any(problem is not None):
                     self.last_step = int(manifest["step"])
                     return self.last_step
@@ -198,18 +205,41 @@ class Checkpointer:
             problem = checkpoint.check_checksums(path, manifest, names)
         return problem
 
-    def _load(self, path: Path, backend: Backend) -> str | None:
+    def _load(self, path: Path, manifest: dict[str, Any], backend: Backend) -> str | None:
         """Load `path` on this rank; the error in one line if it fails.
 
         Reached only once every rank's checksums passed, so a failure here is rare (a file
         that verifies yet does not load); a rank failing inside one of the backend's
         collectives can still leave the others waiting until the process group times out.
+        A checkpoint of another world size is resharded by the backend (rank 0 says how);
+        a rank the old run did not have starts its random streams from the seed, its rank
+        and the step (no saved stream is its own).
         """
+        rank, saved_world = self.group.rank, int(manifest.get("world_size", self.group.world))
+        started = time.perf_counter()
         try:
-            backend.load(path)
-            _set_rng_state(torch.load(path / RNG_FILE.format(rank=self.group.rank), weights_only=False))
+            note = backend.load(path, saved_world)
+            rng = path / RNG_FILE.format(rank=rank)
+            if rank < saved_world and rng.is_file():
+                _set_rng_state(torch.load(rng, weights_only=False))
+            else:
+                _seed_all(self.plan.recipe.train.seed + 1009 * int(manifest["step"]) + rank)
+        except ReshardError:
+            raise  # the checkpoint is sound: restore stops without calling it corrupt
         except Exception as exc:
             return f"cannot be loaded ({type(exc).__name__}: {first_line(exc)})"
+        if saved_world != self.group.world and rank == 0:
+            self.resized = {
+                "step": int(manifest["step"]),
+                "from_world": saved_world,
+                "to_world": self.group.world,
+                "seconds": round(time.perf_counter() - started, 3),
+                "how": note or "loaded as saved (nothing is sharded by rank)",
+            }
+            _say_info(
+                f"resumed step {manifest['step']} written by {_ranks(saved_world)} on {_ranks(self.group.world)}: "
+                f"{self.resized['how']} ({self.resized['seconds']:.1f} s)"
+            )
         return None
 
     def _reject(self, path: Path, manifest: dict[str, Any], problem: str | None) -> None:
@@ -243,6 +273,9 @@ class Checkpointer:
         for bad in self.rejected:
             meter.write({"kind": "event", "event": "checkpoint_rejected", "time": time.time(), **bad})
         self.rejected = []
+        if self.resized is not None:
+            meter.write({"kind": "event", "event": "resized", "time": time.time(), **self.resized})
+            self.resized = None
 
     def finish(self, step: int) -> None:
         """Mark the run finished at train.max_steps (rank 0): a requeue or relaunch then does nothing."""
@@ -303,6 +336,9 @@ def _held(param: torch.nn.Parameter) -> torch.Tensor:
     A ZeRO-3 partition is padded to equal size on every rank, and the padding is uninitialised
     memory no computation reads: it may hold any bits, NaN included, so it is left out.
     """
+    if isinstance(param.data, DTensor):  # FSDP2: this rank's shard
+        local: torch.Tensor = param.data.to_local()
+        return local
     part = getattr(param, "ds_tensor", None)
     if part is None:
         return param
@@ -315,6 +351,20 @@ def _held(param: torch.nn.Parameter) -> torch.Tensor:
 
 def _say(message: str) -> None:
     print(f"mplaunch: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
+def _say_info(message: str) -> None:
+    print(f"mplaunch: {message}", file=sys.stderr, flush=True)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def first_line(exc: BaseException) -> str:

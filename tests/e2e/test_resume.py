@@ -118,18 +118,24 @@ def test_a_killed_rank_is_restarted_and_resumes_to_the_same_result(tmp_path: Pat
     assert losses(run_dir) == losses(tmp_path / "runs" / "straight")
 
 
-def test_resuming_with_another_world_size_is_refused_clearly(tmp_path: Path) -> None:
+def test_resuming_on_a_world_size_the_global_batch_cannot_split_over_is_refused_clearly(
+    tmp_path: Path,
+) -> None:
     recipe = _recipe(tmp_path, "resized", "deepspeed", 2, "fp32", {"train": {"max_steps": 2}})
     first = mplaunch(str(recipe))
     assert first.returncode == 0, explain(first)
     started = time.monotonic()
-    again = mplaunch(str(recipe), "launch.nproc_per_node=1", "train.max_steps=4")
+    run_dir = tmp_path / "runs" / "resized"
+    again = mplaunch("--resume", str(run_dir), "launch.nproc_per_node=3", "train.max_steps=4")
     assert again.returncode == 2, explain(again)
     assert time.monotonic() - started < 10  # refused by the launcher, before any worker starts
     lines = again.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: cannot resume from ")
-    assert "the checkpoint was written with world size 2, this run has 1" in lines[-1]
+    assert lines[-1].startswith(
+        "error: cannot resume on 3 ranks: the checkpoint's global batch of 16 samples in micro-batches of 4 "
+        "splits over world sizes 1, 2 and 4 only"
+    ), lines[-1]
     assert "Traceback" not in again.stderr
+    assert not (run_dir / "checkpoints" / "step-00000004").exists()
 
 
 def test_resume_flag_continues_a_run_directory(tmp_path: Path) -> None:

@@ -87,6 +87,12 @@ def test_resume_mismatch_names_what_differs() -> None:
         "the checkpoint was written with world size 2, this run has 1",
         "the checkpoint was written with ZeRO stage 2, this run has 3",
     ]
+    # The workers reshard a checkpoint of another world size; the stage still has to match.
+    assert checkpoint.mismatch(
+        manifest, {"world_size": 1, "backend": "deepspeed", "zero_stage": 3}, resizable=True
+    ) == [
+        "the checkpoint was written with ZeRO stage 2, this run has 3",
+    ]
 
 
 def test_changed_keys_are_dotted_paths() -> None:

@@ -52,7 +52,6 @@ def test_an_unchanged_recipe_resumes_without_a_word() -> None:
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"launch": {"nproc_per_node": 1}}, "world size 2, this run has 1"),
         ({"backend": "accelerate"}, "backend deepspeed, this run has accelerate"),
         ({"zero": {"stage": 3}}, "ZeRO stage 0, this run has 3"),
         ({"precision": {"dtype": "bf16"}}, "precision.dtype fp32, this run has bf16"),
@@ -153,3 +152,50 @@ def test_continue_on_overrides_what_loading_restored() -> None:
     assert [g["weight_decay"] for g in restored] == [0.1, 0.0]
     assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in restored)
     assert sched.base_lrs == [1e-3, 1e-3]
+
+
+def test_another_world_size_is_not_refused_the_workers_reshard() -> None:
+    saved = _manifest(_plan())
+    # One rank with the checkpoint's global batch of 8 (what `--resume` pins: keep_global_batch).
+    one_rank = _plan(
+        launch={"device": "cpu", "nproc_per_node": 1},
+        train={"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 100},
+    )
+    assert resume.check(saved, one_rank, "ckpt") == [
+        "applied on resume: launch.nproc_per_node 2 -> 1, train.global_batch_size None -> 8"
+    ]
+
+
+def test_a_new_world_size_keeps_the_global_batch_and_the_micro_batch() -> None:
+    saved = _manifest(_plan())  # 2 ranks x micro-batches of 4: a global batch of 8
+    assert resume.keep_global_batch(saved, 2, []) is None  # the same world size: nothing to keep
+    assert resume.keep_global_batch(saved, 1, []) == {
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 4,
+        "train.grad_accum": None,
+    }
+    # A batch key given on resume is the user's decision: nothing is pinned.
+    assert resume.keep_global_batch(saved, 1, ["train.grad_accum=2"]) is None
+    with pytest.raises(UserError) as caught:
+        resume.keep_global_batch(saved, 4, [])
+    assert "splits over world sizes 1 and 2 only; or give train.micro_batch_size one of 1 and 2" in str(
+        caught.value
+    )
+
+
+def test_a_global_batch_that_does_not_split_is_refused_naming_the_sizes_that_would() -> None:
+    saved = _manifest(_plan())
+    saved[resume.SIGNATURE_KEY]["global batch size"] = 16
+    saved["recipe"]["train"]["micro_batch_size"] = 2
+    with pytest.raises(UserError) as caught:
+        resume.keep_global_batch(saved, 3, [])
+    assert str(caught.value).startswith(
+        "cannot resume on 3 ranks: the checkpoint's global batch of 16 samples in micro-batches of 2 "
+        "splits over world sizes 1, 2, 4 and 8 only"
+    )
+    saved[resume.SIGNATURE_KEY]["global batch size"] = 12
+    with pytest.raises(UserError) as caught:
+        resume.keep_global_batch(saved, 4, [])
+    assert "splits over world sizes 1, 2, 3 and 6 only; or give train.micro_batch_size one of 1 and 3" in str(
+        caught.value
+    )

@@ -105,10 +105,10 @@ def test_a_checkpoint_that_verifies_but_does_not_load_is_skipped(
     tmp_path: Path, tokens: data.Tokens, capsys: pytest.CaptureFixture[str]
 ) -> None:
     class Unloadable(FakeBackend):
-        def load(self, directory: Path) -> None:
+        def load(self, directory: Path, saved_world: int = 1) -> str | None:
             if directory.name == "step-00000004":
                 raise RuntimeError("PytorchStreamReader failed reading zip archive\n(a long torch error)")
-            super().load(directory)
+            return super().load(directory, saved_world)
 
     plan = _trained(tmp_path, tokens)
     _, start = _restore(plan, Unloadable())

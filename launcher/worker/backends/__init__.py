@@ -33,6 +33,12 @@ class NonFiniteStep(Exception):
     """A step's loss or gradients were NaN or infinite and the run stopped; str() is the whole message."""
 
 
+class ReshardError(RuntimeError):
+    """A sound checkpoint that cannot be brought to this world size (its converter failed, or the
+    converted copy cannot be written); the message, one line, names the world size that loads it
+    as it is. Raised alike on every rank, and never a reason to call the checkpoint corrupt."""
+
+
 class SkippedStep(NonFiniteStep):
     """DeepSpeed skipped a step for non-finite gradients outside fp16 loss scaling (nothing adapts to it)."""
 
@@ -92,7 +98,9 @@ class Backend(Protocol):
     def fp32_masters(self) -> list[tuple[torch.Tensor, dict[str, Any]]]: ...
     def lr(self) -> float: ...
     def save(self, directory: Path) -> None: ...
-    def load(self, directory: Path) -> None: ...
+    # Load the checkpoint `save` wrote into `directory` with `saved_world` ranks (this run may have
+    # another world size: the backend reshards); a one-line note of any conversion it made, else None.
+    def load(self, directory: Path, saved_world: int) -> str | None: ...
     def state_bytes(self) -> dict[str, int]: ...
 
 

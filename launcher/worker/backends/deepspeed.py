@@ -48,6 +48,7 @@ from launcher.worker.backends import (
     param_groups,
     tensor_bytes,
     to_device,
+    universal,
 )
 from launcher.worker.models import loss_of
 
@@ -213,13 +214,13 @@ class Engine:
         """Every rank writes its shard of the model and optimizer state into `directory`."""
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
-    def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+    def load(self, directory: Path, saved_world: int) -> str | None:
+        """At another world size, ZeRO 1-3 go through DeepSpeed's universal checkpoint (universal.py)."""
+        note = universal.load_checkpoint(self.engine, directory, TAG, saved_world)
+        # Also undoes DeepSpeed's ZeRO-3 universal loader giving every parameter group the first
+        # group's hyperparameters (its weight decay to the biases and norms).
         schedule.continue_on(self.engine.lr_scheduler, self.plan.recipe)
+        return note
 
 
 def _world() -> int:

@@ -1,0 +1,87 @@
+"""Resume at another world size: the launcher keeps the global batch, the workers reshard.
+
+Runs stopped at step 4 on 2 ranks continue on 1 (and then on 2 again); every loss from step 5 on
+must match an uninterrupted 2-rank run in fp32. The backends that keep whole copies (DDP,
+DeepSpeed ZeRO-0) load as saved; the sharded ones are covered with their converters
+(test_resize_deepspeed.py, test_fsdp2.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.faults import flip_bytes
+from tests.runs import FAST, explain, losses, mplaunch, records, write_recipe
+
+pytestmark = pytest.mark.slow
+
+# A constant LR: a run cut at step 4 then lengthened sees the same LR at every step as the straight one.
+RESIZABLE = {
+    "scheduler": {"name": "constant"},
+    "train": {"micro_batch_size": 2, "global_batch_size": 16, "max_steps": 8},
+    "checkpoint": {"every_steps": 2, "keep": 3},
+    "launch": {"nproc_per_node": 2},
+}
+TOLERANCE = 1e-5  # relative, per logged loss
+
+
+def _recipe(tmp: Path, name: str, backend: str, stage: int, steps: int) -> Path:
+    return write_recipe(
+        tmp,
+        name,
+        FAST,
+        RESIZABLE,
+        {"backend": backend, "zero": {"stage": stage}, "train": {"max_steps": steps}},
+    )
+
+
+def _assert_close(run: dict[int, float], straight: dict[int, float], steps: range) -> None:
+    worst = max(abs(run[s] - straight[s]) / abs(straight[s]) for s in steps)
+    assert worst <= TOLERANCE, (worst, {s: (run[s], straight[s]) for s in steps})
+
+
+@pytest.mark.parametrize(("backend", "stage"), [("accelerate", 0), ("deepspeed", 0)], ids=str)
+def test_a_run_moves_from_two_ranks_to_one_and_back_with_the_losses_of_a_straight_run(
+    tmp_path: Path, backend: str, stage: int
+) -> None:
+    straight = mplaunch(str(_recipe(tmp_path, "straight", backend, stage, 12)))
+    assert straight.returncode == 0, explain(straight)
+    first = mplaunch(str(_recipe(tmp_path, "moved", backend, stage, 4)))
+    assert first.returncode == 0, explain(first)
+    run_dir = tmp_path / "runs" / "moved"
+
+    one = mplaunch("--resume", str(run_dir), "train.max_steps=8", "launch.nproc_per_node=1")
+    assert one.returncode == 0, explain(one)
+    assert "mplaunch: resuming on 1 ranks, the checkpoint has 2: the global batch stays 16" in one.stdout
+    assert "global_batch_size 16 = micro_batch_size 2 x grad_accum 8 x world_size 1" in one.stdout
+    assert "resumed step 4 written by 2 ranks on 1 rank" in one.stderr, explain(one)
+    two = mplaunch("--resume", str(run_dir), "train.max_steps=12", "launch.nproc_per_node=2")
+    assert two.returncode == 0, explain(two)
+    assert "resumed step 8 written by 1 rank on 2 ranks" in two.stderr, explain(two)
+
+    _assert_close(losses(run_dir), losses(tmp_path / "runs" / "straight"), range(5, 13))
+    resized = [
+        (e["from_world"], e["to_world"], e["step"])
+        for e in records(run_dir, "event")
+        if e["event"] == "resized"
+    ]
+    assert resized == [(2, 1, 4), (1, 2, 8)]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_at_a_new_world_size(tmp_path: Path) -> None:
+    straight = mplaunch(str(_recipe(tmp_path, "straight", "accelerate", 0, 8)))
+    assert straight.returncode == 0, explain(straight)
+    first = mplaunch(str(_recipe(tmp_path, "moved", "accelerate", 0, 4)))
+    assert first.returncode == 0, explain(first)
+    run_dir = tmp_path / "runs" / "moved"
+    newest = run_dir / "checkpoints" / "step-00000004"
+    flip_bytes(max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size))
+
+    one = mplaunch("--resume", str(run_dir), "train.max_steps=8", "launch.nproc_per_node=1")
+    assert one.returncode == 0, explain(one)
+    assert "checkpoint step-00000004 failed verification" in one.stderr
+    assert "resumed step 2 written by 2 ranks on 1 rank" in one.stderr, explain(one)
+    assert (run_dir / "checkpoints" / "corrupt-step-00000004").is_dir()
+    _assert_close(losses(run_dir), losses(tmp_path / "runs" / "straight"), range(3, 9))
