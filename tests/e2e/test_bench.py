@@ -114,3 +114,24 @@ def test_xray_cost_times_the_three_cadences(tmp_path: Path) -> None:
     assert all(r["other_cpu_share"] is None or 0 <= r["other_cpu_share"] <= 1 for r in runs.values())
     assert "per x-ray step" in result.stdout
     assert out.with_suffix(".txt").read_text().strip() in result.stdout
+
+
+def test_resize_times_the_resharding_and_compares_fsdp2_with_zero3(tmp_path: Path) -> None:
+    out = tmp_path / "resize.json"
+    result = subprocess.run(
+        [sys.executable, "bench/resize.py", "--shapes", "tiny", "--configs", "deepspeed-z2,fsdp2", "--steps", "4",
+         "--repeats", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["resharding"]}
+    assert set(rows) == {"deepspeed-z2", "fsdp2"}
+    assert rows["deepspeed-z2"]["to_1_rank_how"].startswith("converted to DeepSpeed's universal checkpoint")
+    assert rows["deepspeed-z2"]["back_to_2_how"].startswith("converted to DeepSpeed's universal checkpoint")
+    assert rows["fsdp2"]["to_1_rank_how"].startswith("FSDP2 shards resharded by torch.distributed.checkpoint")
+    assert all(r["checkpoint_bytes"] > 0 and r["to_1_rank_s"] > 0 for r in rows.values())
+    timing = report["step_time"]
+    assert timing["ratio"] == timing["fsdp2_step_s"] / timing["zero3_step_s"] > 0
+    assert "FSDP2 / ZeRO-3 = " in result.stdout
+    assert out.with_suffix(".txt").read_text().strip() == result.stdout.strip()

@@ -1,9 +1,9 @@
 """Resume at another world size: the launcher keeps the global batch, the workers reshard.
 
-Runs stopped at step 4 on 2 ranks continue on 1 (and then on 2 again); every loss from step 5 on
-must match an uninterrupted 2-rank run in fp32. The backends that keep whole copies (DDP,
-DeepSpeed ZeRO-0) load as saved; the sharded ones are covered with their converters
-(test_resize_deepspeed.py, test_fsdp2.py).
+Runs stopped at step 4 on 2 ranks continue on 4, then on 1; every loss from step 5 on must match
+an uninterrupted 2-rank run in fp32. DDP and DeepSpeed ZeRO-0 hold whole copies and load as saved,
+FSDP2 reshards through torch's distributed checkpoint; DeepSpeed ZeRO 1-3, converted through its
+universal checkpoint, has its own file (test_resize_deepspeed.py).
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ def _assert_close(run: dict[int, float], straight: dict[int, float], steps: rang
     assert worst <= TOLERANCE, (worst, {s: (run[s], straight[s]) for s in steps})
 
 
-@pytest.mark.parametrize(("backend", "stage"), [("accelerate", 0), ("deepspeed", 0)], ids=str)
-def test_a_run_moves_from_two_ranks_to_one_and_back_with_the_losses_of_a_straight_run(
+@pytest.mark.parametrize(
+    ("backend", "stage"), [("accelerate", 0), ("deepspeed", 0), ("accelerate", 3)], ids=str
+)
+def test_a_run_moves_from_two_ranks_to_four_then_one_with_the_losses_of_a_straight_run(
     tmp_path: Path, backend: str, stage: int
 ) -> None:
     straight = mplaunch(str(_recipe(tmp_path, "straight", backend, stage, 12)))
@@ -52,14 +54,15 @@ def test_a_run_moves_from_two_ranks_to_one_and_back_with_the_losses_of_a_straigh
     assert first.returncode == 0, explain(first)
     run_dir = tmp_path / "runs" / "moved"
 
-    one = mplaunch("--resume", str(run_dir), "train.max_steps=8", "launch.nproc_per_node=1")
+    four = mplaunch("--resume", str(run_dir), "train.max_steps=8", "launch.nproc_per_node=4")
+    assert four.returncode == 0, explain(four)
+    assert "mplaunch: resuming on 4 ranks, the checkpoint has 2: the global batch stays 16" in four.stdout
+    assert "global_batch_size 16 = micro_batch_size 2 x grad_accum 2 x world_size 4" in four.stdout
+    assert "resumed step 4 written by 2 ranks on 4 ranks" in four.stderr, explain(four)
+    one = mplaunch("--resume", str(run_dir), "train.max_steps=12", "launch.nproc_per_node=1")
     assert one.returncode == 0, explain(one)
-    assert "mplaunch: resuming on 1 ranks, the checkpoint has 2: the global batch stays 16" in one.stdout
     assert "global_batch_size 16 = micro_batch_size 2 x grad_accum 8 x world_size 1" in one.stdout
-    assert "resumed step 4 written by 2 ranks on 1 rank" in one.stderr, explain(one)
-    two = mplaunch("--resume", str(run_dir), "train.max_steps=12", "launch.nproc_per_node=2")
-    assert two.returncode == 0, explain(two)
-    assert "resumed step 8 written by 1 rank on 2 ranks" in two.stderr, explain(two)
+    assert "resumed step 8 written by 4 ranks on 1 rank" in one.stderr, explain(one)
 
     _assert_close(losses(run_dir), losses(tmp_path / "runs" / "straight"), range(5, 13))
     resized = [
@@ -67,13 +70,16 @@ def test_a_run_moves_from_two_ranks_to_one_and_back_with_the_losses_of_a_straigh
         for e in records(run_dir, "event")
         if e["event"] == "resized"
     ]
-    assert resized == [(2, 1, 4), (1, 2, 8)]
+    assert resized == [(2, 4, 4), (4, 1, 8)]
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_at_a_new_world_size(tmp_path: Path) -> None:
-    straight = mplaunch(str(_recipe(tmp_path, "straight", "accelerate", 0, 8)))
+@pytest.mark.parametrize(("backend", "stage"), [("accelerate", 0), ("deepspeed", 2)], ids=str)
+def test_a_corrupt_newest_checkpoint_falls_back_at_a_new_world_size(
+    tmp_path: Path, backend: str, stage: int
+) -> None:
+    straight = mplaunch(str(_recipe(tmp_path, "straight", backend, stage, 8)))
     assert straight.returncode == 0, explain(straight)
-    first = mplaunch(str(_recipe(tmp_path, "moved", "accelerate", 0, 4)))
+    first = mplaunch(str(_recipe(tmp_path, "moved", backend, stage, 4)))
     assert first.returncode == 0, explain(first)
     run_dir = tmp_path / "runs" / "moved"
     newest = run_dir / "checkpoints" / "step-00000004"
@@ -84,4 +90,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_at_a_new_world_size(tmp_path: Pa
     assert "checkpoint step-00000004 failed verification" in one.stderr
     assert "resumed step 2 written by 2 ranks on 1 rank" in one.stderr, explain(one)
     assert (run_dir / "checkpoints" / "corrupt-step-00000004").is_dir()
+    if backend == "deepspeed":  # the older checkpoint was converted, the corrupt one never was
+        assert "converted to DeepSpeed's universal checkpoint" in one.stderr
+        assert (run_dir / "checkpoints" / "step-00000002" / "universal").is_dir()
+        assert not (run_dir / "checkpoints" / "corrupt-step-00000004" / "universal").exists()
     _assert_close(losses(run_dir), losses(tmp_path / "runs" / "straight"), range(3, 9))
