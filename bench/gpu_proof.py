@@ -7,13 +7,14 @@
     python bench/gpu_proof.py nccl    --device D --out FILE                         # all-reduce on every GPU
     python bench/gpu_proof.py memory  --device D --size large --micros 16,64 ...    # planner vs measured peak
     python bench/gpu_proof.py recipe  --device D --size base --dir DIR ...          # a recipe for parity
+    python bench/gpu_proof.py resize  --device D --scratch DIR --out FILE ...       # 2 ranks -> 1 on resume
 
 The proof's results live in OUT: steps/NAME.json (one per step, written when the
 step ends), data/NAME.json (what the step measured, written as it goes),
 logs/NAME.log, console.log and summary.json (rewritten after every step).
-Everything here but `nccl`, `memory` and `recipe` uses the standard library only,
-and nothing here imports the launcher: the proof goes through `python -m
-launcher ...` and bench/gpu.py, as a user would.
+Everything here but `nccl`, `memory`, `recipe` and `resize` uses the standard
+library only, and nothing here imports the launcher's training code: the proof goes
+through `python -m launcher ...` and bench/gpu.py, as a user would.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,8 @@ def _numbers(name: str, out: Path) -> tuple[Any, str | None, str | None]:
         return _suite_numbers(data)
     if name.startswith("d_") and data is None and log.exists() and CPU_FP16 in log.read_text():
         return None, "skipped", _last_error(log)
+    if name == "e_resize" and data:
+        return _resize_numbers(data)
     return data, None, None
 
 
@@ -174,6 +178,22 @@ def _suite_numbers(data: dict[str, Any]) -> tuple[Any, str | None, str | None]:
     if failed:
         return numbers, "failed", "configurations failed: " + ", ".join(failed)
     return numbers, None, None
+
+
+def _resize_numbers(data: dict[str, Any]) -> tuple[Any, str | None, str | None]:
+    """A skip the resize step declared, or the first backend that failed or drifted past the tolerance."""
+    if data.get("skipped"):
+        return data, "skipped", data["skipped"]
+    problems = []
+    for name, entry in data.get("backends", {}).items():
+        if entry.get("error"):
+            problems.append(f"{name}: {entry['error']}")
+        elif entry.get("max_rel_diff") is not None and not entry.get("within_tolerance"):
+            problems.append(
+                f"{name}: losses after the resume differ by {entry['max_rel_diff']:.2e} relative "
+                f"(tolerance {data.get('tolerance')})"
+            )
+    return data, ("failed" if problems else None), ("; ".join(problems) or None)
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -474,6 +494,156 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- e: resize
+
+# The sharded configurations the resize step moves from 2 ranks to 1 (name: backend, zero.stage).
+RESIZED = {"fsdp2_zero3": ("accelerate", 3), "deepspeed_zero2": ("deepspeed", 2)}
+
+
+def _resize_recipe(args: argparse.Namespace, name: str, backend: str, stage: int, steps: int) -> Path:
+    """bench/gpu.py's synthetic BERT recipe, made resizable: 2 ranks, a constant LR (a run stopped at
+    --stop and lengthened sees the LR of one that never stopped), no dropout (a rank's random stream
+    does not follow its samples to another rank), a checkpoint at --stop, a loss every step."""
+    import yaml
+
+    gpu = _gpu_bench()
+    scratch = Path(args.scratch)
+    suite = argparse.Namespace(
+        steps=steps, compile=False, zero=stage, device=args.device, log_every=1, micro=args.micro
+    )
+    body = yaml.safe_load(gpu.recipe(scratch, args.size, args.seq, args.dtype, backend, suite).read_text())
+    body["name"] = name
+    body["model"]["dropout"] = 0.0
+    body["scheduler"] = {"name": "constant"}
+    body["train"].pop("grad_accum", None)  # the global batch sets it, for each world size
+    body["train"]["global_batch_size"] = args.global_batch
+    body["launch"]["nproc_per_node"] = 2
+    body["checkpoint"] = {"every_steps": args.stop, "keep": 2}
+    body["logging"]["precision_every"] = 0
+    if args.device == "cpu":
+        body["precision"].pop("allow_tf32", None)  # a GPU setting; the CPU warns about it
+    path = scratch / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def _mplaunch(*argv: str) -> dict[str, Any]:
+    """Run mplaunch, its output streamed into the step's log; the exit code, wall time and error line."""
+    started = time.perf_counter()
+    print(f"$ mplaunch {' '.join(argv)}", flush=True)
+    cmd = [sys.executable, "-m", "launcher", *argv]
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line.strip())
+    result: dict[str, Any] = {"rc": proc.returncode, "wall_s": round(time.perf_counter() - started, 1)}
+    if proc.returncode != 0:
+        marked = [ln for ln in lines if re.search(r"error|Error|refus|cannot", ln)]
+        result["error"] = (marked or [ln for ln in lines if ln] or [f"exit {proc.returncode}"])[-1]
+    return result
+
+
+def _run_records(run_dir: Path) -> list[dict[str, Any]]:
+    lines = RunDir.of(run_dir).metrics.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _resize_one(
+    args: argparse.Namespace, name: str, backend: str, stage: int, save: Callable[[str, dict[str, Any]], None]
+) -> None:
+    """Straight 2-rank run to --steps; a 2-rank run to --stop resumed on 1 rank to --steps; compare."""
+    entry: dict[str, Any] = {"backend": backend, "zero_stage": stage}
+    save(name, entry)
+    runs = Path(args.scratch) / "runs"
+    for run, steps in (("straight", args.steps), ("first", args.stop)):
+        entry[run] = _mplaunch(str(_resize_recipe(args, f"{name}-{run}", backend, stage, steps)))
+        save(name, entry)
+        if entry[run]["rc"] != 0:
+            entry["error"] = f"the {run} 2-rank run failed: {entry[run]['error']}"
+            save(name, entry)
+            return
+    moved = runs / f"{name}-first"
+    entry["resumed"] = _mplaunch(
+        "--resume", str(moved), f"train.max_steps={args.steps}", "launch.nproc_per_node=1"
+    )
+    if entry["resumed"]["rc"] != 0:
+        entry["error"] = f"mplaunch --resume on 1 rank failed: {entry['resumed']['error']}"
+        save(name, entry)
+        return
+    straight = {r["step"]: r["loss"] for r in _run_records(runs / f"{name}-straight") if r["kind"] == "train"}
+    records = _run_records(moved)
+    after = {r["step"]: r["loss"] for r in records if r["kind"] == "train" and r["step"] > args.stop}
+    compared = sorted(set(after) & set(straight))
+    entry["losses"] = {str(s): {"resumed": after[s], "straight": straight[s]} for s in compared}
+    entry["compared_steps"] = compared
+    entry["max_rel_diff"] = max(
+        (abs(after[s] - straight[s]) / abs(straight[s]) for s in compared), default=None
+    )
+    entry["within_tolerance"] = entry["max_rel_diff"] is not None and entry["max_rel_diff"] <= args.tolerance
+    events = [r for r in records if r["kind"] == "event" and r.get("event") == "resized"]
+    entry["resized"] = (
+        {k: events[-1].get(k) for k in ("step", "from_world", "to_world", "seconds", "how")}
+        if events
+        else None
+    )
+    if compared != list(range(args.stop + 1, args.steps + 1)):
+        entry["error"] = f"losses after the resume cover steps {compared}, not {args.stop + 1}-{args.steps}"
+    elif not events or (events[-1]["from_world"], events[-1]["to_world"]) != (2, 1):
+        entry["error"] = "no resized event from 2 ranks to 1 in metrics.jsonl"
+    save(name, entry)
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    """For FSDP2 and DeepSpeed ZeRO-2: stop a 2-rank run at --stop, resume it on 1 rank, compare its
+    losses with a 2-rank run that never stopped, and record the workers' `resized` event."""
+    body: dict[str, Any] = {
+        "size": args.size,
+        "seq_len": args.seq,
+        "dtype": args.dtype,
+        "micro_batch_size": args.micro,
+        "global_batch_size": args.global_batch,
+        "stop_step": args.stop,
+        "steps": args.steps,
+        "from_world": 2,
+        "to_world": 1,
+        "tolerance": args.tolerance,
+        "backends": {},
+    }
+    out = Path(args.out)
+    if args.device == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count < 2:
+            body["skipped"] = f"needs 2 GPUs; this machine has {count}"
+            _dump(out, body)
+            print(f"resize: skipped: {body['skipped']}", flush=True)
+            return 0
+    shutil.rmtree(Path(args.scratch) / "runs", ignore_errors=True)  # runs of an earlier call would resume
+    Path(args.scratch).mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, entry: dict[str, Any]) -> None:
+        body["backends"][name] = entry
+        _dump(out, body)
+
+    for name, (backend, stage) in RESIZED.items():
+        _resize_one(args, name, backend, stage, save)
+    for name, entry in body["backends"].items():
+        event = entry.get("resized") or {}
+        print(
+            f"resize: {name}: steps {args.stop + 1}-{args.steps} after the resume against the straight run: "
+            f"max relative difference {entry.get('max_rel_diff') or 0:.2e}; "
+            f"{event.get('how')} ({event.get('seconds')} s)",
+            flush=True,
+        )
+    _, failed, reason = _resize_numbers(body)
+    if failed:
+        print(f"resize: {reason}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
 # --------------------------------------------------------------------------- cli
 
 
@@ -523,6 +693,22 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.choices["recipe"]
     s.add_argument("--micro", type=int, default=8)
     s.add_argument("--dir", required=True)
+    s = sub.add_parser("resize")
+    s.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    s.add_argument("--size", default="tiny")
+    s.add_argument("--seq", type=int, default=64)
+    s.add_argument("--micro", type=int, default=8)
+    s.add_argument("--global-batch", type=int, default=32)
+    s.add_argument("--dtype", default="fp32")
+    s.add_argument("--stop", type=int, default=4, help="the 2-rank run saves and stops here")
+    s.add_argument(
+        "--steps", type=int, default=8, help="the resumed 1-rank run and the straight run end here"
+    )
+    s.add_argument(
+        "--tolerance", type=float, default=1e-4, help="largest relative loss difference that passes"
+    )
+    s.add_argument("--scratch", required=True)
+    s.add_argument("--out", required=True)
     args = p.parse_args(argv)
     handler = {
         "init": cmd_init,
@@ -533,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "nccl-worker": cmd_nccl_worker,
         "memory": cmd_memory,
         "recipe": cmd_recipe,
+        "resize": cmd_resize,
     }[args.command]
     return handler(args)
 

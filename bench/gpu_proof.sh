@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU proof: one prepared run, at most about 8 minutes, on a lent GPU machine.
+# The GPU proof: one prepared run, at most 9 minutes, on a lent GPU machine.
 #
 #   bench/gpu_proof.sh OUT_DIR [--device cuda|cpu] [--tiny] [--cap STEP=SECONDS ...]
 #                              [--budget SECONDS] [--gpu-tests all|priority] [--results DIR]
 #                              [--skip STEP,...] [--dtypes LIST] [--micros LIST]
 #
 # On the device machine (carry [".whl"] built beforehand by ../shared/gpu/wheels.sh):
-#   bench/gpu_proof.sh "$OUT"                                 # timeout_s 540 leaves room for the caps
+#   bench/gpu_proof.sh "$OUT"                                 # timeout_s 560 leaves room for the caps
 # CPU rehearsal (tests/e2e/test_gpu_proof.py):
 #   bench/gpu_proof.sh /tmp/proof --device cpu --tiny
 #
@@ -27,14 +27,19 @@
 #   nccl          20  all-reduce across every visible GPU (NCCL; gloo with 2 processes on CPU)
 #   gpu_tests     75  python -m pytest -m gpu tests/e2e/test_gpu.py (priority subset: ZeRO-2 bf16/fp16 on
 #                     both backends and the fp16 overflow tests; --gpu-tests all runs the whole matrix,
-#                     which does not fit in 8 minutes)
+#                     which does not fit in the budget)
 #   b_deepspeed   60  bench/gpu.py: BERT-base seq 128, DeepSpeed ZeRO-2, bf16 fp16 tf32 fp32
-#   b_accelerate  60  bench/gpu.py: the same on Accelerate FSDP (zero.stage=2: SHARD_GRAD_OP)
+#   b_accelerate  60  bench/gpu.py: the same on Accelerate FSDP2 (zero.stage=2: fully_shard with
+#                     reshard_after_forward=False, each block's gathered parameters kept until its backward)
 #   c_memory      55  BERT-large seq 128 bf16, micro-batch 16 and 64: MFU, mplaunch plan's predicted
 #                     peak vs the run's torch.cuda.max_memory_allocated
 #   d_bf16        62  mplaunch parity, BERT-base bf16 vs fp32, 200 steps (DeepSpeed ZeRO-2)
 #   d_fp16        62  mplaunch parity, BERT-base fp16 vs fp32, 200 steps
-# Caps sum to 434 s; with 3 s of kill grace per step the worst case is 461 s. --budget (default 470 s)
+#   e_resize      75  2 GPUs -> 1: the tiny BERT recipe's shape in fp32 on FSDP2 (zero.stage=3) and DeepSpeed
+#                     ZeRO-2, 2 ranks to step 4, `mplaunch --resume RUN launch.nproc_per_node=1` to step 8;
+#                     losses against an uninterrupted 2-rank run, the resized event (bench/gpu_proof.py
+#                     resize); skipped with fewer than 2 visible GPUs; 2 CPU ranks -> 1 with --device cpu
+# Caps sum to 509 s; with 3 s of kill grace per step the worst case is 539 s. --budget (default 540 s)
 # is a hard ceiling on top: a step never gets more than what is left of it, and one that would get
 # under 3 s is recorded as skipped.
 set -uo pipefail
@@ -46,10 +51,10 @@ cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 SITE=${GPU_PROOF_SITE:-/tmp/site}
 
-STEPS=(install env nccl gpu_tests b_deepspeed b_accelerate c_memory d_bf16 d_fp16)
+STEPS=(install env nccl gpu_tests b_deepspeed b_accelerate c_memory d_bf16 d_fp16 e_resize)
 declare -A CAP=([install]=25 [env]=15 [nccl]=20 [gpu_tests]=75 [b_deepspeed]=60 [b_accelerate]=60
-                [c_memory]=55 [d_bf16]=62 [d_fp16]=62)
-OUT="" DEVICE=cuda TINY=0 BUDGET=470 GPU_TESTS=priority RESULTS="" SKIP="" DTYPES="" MICROS="" ARGS=("$@")
+                [c_memory]=55 [d_bf16]=62 [d_fp16]=62 [e_resize]=75)
+OUT="" DEVICE=cuda TINY=0 BUDGET=540 GPU_TESTS=priority RESULTS="" SKIP="" DTYPES="" MICROS="" ARGS=("$@")
 while [ $# -gt 0 ]; do
   case $1 in
     --device) DEVICE=${2:-}; shift 2 ;;
@@ -192,6 +197,10 @@ for dtype in bf16 fp16; do
   [ -f "$SCRATCH/d/$dtype/loss.png" ] && cp "$SCRATCH/d/$dtype/loss.png" "$OUT/data/d_$dtype-loss.png"
   record "d_$dtype" --rc "$RC" --wall "$WALL" --cmd "$CMD" --tag "$$-d_$dtype"
 done
+
+# e. a 2-rank run resumed on 1 rank, FSDP2 and DeepSpeed ZeRO-2 (the tiny BERT's shape, --tiny or not)
+step e_resize "$PY" bench/gpu_proof.py resize --device "$DEVICE" --scratch "$SCRATCH/e" \
+  --out "$OUT/data/e_resize.json"
 
 "$PY" bench/gpu_proof.py finish --out "$OUT" ${RESULTS:+--results "$RESULTS"}
 echo "gpu-proof: $(date '+%T') done in $(( $(date +%s) - START )) s; summary $OUT/summary.json"
