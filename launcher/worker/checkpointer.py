@@ -223,7 +223,7 @@ class Checkpointer:
             if rank < saved_world and rng.is_file():
                 _set_rng_state(torch.load(rng, weights_only=False))
             else:
-                _seed_all(self.plan.recipe.train.seed + 1009 * int(manifest["step"]) + rank)
+                seed_all(self.plan.recipe.train.seed + 1009 * int(manifest["step"]) + rank)
         except ReshardError:
             raise  # the checkpoint is sound: restore stops without calling it corrupt
         except Exception as exc:
@@ -361,7 +361,8 @@ def _say_info(message: str) -> None:
     print(f"mplaunch: {message}", file=sys.stderr, flush=True)
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's random streams (the streams a checkpoint saves per rank)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import faulthandler
 import os
-import random
 import re
 import shutil
 import signal
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,7 +34,7 @@ from launcher.rundir.layout import RunDir
 from launcher.rundir.watchdog import collective_timeout_s
 from launcher.worker import audit, data, evaluation, xray
 from launcher.worker.backends import Backend, LossScaleFloor, NonFiniteStep, load_backend
-from launcher.worker.checkpointer import Checkpointer
+from launcher.worker.checkpointer import Checkpointer, seed_all
 from launcher.worker.metrics import Meter
 from launcher.worker.model_setup import document_positions, model_for
 from launcher.worker.models import ModelError
@@ -212,7 +210,7 @@ def run(plan: Plan) -> int:
 def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     """Data, model, backend and resume state of this rank."""
     phases = Phases()
-    _seed(plan.recipe.train.seed)
+    seed_all(plan.recipe.train.seed)
     tokens = data.load_tokens(plan, d.rank, d.barrier)
     phases.end("data")
     # Same seed on every rank for the weights; the backends also broadcast rank 0's.
@@ -224,7 +222,7 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     for note in notes if d.rank == 0 else []:
         print(f"mplaunch: {note}", flush=True)
     phases.end("model")
-    _seed(plan.recipe.train.seed + d.rank)
+    seed_all(plan.recipe.train.seed + d.rank)
     backend = load_backend(plan, model)
     phases.end("backend")
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
@@ -346,12 +344,6 @@ def _init_distributed(plan: Plan) -> Dist:
         # Host-side agreement (stop requests, barriers) goes over gloo so it never waits on the GPU stream.
         control = dist.new_group(backend="gloo", timeout=timeout) if plan.dist_backend != "gloo" else None
     return Dist(rank, world, local_rank, control)
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _exit(code: int) -> None:
