@@ -37,6 +37,14 @@ def _recipe(tmp: Path, name: str, backend: str, stage: int, steps: int) -> Path:
     )
 
 
+def _straight_and_cut(tmp: Path, backend: str, stage: int, end: int) -> Path:
+    """An uninterrupted 2-rank run to `end` (runs/straight), and the run directory of one stopped at step 4."""
+    for name, steps in (("straight", end), ("moved", 4)):
+        result = mplaunch(str(_recipe(tmp, name, backend, stage, steps)))
+        assert result.returncode == 0, explain(result)
+    return tmp / "runs" / "moved"
+
+
 def _assert_close(run: dict[int, float], straight: dict[int, float], steps: range) -> None:
     worst = max(abs(run[s] - straight[s]) / abs(straight[s]) for s in steps)
     assert worst <= TOLERANCE, (worst, {s: (run[s], straight[s]) for s in steps})
@@ -48,11 +56,7 @@ def _assert_close(run: dict[int, float], straight: dict[int, float], steps: rang
 def test_a_run_moves_from_two_ranks_to_four_then_one_with_the_losses_of_a_straight_run(
     tmp_path: Path, backend: str, stage: int
 ) -> None:
-    straight = mplaunch(str(_recipe(tmp_path, "straight", backend, stage, 12)))
-    assert straight.returncode == 0, explain(straight)
-    first = mplaunch(str(_recipe(tmp_path, "moved", backend, stage, 4)))
-    assert first.returncode == 0, explain(first)
-    run_dir = tmp_path / "runs" / "moved"
+    run_dir = _straight_and_cut(tmp_path, backend, stage, 12)
 
     four = mplaunch("--resume", str(run_dir), "train.max_steps=8", "launch.nproc_per_node=4")
     assert four.returncode == 0, explain(four)
@@ -77,11 +81,7 @@ def test_a_run_moves_from_two_ranks_to_four_then_one_with_the_losses_of_a_straig
 def test_a_corrupt_newest_checkpoint_falls_back_at_a_new_world_size(
     tmp_path: Path, backend: str, stage: int
 ) -> None:
-    straight = mplaunch(str(_recipe(tmp_path, "straight", backend, stage, 8)))
-    assert straight.returncode == 0, explain(straight)
-    first = mplaunch(str(_recipe(tmp_path, "moved", backend, stage, 4)))
-    assert first.returncode == 0, explain(first)
-    run_dir = tmp_path / "runs" / "moved"
+    run_dir = _straight_and_cut(tmp_path, backend, stage, 8)
     newest = run_dir / "checkpoints" / "step-00000004"
     flip_bytes(max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size))
 
