@@ -116,11 +116,12 @@ def _by_hand_first_step(run_dir: Path) -> tuple[float, float]:
     from torch import nn
 
     from launcher.plan.resolve import Plan
-    from launcher.worker import data, train
+    from launcher.worker import data
+    from launcher.worker.checkpointer import seed_all
     from launcher.worker.model_setup import model_for
 
     plan = Plan.from_json((run_dir / "plan.json").read_text())
-    train._seed(plan.recipe.train.seed)  # as train.setup: the seed, the data, then the model
+    seed_all(plan.recipe.train.seed)  # as train.setup: the seed, the data, then the model
     tokens = data.load_tokens(plan, 0, lambda: None)
     model = model_for(plan)[0]
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed).train
