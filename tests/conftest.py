@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,7 +68,6 @@ TINY_MODELS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
 def tiny_models() -> Path:
     """recipes/models, holding the tiny Hugging Face model directories the shipped recipes name:
     saved by recipes/models/make_tiny.py (in a subprocess, as a user runs it) unless they are there."""
-    import subprocess
     import sys
 
     out = RECIPES / "models"
@@ -74,3 +75,19 @@ def tiny_models() -> Path:
         made = subprocess.run([sys.executable, str(out / "make_tiny.py")], capture_output=True, text=True)
         assert made.returncode == 0, made.stderr[-2000:]
     return out
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB tmpfs: room for one checkpoint of the tiny model (8.6 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

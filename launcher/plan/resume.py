@@ -19,12 +19,22 @@ A recipe change on resume falls in one of three classes:
 Settings that only say where the run is (name, logging.dir, checkpoint.resume, and data
 paths as written rather than resolved) are not changes.
 
+The data files' content is compared too (`data_content`: each one's size and sha256): an edit
+(lines shuffled, same path) is refused naming the file, unless `data.accept_changed` names the new
+content as the refusal prints it; the resume then says what it accepted. A checkpoint of an earlier
+mplaunch records no content: its resume says so and compares the paths only.
+
 Light side: no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
@@ -38,6 +48,8 @@ if TYPE_CHECKING:
 # Where the run is, not how it trains: never a change. data.paths and data.tokenizer are
 # written relative to the recipe; the signature compares the resolved files instead.
 LOCATION = ("name", "source", "logging.dir", "checkpoint.resume", "data.paths", "data.tokenizer")
+# Not a change either: it answers this resume's question about the data's content.
+NOT_CHANGES = (*LOCATION, "data.accept_changed")
 KEPT = ("precision.loss_scale.",)
 # Signature entries a resume may change because the workers convert the checkpoint: DeepSpeed's
 # ZeRO partitions through its universal checkpoint, FSDP2's shards through torch's distributed
@@ -46,6 +58,12 @@ RESHARDED = ("world size",)
 # The recipe keys that size the batch: a user who sets one on resume decides the batch.
 BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum", "train.global_batch_size")
 SIGNATURE_KEY = "resume_signature"
+CONTENT_KEY = "data content"
+ACCEPT_KEY = "data.accept_changed"
+NO_CONTENT = (
+    "the checkpoint records no content hash of the data files (an earlier mplaunch wrote it): only "
+    "their paths are compared on this resume; the checkpoints written from now on record them"
+)
 # What a checkpoint written before the signature is compared on, from its saved recipe.
 OLD_FORMAT_REFUSED = (
     *(f"model.{k}" for k in ("name", "size", "hidden_size", "num_layers", "num_heads", "intermediate_size")),
@@ -80,6 +98,7 @@ def signature(plan: Plan) -> dict[str, Any]:
         "data.task": plan.model.task,
         "data.kind": d.kind,
         "data files": list(plan.data_paths),
+        CONTENT_KEY: data_content(plan.data_paths),
         "vocabulary size": plan.vocab_size,
         "data.seq_len": d.seq_len,
         "data.num_samples": d.num_samples if d.kind == "synthetic" else None,
@@ -89,11 +108,12 @@ def signature(plan: Plan) -> dict[str, Any]:
     }
 
 
-def refusals(manifest: dict[str, Any], plan: Plan) -> list[str]:
-    """Why the checkpoint described by `manifest` cannot continue under `plan`, one clause each."""
+def refusals(manifest: dict[str, Any], plan: Plan, current: dict[str, Any] | None = None) -> list[str]:
+    """Why the checkpoint described by `manifest` cannot continue under `plan` (whose `signature` is
+    `current`, if the caller has it), one clause each."""
     saved = manifest.get(SIGNATURE_KEY)
     if saved is not None:
-        return _differences(saved, signature(plan), "")
+        return _differences(saved, current or signature(plan), "")
     # Written before the signature: the structure, the dtype and the saved recipe's keys.
     problems = mismatch(manifest, structure(plan))
     if manifest.get("precision", plan.precision.dtype) != plan.precision.dtype:
@@ -113,8 +133,8 @@ def refusals(manifest: dict[str, Any], plan: Plan) -> list[str]:
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
     out = []
     for key in new:
-        if key not in old or key in RESHARDED:
-            continue  # recorded only by a later mplaunch, or the workers reshard it
+        if key not in old or key in (*RESHARDED, CONTENT_KEY):
+            continue  # recorded only by a later mplaunch, the workers reshard it, or `_content_check`
         a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict) and key == "model":
             out += _differences(a, b, f"{key} ")
@@ -135,21 +155,28 @@ def check(manifest: dict[str, Any], plan: Plan, path: str) -> list[str]:
     Raises:
         UserError: a refused change, naming every difference and how to proceed.
     """
-    problems = refusals(manifest, plan)
-    if problems:
+    try:
+        current = signature(plan)  # reads each data file at most once
+        problems = refusals(manifest, plan, current)
+        lines, data_problems, data_hint = _content_check(manifest, plan, current[CONTENT_KEY])
+    except OSError as exc:  # a data file that check read moments ago
+        raise UserError(f"data.paths: cannot read {exc.filename}: {exc.strerror}") from None
+    if problems or data_problems:
+        hints = (
+            ["resume with the checkpoint's settings, or start afresh under another name"] if problems else []
+        )
         raise UserError(
-            f"cannot resume from {path}: {'; '.join(problems)}",
-            hint="resume with the checkpoint's settings, or start afresh under another name "
-            "(nothing was started, nothing is overwritten)",
+            f"cannot resume from {path}: {'; '.join(problems + data_problems)}",
+            hint="; ".join([*hints, data_hint] if data_hint else hints)
+            + " (nothing was started, nothing is overwritten)",
         )
     old = manifest.get("recipe", {})
     new = to_dict(plan.recipe)
     changed = [
-        k for k in changed_keys(old, new) if not any(k == p or k.startswith(p + ".") for p in LOCATION)
+        k for k in changed_keys(old, new) if not any(k == p or k.startswith(p + ".") for p in NOT_CHANGES)
     ]
     kept = [k for k in changed if k.startswith(KEPT)]
     applied = [k for k in changed if k not in kept]
-    lines = []
     if applied:
         shown = ", ".join(f"{k} {_value(old, k)} -> {_value(new, k)}" for k in applied)
         lines.append(f"applied on resume: {shown}")
@@ -162,6 +189,43 @@ def check(manifest: dict[str, Any], plan: Plan, path: str) -> list[str]:
             "(the loss scaler restores its scale and counters); start afresh to change them"
         )
     return lines
+
+
+def _content_check(
+    manifest: dict[str, Any], plan: Plan, now: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[str], str]:
+    """The data files' content against the checkpoint's: the lines to say, the refusals and their hint."""
+    if not plan.data_paths:
+        return [], [], ""
+    saved = (manifest.get(SIGNATURE_KEY) or {}).get(CONTENT_KEY)
+    if not isinstance(saved, dict):
+        return [NO_CONTENT], [], ""
+    accepted, step = plan.recipe.data.accept_changed, manifest.get("step")
+    changes = [_changed(p, saved[p], now[p]) for p in now if p in saved and saved[p] != now[p]]
+    digest = accept_token(now)
+    if changes and accepted == digest:
+        done = f"training continues from step {step} on the new content"
+        return [f"accepted on resume ({ACCEPT_KEY}={digest}): {'; '.join(changes)}; {done}"], [], ""
+    if changes:
+        wrong = [f"{ACCEPT_KEY} is {accepted} but the data's content is now {digest}"] if accepted else []
+        hint = (
+            "put the files back as they were, or accept their new content, whose samples and order differ "
+            f"from the run's so far, from step {step} on with {ACCEPT_KEY}={digest}"
+        )
+        return [], changes + wrong, hint
+    if accepted not in (None, digest):
+        return [f"warning: {ACCEPT_KEY}={accepted} has no effect: the data files are unchanged"], [], ""
+    return [], [], ""
+
+
+def _changed(path: str, old: Any, new: dict[str, Any]) -> str:
+    old = old if isinstance(old, dict) else {}
+    was, size = old.get("bytes"), new["bytes"]
+    sizes = f"same size, {size} bytes" if was == size else f"size {was} -> {size} bytes"
+    return (
+        f"data {'directory' if Path(path).is_dir() else 'file'} {path} changed since the checkpoint was "
+        f"written ({sizes}; sha256 {str(old.get('sha256'))[:12]} -> {new['sha256'][:12]})"
+    )
 
 
 def _value(tree: dict[str, Any], dotted: str) -> Any:
@@ -229,3 +293,108 @@ def _saved_micro(manifest: dict[str, Any], global_: int, old_world: int) -> int:
 
 def _show_all(values: list[int]) -> str:
     return ", ".join(map(str, values[:-1])) + f" and {values[-1]}" if len(values) > 1 else str(values[0])
+
+
+# --------------------------------------------------------------------------- the data's content
+
+# data.accept_changed's value: `content-` (so that YAML never reads it as a number) and 12 hex digits.
+ACCEPT_PREFIX, ACCEPT_DIGITS = "content-", 12
+DIGESTS = "digests"  # under MPLAUNCH_CACHE: one small file per data path
+# A file changed this recently may change again within its timestamps' granularity (a second on
+# some file systems) without a visible trace: its digest is not cached.
+RACY_NS = 2_000_000_000
+# The content a worker read when it started (`pin_data_content`), by path.
+_PINNED: dict[str, dict[str, Any]] = {}
+
+
+def data_content(paths: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each data path's size in bytes and sha256, as a checkpoint's signature records them.
+
+    A directory's (data.kind hf-disk) is that of its files' relative names and sha256s, its size
+    their sum. A path this process pinned gives the pinned content. Digests are cached in
+    MPLAUNCH_CACHE/digests (default ~/.cache/mplaunch), one small file per path holding each file's
+    size, mtime_ns, ctime_ns and inode beside its sha256, so a 1 GB corpus is read once, not at every
+    start and every checkpoint. The cache trusts that a file whose four facts are unchanged has its
+    content unchanged: the kernel sets ctime at every write and no call can set it back, so an edit is
+    seen even when its mtime is restored (touch -r, cp -p); not seen is a change that bypasses the file
+    system (a disk's bit rot, a block-level write). Files changed in the last two seconds are not
+    cached; deleting the digests folder makes every file read again.
+
+    Raises:
+        OSError: a data file cannot be read.
+    """
+    return {p: dict(_PINNED[p]) if p in _PINNED else _path_content(Path(p)) for p in paths}
+
+
+def pin_data_content(paths: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`data_content`, kept for the rest of this process: a worker pins the content it reads when it
+    starts, so its checkpoints record what it trained on even if a file is edited during the run."""
+    for p in paths:
+        _PINNED.setdefault(p, _path_content(Path(p)))
+    return data_content(paths)
+
+
+def content_digest(content: dict[str, dict[str, Any]]) -> str:
+    """sha256 of the data's content (each path's sha256 in order, not the paths' names)."""
+    key = hashlib.sha256()
+    for entry in content.values():
+        key.update(str(entry["sha256"]).encode() + b"\0")
+    return key.hexdigest()
+
+
+def accept_token(content: dict[str, dict[str, Any]]) -> str:
+    """The value of data.accept_changed that accepts this content."""
+    return ACCEPT_PREFIX + content_digest(content)[:ACCEPT_DIGITS]
+
+
+def _path_content(path: Path) -> dict[str, Any]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    names = [str(f.relative_to(path)) if f != path else "" for f in files]
+    cache = Path(os.environ.get("MPLAUNCH_CACHE", Path.home() / ".cache" / "mplaunch")) / DIGESTS
+    entry = cache / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.json"
+    known = _read_json(entry).get("files")
+    known = known if isinstance(known, dict) else {}
+    now, fresh, digests = time.time_ns(), True, dict[str, list[Any]]()
+    for name, file in zip(names, files, strict=True):
+        facts = _facts(file)
+        hit = known.get(name)
+        if isinstance(hit, list) and hit[:-1] == facts:
+            digests[name] = [*facts, hit[-1]]
+        else:
+            with open(file, "rb") as f:
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
+            # Written while being read, or so recently that a same-size rewrite could keep its times.
+            fresh &= _facts(file) == facts and now - max(facts[1], facts[2]) > RACY_NS
+            digests[name] = [*facts, sha]
+    if fresh and digests != known:
+        _write_json(entry, {"path": str(path), "files": digests})
+    if not path.is_dir():
+        return {"bytes": digests[""][0], "sha256": digests[""][-1]}
+    key = hashlib.sha256()
+    for name in names:
+        key.update(name.encode() + b"\0" + str(digests[name][-1]).encode() + b"\0")
+    return {"bytes": sum(d[0] for d in digests.values()), "sha256": key.hexdigest()}
+
+
+def _facts(file: Path) -> list[int]:
+    st = file.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _write_json(path: Path, body: dict[str, Any]) -> None:
+    """Best effort: an unwritable cache only means reading the files again next time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(body) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)

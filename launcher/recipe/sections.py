@@ -123,6 +123,8 @@ class Data(Section):
     """Your own dataset: "module:factory" (the recipe's folder is searched first) called with seq_len, vocab_size and seed (those it takes) and `kwargs`, returning a map-style dataset whose items are dicts of input_ids, optionally attention_mask and labels."""
     kwargs: dict[str, Any] = {}
     """Keyword arguments for `target` (not seq_len, vocab_size or seed: mplaunch gives those from data.seq_len, the run's vocabulary and train.seed)."""
+    accept_changed: Annotated[str, Field(pattern=r"^content-[0-9a-f]{12}$")] | None = None
+    """On resume: accept data files whose content changed since the checkpoint was written (a resume compares each file's size and sha256 and refuses a change), naming the new content by the digest the refusal prints (content- and 12 hex digits); other content is still refused. The resume says what it accepted and trains on from the checkpoint's step with the new samples in their new order."""
 
 
 class Optimizer(Section):
@@ -233,7 +235,7 @@ class Launch(Section):
 
 class Checkpoint(Section):
     dir: str | None = None
-    """Checkpoint directory; default RUN_DIR/checkpoints."""
+    """Checkpoint directory; default RUN_DIR/checkpoints. A relative path starts at the run directory; a directory outside it may be shared by runs, so each run keeps its checkpoints in DIR/NAME and never resumes from or prunes another run's (checkpoints an older mplaunch wrote straight into DIR move to DIR/NAME when their run starts again)."""
     every_steps: Count = 0
     """Save every this many steps (0: only at the end and on a stop request)."""
     keep: PositiveInt = 3

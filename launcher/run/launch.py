@@ -6,8 +6,9 @@ before any worker starts (launcher.run.preflight), starts torchrun in its own se
 Ctrl-C and SIGTERM to the workers (which checkpoint and stop at the next
 step boundary), watches their heartbeats for a hang (launcher.rundir.watchdog),
 turns a failing rank into one readable message, recorded as an "error"
-event in metrics.jsonl, and passes the workers' output on without torchrun's and
-the libraries' noise: above the live progress bar on a terminal (launcher.run.progress).
+event in metrics.jsonl (a rank a signal killed is named with it), exits 128+N when signal N
+stopped the run unfinished (sent to the launcher or to a rank), and passes the workers' output on
+without torchrun's and the libraries' noise: above the live progress bar on a terminal (launcher.run.progress).
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, Any, TextIO
 
+from launcher.errors import UserError
 from launcher.plan.resolve import Plan
 from launcher.run import progress
 from launcher.run.preflight import check_resume, finished_run, prepare_run_dir
-from launcher.rundir.layout import RankError, RunDir
+from launcher.rundir import ownership
+from launcher.rundir.layout import RankError, RunDir, is_secondary
 from launcher.rundir.lock import RunLock
-from launcher.rundir.metrics_log import format_duration
+from launcher.rundir.metrics_log import format_duration, read_metrics
 from launcher.rundir.watchdog import Beat, Hang, HangRule, innermost_frame
 
 POLL_S = 1.0  # how often the watch thread reads the heartbeats
@@ -81,6 +84,8 @@ class Workers:
         self.plan = plan
         self.files = RunDir.from_plan(plan)
         self.signals: list[int] = []
+        self.began = time.time()
+        self.exits = progress.WorkerExits()  # what torchrun says of the workers that failed
         self.stop_at: float | None = None  # when the first stop request came (Unix s)
         self.verdict: str | None = None  # the watch's headline, when it stopped the workers
         self.rank_lines: list[tuple[float, RankError]] = []  # `mplaunch: rank N: error:` lines
@@ -110,7 +115,9 @@ class Workers:
         assert self.proc.stdout is not None
         assert self.proc.stderr is not None
         self.readers = [
-            threading.Thread(target=self._pump, args=(stream, to, _TorchrunFilter(stderr)), daemon=True)
+            threading.Thread(
+                target=self._pump, args=(stream, to, progress.TorchrunFilter(stderr)), daemon=True
+            )
             for stream, to, stderr in ((self.proc.stdout, out, False), (self.proc.stderr, err, True))
         ]
         for reader in self.readers:
@@ -119,10 +126,12 @@ class Workers:
         self.watcher.start()
         self.previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _pump(self, lines: IO[str], out: TextIO, noise: _TorchrunFilter) -> None:
+    def _pump(self, lines: IO[str], out: TextIO, noise: progress.TorchrunFilter) -> None:
         """Pass one of the workers' streams on to ours, less the noise; above the live bar where
         `out` is the terminal it is drawn on."""
         for line in lines:
+            if noise.stderr:
+                self.exits.read(line)
             match = _RANK_ERROR.match(line.rstrip("\n"))
             if match:  # printed once, as the headline, when the run has failed
                 rank = int(match["rank"])
@@ -269,11 +278,44 @@ class Workers:
         if self.verdict is not None:  # the watch stopped the workers: a failure even after a Ctrl-C
             self._record_error(self.verdict)
             return 128 + self.signals[0] if self.signals else 1
+        if len(self.signals) > 1:  # the second one stopped the workers at once
+            self._report_at_once()
+            return 128 + self.signals[0]
         if code != 0 and not self.signals:
-            self._record_error(_report_failure(self.plan, code, [e for _, e in self.rank_lines]))
+            printed = [e for _, e in self.rank_lines]
+            self._record_error(_report_failure(self.plan, code, printed, self.exits.killed()))
         if self.signals:
             return 128 + self.signals[0] if code == 0 else code
-        return code
+        return code or self._stopped_by_a_rank()
+
+    def _events(self, name: str) -> list[dict[str, Any]]:
+        """This attempt's events called `name` in metrics.jsonl."""
+        try:
+            events = read_metrics(self.files.path).named(name)
+        except (UserError, OSError):
+            return []
+        return [e for e in events if float(str(e.get("time", 0))) >= self.began]
+
+    def _stopped_by_a_rank(self) -> int:
+        """128 + the lowest rank's signal when the workers stopped because ranks got one (rank 0
+        said which: "stopped at step N: rank 1 got SIGTERM"); 0 for a run that finished."""
+        stops = [s["signals"] for s in self._events("stop") if s.get("signals")]
+        by_rank = {int(rank): name for rank, name in stops[-1].items()} if stops else {}
+        return 128 + signal.Signals[by_rank[min(by_rank)]] if by_rank else 0
+
+    def _report_at_once(self) -> None:
+        """The one line after a second Ctrl-C: rank 0's (which names the checkpoint it abandoned),
+        else the launcher's own, recorded as an "interrupted" event."""
+        if self._events("interrupted") or self._events("stop"):  # said, or stopped before it came
+            return
+        steps = self.files.checkpoint_steps()
+        then = f"resumes from step {steps[-1]}" if steps else "starts from step 0"
+        message = (
+            f"the second {signal.Signals(self.signals[-1]).name} stopped the workers at once, abandoning any "
+            f"checkpoint in progress; running the same recipe again {then}"
+        )
+        print(f"mplaunch: {message}", file=sys.stderr, flush=True)
+        self.files.append_event(self.files.last_step(), "interrupted", message)
 
     def _record_error(self, headline: str) -> None:
         """The "error" event `mplaunch report` shows; best-effort (the disk may be full)."""
@@ -314,60 +356,29 @@ def child_pids(pid: int) -> list[int]:
     return kids
 
 
-class _TorchrunFilter:
-    """Drops torchrun's own log lines and its ChildFailedError traceback (`stderr`: torchrun writes
-    them there), and the notes DeepSpeed prints once per rank as it loads its ops; workers' lines pass."""
-
-    _LOG = re.compile(r"^\s*(\[?[WEI]\d{4} |\[rank\d+\]:|torch\.distributed\.elastic|W\d{4}|E\d{4}|I\d{4})")
-    _BANNER = re.compile(r"^(=+|-+)$")
-    # Successes the user cannot act on; a failed build still shows its compiler errors.
-    _OP_BUILD = re.compile(
-        r"^(DeepSpeed \S+ built successfully|Using \S+ as PyTorch extensions root\.*"
-        r"|Loading extension module \S+\.*|Time to load \S+ op: [\d.]+ seconds"
-        r"|Emitting ninja build file \S+\.*|Building extension module \S+\.*"
-        r"|Allowing ninja to set a default number of workers.*|ninja: no work to do\.)$"
-    )
-
-    def __init__(self, stderr: bool = True) -> None:
-        self.stderr = stderr
-        self.in_traceback = False
-
-    def keep(self, line: str) -> bool:
-        stripped = line.rstrip("\n")
-        if not self.stderr:  # a traceback a user's code prints to stdout must not silence the rest
-            return not self._OP_BUILD.match(stripped)
-        if stripped.startswith("Traceback (most recent call last):"):
-            # Workers never print tracebacks (they write them to RUN_DIR/logs); this one is torchrun's.
-            self.in_traceback = True
-        if self.in_traceback:
-            return False
-        return not (
-            self._LOG.match(stripped)
-            or self._BANNER.match(stripped.strip())
-            or self._OP_BUILD.match(stripped)
-        )
-
-
-def _report_failure(plan: Plan, code: int, printed: list[RankError]) -> str:
+def _report_failure(plan: Plan, code: int, printed: list[RankError], killed: dict[int, str]) -> str:
     """Print the failed run's headline and where to look; returns the headline.
 
-    The cause is taken from the ranks' error files, and from the error lines they printed
-    (`printed`, in the order they came) for ranks whose file a full disk kept from being
-    written; another rank's consequence (a closed connection) never wins over a cause.
+    A rank a signal killed before it reported anything (`killed`, as torchrun reported it) is
+    the cause: nothing a peer does kills a rank that way, SIGABRT aside; its death is written to
+    its logs/rank-N.err for later readers. Otherwise the cause is taken from the ranks' error
+    files, and from the error lines they printed (`printed`, in the order they came) for ranks
+    whose file a full disk kept from being written; another rank's consequence (a closed
+    connection) never wins over a cause.
     """
     run_dir = RunDir.from_plan(plan)
-    first = run_dir.failed_rank(printed)
+    reported = {e.rank for e in [*run_dir.rank_errors(), *printed]}  # a rank may abort as it exits
+    deaths = [RankError(r, m, run_dir.rank_error(r)) for r, m in sorted(killed.items()) if r not in reported]
+    for death in deaths:
+        run_dir.write_rank_error(death.rank, death.message, "(no traceback: torchrun reported the signal)\n")
+    first = next((d for d in deaths if not is_secondary(d.message)), None) or run_dir.failed_rank(printed)
     if first is not None:
         headline = first.headline
         print(f"mplaunch: {headline}", file=sys.stderr)
-        if first.path.exists():
+        if first.path.exists() and first not in deaths:
             print(f"mplaunch: full traceback: {first.path}", file=sys.stderr)
     else:
         headline = f"the workers exited with status {code} without an error report (killed by the system? out of memory?)"
         print(f"mplaunch: {headline}; see {plan.command_line()}", file=sys.stderr)
-    print(
-        f"mplaunch: checkpoints, if any, are in {run_dir.checkpoints}; running the same recipe again "
-        "resumes from the latest",
-        file=sys.stderr,
-    )
+    print(f"mplaunch: {ownership.rerun(run_dir.checkpoints)}", file=sys.stderr)
     return headline

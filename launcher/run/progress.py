@@ -1,4 +1,5 @@
-"""What a user watches during a run: the launcher's live bar, or rank 0's plain lines.
+"""What a user watches during a run: the launcher's live bar, or rank 0's plain lines, and the
+workers' output as the launcher passes it on.
 
 The launcher draws one live bar when its stderr is an interactive terminal and
 logging.progress is true: rank 0's step from its heartbeat (launcher.rundir.watchdog), and the
@@ -9,6 +10,8 @@ is not part of the plan and a Slurm job never has one), and rank 0's Console pri
 per interval: metrics.jsonl still gets every record, and every other line the workers print
 reaches the terminal through the launcher, above the bar. Anywhere else (a pipe, CI, a Slurm
 log, logging.progress false) rank 0 prints one plain line per interval, `plain_line`.
+The launcher leaves torchrun's own lines out (`TorchrunFilter`), and reads from its summary
+of failed workers the ranks a signal killed (`WorkerExits`, `killed_by`).
 
 Light side: the standard library; rich is imported only when a bar is drawn.
 """
@@ -16,6 +19,8 @@ Light side: the standard library; rich is imported only when a bar is drawn.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +35,13 @@ if TYPE_CHECKING:
 
 ENV = "MPLAUNCH_PROGRESS"
 LAUNCHER = "launcher"  # ENV's value: the launcher draws the bar, rank 0 stays quiet
+# Why a rank may die of a signal, as far as the signal tells; SIGABRT is often a peer's consequence.
+_SIGNAL_HINTS: dict[int, str] = {
+    signal.SIGKILL: "out of memory?",
+    signal.SIGSEGV: "a crash in native code",
+    signal.SIGBUS: "a memory-mapped file shrank, or /dev/shm is full?",
+    signal.SIGABRT: "aborted in native code, often after another rank failed",
+}
 
 
 def stats_text(record: Mapping[str, Any], fp16: bool) -> str:
@@ -177,3 +189,71 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+class TorchrunFilter:
+    """Drops torchrun's own log lines and its ChildFailedError traceback (`stderr`: torchrun writes
+    them there), and the notes DeepSpeed prints once per rank as it loads its ops; workers' lines pass."""
+
+    _LOG = re.compile(r"^\s*(\[?[WEI]\d{4} |\[rank\d+\]:|torch\.distributed\.elastic|W\d{4}|E\d{4}|I\d{4})")
+    _BANNER = re.compile(r"^(=+|-+)$")
+    # Successes the user cannot act on; a failed build still shows its compiler errors.
+    _OP_BUILD = re.compile(
+        r"^(DeepSpeed \S+ built successfully|Using \S+ as PyTorch extensions root\.*"
+        r"|Loading extension module \S+\.*|Time to load \S+ op: [\d.]+ seconds"
+        r"|Emitting ninja build file \S+\.*|Building extension module \S+\.*"
+        r"|Allowing ninja to set a default number of workers.*|ninja: no work to do\.)$"
+    )
+
+    def __init__(self, stderr: bool = True) -> None:
+        self.stderr = stderr
+        self.in_traceback = False
+
+    def keep(self, line: str) -> bool:
+        stripped = line.rstrip("\n")
+        if not self.stderr:  # a traceback a user's code prints to stdout must not silence the rest
+            return not self._OP_BUILD.match(stripped)
+        if stripped.startswith("Traceback (most recent call last):"):
+            # Workers never print tracebacks (they write them to RUN_DIR/logs); this one is torchrun's.
+            self.in_traceback = True
+        if self.in_traceback:
+            return False
+        return not (
+            self._LOG.match(stripped)
+            or self._BANNER.match(stripped.strip())
+            or self._OP_BUILD.match(stripped)
+        )
+
+
+class WorkerExits:
+    """The exit codes torchrun gives for the workers that failed, from the summary it prints on
+    stderr (torch.distributed.elastic's ChildFailedError): `rank : N (local_rank: L)`, then
+    `exitcode : -9 (pid: P) (SIGKILL)`; a negative code is the signal that killed the rank."""
+
+    _RANK = re.compile(r"^\s*rank\s*: (\d+) \(local_rank: \d+\)\s*$")
+    _EXIT = re.compile(r"^\s*exitcode\s*: (-?\d+) \(pid: \d+\)")
+
+    def __init__(self) -> None:
+        self.rank: int | None = None
+        self.codes: dict[int, int] = {}  # exit code by rank
+
+    def read(self, line: str) -> None:
+        if match := self._RANK.match(line):
+            self.rank = int(match[1])
+        elif (match := self._EXIT.match(line)) and self.rank is not None:
+            self.codes[self.rank] = int(match[1])
+            self.rank = None
+
+    def killed(self) -> dict[int, str]:
+        """How each rank a signal killed died, by rank: "killed by SIGKILL (out of memory?)"."""
+        return {rank: killed_by(-code) for rank, code in self.codes.items() if code < 0}
+
+
+def killed_by(signum: int) -> str:
+    """ "killed by SIGKILL (out of memory?)": a rank's death by a signal, in the failure's headline."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    hint = _SIGNAL_HINTS.get(signum)
+    return f"killed by {name}" + (f" ({hint})" if hint else "")

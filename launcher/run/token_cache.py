@@ -8,6 +8,8 @@ small meta.json. The directory is MPLAUNCH_CACHE/tokens/KEY (default
 data.text_field, the tokenizers version and FORMAT_VERSION: the same files and
 tokenizer find the same cache, a change to either makes a new one. It is written
 under a temporary name and renamed, so a reader finds a complete cache or none.
+meta.json holds both files' CRC-32, computed as they are written; rank 0 checks them once
+per start (`ensure`), so a file edited in place, even at its size, is rebuilt, not read.
 The stream depends on neither data.seq_len nor data.pack; the workers cut rows
 from it (launcher.worker.data), reading only the pages a batch needs.
 
@@ -18,6 +20,7 @@ imported only inside the functions that use them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -25,22 +28,24 @@ import shutil
 import socket
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
-from launcher.plan import records, vocab
+from launcher.plan import resume, vocab
 from launcher.plan.resolve import Plan
 from launcher.recipe.schema import Recipe
+from launcher.rundir import checkpoint
 from launcher.rundir.layout import RunDir
 
 if TYPE_CHECKING:
     import numpy as np
     from tokenizers import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json holds the files' CRC-32
 META_FILE = "meta.json"
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.bin"
@@ -97,10 +102,8 @@ def cache_root() -> Path:
 
 
 def data_digest(data_paths: tuple[str, ...]) -> str:
-    """sha256 of the data files' content (a directory's files with their names)."""
-    key = hashlib.sha256()
-    records.hash_paths(key, data_paths)
-    return key.hexdigest()
+    """sha256 of the data files' content: the digests a checkpoint records (resume.data_content) combined."""
+    return resume.content_digest(resume.data_content(data_paths))
 
 
 def tokenizer_digest(tok_dir: Path, tokenizer: Tokenizer | None = None) -> str:
@@ -115,22 +118,17 @@ def tokenizer_digest(tok_dir: Path, tokenizer: Tokenizer | None = None) -> str:
 
 def directory(recipe: Recipe, data_sha: str, tokenizer_sha: str) -> Path:
     """The cache directory of this tokenizer and these files, as read by this recipe's data.kind."""
-    key = hashlib.sha256()
     d = recipe.data
-    for part in (
-        f"format {FORMAT_VERSION}",
-        _tokenizers_version(),
-        d.kind,
-        d.text_field,
-        tokenizer_sha,
-        data_sha,
-    ):
-        key.update(part.encode() + b"\0")
+    parts = (f"format {FORMAT_VERSION}", _tokenizers_version(), d.kind, d.text_field, tokenizer_sha, data_sha)
+    key = hashlib.sha256(b"".join(part.encode() + b"\0" for part in parts))
     return cache_root() / "tokens" / key.hexdigest()[:24]
 
 
-def find(where: Path) -> TokenCache | None:
+def find(where: Path, verify: bool = False) -> TokenCache | None:
     """The complete cache in `where`, or None when there is none.
+
+    Args:
+        verify: also compare both files' CRC-32 with meta.json's (reads them); else only their sizes.
 
     Raises:
         ValueError: the files disagree with meta.json (edited or damaged since written).
@@ -151,8 +149,19 @@ def find(where: Path) -> TokenCache | None:
     }
     for path, size in expected.items():
         if not path.is_file() or path.stat().st_size != size:
-            raise ValueError(f"{path}: not the {size} bytes its meta.json says; delete {where} and run again")
+            raise Damaged(path, f"not the {size} bytes its meta.json says")
+    for path, key in ((cache.tokens_path, "tokens_crc32"), (cache.offsets_path, "offsets_crc32")):
+        if verify and checkpoint.checksum(path)[1] != meta.get(key):
+            raise Damaged(path, "not the content its meta.json's CRC-32 says (changed since it was written)")
     return cache
+
+
+class Damaged(ValueError):
+    """A cache file disagrees with its meta.json: `reason` names the file and how."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.reason = f"{path}: {what}"
+        super().__init__(f"{self.reason}; delete {path.parent} and run again")
 
 
 def ensure(
@@ -162,8 +171,9 @@ def ensure(
     tokenizer: Tokenizer | None = None,
     data_sha: str | None = None,
     fallback: bool = True,
+    verify: bool = True,
 ) -> tuple[TokenCache, bool]:
-    """The token cache of these files and this tokenizer, written now unless it is there.
+    """The token cache of these files and this tokenizer, and whether this call wrote it (unless it was there).
 
     An unwritable cache directory falls back to a temporary directory of this
     process, removed when it exits.
@@ -174,18 +184,24 @@ def ensure(
         data_sha: data_digest(data_paths), if the caller has it already.
         fallback: write into a temporary directory when the cache is not writable
             (false: raise the OSError).
-
-    Returns:
-        The cache, and whether this call wrote it.
+        verify: check a cache found against its CRC-32 and write it again if it fails (said in
+            one line); false: check its sizes only (a rank mapping the cache rank 0 verified).
 
     Raises:
         OSError, ValueError: a data file cannot be read or holds no text (or, without
-            `fallback`, the cache cannot be written).
+            `fallback`, the cache cannot be written); Damaged: without `verify`, a file's size is wrong.
     """
     sha = data_sha if data_sha is not None else data_digest(data_paths)
     tok_sha = tokenizer_digest(tok_dir, tokenizer)
     target = directory(recipe, sha, tok_sha)
-    found = find(target)
+    try:
+        found = find(target, verify)
+    except Damaged as exc:
+        if not verify:
+            raise
+        print(f"mplaunch: warning: {exc.reason}; rebuilding the token cache from the data files", flush=True)
+        _discard(target)
+        found = None
     if found is not None:
         return found, False
     texts = vocab.read_texts(recipe, data_paths)
@@ -205,6 +221,14 @@ def ensure(
         own = Path(tempfile.mkdtemp(prefix="mplaunch-tokens-"))
         atexit.register(shutil.rmtree, own, ignore_errors=True)
         return _write(texts, tokenizer, own / target.name, meta), True
+
+
+def _discard(target: Path) -> None:
+    """Move a failed cache aside (readers find a complete cache or none), then delete it."""
+    aside = target.parent / f".{target.name}.{socket.gethostname()}.{os.getpid()}.failed"
+    with contextlib.suppress(OSError):  # another process moved it first
+        target.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def tokenizer_of(plan: Plan) -> Path:
@@ -248,7 +272,7 @@ def _write(texts: list[str], tokenizer: Tokenizer, target: Path, meta: dict[str,
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed writer's, with this host and pid
     tmp.mkdir()
     try:
-        num_tokens = 0
+        num_tokens, crc_tokens, crc_offsets = 0, 0, zlib.crc32(np.zeros(1, dtype=np.uint64).tobytes())
         with open(tmp / TOKENS_FILE, "wb") as tokens_f, open(tmp / OFFSETS_FILE, "wb") as offsets_f:
             offsets_f.write(np.zeros(1, dtype=np.uint64).tobytes())
             for start in range(0, len(texts), ENCODE_CHUNK):
@@ -262,14 +286,17 @@ def _write(texts: list[str], tokenizer: Tokenizer, target: Path, meta: dict[str,
                     ends.append(num_tokens + len(flat))
                 ids = np.asarray(flat, dtype=np.int64)
                 assert ids.size == 0 or int(ids.max()) < bound, "an id beyond the tokenizer's vocabulary"
-                tokens_f.write(ids.astype(dtype).tobytes())
-                offsets_f.write(np.asarray(ends, dtype=np.uint64).tobytes())
+                written, bounds = ids.astype(dtype).tobytes(), np.asarray(ends, dtype=np.uint64).tobytes()
+                tokens_f.write(written)
+                offsets_f.write(bounds)
+                crc_tokens, crc_offsets = zlib.crc32(written, crc_tokens), zlib.crc32(bounds, crc_offsets)
                 num_tokens += ids.size
             for f in (tokens_f, offsets_f):
                 f.flush()
                 os.fsync(f.fileno())
         cache = TokenCache(target, np.dtype(dtype).name, num_tokens, len(texts), sep)
-        _write_meta(tmp, cache, tokenizer, meta)
+        crcs = {"tokens_crc32": f"{crc_tokens:08x}", "offsets_crc32": f"{crc_offsets:08x}"}
+        _write_meta(tmp, cache, tokenizer, {**meta, "checksum": checkpoint.CHECKSUM, **crcs})
         tmp.rename(target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -333,10 +360,11 @@ def checked_tokenizer(plan: Plan, tok_dir: Path, masked: bool) -> Tokenizer:
     return tokenizer
 
 
-def open_cache(plan: Plan, tok_dir: Path, tokenizer: Tokenizer, data_sha: str) -> TokenCache:
-    """The token cache of the plan's files under this tokenizer, written first if missing (said on stdout)."""
+def open_cache(plan: Plan, tok_dir: Path, tokenizer: Tokenizer, data_sha: str, verify: bool) -> TokenCache:
+    """The token cache of the plan's files under this tokenizer, written first if missing (said on stdout);
+    `verify` as `ensure` takes it."""
     started = time.perf_counter()
-    cache, written = ensure(plan.recipe, plan.data_paths, tok_dir, tokenizer, data_sha)
+    cache, written = ensure(plan.recipe, plan.data_paths, tok_dir, tokenizer, data_sha, verify=verify)
     if written:
         print(
             f"mplaunch: tokenized {cache.num_documents} documents ({cache.num_tokens} tokens) into "

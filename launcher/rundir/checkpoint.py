@@ -13,13 +13,11 @@ and deletes before sealing. The launcher checks only that the listed files are
 there with their sizes (`find_latest`); the workers check the checksums before
 loading (launcher.worker.checkpointer). A checkpoint found bad is renamed to
 `corrupt-step-N`: no longer complete, kept for inspection, never pruned.
-Pruning deletes only names this module writes, so checkpoint.dir may be a
-shared folder.
+Pruning deletes only names this module writes, and only checkpoints its caller
+owns (launcher.rundir.ownership: a folder shared by runs gives each run its own).
 
-This module reads manifests without torch so the launcher can check a resume
-before starting any worker; where the checkpoint root is comes from
-launcher.rundir.layout, and when and what to save (RNG state, data position) from the
-worker-side launcher.worker.checkpointer.
+Light side (the launcher checks a resume before any worker starts); the root is
+launcher.rundir.layout's, when and what to save launcher.worker.checkpointer's.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import re
 import shutil
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,19 +105,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def structure(plan: Any) -> dict[str, Any]:
     """What a checkpoint's shards depend on: a resume must match it exactly."""
-    return {
-        "world_size": plan.world_size,
-        "backend": plan.recipe.backend,
-        "zero_stage": plan.recipe.zero.stage,
-    }
+    return dict(world_size=plan.world_size, backend=plan.recipe.backend, zero_stage=plan.recipe.zero.stage)
 
 
 def mismatch(manifest: dict[str, Any], current: dict[str, Any], resizable: bool = False) -> list[str]:
-    """What makes a checkpoint unusable for the current plan, one line each.
-
-    `resizable`: the reader reshards a checkpoint of another world size (the workers do; a
-    checkpoint of an mplaunch that did not write its world size is read as it was).
-    """
+    """What makes a checkpoint unusable for the current plan, one line each. `resizable`: the reader
+    reshards another world size (the workers do; a checkpoint without one is read as it was)."""
     names = {"world_size": "world size", "backend": "backend", "zero_stage": "ZeRO stage"}
     return [
         f"the checkpoint was written with {names[k]} {manifest[k]}, this run has {current[k]}"
@@ -151,9 +142,7 @@ def corrupt(root: Path) -> list[Path]:
 
 
 def _step_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return [p for p in root.iterdir() if _SEALED.fullmatch(p.name) and p.is_dir()]
+    return [p for p in root.iterdir() if _SEALED.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
 
 
 def _leftovers(root: Path) -> list[Path]:
@@ -161,8 +150,6 @@ def _leftovers(root: Path) -> list[Path]:
 
 
 def _complete(path: Path) -> bool:
-    if not (path / MANIFEST).is_file():
-        return False
     try:
         manifest = read_manifest(path)
     except (OSError, ValueError):
@@ -280,8 +267,7 @@ def check_checksums(path: Path, manifest: dict[str, Any], names: Iterable[str]) 
 
 def mark_corrupt(path: Path) -> Path:
     """Rename a bad checkpoint so it no longer counts as complete and is never pruned (rank 0)."""
-    target = path.with_name(CORRUPT_PREFIX + path.name)
-    n = 1
+    target, n = path.with_name(CORRUPT_PREFIX + path.name), 1
     while target.exists():
         n += 1
         target = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{n}")
@@ -307,15 +293,13 @@ def begin(root: Path, step: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, manifest: dict[str, Any], keep: int) -> Path:
-    """Seal a fully written temporary directory as the newest checkpoint (rank 0, after a barrier).
-
-    `manifest` carries the file list (`merge_checksums`) unless the caller has none; the format
-    and the time are added here. Pruning runs only once the new checkpoint is sealed and its
-    files match the manifest's sizes.
-
-    Returns:
-        The final `step-N` directory.
+def commit(
+    tmp: Path, manifest: dict[str, Any], keep: int, mine: Callable[[dict[str, Any]], bool] | None = None
+) -> Path:
+    """Seal a fully written temporary directory as the newest checkpoint (rank 0, after a barrier);
+    returns the final `step-N` directory. `manifest` carries the file list (`merge_checksums`); the
+    format and the time are added here. Then `prune(keep, mine)`, once the new checkpoint is sealed
+    and its files match the manifest's sizes.
 
     Raises:
         ValueError: the sealed checkpoint's files no longer match its manifest (something else
@@ -330,9 +314,7 @@ def commit(tmp: Path, manifest: dict[str, Any], keep: int) -> Path:
         _fsync_dir(path)
     _fsync_dir(tmp)
     final = step_dir(tmp.parent, manifest["step"])
-    if final.exists():
-        # Re-saving a step (a resumed run reaching it again): the old copy goes only after the new
-        # one is sealed.
+    if final.exists():  # re-saving a step (a resumed run): the old copy goes once the new one is sealed
         old = tmp.parent / f"{TMP_PREFIX}old-{final.name}"
         final.rename(old)
         tmp.rename(final)
@@ -346,46 +328,66 @@ def commit(tmp: Path, manifest: dict[str, Any], keep: int) -> Path:
         raise ValueError(
             f"checkpoint {final} changed right after it was sealed: {problem}; nothing was pruned"
         )
-    prune(final.parent, keep)
+    prune(final.parent, keep, mine)
     return final
 
 
-def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints, never the one `latest` names, and the
-    leftovers of interrupted saves. Only names this module writes are touched (`step-N`,
-    `.tmp-step-N`, `.tmp-old-step-N`, `.tmp-del-step-N`, `latest.tmp`); `corrupt-step-N` and
-    anything else in a shared checkpoint.dir stay."""
+def prune(root: Path, keep: int, mine: Callable[[dict[str, Any]], bool] | None = None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints that are `mine` (None: all), never the one
+    `latest` names, and `clear_leftovers`. Only names this module writes are touched; `corrupt-step-N`,
+    another run's checkpoints and anything else in checkpoint.dir stay."""
     pointer = root / LATEST
     protected = pointer.read_text().strip() if pointer.is_file() else None
-    doomed = [p for p in complete(root)[:-keep] if p.name != protected] if keep else []
+    owned = [p for p, m in reversed(newest_first(root)) if mine is None or mine(m)]
+    doomed = [p for p in owned[:-keep] if p.name != protected] if keep else []
     for path in doomed:
         # Renamed first so a crash mid-delete leaves no directory that looks complete.
         trash = root / f"{TMP_PREFIX}del-{path.name}"
         path.rename(trash)
         shutil.rmtree(trash)
-    # Leftovers of saves or deletions a crash interrupted; only rank 0 writes here, after the save.
+    clear_leftovers(root)  # only rank 0 writes here, after the save
+    return doomed
+
+
+def clear_leftovers(root: Path) -> list[str]:
+    """Remove what interrupted saves and deletions left in `root` (`.tmp-step-N`, `.tmp-old-step-N`,
+    `.tmp-del-step-N`, `latest.tmp`); returns their names. Rank 0 calls it after each save, the launcher
+    before a start. A `.tmp-old-step-N` without its `step-N` (a crash between the two renames of a
+    re-save) is the sealed checkpoint itself: it is renamed back."""
+    removed = []
     for stale in _leftovers(root):
+        sealed = root / stale.name.removeprefix(f"{TMP_PREFIX}old-")
+        if sealed.name != stale.name and not sealed.exists() and _complete(stale):
+            stale.rename(sealed)
+            continue
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-    return doomed
+        removed.append(stale.name)
+    return sorted(removed)
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` all at once (temporary file, fsync, rename): readers see
     the old content or the new, never part of it."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a full disk keeps the old file and leaves nothing beside it
+        if isinstance(exc, OSError) and exc.filename is None:  # as from write() and fsync()
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     _fsync_dir(path.parent)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_file(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
@@ -393,8 +395,4 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_file(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -13,6 +13,7 @@ launcher, `report` and `parity` use it without importing torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,10 +21,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from launcher.recipe.sections import Recipe
-from launcher.rundir import checkpoint
+from launcher.rundir import checkpoint, ownership
 
 
 class PlanPaths(Protocol):
@@ -62,7 +63,9 @@ SECONDARY = re.compile(
     r"connection (closed|reset) by peer|broken pipe|connection refused|"
     r"timed? ?out|timeout|watchdog|abort|NCCL communicator|DistBackendError|"
     r"process group.*(destroyed|shut ?down)|\bgloo\b.*(recv|send|read|write)|"
-    r"^interrupted$",
+    r"^interrupted$|"
+    # A save's temporary directory gone under a rank: another rank's failed save removed it.
+    r"\.tmp-step-\d{8}\S* does not exist|no such file or directory: \S*\.tmp-step-\d{8}",
     re.IGNORECASE,
 )
 
@@ -103,19 +106,28 @@ class RunDir:
 
     Attributes:
         path: the run directory (logging.dir/name).
-        checkpoints: the checkpoint root: checkpoint.dir relative to `path`, or absolute;
-            PATH/checkpoints by default.
+        checkpoints: this run's checkpoint root: PATH/checkpoints by default; checkpoint.dir
+            (relative to `path`, or absolute) when it lies inside the run directory, else
+            checkpoint.dir/NAME, the run's own folder in a directory runs may share.
+        shared: that shared checkpoint.dir (where an older mplaunch wrote checkpoints of
+            every run straight in: launcher.rundir.ownership), or None.
     """
 
     path: Path
     checkpoints: Path
+    shared: Path | None = None
 
     @classmethod
     def of(cls, path: str | Path, checkpoint_dir: str | None = None) -> RunDir:
         """A run directory from its path and checkpoint.dir (None: the default)."""
         path = Path(path)
-        # An absolute checkpoint.dir replaces the run directory in the join.
-        return cls(path, path / (checkpoint_dir or CHECKPOINTS_DIR))
+        if not checkpoint_dir:
+            return cls(path, path / CHECKPOINTS_DIR)
+        chosen = path / checkpoint_dir  # an absolute checkpoint.dir replaces the run directory in the join
+        run, where = Path(os.path.abspath(path)), Path(os.path.abspath(chosen))
+        if where == run or run in where.parents:
+            return cls(path, chosen)
+        return cls(path, chosen / run.name, shared=chosen)
 
     @classmethod
     def from_plan(cls, plan: PlanPaths) -> RunDir:
@@ -251,28 +263,41 @@ class RunDir:
         self.finished.unlink(missing_ok=True)
 
     def resume_point(self) -> checkpoint.Found:
-        """The latest complete checkpoint (or none), and the torn directories skipped on the way."""
-        return checkpoint.find_latest(self.checkpoints)
+        """The latest complete checkpoint (or none), and the torn directories skipped on the way;
+        this run's checkpoints in the older shared layout until the launcher moves them."""
+        return ownership.resume_point(self.checkpoints, self.shared)
+
+    def complete_checkpoints(self) -> list[tuple[Path, dict[str, Any]]]:
+        """The complete checkpoints and their manifests, the highest step first (by the same rules)."""
+        return ownership.complete(self.checkpoints, self.shared)
 
     def checkpoint_steps(self) -> list[int]:
         """Steps of the complete checkpoints, by the resume point's rules (a valid manifest)."""
-        return sorted(checkpoint.read_manifest(p)["step"] for p in checkpoint.complete(self.checkpoints))
+        return sorted(int(m["step"]) for _, m in self.complete_checkpoints())
+
+    def foreign(self, manifest: dict[str, Any]) -> str | None:
+        """The other run directory that wrote a checkpoint in this run's folder (launcher.rundir.ownership)."""
+        return None if self.shared is None else ownership.foreign(manifest, self.path)
 
     # ------------------------------------------------------------------ rank errors
 
     def write_rank_error(self, rank: int, message: str, details: str) -> Path | None:
         """A failed rank's report: `message` (one line) first, a blank line, then `details` (a traceback).
 
-        Never raises: on a full disk the report is lost (the caller printed the line before)
-        and None is returned.
+        Never raises: on a full disk it is the line alone if that fits, else no file at all (the
+        caller printed the line before) and None is returned.
         """
         path = self.rank_error(rank)
-        try:
-            self.logs.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{message}\n\n{details}")
-        except OSError:
-            return None
-        return path
+        for text in (f"{message}\n\n{details}", f"{message}\n"):  # the line alone may still fit
+            try:
+                self.logs.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                return path
+            except OSError:
+                continue
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # an empty report would hide the line the rank printed
+        return None
 
     def append_event(self, step: int, event: str, message: str) -> bool:
         """Append an event record to metrics.jsonl, in the workers' format; False when it could not.
@@ -314,7 +339,8 @@ class RunDir:
             tmp.write_text(json.dumps(beat))
             tmp.replace(path)
         except OSError:
-            pass
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a full disk keeps the last beat and nothing beside it
 
     def heartbeats(self) -> dict[int, dict[str, object]]:
         """Every rank's latest heartbeat, by rank; unreadable ones are left out."""

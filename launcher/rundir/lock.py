@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from launcher.errors import UserError
+from launcher.rundir import space
 
 # A reader (`mplaunch report`) takes the lock for a moment to see whether it is held;
 # a start that finds it taken tries again for this long before calling it held.
@@ -97,9 +98,14 @@ class RunLock:
         Says so on stderr when it takes over a stale lock.
 
         Raises:
-            UserError: another live process or Slurm job holds it (named in the message).
+            UserError: another live process or Slurm job holds it (named in the message), or the
+                disk is too full to write who holds it (launcher.rundir.space).
         """
-        holder = holder or Holder.this_process()
+        with space.refused_when_full(path):
+            return cls._acquire(path, holder or Holder.this_process())
+
+    @classmethod
+    def _acquire(cls, path: Path, holder: Holder) -> RunLock:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -26,7 +26,7 @@ from launcher.rundir.lock import holder_if_held
 # A run with no FINISHED file whose last record is older than this, and older than three logging
 # intervals, is taken to be dead rather than still running.
 STALE_AFTER_S = 600.0
-LIFECYCLE_EVENTS = ("start", "resume", "stop", "finish", "error")
+LIFECYCLE_EVENTS = ("start", "resume", "stop", "interrupted", "finish", "error")
 
 Record = dict[str, Any]
 
@@ -185,7 +185,7 @@ def run_state(run_dir: Path, metrics: Metrics, now: float | None = None) -> tupl
         where += f": {message[-1][:100]}"
     if last.get("event") == "finish":
         return "finished", f"finish event, but no {FINISHED_FILE} file"
-    if last.get("event") in ("error", "stop"):
+    if last.get("event") in ("error", "stop", "interrupted"):
         return ("crashed" if last["event"] == "error" else "stopped"), where
     files = RunDir.of(run_dir)
     try:

@@ -5,7 +5,8 @@ everything else about checkpoints happens here. Each rank writes its backend
 shards and its RNG state into the temporary directory launcher.rundir.checkpoint
 hands out, then checksums its share of the files; rank 0 merges the checksums
 into the manifest (step, data position, structure, the resolved recipe, every
-file) and seals it. A checkpoint of a diverged run (a non-finite loss or
+file, the run that wrote it) and seals it. A save that fails (a full disk)
+removes what it wrote. A checkpoint of a diverged run (a non-finite loss or
 non-finite parameters) is never sealed. A restore verifies the checksums on
 all ranks before loading and falls back to the next older checkpoint when one
 is bad. `pick` verifies a checkpoint of a finished run in one process (`mplaunch export`).
@@ -28,7 +29,7 @@ from launcher.errors import UserError
 from launcher.plan import resume
 from launcher.plan.resolve import Plan
 from launcher.recipe.schema import to_dict
-from launcher.rundir import checkpoint
+from launcher.rundir import checkpoint, ownership, space
 from launcher.rundir.layout import RunDir
 from launcher.worker import audit
 from launcher.worker.backends import Backend, NonFiniteStep, ReshardError
@@ -45,12 +46,9 @@ class Group(Protocol):
 
     @property
     def rank(self) -> int: ...
-
     @property
     def world(self) -> int: ...
-
     def barrier(self) -> None: ...
-
     def any(self, flag: bool) -> bool: ...
 
 
@@ -90,18 +88,31 @@ class Checkpointer:
             position: (epoch, step within the epoch) of the data order after `step`.
 
         Raises:
-            NonFiniteLoss, NonFiniteGrads (launcher.worker.backends.NonFiniteStep): the loss or the gradient
-                norm of a step so far was not finite; nothing is written.
-            NonFiniteParameters: a rank's parameters are not finite; nothing is written.
+            NonFiniteLoss, NonFiniteGrads (launcher.worker.backends.NonFiniteStep), NonFiniteParameters:
+                the loss or gradient norm of a step so far, or a rank's parameters, were not finite.
+            OSError: a full disk (ENOSPC, naming the checkpoint root); what the save wrote is removed.
         """
         meter.check_finite()  # never seal a checkpoint of a diverged run
         self._check_parameters(step, backend)
         audit.record_counters(backend, step, meter)  # the optimizer audit: its step counters
+        tmp = checkpoint.tmp_dir(self.root, step)
+        try:
+            self._write(step, tmp, backend, meter, position)
+        except BaseException as exc:
+            full = space.full_error(exc, self.root)  # measured before the cleanup frees space
+            # A failed save leaves nothing behind; any rank may go first (a rank that then misses the
+            # directory reports a consequence: launcher.rundir.layout.SECONDARY).
+            space.remove_partial(tmp, exc)
+            if full is not None:
+                raise full from exc
+            raise
+        self.last_step = step
+
+    def _write(self, step: int, tmp: Path, backend: Backend, meter: Meter, position: tuple[int, int]) -> None:
         rank, world = self.group.rank, self.group.world
         if rank == 0:
             checkpoint.begin(self.root, step)
         self.group.barrier()
-        tmp = checkpoint.tmp_dir(self.root, step)
         backend.save(tmp)
         torch.save(_rng_state(), tmp / RNG_FILE.format(rank=rank))
         self.group.barrier()
@@ -112,10 +123,10 @@ class Checkpointer:
         if rank == 0:
             manifest = self._manifest(step, backend, position)
             manifest["files"] = checkpoint.merge_checksums(tmp, files)
-            final = checkpoint.commit(tmp, manifest, self.plan.recipe.checkpoint.keep)
+            keep, files_of = self.plan.recipe.checkpoint.keep, self.run_dir  # never prune another run's
+            final = checkpoint.commit(tmp, manifest, keep, lambda m: files_of.foreign(m) is None)
             meter.event(step, "checkpoint", f"step {step}: checkpoint saved to {final}", path=str(final))
         self.group.barrier()
-        self.last_step = step
 
     def _check_parameters(self, step: int, backend: Backend) -> None:
         # Agreed across ranks, so every rank raises alike and none waits in a barrier for the others.
@@ -143,6 +154,7 @@ class Checkpointer:
             "loss_scale": backend.loss_scale(),
             "recipe_hash": checkpoint.recipe_hash(recipe),
             "recipe": recipe,
+            ownership.RUN_KEY: ownership.identity(self.run_dir.path),  # whose it is (a shared checkpoint.dir)
             # What a resume must not change (launcher.plan.resume); the launcher compares it up front.
             resume.SIGNATURE_KEY: resume.signature(self.plan),
         }
@@ -151,20 +163,21 @@ class Checkpointer:
         """Load the newest checkpoint that verifies (checkpoint.resume=auto); return the step to start at.
 
         Candidates are tried newest first. Every rank checks the listed files' sizes and the
-        checksums of its share, the ranks agree, then every rank loads; a candidate failing
-        either (on any rank) is reported in one line on rank 0, renamed `corrupt-step-N` and
-        the next older one is tried. Torn directories are skipped silently here: the launcher
-        warned about them before the workers started.
+        checksums of its share, the ranks agree, then every rank loads; a candidate failing either
+        (on any rank) is reported in one line on rank 0, renamed `corrupt-step-N` and the next older
+        one is tried. Torn directories are skipped silently: the launcher warned about them.
 
         Raises:
-            ValueError: a checkpoint was written with another world size, backend or ZeRO
-                stage, or there are checkpoints but none verifies.
+            ValueError: a checkpoint of another backend or ZeRO stage, or of another run (a shared
+                checkpoint.dir); or there are checkpoints (corrupt ones too) but none verifies.
         """
         if self.plan.recipe.checkpoint.resume == "never":
             return 0
         candidates = checkpoint.newest_first(self.root)
         for path, manifest in candidates:
             problems = checkpoint.mismatch(manifest, checkpoint.structure(self.plan), resizable=True)
+            other = self.run_dir.foreign(manifest)  # refused by the launcher; a Slurm restart has none
+            problems += [f"the run {other} wrote it (the same name and checkpoint.dir)"] if other else []
             if problems:
                 raise ValueError(f"cannot resume from {path}: {'; '.join(problems)}")
             # Agree on the checksums before anyone loads: a rank that skipped the load while
@@ -181,11 +194,11 @@ class Checkpointer:
                     self.last_step = int(manifest["step"])
                     return self.last_step
             self._reject(path, manifest, problem)
-        if candidates:
+        if candidates or checkpoint.corrupt(self.root):  # never a fresh start beside corrupt checkpoints
             raise ValueError(
                 f"no checkpoint in {self.root} passed verification (each was renamed "
-                f"{checkpoint.CORRUPT_PREFIX}{checkpoint.PREFIX}N and kept): nothing was started; "
-                "remove them, or use another name to start afresh"
+                f"{checkpoint.CORRUPT_PREFIX}{checkpoint.PREFIX}N and kept): nothing was trained, and running "
+                f"the same recipe again is refused {ownership.UNTIL_MOVED}"
             )
         return 0
 
@@ -236,9 +249,10 @@ class Checkpointer:
                 "seconds": round(time.perf_counter() - started, 3),
                 "how": note or "loaded as saved (nothing is sharded by rank)",
             }
-            _say_info(
+            _say(
                 f"resumed step {manifest['step']} written by {_ranks(saved_world)} on {_ranks(self.group.world)}: "
-                f"{self.resized['how']} ({self.resized['seconds']:.1f} s)"
+                f"{self.resized['how']} ({self.resized['seconds']:.1f} s)",
+                kind="",
             )
         return None
 
@@ -290,7 +304,7 @@ def pick(run: RunDir, step: int | None) -> tuple[Path, int]:
         UserError: no complete checkpoint, no such step (the available ones are listed), or a
             checkpoint that is unverifiable (format 1) or fails verification (the file is named).
     """
-    found = checkpoint.newest_first(run.checkpoints)
+    found = run.complete_checkpoints()
     steps = sorted(int(m["step"]) for _, m in found)
     if not found:
         raise UserError(f"{run.path}: no complete checkpoint in {run.checkpoints}; nothing to export")
@@ -349,16 +363,12 @@ def _held(param: torch.nn.Parameter) -> torch.Tensor:
     return part.reshape(-1).narrow(0, 0, real)
 
 
-def _say(message: str) -> None:
-    print(f"mplaunch: warning: {message}", file=sys.stderr, flush=True)
+def _say(message: str, kind: str = "warning: ") -> None:
+    print(f"mplaunch: {kind}{message}", file=sys.stderr, flush=True)
 
 
 def _ranks(n: int) -> str:
     return f"{n} rank" if n == 1 else f"{n} ranks"
-
-
-def _say_info(message: str) -> None:
-    print(f"mplaunch: {message}", file=sys.stderr, flush=True)
 
 
 def seed_all(seed: int) -> None:

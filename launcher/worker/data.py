@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from launcher.plan import data_check, vocab
+from launcher.plan import data_check, resume, vocab
 from launcher.plan.resolve import Plan
 from launcher.recipe import tasks
 from launcher.run import token_cache
@@ -170,9 +170,10 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
     A tokenizer trained on the files is written once, by rank 0, into RUN_DIR/tokenizer
     and loaded from there on resume, so every rank and every restart tokenizes
     identically. The files are tokenized once into the token cache (launcher.run.token_cache;
-    `mplaunch prepare` does it ahead), by rank 0 while the others wait at `barrier`;
-    then every rank maps it read-only. A rank that finds no cache after the barrier
-    (one on another node's disk, or rank 0's fallback directory) writes its own.
+    `mplaunch prepare` does it ahead), or a cache found checked (CRC-32, rebuilt if it fails), by
+    rank 0 while the others wait at `barrier`; then every rank maps it read-only. A rank that finds
+    no cache after the barrier (one on another node's disk, or rank 0's fallback directory) writes
+    its own; another node's cache is checked for size only.
     """
     d = plan.recipe.data
     if d.target is not None:  # the user's dataset, read by row (launcher.worker.user_data)
@@ -182,6 +183,8 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
         if isinstance(found, user_data.DatasetRows):  # LM rows: Batches fills the labels, or masks
             return Tokens(found, plan.vocab_size, found.mask_id, found.special_ids)
         return found  # items with labels, collated as records (an examples.Examples)
+    # Every rank at once: the content this run reads, which its checkpoints record (launcher.plan.resume).
+    resume.pin_data_content(plan.data_paths)
     if plan.model.task in tasks.PER_RECORD:
         return _examples(plan)
     if d.kind == "synthetic":
@@ -191,15 +194,15 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
         return Tokens(ArrayRows(ids.numpy()), plan.vocab_size, mask_id=4, special_ids=(0, 1, 2, 3, 4))
     tok_dir = Path(plan.tokenizer_dir) if plan.tokenizer_dir else RunDir.from_plan(plan).tokenizer
     masked = plan.model.task == tasks.MASKED_LM
-    data_sha = token_cache.data_digest(plan.data_paths)  # every rank at once, rank 0 no longer alone
+    data_sha = token_cache.data_digest(plan.data_paths)  # the pinned content's
     cache = None
-    if rank == 0:
+    if rank == 0:  # also checks the cache's CRC-32, once per start
         tokenizer = token_cache.checked_tokenizer(plan, tok_dir, masked)
-        cache = token_cache.open_cache(plan, tok_dir, tokenizer, data_sha)
+        cache = token_cache.open_cache(plan, tok_dir, tokenizer, data_sha, verify=True)
     barrier()
     if cache is None:
         tokenizer = token_cache.checked_tokenizer(plan, tok_dir, masked)
-        cache = token_cache.open_cache(plan, tok_dir, tokenizer, data_sha)
+        cache = token_cache.open_cache(plan, tok_dir, tokenizer, data_sha, verify=False)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), cache.separator_id
     framing = (cls_id if cls_id is not None else 0, sep_id if sep_id is not None else 0) if masked else None
     pad_id = next((i for i in map(tokenizer.token_to_id, PAD_TOKENS) if i is not None), 0)

@@ -1,7 +1,8 @@
 """This rank's place in the job, the host-side collectives the loop needs, and stop requests.
 
 `Dist` is what launcher.worker.train builds once the process group is up; `StopRequest`
-turns signals into a flag, and `StopAgreement` makes every rank stop at the same step.
+turns signals into a flag, and `StopAgreement` makes every rank stop at the same step and
+tells every rank which ranks got which signal (`who`, `describe_signals`).
 """
 
 from __future__ import annotations
@@ -37,17 +38,41 @@ class Dist:
 
 
 class StopRequest:
-    """SIGINT, SIGTERM and SIGUSR1 (Slurm's warning) only set a flag; the loop acts on it."""
+    """SIGINT, SIGTERM and SIGUSR1 (Slurm's warning) only set a flag; the loop acts on it.
+
+    A SIGINT after the first signal stops at once (KeyboardInterrupt), even in the middle of a
+    checkpoint: `saving` names the step whose checkpoint the loop is writing, so that the stop
+    can say which one it abandoned.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.at_once: int | None = None  # the signal that stopped this rank at once
+        self.saving: int | None = None  # the step whose checkpoint is being written
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+            # A second Ctrl-C: stop now, without a checkpoint. Further ones are ignored, so that
+            # the rank's report of this one is not itself interrupted.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self.at_once = signum
+            raise KeyboardInterrupt
         self.signal = signum
+
+    def describe_at_once(self, sealed: list[int]) -> str:
+        """What stopping at once left behind, given the steps of the complete checkpoints."""
+        first = signal.Signals(self.signal).name if self.signal else "a signal"
+        how = (
+            "a second Ctrl-C (SIGINT)" if self.signal == signal.SIGINT else f"a Ctrl-C (SIGINT) after {first}"
+        )
+        if self.saving is not None and self.saving not in sealed:
+            what = f"abandoned the checkpoint of step {self.saving} in progress"
+        else:
+            what = "stopped the run at once, with no checkpoint in progress"
+        then = f"resumes from step {sealed[-1]}" if sealed else "starts from step 0 (no checkpoint was saved)"
+        return f"{how} {what}; running the same recipe again {then}"
 
 
 class StopAgreement:
@@ -81,3 +106,36 @@ class StopAgreement:
         if self.pending is not None:
             self.pending[0].wait()
             self.pending = None
+
+    def who(self, mine: int | None) -> dict[int, int]:
+        """Every rank's stop signal, by rank (ranks that got none are left out); every rank calls it
+        once the agreement said stop (a blocking all-reduce of one number per rank)."""
+        if self.d.world == 1:
+            return {0: mine} if mine else {}
+        signals = torch.zeros(self.d.world, dtype=torch.int32)
+        signals[self.d.rank] = mine or 0
+        dist.all_reduce(signals, op=dist.ReduceOp.MAX, group=self.d.control)
+        return {rank: int(s) for rank, s in enumerate(signals.tolist()) if s}
+
+
+def describe_signals(signals: dict[int, int], world: int) -> str:
+    """ "rank 1 got SIGTERM", "ranks 0 and 2 got SIGTERM; rank 1 got SIGUSR1", "every rank got SIGINT"."""
+    if not signals:
+        return "no rank got a signal"
+    if len(signals) == world and len(set(signals.values())) == 1:
+        return f"every rank got {signal.Signals(next(iter(signals.values()))).name}"
+    by_signal: dict[int, list[int]] = {}
+    for rank, signum in sorted(signals.items()):
+        by_signal.setdefault(signum, []).append(rank)
+    return "; ".join(
+        f"{_ranks(ranks)} got {signal.Signals(signum).name}" for signum, ranks in by_signal.items()
+    )
+
+
+def _ranks(ranks: list[int]) -> str:
+    """ "rank 1", "ranks 0 and 2", "ranks 0, 2 and 5", "12 ranks (0, 1, 2, ...)"."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if len(ranks) > 4:
+        return f"{len(ranks)} ranks ({', '.join(map(str, ranks[:3]))}, ...)"
+    return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"

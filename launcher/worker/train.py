@@ -16,7 +16,6 @@ import errno
 import faulthandler
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.plan.resolve import Plan
+from launcher.rundir import space
 from launcher.rundir.layout import RunDir
 from launcher.rundir.watchdog import collective_timeout_s
 from launcher.worker import audit, data, evaluation, xray
@@ -39,7 +39,7 @@ from launcher.worker.metrics import Meter
 from launcher.worker.model_setup import document_positions, model_for
 from launcher.worker.models import ModelError
 from launcher.worker.precision import set_tf32
-from launcher.worker.ranks import Dist, StopAgreement, StopRequest
+from launcher.worker.ranks import Dist, StopAgreement, StopRequest, describe_signals
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -58,14 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     files = RunDir.from_plan(plan)
     _dump_stacks_on_sigusr2(files, rank)  # creates RUN_DIR/logs
     files.write_heartbeat(rank, 0, "setup")
+    stop = StopRequest()
     try:
-        return run(plan)
-    except (ModelError, LossScaleFloor, NonFiniteStep, ValueError, FileNotFoundError) as exc:
-        return _fail(plan, rank, _disk_full(plan, exc) or _explain(plan, exc))
+        # The second Ctrl-C's KeyboardInterrupt may come while an error is being reported (a peer
+        # that stopped at once closes its connections first): caught here, around the reporting.
+        try:
+            return run(plan, stop)
+        except (ModelError, LossScaleFloor, NonFiniteStep, ValueError, FileNotFoundError) as exc:
+            return _fail(plan, rank, _disk_full(plan, exc) or _explain(plan, exc))
+        except Exception as exc:
+            return _fail(plan, rank, _disk_full(plan, exc) or f"{type(exc).__name__}: {exc}".rstrip(": "))
     except KeyboardInterrupt:
-        return _fail(plan, rank, "interrupted")
-    except Exception as exc:
-        return _fail(plan, rank, _disk_full(plan, exc) or f"{type(exc).__name__}: {exc}".rstrip(": "))
+        return _interrupted(plan, rank, stop)
     finally:
         files.write_heartbeat(rank, 0, "exit")
 
@@ -93,9 +97,10 @@ def _disk_full(plan: Plan, exc: BaseException) -> str | None:
     files = RunDir.from_plan(plan)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         path = str(exc.filename) if exc.filename else str(files.checkpoints)
-        free = _free_bytes(path)
+        # What the write found, not the room removing its partial files made since.
+        free = exc.free_bytes if isinstance(exc, space.DiskFull) else space.free_bytes(path)
     elif isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(str(exc)):
-        candidates = [(_free_bytes(str(p)), str(p)) for p in (files.checkpoints, files.path)]
+        candidates = [(space.free_bytes(str(p)), str(p)) for p in (files.checkpoints, files.path)]
         known = sorted((f, p) for f, p in candidates if f is not None)
         if not known or known[0][0] >= NEARLY_FULL_BYTES:
             return None
@@ -107,16 +112,6 @@ def _disk_full(plan: Plan, exc: BaseException) -> str | None:
         f"no space left on device: {path} ({shown}); free space there (or set checkpoint.dir or "
         "logging.dir to a larger file system) and run again: it resumes from the latest complete checkpoint"
     )
-
-
-def _free_bytes(path: str) -> int | None:
-    """Free bytes on the file system of `path` or its nearest existing parent."""
-    for candidate in (Path(path), *Path(path).parents):
-        try:
-            return shutil.disk_usage(candidate).free
-        except OSError:
-            continue
-    return None
 
 
 def _explain(plan: Plan, exc: Exception) -> str:
@@ -136,6 +131,17 @@ def _fail(plan: Plan, rank: int, message: str) -> int:
     print(f"mplaunch: rank {rank}: error: {message}", file=sys.stderr, flush=True)
     RunDir.from_plan(plan).write_rank_error(rank, message, traceback.format_exc())
     return EXIT_FAILED
+
+
+def _interrupted(plan: Plan, rank: int, stop: StopRequest) -> int:
+    """A rank stopped at once (a second Ctrl-C): rank 0 says, and records as an "interrupted" event,
+    which checkpoint in progress it abandoned, if any, and where a rerun resumes."""
+    if rank == 0 and stop.at_once is not None:
+        files = RunDir.from_plan(plan)
+        message = stop.describe_at_once(files.checkpoint_steps())
+        print(f"mplaunch: {message}", file=sys.stderr, flush=True)
+        files.append_event(files.last_step(), "interrupted", message)
+    return _fail(plan, rank, "interrupted")
 
 
 class Phases:
@@ -192,9 +198,8 @@ class Run:
     phases: Phases  # how long setting up took, by phase
 
 
-def run(plan: Plan) -> int:
+def run(plan: Plan, stop: StopRequest) -> int:
     """Set up this rank, resume if there is a checkpoint, train, and shut down cleanly."""
-    stop = StopRequest()
     d = _init_distributed(plan)
     try:
         r = setup(plan, d, stop)
@@ -292,21 +297,31 @@ def fit(r: Run) -> int:
             meter.eval(done, evaluation.evaluate(backend, r.evals, r.plan, r.d))
         stopping = agreement.step(r.stop.signal is not None)  # every rank stops at the same step
         if r.ckpt.due(done, stopping):
+            r.stop.saving = done  # what a second Ctrl-C abandons
             r.ckpt.save(done, backend, meter, r.batches.position(done))
+            r.stop.saving = None
             beat(done, "checkpoint")
         if stopping:
             agreement.close()
-            return _stopped(r, done)
+            return _stopped(r, done, agreement.who(r.stop.signal))
     agreement.close()
     r.ckpt.finish(t.max_steps)
     meter.event(t.max_steps, "finish", f"finished {t.max_steps} steps")
     return EXIT_OK
 
 
-def _stopped(r: Run, step: int) -> int:
-    """After a stop request's checkpoint: record the stop (a Slurm job's script requeues on it)."""
-    name = signal.Signals(r.stop.signal).name if r.stop.signal else "a signal on another rank"
-    r.meter.event(step, "stop", f"stopped at step {step} on {name}; checkpoint saved, run again to resume")
+def _stopped(r: Run, step: int, signals: dict[int, int]) -> int:
+    """After a stop request's checkpoint: record the stop, naming which ranks got which signal (a
+    Slurm job's script requeues on it; the launcher exits 128 + the signal, the run unfinished).
+
+    Every rank exits 0 all the same, so that torchrun does not restart them (launch.max_restarts).
+    """
+    r.meter.event(
+        step,
+        "stop",
+        f"stopped at step {step}: {describe_signals(signals, r.d.world)}; checkpoint saved, run again to resume",
+        signals={str(rank): signal.Signals(signum).name for rank, signum in sorted(signals.items())},
+    )
     r.d.barrier()
     return EXIT_OK
 

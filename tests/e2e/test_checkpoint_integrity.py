@@ -133,13 +133,29 @@ def test_with_no_intact_checkpoint_left_the_run_refuses_in_one_line(base: tuple[
     failed = _warnings(result.stderr, "the run failed on")
     assert len(failed) == 1
     assert "passed verification" in failed[0]
-    assert "nothing was started" in failed[0]
+    assert (
+        "nothing was trained, and running the same recipe again is refused until they are moved away"
+        in failed[0]
+    )
     assert len(_warnings(result.stderr, "failed verification on rank")) == 2
+    # What the launcher adds about running again agrees with the workers' line.
+    assert "resumes from the latest" not in result.stderr, explain(result)
+    again = _warnings(result.stderr, "running the same recipe again")
+    assert len(again) >= 2, explain(result)
+    assert all("is refused until they are moved away" in line for line in again), explain(result)
     assert records(run_dir, "train") == before  # no fresh start over the user's checkpoints
-    assert sorted(p.name for p in (run_dir / "shared").glob("corrupt-*")) == [
-        "corrupt-step-00000002",
-        "corrupt-step-00000004",
-    ]
+    corrupt = ["corrupt-step-00000002", "corrupt-step-00000004"]
+    assert sorted(p.name for p in (run_dir / "shared").glob("corrupt-*")) == corrupt
+    # Running it again is refused before any worker starts, in one line, touching nothing.
+    result = _resume(base, "refused")
+    assert result.returncode == 2, explain(result)
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run_dir / 'shared'}: no checkpoint passed verification ({', '.join(corrupt)}, kept for "
+        "inspection); nothing was started, and the run is refused until they are moved away "
+        "(checkpoint.resume=never starts from step 0 beside them; another name starts a new run)"
+    ], explain(result)
+    assert records(run_dir, "train") == before
+    assert not list((run_dir / "shared").glob("step-0*"))
 
 
 @pytest.mark.slow

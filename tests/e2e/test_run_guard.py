@@ -8,10 +8,8 @@ error classification alone are tested in tests/unit/test_run_guard.py.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -178,22 +176,6 @@ def test_no_space_left_on_a_data_file_is_said_with_its_path(tmp_path: Path) -> N
     assert "bytes free)" in result.stderr
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Any:
-    """A 12 MiB tmpfs: room for one checkpoint of the tiny model (8.6 MB), not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.mark.slow
 def test_a_full_disk_during_a_save_is_said_and_the_earlier_checkpoint_kept(
     tmp_path: Path, tiny_disk: Path
@@ -208,8 +190,8 @@ def test_a_full_disk_during_a_save_is_said_and_the_earlier_checkpoint_kept(
     assert len(headline) == 1, result.stderr
     assert "no space left on device: " in headline[0] and str(tiny_disk / "ckpt") in headline[0], headline
     assert "bytes free)" in headline[0]
-    assert sorted(p.name for p in (tiny_disk / "ckpt").glob("step-????????")) == ["step-00000002"]
-    manifest = json.loads((tiny_disk / "ckpt" / "step-00000002" / "manifest.json").read_text())
+    assert sorted(p.name for p in (tiny_disk / "ckpt" / "full").glob("step-????????")) == ["step-00000002"]
+    manifest = json.loads((tiny_disk / "ckpt" / "full" / "step-00000002" / "manifest.json").read_text())
     assert manifest["step"] == 2
     errors = [e for e in records(run_dir, "event") if e["event"] == "error"]
     assert len(errors) == 1 and "no space left on device" in errors[0]["message"]

@@ -17,8 +17,7 @@ from launcher.plan.hardware import Hardware
 from launcher.plan.resolve import Plan, resolve
 from launcher.recipe.schema import validate
 from launcher.run import progress
-from launcher.run.launch import _TorchrunFilter
-from launcher.run.progress import Bar, MetricsTail
+from launcher.run.progress import Bar, MetricsTail, TorchrunFilter
 from launcher.rundir.watchdog import Beat
 from tests.runs import train_record
 
@@ -132,11 +131,11 @@ KEPT = [
 
 @pytest.mark.parametrize("stderr", [True, False])
 def test_the_filter_drops_op_build_notes_and_keeps_worker_lines(stderr: bool) -> None:
-    noise = _TorchrunFilter(stderr)
+    noise = TorchrunFilter(stderr)
     assert [line for line in NOISE + KEPT if noise.keep(line + "\n")] == KEPT
 
 
 def test_a_traceback_on_stdout_does_not_silence_the_rest() -> None:
-    noise = _TorchrunFilter(stderr=False)
+    noise = TorchrunFilter(stderr=False)
     assert noise.keep("Traceback (most recent call last):\n")
     assert noise.keep("finished 6 steps\n")

@@ -63,9 +63,13 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> data.Tokens:
     return data.load_tokens(small_plan(tmp_path_factory.mktemp("tokens")), 0, lambda: None)
 
 
-def _trained(tmp_path: Path, tokens: data.Tokens, steps: int = 4) -> Plan:
-    """A plan whose run sealed checkpoints at steps 2 and 4 (world size 1, a fake backend)."""
-    plan = small_plan(tmp_path, "checkpoint.every_steps=2", "checkpoint.keep=3", f"train.max_steps={steps}")
+def _trained(tmp_path: Path, tokens: data.Tokens, steps: int = 4, shared: Path | None = None) -> Plan:
+    """A plan whose run sealed checkpoints at steps 2 and 4 (world size 1, a fake backend);
+    `shared`: its checkpoint.dir."""
+    where = [f"checkpoint.dir={shared}"] if shared else []
+    plan = small_plan(
+        tmp_path, "checkpoint.every_steps=2", "checkpoint.keep=3", f"train.max_steps={steps}", *where
+    )
     r = loop_run(plan, tokens, FakeBackend())
     try:
         assert train.fit(r) == train.EXIT_OK
@@ -130,8 +134,31 @@ def test_with_every_checkpoint_bad_restore_refuses_instead_of_starting_afresh(
         truncate(checkpoint.step_dir(root, step) / "rng-rank0.pt")
     with pytest.raises(ValueError, match="passed verification") as refused:
         _restore(plan, FakeBackend())
-    assert "nothing was started" in str(refused.value)
+    assert (
+        "nothing was trained, and running the same recipe again is refused until they are moved away"
+        in str(refused.value)
+    )
     assert sorted(p.name for p in root.glob("corrupt-*")) == [
         "corrupt-step-00000002",
         "corrupt-step-00000004",
     ]
+    # Started again without the launcher (a Slurm job's restart): still no fresh start beside them.
+    backend = FakeBackend()
+    with pytest.raises(ValueError, match="passed verification"):
+        _restore(plan, backend)
+    assert backend.calls == []
+    # Told to start afresh, it does.
+    assert _restore(small_plan(tmp_path, "checkpoint.resume=never"), FakeBackend())[1] == 0
+
+
+def test_restore_never_takes_a_checkpoint_another_run_wrote(tmp_path: Path, tokens: data.Tokens) -> None:
+    # Two runs named alike under different logging.dirs share checkpoint.dir/NAME.
+    shared = tmp_path / "shared"
+    first = _trained(tmp_path / "x", tokens, shared=shared)
+    second = small_plan(tmp_path / "y", f"checkpoint.dir={shared}", "checkpoint.every_steps=2")
+    backend = FakeBackend()
+    with pytest.raises(ValueError, match=f"the run {first.run_dir} wrote it") as refused:
+        _restore(second, backend)
+    assert str(shared / "bert-tiny-mlm" / "step-00000004") in str(refused.value)
+    assert backend.calls == []
+    assert _restore(first, FakeBackend())[1] == 4

@@ -205,16 +205,25 @@ def test_the_key_follows_the_data_and_the_tokenizer(tmp_path: Path) -> None:
     assert written and found.num_documents == len(lines) + 1
 
 
-def test_a_damaged_cache_is_named_not_misread(tmp_path: Path, cache: Path) -> None:
+def test_a_damaged_cache_is_named_not_misread(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     plan = _plan(tmp_path)
-    data.load_tokens(plan, 0, lambda: None)
+    first = _every_row(data.load_tokens(plan, 0, lambda: None))[0]
     (where,) = _token_dirs(cache)
     with open(where / "tokens.bin", "r+b") as f:
         f.truncate(100)
+    capsys.readouterr()
+    # A rank mapping what rank 0 checked checks the sizes only: named, never misread.
     with pytest.raises(
         ValueError, match=rf"tokens.bin: not the \d+ bytes its meta.json says; delete {where}"
     ):
-        data.load_tokens(plan, 0, lambda: None)
+        data.load_tokens(plan, 1, lambda: None)
+    # Rank 0 checks the cache it opens and writes a damaged one again (tests/worker/test_data_integrity.py).
+    assert torch.equal(_every_row(data.load_tokens(plan, 0, lambda: None))[0], first)
+    assert (
+        "bytes its meta.json says; rebuilding the token cache from the data files" in capsys.readouterr().out
+    )
 
 
 def test_an_unwritable_cache_falls_back_to_a_directory_of_the_process(
