@@ -19,7 +19,7 @@ A recipe change on resume falls in one of three classes:
 Settings that only say where the run is (name, logging.dir, checkpoint.resume, and data
 paths as written rather than resolved) are not changes.
 
-The data files' content is compared too (`data_content`: each one's size and sha256): an edit
+The data files' content is compared too (launcher.plan.digests: each one's size and sha256): an edit
 (lines shuffled, same path) is refused naming the file, unless `data.accept_changed` names the new
 content as the refusal prints it; the resume then says what it accepted. A checkpoint of an earlier
 mplaunch records no content: its resume says so and compares the paths only.
@@ -30,16 +30,15 @@ Light side: no torch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from launcher.errors import UserError
 from launcher.plan import schedule
-from launcher.recipe.schema import to_dict, validate
+from launcher.plan.digests import accept_token, data_content
+from launcher.recipe.schema import to_dict
 from launcher.rundir.checkpoint import changed_keys, mismatch, structure
 
 if TYPE_CHECKING:
@@ -51,6 +50,8 @@ LOCATION = ("name", "source", "logging.dir", "checkpoint.resume", "data.paths", 
 # Not a change either: it answers this resume's question about the data's content.
 NOT_CHANGES = (*LOCATION, "data.accept_changed")
 KEPT = ("precision.loss_scale.",)
+# The recipe sections the LR schedule reads (launcher.plan.schedule).
+SCHEDULE_INPUTS = ("optimizer", "scheduler", "train")
 # Signature entries a resume may change because the workers convert the checkpoint: DeepSpeed's
 # ZeRO partitions through its universal checkpoint, FSDP2's shards through torch's distributed
 # checkpoint, DDP and ZeRO-0's whole copies as they are (launcher.worker.backends).
@@ -236,13 +237,21 @@ def _value(tree: dict[str, Any], dotted: str) -> Any:
 
 
 def _lr_line(manifest: dict[str, Any], plan: Plan) -> str | None:
-    """How the LR schedule continues, if its inputs changed."""
+    """How the LR schedule continues, if its inputs changed.
+
+    The schedule before is this run's recipe with the checkpoint's optimizer, scheduler and train
+    sections: they are all the schedule reads, and none names a file, so a resume started where the
+    saved recipe's relative paths do not resolve says it too.
+    """
+    saved, now = manifest.get("recipe") or {}, plan.recipe
     try:
-        old = validate(dict(manifest["recipe"]), "the checkpoint's recipe")
-    except (KeyError, UserError):
+        old = now.model_copy(
+            update={k: type(getattr(now, k)).model_validate(saved[k]) for k in SCHEDULE_INPUTS}
+        )
+    except (KeyError, TypeError, ValidationError):
         return None  # a recipe of an older mplaunch: the lines above are all there is to say
     applied = int(manifest["step"]) - int(manifest.get("skipped_steps") or 0)
-    before, after = schedule.lr_at(old, applied), schedule.lr_at(plan.recipe, applied)
+    before, after = schedule.lr_at(old, applied), schedule.lr_at(now, applied)
     if before == after:
         return None
     return (
@@ -293,108 +302,3 @@ def _saved_micro(manifest: dict[str, Any], global_: int, old_world: int) -> int:
 
 def _show_all(values: list[int]) -> str:
     return ", ".join(map(str, values[:-1])) + f" and {values[-1]}" if len(values) > 1 else str(values[0])
-
-
-# --------------------------------------------------------------------------- the data's content
-
-# data.accept_changed's value: `content-` (so that YAML never reads it as a number) and 12 hex digits.
-ACCEPT_PREFIX, ACCEPT_DIGITS = "content-", 12
-DIGESTS = "digests"  # under MPLAUNCH_CACHE: one small file per data path
-# A file changed this recently may change again within its timestamps' granularity (a second on
-# some file systems) without a visible trace: its digest is not cached.
-RACY_NS = 2_000_000_000
-# The content a worker read when it started (`pin_data_content`), by path.
-_PINNED: dict[str, dict[str, Any]] = {}
-
-
-def data_content(paths: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Each data path's size in bytes and sha256, as a checkpoint's signature records them.
-
-    A directory's (data.kind hf-disk) is that of its files' relative names and sha256s, its size
-    their sum. A path this process pinned gives the pinned content. Digests are cached in
-    MPLAUNCH_CACHE/digests (default ~/.cache/mplaunch), one small file per path holding each file's
-    size, mtime_ns, ctime_ns and inode beside its sha256, so a 1 GB corpus is read once, not at every
-    start and every checkpoint. The cache trusts that a file whose four facts are unchanged has its
-    content unchanged: the kernel sets ctime at every write and no call can set it back, so an edit is
-    seen even when its mtime is restored (touch -r, cp -p); not seen is a change that bypasses the file
-    system (a disk's bit rot, a block-level write). Files changed in the last two seconds are not
-    cached; deleting the digests folder makes every file read again.
-
-    Raises:
-        OSError: a data file cannot be read.
-    """
-    return {p: dict(_PINNED[p]) if p in _PINNED else _path_content(Path(p)) for p in paths}
-
-
-def pin_data_content(paths: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """`data_content`, kept for the rest of this process: a worker pins the content it reads when it
-    starts, so its checkpoints record what it trained on even if a file is edited during the run."""
-    for p in paths:
-        _PINNED.setdefault(p, _path_content(Path(p)))
-    return data_content(paths)
-
-
-def content_digest(content: dict[str, dict[str, Any]]) -> str:
-    """sha256 of the data's content (each path's sha256 in order, not the paths' names)."""
-    key = hashlib.sha256()
-    for entry in content.values():
-        key.update(str(entry["sha256"]).encode() + b"\0")
-    return key.hexdigest()
-
-
-def accept_token(content: dict[str, dict[str, Any]]) -> str:
-    """The value of data.accept_changed that accepts this content."""
-    return ACCEPT_PREFIX + content_digest(content)[:ACCEPT_DIGITS]
-
-
-def _path_content(path: Path) -> dict[str, Any]:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    names = [str(f.relative_to(path)) if f != path else "" for f in files]
-    cache = Path(os.environ.get("MPLAUNCH_CACHE", Path.home() / ".cache" / "mplaunch")) / DIGESTS
-    entry = cache / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.json"
-    known = _read_json(entry).get("files")
-    known = known if isinstance(known, dict) else {}
-    now, fresh, digests = time.time_ns(), True, dict[str, list[Any]]()
-    for name, file in zip(names, files, strict=True):
-        facts = _facts(file)
-        hit = known.get(name)
-        if isinstance(hit, list) and hit[:-1] == facts:
-            digests[name] = [*facts, hit[-1]]
-        else:
-            with open(file, "rb") as f:
-                sha = hashlib.file_digest(f, "sha256").hexdigest()
-            # Written while being read, or so recently that a same-size rewrite could keep its times.
-            fresh &= _facts(file) == facts and now - max(facts[1], facts[2]) > RACY_NS
-            digests[name] = [*facts, sha]
-    if fresh and digests != known:
-        _write_json(entry, {"path": str(path), "files": digests})
-    if not path.is_dir():
-        return {"bytes": digests[""][0], "sha256": digests[""][-1]}
-    key = hashlib.sha256()
-    for name in names:
-        key.update(name.encode() + b"\0" + str(digests[name][-1]).encode() + b"\0")
-    return {"bytes": sum(d[0] for d in digests.values()), "sha256": key.hexdigest()}
-
-
-def _facts(file: Path) -> list[int]:
-    st = file.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
-def _write_json(path: Path, body: dict[str, Any]) -> None:
-    """Best effort: an unwritable cache only means reading the files again next time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(body) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)

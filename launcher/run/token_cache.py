@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
-from launcher.plan import resume, vocab
+from launcher.plan import digests, vocab
 from launcher.plan.resolve import Plan
 from launcher.recipe.schema import Recipe
 from launcher.rundir import checkpoint
@@ -102,8 +102,8 @@ def cache_root() -> Path:
 
 
 def data_digest(data_paths: tuple[str, ...]) -> str:
-    """sha256 of the data files' content: the digests a checkpoint records (resume.data_content) combined."""
-    return resume.content_digest(resume.data_content(data_paths))
+    """sha256 of the data files' content: the digests a checkpoint records (digests.data_content) combined."""
+    return digests.content_digest(digests.data_content(data_paths))
 
 
 def tokenizer_digest(tok_dir: Path, tokenizer: Tokenizer | None = None) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from launcher.plan import data_check, resume, vocab
+from launcher.plan import data_check, digests, vocab
 from launcher.plan.resolve import Plan
 from launcher.recipe import tasks
 from launcher.run import token_cache
@@ -184,7 +184,7 @@ def load_tokens(plan: Plan, rank: int, barrier: Callable[[], None]) -> Tokens:
             return Tokens(found, plan.vocab_size, found.mask_id, found.special_ids)
         return found  # items with labels, collated as records (an examples.Examples)
     # Every rank at once: the content this run reads, which its checkpoints record (launcher.plan.resume).
-    resume.pin_data_content(plan.data_paths)
+    digests.pin_data_content(plan.data_paths)
     if plan.model.task in tasks.PER_RECORD:
         return _examples(plan)
     if d.kind == "synthetic":

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from launcher.errors import UserError
-from launcher.plan import resume
+from launcher.plan import digests, resume
 from launcher.plan.hardware import Hardware
 from launcher.plan.resolve import Plan, resolve
 from launcher.recipe.files import read_yaml
@@ -33,7 +33,7 @@ CORPUS = ROOT / "recipes" / "data" / "corpus.txt"
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLAUNCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(resume, "_PINNED", {})  # a worker's pins, never a test's
+    monkeypatch.setattr(digests, "_PINNED", {})  # a worker's pins, never a test's
 
 
 @pytest.fixture
@@ -92,10 +92,10 @@ def test_a_directory_s_content_is_its_files_names_and_digests(tmp_path: Path) ->
     (saved / "train").mkdir(parents=True)
     (saved / "dataset_dict.json").write_text('{"splits": ["train"]}')
     (saved / "train" / "data-00000.arrow").write_bytes(b"\x00\x01" * 500)
-    first = resume.data_content((str(saved),))[str(saved)]
+    first = digests.data_content((str(saved),))[str(saved)]
     assert first["bytes"] == len('{"splits": ["train"]}') + 1000
     (saved / "train" / "data-00000.arrow").write_bytes(b"\x01\x00" * 500)
-    assert resume.data_content((str(saved),))[str(saved)]["sha256"] != first["sha256"]
+    assert digests.data_content((str(saved),))[str(saved)]["sha256"] != first["sha256"]
 
 
 # --------------------------------------------------------------------------- refused, accepted
@@ -109,7 +109,7 @@ def test_a_shuffled_corpus_is_refused_naming_the_file_its_size_and_both_hashes(c
     with pytest.raises(UserError) as caught:
         resume.check(saved, _plan(corpus), "ckpt")
     (line,) = caught.value.lines
-    token = resume.accept_token(resume.data_content((str(corpus),)))
+    token = digests.accept_token(digests.data_content((str(corpus),)))
     assert line == (
         f"cannot resume from ckpt: data file {corpus} changed since the checkpoint was written "
         f"(same size, {corpus.stat().st_size} bytes; sha256 {before[:12]} -> {after[:12]}) "
@@ -131,7 +131,7 @@ def test_a_grown_file_is_named_with_both_sizes(corpus: Path) -> None:
 def test_the_override_accepts_exactly_the_content_it_names_and_says_so(corpus: Path) -> None:
     saved = _manifest(_plan(corpus))
     _shuffle(corpus)
-    token = resume.accept_token(resume.data_content((str(corpus),)))
+    token = digests.accept_token(digests.data_content((str(corpus),)))
     lines = resume.check(saved, _plan(corpus, accept_changed=token), "ckpt")
     assert len(lines) == 1  # and no "applied on resume: data.accept_changed None -> ..."
     assert lines[0].startswith(
@@ -141,7 +141,7 @@ def test_the_override_accepts_exactly_the_content_it_names_and_says_so(corpus: P
     corpus.write_text(
         corpus.read_text().replace("the", "a")
     )  # another edit: the same override no longer fits
-    now = resume.accept_token(resume.data_content((str(corpus),)))
+    now = digests.accept_token(digests.data_content((str(corpus),)))
     with pytest.raises(
         UserError, match=f"data.accept_changed is {token} but the data's content is now {now}"
     ):
@@ -150,7 +150,7 @@ def test_the_override_accepts_exactly_the_content_it_names_and_says_so(corpus: P
 
 def test_an_override_for_unchanged_data_is_warned_as_having_no_effect(corpus: Path) -> None:
     plan = _plan(corpus)
-    current = resume.accept_token(resume.data_content((str(corpus),)))
+    current = digests.accept_token(digests.data_content((str(corpus),)))
     assert (
         resume.check(_manifest(plan), _plan(corpus, accept_changed=current), "ckpt") == []
     )  # kept in recipe.yaml
@@ -207,40 +207,40 @@ def _no_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_digest_is_read_once_then_taken_from_the_cache(
     corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(resume, "RACY_NS", 0)  # as if the corpus had been written long ago
-    first = resume.data_content((str(corpus),))
+    monkeypatch.setattr(digests, "RACY_NS", 0)  # as if the corpus had been written long ago
+    first = digests.data_content((str(corpus),))
     with monkeypatch.context() as m:
         _no_hashing(m)
-        assert resume.data_content((str(corpus),)) == first
+        assert digests.data_content((str(corpus),)) == first
 
 
 def test_the_cache_sees_an_edit_whose_size_and_mtime_were_restored(
     corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(resume, "RACY_NS", 0)
-    first = resume.data_content((str(corpus),))
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+    first = digests.data_content((str(corpus),))
     st = corpus.stat()
     time.sleep(0.05)  # past the file system's timestamp granularity
     _shuffle(corpus)
     os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: only ctime tells
     assert (corpus.stat().st_size, corpus.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     assert (
-        resume.data_content((str(corpus),))[str(corpus)]["sha256"]
+        digests.data_content((str(corpus),))[str(corpus)]["sha256"]
         == _sha(corpus)
         != first[str(corpus)]["sha256"]
     )
 
 
 def test_a_file_changed_moments_ago_is_not_cached(corpus: Path, tmp_path: Path) -> None:
-    resume.data_content(
+    digests.data_content(
         (str(corpus),)
     )  # written by the fixture just now: a same-size rewrite could keep its times
-    assert not (tmp_path / "cache" / resume.DIGESTS).exists() or not any(
-        (tmp_path / "cache" / resume.DIGESTS).iterdir()
+    assert not (tmp_path / "cache" / digests.DIGESTS).exists() or not any(
+        (tmp_path / "cache" / digests.DIGESTS).iterdir()
     )
 
 
 def test_a_worker_s_pinned_content_is_what_its_checkpoints_record(corpus: Path) -> None:
-    pinned = resume.pin_data_content((str(corpus),))
+    pinned = digests.pin_data_content((str(corpus),))
     _shuffle(corpus)  # edited while the run trains on what it read
     assert resume.signature(_plan(corpus))[resume.CONTENT_KEY] == pinned

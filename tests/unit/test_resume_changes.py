@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -198,4 +199,27 @@ def test_a_global_batch_that_does_not_split_is_refused_naming_the_sizes_that_wou
         resume.keep_global_batch(saved, 4, [])
     assert "splits over world sizes 1, 2, 3 and 6 only; or give train.micro_batch_size one of 1 and 3" in str(
         caught.value
+    )
+
+
+def test_the_lr_line_appears_on_a_resume_from_another_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's recipe names its data relative to the recipe's folder, which a resume started
+    elsewhere (a Slurm job's directory, another shell) may not resolve: the schedule still compares."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "corpus.txt").write_text("one line of text\n" * 200)
+    monkeypatch.chdir(project)
+    raw = {"source": "recipe.yaml", "data": {"kind": "text", "paths": ["data/corpus.txt"]}}
+    saved = _manifest(_plan(**raw), step=40)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = _plan(**{**raw, "source": str(project / "recipe.yaml")}, optimizer={"lr": 1e-3})
+    lines = resume.check(saved, resumed, "ckpt")
+    assert lines[0] == "applied on resume: optimizer.lr 0.0001 -> 0.001"
+    before, after = 1e-4 * (1 - (40 - 10) / (100 - 10)), 1e-3 * (1 - (40 - 10) / (100 - 10))
+    assert lines[1] == (
+        f"the LR schedule continues at optimizer step 40 with the new settings: lr {before:.3g} -> {after:.3g}"
     )

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.plan import resume, vocab
+from launcher.plan import digests, vocab
 from launcher.plan.hardware import Hardware
 from launcher.plan.resolve import resolve
 from launcher.recipe.schema import load
@@ -31,7 +31,7 @@ CPU = Hardware(cpu_count=2)
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv("MPLAUNCH_CACHE", str(root))
-    monkeypatch.setattr(resume, "_PINNED", {})  # load_tokens pins the data's content for the process
+    monkeypatch.setattr(digests, "_PINNED", {})  # load_tokens pins the data's content for the process
     return root
 
 
