@@ -10,6 +10,7 @@ Light side: no torch import; `check` and `--dry-run` import none of the heavy li
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -105,7 +106,7 @@ def resume_target(run_dir: str, slurm_job: bool = False) -> tuple[str, dict[str,
     if slurm_job:
         raise UserError(
             "--resume: a Slurm job resumes by itself",
-            hint=f"resubmit it: sbatch {RunDir.of(run_dir).slurm_script}",
+            hint=f"resubmit it: sbatch {shlex.quote(str(RunDir.of(run_dir).slurm_script))}",
         )
     path = Path(run_dir).resolve()
     saved = RunDir.of(path).recipe_file

@@ -8,6 +8,12 @@ stale: that process is gone, and the next start takes it over. A submitted Slurm
 is named in the file ("submitted") before it starts; it counts as a holder while
 `squeue` still lists it.
 
+A launcher killed outright leaves torchrun holding the lock (it was handed the locked
+descriptor) while it stops the workers. A start that finds the lock held although the file
+names a local launcher that is gone waits, up to ORPHANS_WAIT_S, for the processes holding it
+(torchrun, found by the lock in /proc/PID/fdinfo) and theirs (the workers) to exit, then takes
+the lock over; if they outlive that, it names their pids.
+
 Light side: the standard library only.
 """
 
@@ -18,6 +24,7 @@ import fcntl
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -31,6 +38,11 @@ from launcher.rundir import space
 # A reader (`mplaunch report`) takes the lock for a moment to see whether it is held;
 # a start that finds it taken tries again for this long before calling it held.
 RETRY_S = 1.0
+# How long a start waits for the torchrun and workers that a killed launcher left holding the lock.
+# torchrun stops its workers with SIGTERM (they checkpoint at the next step boundary) and SIGKILLs
+# them after its shutdown timeout, 30 s by default (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): twice that
+# covers a slow checkpoint, the kill and a loaded machine. Longer means something ignores SIGKILL.
+ORPHANS_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -95,11 +107,13 @@ class RunLock:
     def acquire(cls, path: Path, holder: Holder | None = None) -> RunLock:
         """Take the lock file `path` (creating it and its directory) for `holder` (this process).
 
-        Says so on stderr when it takes over a stale lock.
+        Says so on stderr when it takes over a stale lock, or when it waits (up to ORPHANS_WAIT_S)
+        for the processes a killed local launcher left holding it.
 
         Raises:
-            UserError: another live process or Slurm job holds it (named in the message), or the
-                disk is too full to write who holds it (launcher.rundir.space).
+            UserError: another live process or Slurm job holds it (named in the message), the
+                processes a dead launcher left holding it did not exit in time (their pids named),
+                or the disk is too full to write who holds it (launcher.rundir.space).
         """
         with space.refused_when_full(path):
             return cls._acquire(path, holder or Holder.this_process())
@@ -109,12 +123,13 @@ class RunLock:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            waited = False
             if not _try_lock(fd, fcntl.LOCK_EX, RETRY_S):
-                raise UserError(_held_message(path, _read(fd)))
+                waited = _outwait(fd, path, _read(fd))
             previous = _read(fd)
             if previous is not None and previous.queued() and previous.job_id != holder.job_id:
                 raise UserError(_held_message(path, previous))
-            if previous is not None and previous.state == "running":
+            if previous is not None and previous.state == "running" and not waited:
                 print(
                     f"mplaunch: taking over the stale lock {path}: {previous.describe()} is gone",
                     file=sys.stderr,
@@ -212,3 +227,169 @@ def _read(fd: int) -> Holder | None:
 def _write(fd: int, text: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, text.encode(), 0)
+
+
+def _outwait(fd: int, path: Path, recorded: Holder | None) -> bool:
+    """Wait for the processes a dead launcher of this host left holding the lock `fd` (torchrun,
+    stopping its workers) and for those workers, then take the lock; returns True once it is held.
+
+    Raises:
+        UserError: the holder the file names is alive, on another host or a Slurm job (today's
+            message); or the processes holding the lock are still there after ORPHANS_WAIT_S.
+    """
+    if recorded is None or recorded.job_id is not None or recorded.pid is None:
+        raise UserError(_held_message(path, recorded))
+    if recorded.host != platform.node() or not _gone(recorded.pid, recorded.start_s):
+        raise UserError(_held_message(path, recorded))
+    table = _process_table()
+    holders = _lock_holders(fd, table)
+    if not holders:  # it exited since the first try, or it is not ours to see
+        if _try_lock(fd, fcntl.LOCK_EX, RETRY_S):
+            return True
+        raise UserError(
+            f"{path.parent} is locked by a process this user cannot see, although the launcher that "
+            f"held it (pid {recorded.pid}) is gone; nothing was changed",
+            hint=f"find it with: fuser -v {shlex.quote(str(path))}",
+        )
+    named = {pid: table[pid] for pid in [*holders, *_descendants(holders, table)]}
+    who = _describe(holders, [p for p in named if p not in holders])
+    print(
+        f"mplaunch: the launcher that held {path.parent} (pid {recorded.pid}) is gone; waiting up to "
+        f"{ORPHANS_WAIT_S:.0f} s for its workers to exit: {who}",
+        file=sys.stderr,
+        flush=True,
+    )
+    deadline = time.monotonic() + ORPHANS_WAIT_S
+    locked = False
+    while True:
+        locked = locked or _try_lock(fd, fcntl.LOCK_EX, 0.0)
+        left = [pid for pid, proc in named.items() if _running(pid, proc)]
+        if locked and not left:
+            return True
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if not left:  # those named are gone, yet the lock is held: by whoever holds it now
+        holders = _lock_holders(fd, _process_table()) or holders
+        left = holders
+    still = _describe([p for p in holders if p in left], [p for p in left if p not in holders])
+    raise UserError(
+        f"{path.parent} is still in use by what its dead launcher (pid {recorded.pid}) started: "
+        f"{still} did not exit within {ORPHANS_WAIT_S:.0f} s; nothing was changed",
+        hint=f"stop them (kill {' '.join(map(str, left))}; kill -9 if they ignore it), then start again",
+    )
+
+
+@dataclass(frozen=True)
+class _Proc:
+    """A process's /proc/PID/stat: its parent, state (Z: a zombie) and start (clock ticks after boot)."""
+
+    ppid: int
+    state: str
+    start_ticks: int
+
+    @classmethod
+    def read(cls, pid: int) -> _Proc | None:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        except OSError:
+            return None
+        fields = text.rpartition(") ")[2].split()  # after the name, which may hold ") "
+        try:
+            return cls(int(fields[1]), fields[0], int(fields[19]))
+        except (IndexError, ValueError):
+            return None
+
+
+def _process_table() -> dict[int, _Proc]:
+    """Every process this user can see, by pid (Linux /proc; empty elsewhere)."""
+    table = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            proc = _Proc.read(int(entry)) if entry.isdigit() else None
+            if proc is not None:
+                table[int(entry)] = proc
+    return table
+
+
+def _lock_holders(fd: int, table: dict[int, _Proc]) -> list[int]:
+    """The other processes whose descriptor on `fd`'s file holds its flock (fdinfo's `lock:` line):
+    not the ones that merely opened it, as another start or `mplaunch report` does."""
+    here = os.fstat(fd)
+    holders = []
+    for pid in sorted(set(table) - {os.getpid()}):
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{pid}/fd/{entry}")
+                    if (st.st_dev, st.st_ino) != (here.st_dev, here.st_ino):
+                        continue
+                    if "FLOCK" in Path(f"/proc/{pid}/fdinfo/{entry}").read_text():
+                        holders.append(pid)
+                        break
+    return holders
+
+
+def _descendants(roots: list[int], table: dict[int, _Proc]) -> list[int]:
+    """The processes started by `roots` and by those, in pid order (torchrun's: the workers)."""
+    found: set[int] = set()
+    todo = list(roots)
+    while todo:
+        parent = todo.pop()
+        kids = [pid for pid, proc in table.items() if proc.ppid == parent and pid not in found]
+        found.update(kids)
+        todo += kids
+    return sorted(found - set(roots))
+
+
+def _describe(holders: list[int], others: list[int]) -> str:
+    """ "torchrun pid 12, worker pids 13, 14" """
+    parts = [f"{_program(pid)} pid {pid}" for pid in holders]
+    if others:
+        parts.append(f"worker pid{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}")
+    return ", ".join(parts)
+
+
+def _program(pid: int) -> str:
+    """ "torchrun" (`python -m torch.distributed.run` too), else the program's file name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "process"
+    if "torch.distributed.run" in argv or any(Path(a).name == "torchrun" for a in argv[:2]):
+        return "torchrun"
+    return Path(argv[0]).name or "process"
+
+
+def _running(pid: int, seen: _Proc) -> bool:
+    """`pid` is still the process `seen` and has not exited (a zombie has)."""
+    now = _Proc.read(pid)
+    return now is not None and now.start_ticks == seen.start_ticks and now.state != "Z"
+
+
+def _gone(pid: int, start_s: float) -> bool:
+    """The process `pid`, which recorded itself at `start_s`, has exited: no such process, a
+    zombie, or a process that started later (the pid was reused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    proc = _Proc.read(pid)
+    if proc is None:
+        return False  # alive, and no /proc to tell more
+    return proc.state == "Z" or (start_s > 0 and _started_s(proc) > start_s + 2.0)
+
+
+def _started_s(proc: _Proc) -> float:
+    """When `proc` started (Unix s): the boot time in /proc/stat plus its start in clock ticks."""
+    try:
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0.0
+    return boot + proc.start_ticks / os.sysconf("SC_CLK_TCK")

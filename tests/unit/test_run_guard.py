@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from launcher.errors import UserError
+from launcher.run import start
+from launcher.rundir import lock as lock_mod
 from launcher.rundir.layout import RankError, RunDir, cause, is_secondary
 from launcher.rundir.lock import Holder, RunLock, holder_if_held
 from launcher.rundir.watchdog import Beat, HangRule, innermost_frame
@@ -52,6 +58,164 @@ def test_a_queued_job_counts_as_a_holder(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(UserError, match="Slurm job 55"):
         RunLock.acquire(lock)
     assert holder_if_held(lock).job_id == "55"  # type: ignore[union-attr]
+
+
+# A process that the dead launcher started, given its locked descriptor (as torchrun is): it starts a
+# worker of its own (which does not inherit the descriptor), prints the worker's pid, and both sleep.
+_LEFT_BEHIND = (
+    "import subprocess, sys, time\n"
+    "sleep = 'import sys, time; time.sleep(float(sys.argv[1]))'\n"
+    "worker = subprocess.Popen([sys.executable, '-c', sleep, sys.argv[2]])\n"
+    "print(worker.pid, flush=True)\n"
+    "time.sleep(float(sys.argv[1]))\n"
+)
+
+
+def _left_behind(
+    lock: Path, recorded: Holder, holder_s: float, worker_s: float
+) -> tuple[subprocess.Popen, int]:
+    """The lock `lock` held by a child (living `holder_s`) and its worker (`worker_s`), naming `recorded`,
+    as a launcher killed by SIGKILL leaves it; returns the child and its worker's pid."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, recorded.to_json().encode(), 0)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _LEFT_BEHIND, str(holder_s), str(worker_s)],
+            pass_fds=(fd,),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(fd)  # the child is left holding the lock, as torchrun is
+    assert child.stdout is not None
+    return child, int(child.stdout.readline())
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("reused", [False, True], ids=["dead pid", "pid reused since"])
+def test_a_start_waits_for_what_a_killed_launcher_left_holding_the_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, reused: bool
+) -> None:
+    monkeypatch.setattr(lock_mod, "RETRY_S", 0.0)  # the child must still hold the lock when it is looked at
+    lock = tmp_path / "run" / ".lock"
+    # A reused pid: this process, alive, but started long after the holder recorded itself.
+    recorded = (
+        Holder(platform.node(), os.getpid(), 1.0e9)
+        if reused
+        else Holder(platform.node(), dead_pid(), time.time())
+    )
+    child, worker = _left_behind(lock, recorded, holder_s=2.0, worker_s=3.0)
+    try:
+        with RunLock.acquire(lock):
+            assert child.poll() is not None  # both gone before the lock was taken
+            assert _exited(worker)
+            assert Holder.parse(lock.read_text()).pid == os.getpid()  # type: ignore[union-attr]
+    finally:
+        child.kill()
+        child.wait()
+    err = capsys.readouterr().err
+    assert err == (
+        f"mplaunch: the launcher that held {lock.parent} (pid {recorded.pid}) is gone; waiting up to 60 s "
+        f"for its workers to exit: {Path(sys.executable).name} pid {child.pid}, worker pid {worker}\n"
+    )
+
+
+def test_what_outlives_the_wait_is_named_and_nothing_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lock_mod, "ORPHANS_WAIT_S", 1.0)
+    lock = tmp_path / "run" / ".lock"
+    recorded = Holder(platform.node(), dead_pid(), time.time())
+    child, worker = _left_behind(lock, recorded, holder_s=60.0, worker_s=60.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(UserError) as refused:
+            RunLock.acquire(lock)
+        assert time.monotonic() - started < 30  # bounded by ORPHANS_WAIT_S, not by the child
+        assert child.poll() is None
+        assert Holder.parse(lock.read_text()) == recorded  # nothing written
+    finally:
+        child.kill()
+        child.wait()
+        os.kill(worker, 9)
+    assert refused.value.lines == [
+        f"{lock.parent} is still in use by what its dead launcher (pid {recorded.pid}) started: "
+        f"{Path(sys.executable).name} pid {child.pid}, worker pid {worker} did not exit within 1 s; "
+        f"nothing was changed (hint: stop them (kill {child.pid} {worker}; kill -9 if they ignore it), "
+        "then start again)"
+    ]
+    assert "waiting up to 1 s" in capsys.readouterr().err
+
+
+def test_a_holder_this_user_cannot_see_is_said_with_how_to_find_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lock_mod, "RETRY_S", 0.0)
+    monkeypatch.setattr(lock_mod, "_lock_holders", lambda fd, table: [])  # another user's, say
+    lock = tmp_path / "run" / ".lock"
+    recorded = Holder(platform.node(), dead_pid(), time.time())
+    child, _ = _left_behind(lock, recorded, holder_s=60.0, worker_s=0.0)
+    try:
+        with pytest.raises(UserError) as refused:
+            RunLock.acquire(lock)
+    finally:
+        child.kill()
+        child.wait()
+    assert refused.value.lines == [
+        f"{lock.parent} is locked by a process this user cannot see, although the launcher that held it "
+        f"(pid {recorded.pid}) is gone; nothing was changed (hint: find it with: fuser -v {lock})"
+    ]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("host", "job_id"), [("node7", None), (platform.node(), "917")], ids=["another host", "a Slurm job"]
+)
+def test_a_dead_holder_elsewhere_or_in_a_slurm_job_is_named_at_once(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+    job_id: str | None,
+) -> None:
+    monkeypatch.setattr(lock_mod, "RETRY_S", 0.0)
+    lock = tmp_path / "run" / ".lock"
+    recorded = Holder(host, dead_pid(), time.time(), job_id)
+    child, worker = _left_behind(lock, recorded, holder_s=60.0, worker_s=0.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(UserError, match=f"is in use by another run: .*pid {recorded.pid} on {host}"):
+            RunLock.acquire(lock)
+        assert time.monotonic() - started < 30
+    finally:
+        child.kill()
+        child.wait()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_live_local_holder_is_named_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lock = tmp_path / "run" / ".lock"
+    mine = f"is in use by another run: pid {os.getpid()} on {platform.node()}"
+    with RunLock.acquire(lock), pytest.raises(UserError, match=mine):
+        RunLock.acquire(lock)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_resubmit_hint_quotes_the_script_path(tmp_path: Path) -> None:
+    run_dir = tmp_path / "my runs" / "bert's"
+    with pytest.raises(UserError) as refused:
+        start.resume_target(str(run_dir), slurm_job=True)
+    script = RunDir.of(run_dir).slurm_script
+    assert refused.value.lines[0].endswith(f"(hint: resubmit it: sbatch {shlex.quote(str(script))})")
+    assert shlex.split(refused.value.lines[0].rpartition("sbatch ")[2][:-1]) == [str(script)]
 
 
 def _beat(rank: int, step: int, at: float, phase: str = "step") -> Beat:
