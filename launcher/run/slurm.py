@@ -21,6 +21,10 @@ One run per directory (launcher.rundir.lock): the batch script holds RUN_DIR/.lo
 `flock` for the job's life and names the job in it; submission is refused while a
 local run or a queued or running job holds it.
 
+Before submitting, `sbatch --test-only` asks whether the job could ever start; one that no
+node of its partition can hold is refused in one line (launcher.run.slurm_feasible). The
+slurm.* values are checked in launcher.run.slurm_checks.
+
 Light side: no torch import.
 """
 
@@ -43,7 +47,7 @@ from launcher.plan.hardware import Gpu, Hardware
 from launcher.plan.processes import torchrun_command
 from launcher.plan.resolve import Plan, prepare_vocab, resolve
 from launcher.recipe import schema as recipe_mod
-from launcher.run import preflight
+from launcher.run import preflight, slurm_checks, slurm_feasible
 from launcher.rundir.layout import RunDir
 from launcher.rundir.lock import Holder, RunLock
 
@@ -67,20 +71,6 @@ RENDEZVOUS = (
     "--rdzv-conf=is_host=$is_host",
 )
 SAFE_WORD = re.compile(r"[A-Za-z0-9_.,:=/@%+-]+")
-# Options mplaunch writes itself; set them through the slurm.* keys instead.
-MANAGED_OPTIONS = {
-    "job-name": "name", "nodes": "launch.nnodes", "ntasks-per-node": None, "ntasks": None,
-    "gpus-per-node": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem",
-    "time": "slurm.time", "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
-    "output": None, "error": None, "signal": "slurm.signal_s", "requeue": None, "no-requeue": None,
-    "open-mode": None,
-}  # fmt: skip
-
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-NAME_VALUE = re.compile(r"[A-Za-z0-9_.,+-]+")  # partition (lists too), account, qos
-MEM_VALUE = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
-TIME_VALUE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
-EXTRA_OPTION = re.compile(r"--([a-z][a-z0-9-]*)(=[^\s'\"`\\]+)?")
 
 
 def run(recipe: recipe_mod.Recipe, template: Path | None = None, dry_run: bool = False) -> int:
@@ -125,78 +115,12 @@ def gpus_per_node(recipe: recipe_mod.Recipe) -> int:
 
 def resolve_for_cluster(recipe: recipe_mod.Recipe) -> Plan:
     """The plan for the cluster's nodes; UserError lists every problem of the recipe and its Slurm values."""
-    problems = check_values(recipe)
+    problems = slurm_checks.check_values(recipe)
     if problems:
         raise UserError(problems)
     if recipe.launch.device == "cuda" and gpus_per_node(recipe) == 0:
         raise UserError("slurm.gpus_per_node: 0 GPUs but launch.device is cuda", hint="use --gpus-per-node N")
     return resolve(recipe, cluster_hardware(recipe), nnodes_allowed=True)
-
-
-def check_values(recipe: recipe_mod.Recipe) -> list[str]:
-    """Every slurm.* value that reaches the script, checked so that none can break out of its line."""
-    s = recipe.slurm
-    problems = []
-    for key in ("partition", "account", "qos"):
-        value = getattr(s, key)
-        if value is not None and not NAME_VALUE.fullmatch(value):
-            problems.append(f"slurm.{key}: {value!r} is not a Slurm name (letters, digits, _ . , + -)")
-    if s.mem is not None and not MEM_VALUE.fullmatch(s.mem):
-        problems.append(f"slurm.mem: {s.mem!r} is not a size like 64G or 512000M")
-    limit_s = time_limit_s(s.time)
-    if limit_s is None:
-        problems.append(f"slurm.time: {s.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH, D-HH:MM:SS)")
-    elif limit_s <= s.signal_s:
-        problems.append(
-            f"slurm.signal_s: the {s.signal_s} s warning must come before the time limit {s.time}"
-        )
-    for i, line in enumerate(s.extra_sbatch):
-        problems += _check_extra(i, line)
-    for key in s.env:
-        if not ENV_KEY.fullmatch(key):
-            problems.append(
-                f"slurm.env: {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
-            )
-    for i, line in enumerate(s.setup):
-        if "\n" in line or "\r" in line:
-            problems.append(f"slurm.setup[{i}]: one shell line per item (it contains a line break)")
-    return problems
-
-
-def _check_extra(i: int, line: str) -> list[str]:
-    match = EXTRA_OPTION.fullmatch(line)
-    if match is None:
-        return [
-            f"slurm.extra_sbatch[{i}]: {line!r} is not a single --option or --option=value "
-            "(no spaces, quotes, backslashes or short options)"
-        ]
-    option = match.group(1)
-    # sbatch takes any unambiguous prefix of a long option (--parti is --partition): refuse
-    # every prefix of a managed one, or the guard and the requeue contract could be bypassed.
-    managed = [name for name in MANAGED_OPTIONS if name.startswith(option)]
-    if not managed:
-        return []
-    name = option if option in MANAGED_OPTIONS else managed[0]
-    key = MANAGED_OPTIONS[name]
-    where = f"set {key} instead" if key else "mplaunch sets it"
-    shown = f"--{option}" if name == option else f"--{option} (sbatch reads it as --{name})"
-    return [f"slurm.extra_sbatch[{i}]: {shown} is written by mplaunch ({where})"]
-
-
-def time_limit_s(text: str) -> int | None:
-    """Seconds in an sbatch --time value, or None when it is not one (UNLIMITED counts as no limit)."""
-    if text.upper() in ("UNLIMITED", "INFINITE"):
-        return sys.maxsize
-    m = TIME_VALUE.fullmatch(text)
-    if m is None:
-        return None
-    days, first, second, third = (int(g) if g is not None else None for g in m.groups())
-    assert first is not None  # TIME_VALUE always captures the first number
-    if days is not None:  # D-H, D-H:M, D-H:M:S
-        return days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)
-    if third is not None:  # H:M:S
-        return first * 3600 + (second or 0) * 60 + third
-    return first * 60 + (second or 0)  # M or M:S
 
 
 # --------------------------------------------------------------------------- rendering
@@ -315,6 +239,7 @@ def render(plan: Plan, template: Path = DEFAULT_TEMPLATE) -> str:
     env.filters["q"] = lambda value: shlex.quote(str(value))
     env.filters["sbatch_path"] = sbatch_path
     env.filters["oneline"] = lambda value: json.dumps(str(value))
+    env.filters["qline"] = shell_line
     try:
         text = template.read_text()
     except OSError as exc:
@@ -327,6 +252,24 @@ def render(plan: Plan, template: Path = DEFAULT_TEMPLATE) -> str:
         raise UserError(
             f"{where}: {exc.message or exc}", hint=f"names a template may use: {', '.join(context(plan))}"
         ) from None
+
+
+def shell_line(value: object) -> str:
+    """`value` as one bash word that keeps to its line, for a command shown in a comment or a message:
+    shell-quoted, or in bash's $'...' quoting when it holds a character that is not printable (a
+    line break would end the comment, and a pasted line would run what follows it)."""
+    text = str(value)
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(_ansi_c(ch) for ch in text) + "'"
+
+
+def _ansi_c(ch: str) -> str:
+    if ch in "\\'":
+        return "\\" + ch
+    if ch.isprintable():
+        return ch
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x80 else f"\\U{ord(ch):08x}"
 
 
 def sbatch_path(directory: str, pattern: str = "") -> str:
@@ -343,6 +286,18 @@ def sbatch_path(directory: str, pattern: str = "") -> str:
 # --------------------------------------------------------------------------- submitting
 
 
+def cluster_request(plan: Plan) -> slurm_feasible.Request:
+    """What the job asks of each node, as the script's #SBATCH lines say it (one task per node)."""
+    s = plan.recipe.slurm
+    return slurm_feasible.Request(
+        nodes=plan.nnodes,
+        cpus=cluster_hardware(plan.recipe).cpu_count,
+        gpus=gpus_per_node(plan.recipe),
+        memory_mb=slurm_checks.mem_mb(s.mem) if s.mem else None,
+        partitions=tuple(p for p in (s.partition or "").split(",") if p),
+    )
+
+
 def submit(plan: Plan, script: str) -> int:
     """Write the run directory and the script, submit it, print the job id and the log paths."""
     sbatch = shutil.which("sbatch")
@@ -356,6 +311,8 @@ def submit(plan: Plan, script: str) -> int:
         if preflight.finished_run(plan, "nothing submitted"):
             return 0
         preflight.check_resume(plan)
+        # Before anything is written: a job no node can hold is refused, not left pending forever.
+        slurm_feasible.check(sbatch, script, cluster_request(plan))
         paths = Paths(Path(preflight.prepare_run_dir(plan)))
         paths.slurm_dir.mkdir(parents=True, exist_ok=True)
         paths.script.write_text(script)

@@ -24,7 +24,7 @@ from launcher import cli
 from launcher.errors import UserError
 from launcher.plan.resolve import Plan
 from launcher.recipe import schema as recipe_mod
-from launcher.run import requeue, slurm
+from launcher.run import requeue, slurm, slurm_checks
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "bert_tiny.yaml"
@@ -242,6 +242,92 @@ def test_unmanaged_options_that_only_share_a_start_pass(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("line", "shown", "reason"),
+    [
+        ("--array=0-3", "--array", "one run directory is one job"),
+        ("--chd=/tmp", "--chd (sbatch reads it as --chdir)", "the job starts where mplaunch ran"),
+        ("--chdir=/tmp", "--chdir", "slurm.setup lines and relative paths are read there"),
+        ("--export=NONE", "--export", "the job needs the submitting environment"),
+        ("--export=PATH,HOME", "--export", "keep ALL in the list"),
+        ("--export", "--export", "the job needs the submitting environment"),
+        ("--export-file=/tmp/env", "--export-file", "it replaces the environment"),
+        ("--export-f=/tmp/env", "--export-f (sbatch reads it as --export-file)", "set slurm.env instead"),
+        ("--hold", "--hold", "the job would sit held until `scontrol release`"),
+        ("--ho", "--ho (sbatch reads it as --hold)", "the job would sit held"),
+        ("--wrap=hostname", "--wrap", "the job's script is mplaunch's"),
+        ("--wait", "--wait", "sbatch would not answer until the job ends"),
+        ("--test-only", "--test-only", "nothing would be queued"),
+        ("--parsable", "--parsable", "mplaunch reads sbatch's answer itself"),
+        (
+            "--clusters=other",
+            "--clusters",
+            "mplaunch follows the job with squeue and scontrol on this cluster",
+        ),
+        ("--cluster=other", "--cluster", "mplaunch follows the job with squeue"),
+        ("--uid=alice", "--uid", "the job must run as the user who wrote the run directory"),
+        ("--w", "--w (sbatch may read it as --wait or --wrap)", "spell out the option meant"),
+        (
+            "--exp=ALL",
+            "--exp (sbatch may read it as --export or --export-file)",
+            "spell out the option meant",
+        ),
+    ],
+)
+def test_options_that_break_the_job_are_refused(tmp_path: Path, line: str, shown: str, reason: str) -> None:
+    """Each reason names what breaks: one job per run directory, started where mplaunch ran, with
+    the submitting environment, submitted and followed by mplaunch on this cluster."""
+    with pytest.raises(UserError) as err:
+        slurm.resolve_for_cluster(load(tmp_path, f"slurm.extra_sbatch={json.dumps([line])}"))
+    assert len(err.value.lines) == 1
+    assert err.value.lines[0].startswith(f"slurm.extra_sbatch[0]: {shown} is refused: "), err.value.lines
+    assert reason in err.value.lines[0]
+
+
+@pytest.mark.parametrize("line", ["--export=ALL", "--export=all,MY_VAR=1", "--export=MY_VAR=1,ALL",
+                                  "--get-user-env", "--cluster-constraint=x", "--wait-all-nodes=1"])  # fmt: skip
+def test_options_that_keep_the_contract_pass(tmp_path: Path, line: str) -> None:
+    # ALL anywhere in --export's list keeps the whole environment (sbatch's env_merge_filter).
+    plan = slurm.resolve_for_cluster(load(tmp_path, f"slurm.extra_sbatch={json.dumps([line])}"))
+    assert sbatch_options(slurm.render(plan))[-1] == line
+
+
+def test_refused_and_managed_options_are_real_sbatch_options() -> None:
+    """A typo in the tables would refuse nothing: every name is one of sbatch's long options."""
+    man = shutil.which("man") and subprocess.run(["man", "sbatch"], capture_output=True, text=True)
+    if not man or man.returncode != 0:
+        pytest.skip("no sbatch man page here (.ci/run installs slurm-client)")
+    documented = set(re.findall(r"--([a-z][a-z0-9-]*)", man.stdout))
+    undocumented = {"cluster"}  # sbatch's alias of --clusters (src/common/slurm_opt.c)
+    assert set(slurm_checks.MANAGED_OPTIONS) | set(slurm_checks.REFUSED_OPTIONS) <= documented | undocumented
+
+
+def test_resubmit_hint_pastes_the_path_verbatim(tmp_path: Path) -> None:
+    """The script's resubmit line, pasted into bash, gives sbatch the path as one word and runs nothing."""
+    hostile = tmp_path / "a $(touch pwned) `touch pwned` b;touch pwned 'q'"
+    plan = plan_for(hostile, 1, 0)
+    script = Path(plan.run_dir) / "slurm" / "job.sbatch"
+    [hint] = [line for line in slurm.render(plan).splitlines() if line.startswith("# Resubmit")]
+    command = hint.split(": ", 1)[1]
+    assert command.startswith("sbatch ")
+    assert shlex.split(command) == ["sbatch", str(script)]
+    done = subprocess.run(["bash", "-c", f'sbatch() {{ printf "%s\\0" "$@"; }}\n{command}'],
+                          cwd=tmp_path, capture_output=True, text=True, check=True)  # fmt: skip
+    assert done.stdout.split("\0")[:-1] == [str(script)]
+    assert not list(tmp_path.rglob("pwned")), "the pasted line ran a command"
+
+
+@pytest.mark.parametrize(
+    "value", ["plain", "a b$(touch pwned)'c'", "line\nbreak$(touch pwned)", "tab\there\u2028x"]
+)
+def test_qline_filter_stays_on_its_line_and_pastes_verbatim(tmp_path: Path, value: str) -> None:
+    word = slurm.shell_line(value)
+    assert word.isprintable()
+    done = subprocess.run(["bash", "-c", f'printf "%s" {word}'], cwd=tmp_path, capture_output=True, text=True)
+    assert done.stdout == value
+    assert not list(tmp_path.rglob("pwned"))
+
+
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         slurm.resolve_for_cluster(
@@ -273,8 +359,8 @@ def test_run_dir_slurm_cannot_take_is_rejected(tmp_path: Path, bad: str) -> None
     ],
 )
 def test_time_limit_seconds(text: str, seconds: int) -> None:
-    assert slurm.time_limit_s(text) == seconds
-    assert slurm.time_limit_s("1:2:3:4") is None
+    assert slurm_checks.time_limit_s(text) == seconds
+    assert slurm_checks.time_limit_s("1:2:3:4") is None
 
 
 def test_cuda_without_gpus_is_a_user_error(tmp_path: Path) -> None:
@@ -592,7 +678,8 @@ def test_script_holds_the_run_dir_lock_and_names_the_job(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert "flock" in slurm.render(plan)
     holder = Holder.parse((tmp_path / "log" / "lock.seen").read_text())
-    assert holder is not None and holder.job_id == "4242" and holder.state == "running"
+    assert holder is not None
+    assert (holder.job_id, holder.state) == ("4242", "running")
     assert (Path(plan.run_dir) / ".lock").read_text() == ""  # the ended job names nobody
 
 
@@ -604,7 +691,8 @@ def test_script_refuses_a_run_dir_another_run_holds(tmp_path: Path, monkeypatch:
     with RunLock.acquire(Path(plan.run_dir) / ".lock"):
         done = run_with_stubs(tmp_path, plan)
     assert done.returncode == 2
-    assert "is in use by another run" in done.stderr and f'"pid": {os.getpid()}' in done.stderr
+    assert "is in use by another run" in done.stderr
+    assert f'"pid": {os.getpid()}' in done.stderr
     assert not (tmp_path / "log" / "srun.argv").exists()
 
 
@@ -617,7 +705,8 @@ def test_submit_is_refused_while_a_local_run_holds_the_dir(tmp_path: Path, monke
     with RunLock.acquire(run_dir / ".lock"):
         assert cli.main([str(TINY), "--slurm", f"logging.dir={tmp_path}/runs"]) == 2
     assert f"pid {os.getpid()}" in capsys.readouterr().err
-    assert not (tmp_path / "submitted").exists() and not (run_dir / "plan.json").exists()
+    assert not (tmp_path / "submitted").exists()
+    assert not (run_dir / "plan.json").exists()
     assert cli.main([str(TINY), "--slurm", f"logging.dir={tmp_path}/runs"]) == 0
     held = json.loads((run_dir / ".lock").read_text())
     assert (held["job_id"], held["state"]) == ("77", "submitted")
