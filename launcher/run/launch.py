@@ -4,7 +4,8 @@ Light side: no torch import. The launcher holds the run directory's lock
 (launcher.rundir.lock) for the run's life, checks that a resume is possible
 before any worker starts (launcher.run.preflight), starts torchrun in its own session, forwards
 Ctrl-C and SIGTERM to the workers (which checkpoint and stop at the next
-step boundary), watches their heartbeats for a hang (launcher.rundir.watchdog),
+step boundary), watches their heartbeats for a hang (launcher.rundir.watchdog; the stack
+dumps and the stopping are launcher.run.hangwatch's, which each Slurm node's watcher shares),
 turns a failing rank into one readable message, recorded as an "error"
 event in metrics.jsonl (a rank a signal killed is named with it), exits 128+N when signal N
 stopped the run unfinished (sent to the launcher or to a rank), and passes the workers' output on
@@ -21,22 +22,28 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import IO, Any, TextIO
 
 from launcher.errors import UserError
 from launcher.plan.resolve import Plan
 from launcher.run import progress
+from launcher.run.hangwatch import (
+    KILL_GRACE_S,
+    STACK_WAIT_S,
+    child_pids,
+    innermost_frames,
+    signal_stacks,
+    stop_workers,
+    wait_for_stacks,
+)
 from launcher.run.preflight import check_resume, finished_run, prepare_run_dir
 from launcher.rundir import ownership
 from launcher.rundir.layout import RankError, RunDir, is_secondary
 from launcher.rundir.lock import RunLock
 from launcher.rundir.metrics_log import format_duration, read_metrics
-from launcher.rundir.watchdog import Beat, Hang, HangRule, innermost_frame
+from launcher.rundir.watchdog import Beat, Hang, HangRule, hang_verdict, stacks_note
 
 POLL_S = 1.0  # how often the watch thread reads the heartbeats
-STACK_WAIT_S = 5.0  # for the ranks' stack dumps to appear
-KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL when the launcher stops the workers
 _RANK_ERROR = re.compile(r"^mplaunch: rank (?P<rank>\d+): error: (?P<message>.*)$")
 
 
@@ -197,18 +204,17 @@ class Workers:
         return {b.rank: b for b in parsed if b is not None}
 
     def _stop_hung(self, hang: Hang) -> None:
-        frames, stacks = self._dump_stacks({b.rank: b.pid for b in hang.stuck})
-        self.verdict = (
-            f"the run hung: no rank completed a step for {hang.limit_s:.0f}s ({self.rule.describe_limit()}): "
-            f"{hang.describe(frames)}{stacks}; stopped the workers"
-        )
+        frames, written = self._dump_stacks({b.rank: b.pid for b in hang.stuck})
+        stacks = [self.files.stack_dump(r) for r in written]
+        self.verdict = hang_verdict(hang, self.rule.describe_limit(), frames, stacks)
         print(f"mplaunch: {self.verdict}", file=sys.stderr, flush=True)
         self._terminate()
 
     def _stop_after_grace(self, beats: dict[int, Beat], now: float) -> None:
         assert self.stop_at is not None
         behind = sorted(b.rank for b in beats.values() if b.phase != "exit" and b.time < self.stop_at)
-        frames, stacks = self._dump_stacks({b.rank: b.pid for b in beats.values() if b.phase != "exit"})
+        frames, written = self._dump_stacks({b.rank: b.pid for b in beats.values() if b.phase != "exit"})
+        stacks = stacks_note([self.files.stack_dump(r) for r in written])
         late = ", ".join(
             f"rank {r} (last step {beats[r].step}, {now - beats[r].time:.0f}s ago"
             + (f", at {frames[r]})" if r in frames else ")")
@@ -224,42 +230,23 @@ class Workers:
         print(f"mplaunch: {self.verdict}", file=sys.stderr, flush=True)
         self._terminate()
 
-    def _dump_stacks(self, pids: dict[int, int]) -> tuple[dict[int, str], str]:
+    def _dump_stacks(self, pids: dict[int, int]) -> tuple[dict[int, str], list[int]]:
         """SIGUSR2 to each rank (faulthandler writes its stacks); returns each rank's innermost
-        frame and "; stacks in FILES" (or "" when none was written)."""
-        sent = []
-        workers = child_pids(self.proc.pid)
-        for rank, pid in sorted(pids.items()):
-            if pid not in workers:
-                continue  # a pid that is not one of our workers (any more) is not signalled
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR2)
-                sent.append(rank)
-        deadline = time.monotonic() + STACK_WAIT_S
-        while time.monotonic() < deadline and not all(_size(self.files.stack_dump(r)) for r in sent):
-            time.sleep(0.1)
-        time.sleep(0.2)  # the dump of the other threads may still be going out
-        written = [r for r in sent if _size(self.files.stack_dump(r))]
-        frames = {}
-        for rank in written:
-            frame = innermost_frame(self.files.stack_dump(rank).read_text(errors="replace"))
-            if frame:
-                frames[rank] = frame
-        if not written:
-            return frames, ""
-        return frames, f"; stacks in {', '.join(str(self.files.stack_dump(r)) for r in written)}"
+        frame, and the ranks whose stacks were written."""
+        sent = signal_stacks(pids, child_pids(self.proc.pid))
+        written = wait_for_stacks(self.files, sent, STACK_WAIT_S)
+        return innermost_frames(self.files, written), written
 
     def _terminate(self) -> None:
-        """SIGTERM to torchrun and the workers, SIGKILL to whatever is left after KILL_GRACE_S."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in [*child_pids(self.proc.pid), self.proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            try:
-                self.proc.wait(timeout=KILL_GRACE_S)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        """SIGTERM to torchrun and the workers, SIGKILL to whatever is left after a grace."""
+        stop_workers(self.proc.pid, self._ended)
+
+    def _ended(self, timeout_s: float) -> bool:
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def wait(self) -> int:
         try:
@@ -323,13 +310,6 @@ class Workers:
             print(f"mplaunch: (could not record the error in {self.files.metrics})", file=sys.stderr)
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the launcher dies, even by SIGKILL.
 
@@ -343,17 +323,6 @@ def _die_with_parent() -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def child_pids(pid: int) -> list[int]:
-    """The child processes of `pid` (torchrun's are the workers); Linux /proc, empty elsewhere."""
-    kids = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids += [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return kids
 
 
 def _report_failure(plan: Plan, code: int, printed: list[RankError], killed: dict[int, str]) -> str:

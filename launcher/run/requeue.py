@@ -8,7 +8,10 @@ after SINCE (Unix seconds, when this attempt's srun started) is this attempt's,
 so the job is requeued and resumes from that checkpoint. Workers that failed
 (STATUS not 0) without a stop get their cause (launcher.rundir.layout.RunDir.failed_rank)
 printed to the job's log and recorded as an "error" event in metrics.jsonl, as
-a local launch does, so that `mplaunch report` calls the run crashed.
+a local launch does, so that `mplaunch report` calls the run crashed. Workers the
+nodes' hang watch stopped (launcher.run.hangwatch: a decision at or after SINCE) get
+the watch's verdict recorded the same way, and the job is not requeued, stop or not:
+it would hang again.
 
 Light side: no torch import, and nothing the workers import.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from launcher.errors import UserError
 from launcher.plan.resolve import Plan
+from launcher.run.hangwatch import Decision, hang_since
 from launcher.rundir import checkpoint
 from launcher.rundir.layout import RunDir
 from launcher.rundir.metrics_log import read_metrics
@@ -60,7 +65,7 @@ def after_stop(run_dir: Path, since_s: float) -> bool:
     used = counts.get(job_id, 0)
     if used >= cap:
         _log(f"job {job_id} was requeued {used} times (slurm.max_requeues={cap}); not again. "
-             f"The checkpoint is saved: resubmit {files.slurm_script} to continue")  # fmt: skip
+             f"The checkpoint is saved: resubmit {shlex.quote(str(files.slurm_script))} to continue")  # fmt: skip
         return False
     counts[job_id] = used + 1
     _write_counts(counts_path, counts)
@@ -125,10 +130,25 @@ def record_failure(run_dir: Path, status: int) -> None:
     files.append_event(files.last_step(), "error", headline)
 
 
+def record_hang(run_dir: Path, hang: Decision) -> None:
+    """Record (an "error" event) the hang watch's verdict, printed here too when the deciding
+    node could not finish it; never raises."""
+    files = RunDir.of(run_dir)
+    if not hang.final:
+        print(f"mplaunch: {hang.verdict}", file=sys.stderr, flush=True)
+    _log(f"job {os.environ.get('SLURM_JOB_ID', '?')} is not requeued: its workers hung, and would again")
+    if not files.append_event(files.last_step(), "error", hang.verdict):
+        _log(f"could not record the hang in {files.metrics}")
+
+
 def main(argv: Sequence[str]) -> int:
     """`python -m launcher.run.requeue RUN_DIR SINCE [STATUS]` (the sbatch script's call): 0 when the
-    job was requeued; a failure (STATUS not 0) that was no stop is recorded."""
+    job was requeued; a hang, or a failure (STATUS not 0) that was no stop, is recorded."""
     run_dir, since, *rest = argv
+    hang = hang_since(Path(run_dir), float(since))
+    if hang is not None:
+        record_hang(Path(run_dir), hang)
+        return 1
     if after_stop(Path(run_dir), float(since)):
         return 0
     status = int(rest[0]) if rest else 0

@@ -2,8 +2,9 @@
 
 Each rank rewrites RUN_DIR/logs/rank-N.heartbeat (launcher.rundir.layout) when it starts
 ("setup"), when its setup is done ("train"), after every step ("step") and every
-checkpoint ("checkpoint"), and as it leaves ("exit"). The launcher polls them;
-`HangRule.check` says when every rank still running has gone too long without one.
+checkpoint ("checkpoint"), and as it leaves ("exit"). The launcher polls them (in a Slurm
+job, each node's watcher: launcher.run.hangwatch); `HangRule.check` says when every rank
+still running has gone too long without one, and `hang_verdict` is the line that says so.
 The limit is launch.hang_timeout: a number of seconds, or "auto": 10 minutes, or 20
 times the slowest step seen after a warm-up of 3 steps, whichever is longer. A rank
 still in setup (model build, DeepSpeed's op compile, resume) is allowed
@@ -15,15 +16,15 @@ Light side: the standard library only.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 AUTO_MIN_S = 600.0
 AUTO_FACTOR = 20.0
 WARMUP_STEPS = 3
 STARTUP_S = 1800.0
 # Collectives wait this much longer than the launcher, so that a hang is reported by the
-# launcher (with stacks) rather than as a timed-out collective on the waiting ranks.
+# launcher, or a Slurm node's watcher (with stacks), rather than as a timed-out collective.
 COLLECTIVE_MARGIN_S = 60.0
 AUTO_COLLECTIVE_S = 900.0
 
@@ -60,6 +61,22 @@ class Hang:
     limit_s: float
     now: float
 
+    def to_dict(self) -> dict[str, object]:
+        return {"limit_s": self.limit_s, "now": self.now, "stuck": [asdict(b) for b in self.stuck]}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, object]) -> Hang | None:
+        """The Hang `to_dict` wrote, or None for anything else."""
+        stuck, limit_s, now = raw.get("stuck"), raw.get("limit_s"), raw.get("now")
+        if not (
+            isinstance(stuck, list) and isinstance(limit_s, int | float) and isinstance(now, int | float)
+        ):
+            return None
+        beats = [Beat.parse(b) if isinstance(b, dict) else None for b in stuck]
+        if not beats or any(b is None for b in beats):
+            return None
+        return cls(tuple(b for b in beats if b is not None), float(limit_s), float(now))
+
     def describe(self, frames: Mapping[int, str] | None = None) -> str:
         """ "rank 0 in step 3 for 21s (at distributed_c10d.py:3252 in all_reduce), rank 1 in setup
         for 21s", for the one-line error; `frames`: each rank's innermost frame, where known."""
@@ -69,6 +86,26 @@ class Hang:
             at = f" (at {frames[b.rank]})" if frames and b.rank in frames else ""
             parts.append(f"rank {b.rank} {where} for {self.now - b.time:.0f}s{at}")
         return ", ".join(parts)
+
+
+def hang_verdict(hang: Hang, limit: str, frames: Mapping[int, str], stacks: Sequence[object]) -> str:
+    """The one line a hang is reported in, by the local launcher and by a Slurm node's watcher.
+
+    Args:
+        hang: what the rule found.
+        limit: the rule's `describe_limit()` ("launch.hang_timeout=10").
+        frames: each stuck rank's innermost frame, where its stacks were dumped.
+        stacks: the stack files written (none: the line says nothing of stacks).
+    """
+    return (
+        f"the run hung: no rank completed a step for {hang.limit_s:.0f}s ({limit}): "
+        f"{hang.describe(frames)}{stacks_note(stacks)}; stopped the workers"
+    )
+
+
+def stacks_note(stacks: Sequence[object]) -> str:
+    """ "; stacks in FILE, FILE" for a verdict's line, "" without any."""
+    return f"; stacks in {', '.join(str(s) for s in stacks)}" if stacks else ""
 
 
 def collective_timeout_s(setting: str | float) -> float:

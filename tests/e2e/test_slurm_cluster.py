@@ -117,7 +117,7 @@ def test_rendered_job_rejects_a_loopback_head_on_a_real_cluster(
 
 STUB_TORCHRUN = """#!{python}
 import os, signal, sys, time
-if sys.argv[1:3] == ["-m", "launcher.run.requeue"]:  # the script's requeue helper: the real one
+if sys.argv[1:3] in (["-m", "launcher.run.requeue"], ["-m", "launcher.run.hangwatch"]):  # the script's helpers: the real ones
     os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 log = open(os.environ["STUB_LOG"], "a", buffering=1)
 def stop(signum, frame):

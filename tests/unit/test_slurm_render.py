@@ -431,6 +431,8 @@ STUBS = {
     # torchrun's argv and environment; the requeue helper's call, run by the real Python.
     "python": '#!/bin/bash\nif [ "$2" = launcher.run.requeue ]; then\n'
     '  printf "%s\\0" "$@" > "$STUB_LOG/requeue.argv"; exec "$REAL_PYTHON" "$@"\nfi\n'
+    # the node's hang watch (launcher.run.hangwatch), run by the real Python: it leaves with the stub
+    'if [ "$2" = launcher.run.hangwatch ]; then exec "$REAL_PYTHON" "$@"; fi\n'
     'printf "%s\\0" "$@" > "$STUB_LOG/python.argv"\n'
     'printf "%s" "$HOSTILE" > "$STUB_LOG/hostile.env"\n'
     # the lock file as the workers' torchrun sees it (the job holds it while they run)
