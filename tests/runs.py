@@ -140,3 +140,31 @@ def explain(result: subprocess.CompletedProcess) -> str:
     return (
         f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
     )
+
+
+def faulty_recipe(
+    tmp_path: Path, name: str, fault: str, rank: int, step: int, *layers: dict[str, Any], seconds: float = 0.1
+) -> Path:
+    """A recipe of the user model tests/hang_model.py whose rank `rank` meets `fault` at step `step`
+    (hang, sleep, ...): `seconds` per micro-batch for a sleep; `layers` merged over it."""
+    return write_recipe(
+        tmp_path,
+        name,
+        FAST_USER_MODEL,
+        {
+            "model": {
+                "name": None,
+                "target": "hang_model:build",
+                "kwargs": {
+                    "vocab_size": 512,
+                    "rank": rank,
+                    "step": step,
+                    "accum": 2,
+                    "fault": fault,
+                    "seconds": seconds,
+                },
+            },
+            "data": {"kind": "synthetic", "paths": [], "num_samples": 512},
+        },
+        *layers,
+    )

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from launcher.run.launch import child_pids
-from tests.runs import FAST_USER_MODEL, losses, records, start, wait_for_step, write_recipe
+from tests.runs import faulty_recipe, losses, records, start, wait_for_step
 
 WAITING = "is gone; waiting up to"
 
@@ -80,27 +80,14 @@ def _exited(pid: int) -> bool:
 def test_a_restart_right_after_kill_9_waits_for_the_old_workers_and_resumes(tmp_path: Path) -> None:
     # About 1 s a step (0.5 s for each of rank 0's two micro-batches): the first run is still
     # training when it is frozen after its step-2 checkpoint.
-    recipe = write_recipe(
+    recipe = faulty_recipe(
         tmp_path,
         "killed",
-        FAST_USER_MODEL,
-        {
-            "model": {
-                "name": None,
-                "target": "hang_model:build",
-                "kwargs": {
-                    "vocab_size": 512,
-                    "rank": 0,
-                    "step": 1,
-                    "accum": 2,
-                    "fault": "sleep",
-                    "seconds": 0.5,
-                },
-            },
-            "data": {"kind": "synthetic", "paths": [], "num_samples": 512},
-            "train": {"max_steps": 16},
-            "checkpoint": {"every_steps": 2},
-        },
+        "sleep",
+        0,
+        1,
+        {"train": {"max_steps": 16}, "checkpoint": {"every_steps": 2}},
+        seconds=0.5,
     )
     run_dir = tmp_path / "runs" / "killed"
     first = start(str(recipe))

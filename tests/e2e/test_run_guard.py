@@ -12,48 +12,21 @@ import platform
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from launcher.rundir.lock import Holder, RunLock
 from tests.runs import (
     FAST,
-    FAST_USER_MODEL,
     dead_pid,
     explain,
+    faulty_recipe,
     mplaunch,
     records,
     start,
     wait_for_step,
     write_recipe,
 )
-
-
-def _faulty(
-    tmp_path: Path, name: str, fault: str, rank: int, step: int, *layers: dict[str, Any], seconds: float = 0.1
-) -> Path:
-    return write_recipe(
-        tmp_path,
-        name,
-        FAST_USER_MODEL,
-        {
-            "model": {
-                "name": None,
-                "target": "hang_model:build",
-                "kwargs": {
-                    "vocab_size": 512,
-                    "rank": rank,
-                    "step": step,
-                    "accum": 2,
-                    "fault": fault,
-                    "seconds": seconds,
-                },
-            },
-            "data": {"kind": "synthetic", "paths": [], "num_samples": 512},
-        },
-        *layers,
-    )
 
 
 def _report(run_dir: Path) -> str:
@@ -66,7 +39,7 @@ def _report(run_dir: Path) -> str:
 def test_the_same_recipe_started_twice_runs_once(tmp_path: Path) -> None:
     # 2 x 0.25 s a step: the first run trains on for 20 s after step 1, far longer than the
     # second start takes to be refused, however loaded the machine.
-    recipe = _faulty(tmp_path, "twice", "sleep", 0, 1, {"train": {"max_steps": 40}}, seconds=0.25)
+    recipe = faulty_recipe(tmp_path, "twice", "sleep", 0, 1, {"train": {"max_steps": 40}}, seconds=0.25)
     run_dir = tmp_path / "runs" / "twice"
     first = start(str(recipe))
     try:
@@ -111,7 +84,7 @@ def test_a_stale_lock_is_taken_over_and_dry_runs_take_no_lock(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_a_hung_rank_is_named_with_its_stack_and_stopped(tmp_path: Path) -> None:
-    recipe = _faulty(tmp_path, "hang", "hang", 1, 3, {"launch": {"hang_timeout": 10}})
+    recipe = faulty_recipe(tmp_path, "hang", "hang", 1, 3, {"launch": {"hang_timeout": 10}})
     run_dir = tmp_path / "runs" / "hang"
     began = time.monotonic()
     result = mplaunch(str(recipe), timeout=300)
@@ -130,7 +103,9 @@ def test_a_hung_rank_is_named_with_its_stack_and_stopped(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_ctrl_c_during_a_hang_escalates_after_the_grace(tmp_path: Path) -> None:
-    recipe = _faulty(tmp_path, "stuck", "hang", 1, 3, {"launch": {"hang_timeout": 600, "stop_grace": 5}})
+    recipe = faulty_recipe(
+        tmp_path, "stuck", "hang", 1, 3, {"launch": {"hang_timeout": 600, "stop_grace": 5}}
+    )
     run_dir = tmp_path / "runs" / "stuck"
     proc = start(str(recipe))
     try:
@@ -154,7 +129,7 @@ def test_ctrl_c_during_a_hang_escalates_after_the_grace(tmp_path: Path) -> None:
 def test_the_failing_rank_wins_the_headline_over_its_peers_connection_error(tmp_path: Path) -> None:
     # Rank 0 leaves the process group (rank 1 then fails with "connection closed by peer")
     # and reports its own error a few seconds later.
-    recipe = _faulty(tmp_path, "cause", "leave", 0, 3)
+    recipe = faulty_recipe(tmp_path, "cause", "leave", 0, 3)
     run_dir = tmp_path / "runs" / "cause"
     result = mplaunch(str(recipe), timeout=300)
     assert result.returncode == 1, explain(result)
@@ -169,7 +144,7 @@ def test_the_failing_rank_wins_the_headline_over_its_peers_connection_error(tmp_
 @pytest.mark.slow
 def test_no_space_left_on_a_data_file_is_said_with_its_path(tmp_path: Path) -> None:
     """ENOSPC raised by user code (a simulated full disk; the tmpfs test below is the real one)."""
-    recipe = _faulty(tmp_path, "enospc", "enospc", 1, 3)
+    recipe = faulty_recipe(tmp_path, "enospc", "enospc", 1, 3)
     result = mplaunch(str(recipe), timeout=300)
     assert result.returncode == 1, explain(result)
     assert "the run failed on rank-1: no space left on device: /data/shard-7.bin (" in result.stderr
