@@ -29,7 +29,6 @@ from launcher import __version__
 from launcher.analysis import parity
 from launcher.analysis.report import write_report
 from launcher.errors import UserError, report
-from launcher.recipe import files as recipe_files
 from launcher.recipe import schema as recipe_mod
 from launcher.recipe import shipped
 from launcher.run import environment, export, slurm, start
@@ -149,8 +148,13 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def find_recipe(name: str) -> Path:
-    """A recipe path as given, or a shipped recipe by name; a mistyped verb gets a hint."""
-    return recipe_files.locate(name, verbs=[v for v in VERBS if v != "run"])
+    """The recipe file `name` means for every verb that takes one: a file (as given, or with .yaml or
+    .yml) before a shipped recipe by name; one line on stderr says which when both match. A mistyped
+    verb gets a hint."""
+    path, note = shipped.locate(name, verbs=[v for v in VERBS if v != "run"])
+    if note is not None:
+        print(f"mplaunch: {note}", file=sys.stderr)
+    return path
 
 
 # --------------------------------------------------------------------------- check, env, recipes
@@ -168,7 +172,15 @@ def cmd_check(argv: list[str]) -> int:
     if args.recipe is None and not args.explain:
         p.error("the following arguments are required: recipe")
     path = find_recipe(args.recipe) if args.recipe is not None else None
-    return start.check(path, args.overrides, explain=args.explain, markdown=args.markdown)
+    if path is not None:  # every problem of the recipe and of its plan at once (resolve.plan_file)
+        from launcher.plan.hardware import Hardware
+        from launcher.plan.resolve import plan_file
+        from launcher.run.preflight import print_warnings
+
+        plan = plan_file(path, args.overrides, Hardware.probe())
+        print_warnings(plan.warnings)
+        print(f"ok: {plan.recipe.source} ({plan.batch.equation(plan.nnodes, plan.nproc_per_node)})")
+    return start.check(None, args.overrides, explain=args.explain, markdown=args.markdown)
 
 
 def cmd_env(argv: list[str]) -> int:
@@ -188,7 +200,8 @@ def cmd_recipes(argv: list[str]) -> int:
         if args.copy:
             raise UserError("mplaunch recipes: --copy needs a recipe name")
         return shipped.list_all()
-    path = find_recipe(args.name)
+    # The shipped one, even beside an edited copy of the same name (what find_recipe's note points to).
+    path = shipped.named(args.name) or find_recipe(args.name)
     return shipped.show(path) if args.copy is None else shipped.copy(path, args.copy)
 
 

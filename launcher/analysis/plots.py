@@ -6,8 +6,9 @@ the matplotlib import it delays, are launcher.analysis.figure's.
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +55,61 @@ def plot_loss(curves: Mapping[str, Metrics], path: Path, *, title: str = "Loss",
     return figure.finish(fig, axes, path, title, context)
 
 
-def _plot_lr(metrics: Metrics, path: Path, context: str) -> Path:
+def lr_curve(metrics: Metrics, lr_of: Callable[[int], float]) -> tuple[list[int], list[float]]:
+    """The learning rate of every step, from the run's schedule (launcher.plan.schedule), where it
+    agrees with the logged records.
+
+    Step s used lr_of(s - 1 - the skipped fp16 steps before it: the "overflow" events). A logged
+    lr the schedule does not give (a resume that changed the schedule; an fp16 run from before
+    overflow events) leaves the schedule out up to the resume after it, or wholly without one.
+
+    Args:
+        lr_of: the lr after n applied optimizer steps, as the run's plan.json schedules it.
+    """
+    skips = sorted(e["step"] for e in metrics.named("overflow"))
+
+    def at(step: int) -> float:
+        return lr_of(step - 1 - bisect.bisect_left(skips, step))
+
+    steps, logged = metrics.series("lr")
+    wrong = [
+        s
+        for s, v in zip(steps, logged, strict=True)
+        if not math.isclose(at(s), v, rel_tol=1e-6, abs_tol=1e-15)
+    ]
+    begin = 1
+    if wrong:
+        later = [r for r in metrics.resumes if r >= wrong[-1]]
+        if not later:
+            return [], []
+        begin = later[0] + 1
+    end = metrics.last_step
+    # Every step up to 20,000 points; a longer run's curve is sampled (it is smooth past warmup).
+    xs = [*range(begin, end + 1, max(1, (end - begin) // 20_000))]
+    xs += [end] if xs and xs[-1] != end else []
+    return xs, [at(s) for s in xs]
+
+
+def _plot_lr(metrics: Metrics, path: Path, context: str, lr_of: Callable[[int], float] | None) -> Path:
     from matplotlib.ticker import ScalarFormatter
 
     fig, axes = figure.new_figure()
+    ax = axes[0]
     steps, lr = metrics.series("lr")
-    axes[0].plot(steps, lr, color="C0", lw=1.5)
+    curve = lr_curve(metrics, lr_of) if lr_of is not None and steps else ([], [])
+    if curve[0]:
+        ax.plot(*curve, color="C0", lw=1.5, label="every step (the run's schedule)")
+        ax.plot(steps, lr, "o", color="C1", ms=3.5, label="logged (metrics.jsonl)")
+        figure.legend(ax)
+    else:
+        ax.plot(steps, lr, color="C0", lw=1.5)
     if not steps:
-        figure.note(axes[0], "no learning rate logged yet")
+        figure.note(ax, "no learning rate logged yet")
     formatter = ScalarFormatter(useMathText=True)
     formatter.set_powerlimits((-2, 3))
-    axes[0].yaxis.set_major_formatter(formatter)
-    axes[0].set_ylim(bottom=0)
-    axes[0].set_ylabel("learning rate")
+    ax.yaxis.set_major_formatter(formatter)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("learning rate")
     return figure.finish(fig, axes, path, "Learning rate", context)
 
 
@@ -91,7 +134,7 @@ def _plot_loss_scale(metrics: Metrics, path: Path, context: str) -> Path:
     steps, scales = metrics.series("loss_scale")
     skip_steps, skipped = metrics.series("skipped_steps")
     if not steps:
-        figure.note(ax, "no loss scale recorded: this run does not use fp16 loss scaling (bf16 or fp32)")
+        figure.note(ax, "no loss scale recorded yet")
         return figure.finish(fig, axes, path, "Loss scale", context)
     ax.step(steps, scales, where="post", color="C0", lw=1.6, label="loss scale")
     ax.set_yscale("log", base=2)
@@ -132,6 +175,13 @@ def _constant_ratio(a: tuple[list[int], list[float]], b: tuple[list[int], list[f
     return None
 
 
+def steady(series: tuple[list[int], list[float]]) -> list[float]:
+    """A throughput series' values less step 1's when there are others: step 1 is logged alone
+    (launcher.worker.metrics), and its time holds the first step's one-time costs."""
+    steps, values = series
+    return [v for s, v in zip(steps, values, strict=True) if s != 1] or values
+
+
 def _plot_throughput(metrics: Metrics, path: Path, context: str) -> Path:
     from matplotlib.ticker import PercentFormatter
 
@@ -141,7 +191,7 @@ def _plot_throughput(metrics: Metrics, path: Path, context: str) -> Path:
     if not samples[0]:
         figure.note(ax, "no throughput logged yet")
         return figure.finish(fig, axes, path, "Throughput", context)
-    median = statistics.median(samples[1])
+    median = statistics.median(steady(samples))
     ax.plot(*samples, color="C0", lw=1.4, label="samples/s")
     ax.axhline(median, color="C0", ls="--", lw=1, alpha=0.6, label=f"median {median:,.1f} samples/s")
     ax.set_ylim(bottom=0)
@@ -182,7 +232,7 @@ def _plot_memory(metrics: Metrics, path: Path, context: str) -> Path:
         ax.set_ylabel("GiB")
         figure.legend(ax)
     else:
-        figure.note(ax, "no GPU memory recorded")
+        figure.note(ax, "no GPU memory recorded yet")
     return figure.finish(fig, axes, path, "GPU memory, rank 0", context)
 
 
@@ -222,7 +272,8 @@ def _plot_precision(metrics: Metrics, path: Path, context: str) -> Path:
     from matplotlib import colormaps
 
     steps = [r["step"] for r in xrays]
-    edges = _edges(steps)
+    last = max(metrics.last_step, steps[-1])
+    edges = _edges(steps, last)
     labels = _short_names(layers)
     for ax, (field, title, cmap, (low, high)) in zip(axes, maps, strict=False):
         values = [[_cell(r["layers"].get(name), field) for r in xrays] for name in layers]
@@ -243,17 +294,20 @@ def _plot_precision(metrics: Metrics, path: Path, context: str) -> Path:
     for ax in axes:
         for e in (*metrics.named("underflow"), *metrics.named("lost_updates")):
             ax.axvline(e["step"], color="C3", ls="--", lw=1.2)
+        ax.set_xlim(0, last)  # the run's steps, whichever the x-rays cover
     events = len(metrics.named("underflow")) + len(metrics.named("lost_updates"))
     title = "Precision x-ray" + (f" ({events} warning{'s' * (events != 1)}: red dashed)" if events else "")
     return figure.finish(fig, axes, path, title, context, above=True)
 
 
-def _edges(steps: list[int]) -> list[float]:
-    """Cell edges around each x-ray step (half way to its neighbours)."""
+def _edges(steps: list[int], last: int) -> list[float]:
+    """Cell edges around each x-ray step: half way to its neighbours, the outer cells as wide on
+    their outer side, all within the run's steps (0 to `last`); a lone x-ray's cell is a 50th of that."""
     if len(steps) == 1:
-        return [steps[0] - 0.5, steps[0] + 0.5]
+        half = max(0.5, last / 100)
+        return [max(0.0, steps[0] - half), min(float(last), steps[0] + half)]
     mids = [(a + b) / 2 for a, b in zip(steps, steps[1:], strict=False)]
-    return [2 * steps[0] - mids[0], *mids, 2 * steps[-1] - mids[-1]]
+    return [max(0.0, 2 * steps[0] - mids[0]), *mids, min(float(last), 2 * steps[-1] - mids[-1])]
 
 
 def _cell(row: dict[str, Any] | None, field: str) -> float:
@@ -272,17 +326,47 @@ def _short_names(layers: list[str]) -> list[str]:
     return [".".join(p[common:]) for p in parts]
 
 
-def write_plots(metrics: Metrics, out_dir: Path, context: str = "") -> list[Path]:
-    """Write loss, lr, loss_scale, throughput, memory and precision PNGs into out_dir; return their paths."""
+def left_out(metrics: Metrics, dtype: str | None, device: str | None) -> dict[str, str]:
+    """The plots a run has nothing for and never will, and why: {file name: reason}.
+
+    A run that could record a loss scale (fp16) or device memory (a GPU) and has not yet keeps its
+    plot, with a note; bf16 and fp32 have no loss scale, and CPU runs record no device memory.
+    """
+    out = {}
+    if dtype != "fp16" and not metrics.series("loss_scale")[0]:
+        why = f"{dtype} needs none" if dtype in ("bf16", "fp32") else "none recorded"
+        out["loss_scale.png"] = f"no loss scale: {why}"
+    memory = metrics.series("mem_peak_bytes")[0] or metrics.series("mem_reserved_bytes")[0]
+    if device != "cuda" and not memory:
+        why = "CPU runs record no device memory" if device == "cpu" else "none recorded"
+        out["memory.png"] = f"no memory curve: {why}"
+    return out
+
+
+def write_plots(
+    metrics: Metrics,
+    out_dir: Path,
+    context: str = "",
+    *,
+    lr_of: Callable[[int], float] | None = None,
+    leave_out: Collection[str] = (),
+) -> list[Path]:
+    """Write loss, lr, loss_scale, throughput, memory and precision PNGs into out_dir, less those
+    named in `leave_out` (see `left_out`); return their paths.
+
+    Args:
+        lr_of: the run's schedule, the lr after n applied optimizer steps (see `lr_curve`).
+    """
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{out_dir}: cannot write ({err.strerror})", hint="use --out DIR") from None
-    return [
-        plot_loss({"": metrics}, out_dir / "loss.png", context=context),
-        _plot_lr(metrics, out_dir / "lr.png", context),
-        _plot_loss_scale(metrics, out_dir / "loss_scale.png", context),
-        _plot_throughput(metrics, out_dir / "throughput.png", context),
-        _plot_memory(metrics, out_dir / "memory.png", context),
-        _plot_precision(metrics, out_dir / "precision.png", context),
-    ]
+    plots: dict[str, Callable[[Path], Path]] = {
+        "loss.png": lambda p: plot_loss({"": metrics}, p, context=context),
+        "lr.png": lambda p: _plot_lr(metrics, p, context, lr_of),
+        "loss_scale.png": lambda p: _plot_loss_scale(metrics, p, context),
+        "throughput.png": lambda p: _plot_throughput(metrics, p, context),
+        "memory.png": lambda p: _plot_memory(metrics, p, context),
+        "precision.png": lambda p: _plot_precision(metrics, p, context),
+    }
+    return [draw(out_dir / name) for name, draw in plots.items() if name not in leave_out]

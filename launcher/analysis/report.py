@@ -2,17 +2,27 @@
 
 The run directory is read by launcher.rundir.metrics_log (finished, running, crashed and copied
 runs alike); the plots are drawn by launcher.analysis.plots (`plot_loss` overlays the loss curves
-of several runs). matplotlib (the `report` extra) is imported only when a plot is drawn.
+of several runs), the LR of every step from the schedule in plan.json, and those a run has
+nothing for (a loss scale without fp16, device memory on a CPU) left out with the reason in the
+summary. The wall time counts from the launch (RUN_DIR/env.json) and the setup before the first
+step from the workers' "ready" events. matplotlib (the `report` extra) is imported only when a
+plot is drawn.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from launcher.analysis.plots import write_plots
+from launcher.analysis.plots import left_out, steady, write_plots
+from launcher.plan import schedule
+from launcher.plan.resume import SCHEDULE_INPUTS
+from launcher.recipe.sections import Recipe
 from launcher.rundir.layout import METRICS_FILE, RunDir
 from launcher.rundir.metrics_log import (
     Metrics,
@@ -43,10 +53,13 @@ class Summary:
     skipped_steps: int
     checkpoints: tuple[int, ...]
     wall_s: float | None
+    setup: Setup | None = None
     xrays: int = 0
     xray_warnings: tuple[str, ...] = ()  # the layers the precision x-ray's events named
     # The last evaluation's task metric (eval_perplexity, eval_accuracy, eval_f1) and its step.
     last_eval: tuple[dict[str, float], int] | None = None
+    # The plots left out and why (launcher.analysis.plots.left_out): {file name: reason}.
+    left_out: tuple[tuple[str, str], ...] = ()
 
     @property
     def overflow_rate(self) -> float | None:
@@ -69,9 +82,20 @@ class Summary:
             ("skipped steps", f"{self.skipped_steps:,}"),
             ("overflow rate", "n/a" if rate is None else f"{rate:.1%} of {self.step:,} steps"),
             ("checkpoints", f"{len(ckpts)} (latest step {ckpts[-1]:,})" if ckpts else "none"),
-            ("wall time", "n/a" if self.wall_s is None else format_duration(self.wall_s)),
+            ("wall time", self._wall()),
+            ("setup", "n/a" if self.setup is None else self.setup.describe()),
             ("precision x-ray", self._xray()),
+            *([("not plotted", "; ".join(why for _, why in self.left_out))] if self.left_out else []),
         ]
+
+    def _wall(self) -> str:
+        if self.wall_s is None:
+            return "n/a"
+        end = "finish" if self.state == "finished" else "the last record"
+        if self.setup is None:
+            return f"{format_duration(self.wall_s)} from the first record to {end}"
+        since = "launch" if self.setup.from_launch else "the workers' start"
+        return f"{format_duration(self.wall_s)} from {since} to {end}"
 
     def _last_eval(self) -> str:
         if self.last_eval is None or not self.last_eval[0]:
@@ -84,7 +108,99 @@ class Summary:
             return "none recorded"
         named = self.xray_warnings
         warned = f"warnings name {len(named)} layer{'s' * (len(named) != 1)} ({', '.join(named[:2])}{', ...' if len(named) > 2 else ''})"
-        return f"{self.xrays} x-rays; " + (warned if named else "no warning")
+        return f"{self.xrays} x-ray{'s' * (self.xrays != 1)}; " + (warned if named else "no warning")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The time before training, over every launch of a run (a resume is a launch).
+
+    Attributes:
+        seconds: from each launch to its first step, summed.
+        began: the first launch, Unix s.
+        launches: how many.
+        phases: the last launch's phases before its first step (the "ready" event's, and the
+            launcher's own where its start is known).
+        from_launch: whether `began` is the launcher's start, not its workers'.
+    """
+
+    seconds: float
+    began: float
+    launches: int
+    phases: dict[str, float]
+    from_launch: bool
+
+    def describe(self) -> str:
+        if self.launches > 1:
+            return f"{format_duration(self.seconds)} before the first step, over {self.launches} launches"
+        parts = ", ".join(f"{name} {s:.1f}s" for name, s in self.phases.items())
+        return (
+            f"{format_duration(self.seconds)} before step 1 ({parts})"
+            if parts
+            else format_duration(self.seconds)
+        )
+
+
+def setup_time(metrics: Metrics, launched: float | None = None) -> Setup | None:
+    """When each launch began and how long it took to its first step, from the "ready" events
+    (the workers' start and phases: launcher.run.progress.Phases); None before a first step.
+
+    Args:
+        launched: when the launcher started the latest launch (`launched_at`), if known; the
+            launches before it count from their workers' start.
+    """
+    found: list[tuple[float, float, dict[str, float], bool]] = []  # (began, seconds, phases, launcher's)
+    for ready in metrics.named("ready"):
+        seconds: Any = ready.get("seconds")
+        if not is_number(ready.get("time")) or not isinstance(seconds, dict):
+            continue
+        if not all(is_number(v) for v in seconds.values()):
+            continue
+        first = ready["time"] - float(seconds.get("first step", 0.0))  # when its first step began
+        workers = ready["time"] - sum(seconds.values())
+        phases = {k: float(v) for k, v in seconds.items() if k != "first step"}
+        found.append((workers, first - workers, phases, False))
+    if not found:
+        return None
+    found.sort()
+    if launched is not None and launched <= found[-1][0]:
+        workers, seconds, phases, _ = found[-1]
+        found[-1] = (launched, seconds + workers - launched, {"launcher": workers - launched, **phases}, True)
+    began, _, _, from_launch = found[0]
+    return Setup(sum(f[1] for f in found), began, len(found), found[-1][2], from_launch)
+
+
+def launched_at(run_dir: Path) -> float | None:
+    """When the launcher prepared the run directory for its latest launch (RUN_DIR/env.json's time);
+    None for a Slurm job's directory, prepared when the job was submitted, not when it started."""
+    files = RunDir.of(run_dir)
+    if files.slurm_script.exists():
+        return None
+    try:
+        launched = json.loads(files.env_file.read_text()).get("time")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(launched) if is_number(launched) else None
+
+
+def lr_schedule(run_dir: Path) -> Callable[[int], float] | None:
+    """The run's LR schedule (launcher.plan.schedule.lr_at) from its plan.json, else its
+    recipe.yaml; None when neither holds one this mplaunch reads."""
+    files = RunDir.of(run_dir)
+    try:
+        recipe: Any = json.loads(files.plan_file.read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        try:
+            import yaml
+
+            recipe = yaml.safe_load(files.recipe_file.read_text())
+        except (OSError, ValueError):
+            return None
+    try:
+        only = Recipe.model_validate({"name": "report", **{k: recipe[k] for k in SCHEDULE_INPUTS}})
+    except (KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
+    return lambda applied: schedule.lr_at(only, applied)
 
 
 def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -> Summary:
@@ -99,10 +215,11 @@ def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -
     last_eval = (
         ({k: float(last[k]) for k in _EVAL_NAMES if is_number(last.get(k))}, last["step"]) if last else None
     )
-    _, samples = metrics.series("samples_per_s")
-    _, mfu = metrics.series("mfu")
+    samples, mfu = steady(metrics.series("samples_per_s")), steady(metrics.series("mfu"))
     _, skipped = metrics.series("skipped_steps")
     times = metrics.times()
+    setup = setup_time(metrics, launched_at(run_dir))
+    began = min(times[:1] + ([setup.began] if setup else []), default=0.0)
     return Summary(
         context=info.context,
         state=state,
@@ -115,8 +232,10 @@ def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -
         median_mfu=statistics.median(mfu) if mfu else None,
         skipped_steps=int(skipped[-1]) if skipped else 0,
         checkpoints=tuple(RunDir.of(run_dir, info.checkpoint_dir).checkpoint_steps()),
-        wall_s=times[-1] - times[0] if times else None,
+        wall_s=times[-1] - began if times else None,
+        setup=setup,
         xrays=len(metrics.precision),
+        left_out=tuple(left_out(metrics, info.dtype, info.device).items()),
         last_eval=last_eval,
         xray_warnings=tuple(
             dict.fromkeys(
@@ -155,7 +274,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir = RunDir.of(run_dir).report if out_dir is None else out_dir
     metrics = read_metrics(run_dir)
     summary = summarize(run_dir, metrics)
-    paths = write_plots(metrics, out_dir, summary.context)
+    skip = [name for name, _ in summary.left_out]
+    paths = write_plots(metrics, out_dir, summary.context, lr_of=lr_schedule(run_dir), leave_out=skip)
     print_summary(summary)
     print(f"plots: {', '.join(p.name for p in paths)} in {out_dir}")
     if metrics.bad_lines:

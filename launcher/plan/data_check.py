@@ -60,7 +60,7 @@ class Scan:
 def problems(
     recipe: Recipe,
     data_paths: Sequence[str],
-    global_batch_size: int,
+    global_batch_size: int | None,
     trained_tokenizer: bool,
     *,
     task: str | None = None,
@@ -69,8 +69,10 @@ def problems(
 
     Args:
         recipe: the validated recipe (its data.paths, as written, name the files in messages).
-        data_paths: those files, resolved (Plan.data_paths); they exist (launcher.recipe.rules).
-        global_batch_size: samples per optimizer step.
+        data_paths: those files, resolved (Plan.data_paths); one that is not there is skipped
+            (launcher.recipe.rules says so), and then the rows are not counted.
+        global_batch_size: samples per optimizer step; None when the batch could not be sized (the
+            rows are not counted then).
         trained_tokenizer: the workers tokenize with the tokenizer mplaunch trains on the data
             (no data.tokenizer and no model.hf tokenizer); the bound on packed rows holds for it.
         task: the plan's task (`ModelFacts.task`); None: as the recipe alone decides it (launcher.recipe.tasks).
@@ -82,10 +84,13 @@ def problems(
     shown = [str(base / p) for p in d.paths]
     fields = needed_fields(recipe, task)
     per_record = task in tasks.PER_RECORD or not d.pack
-    wanted = global_batch_size if per_record and d.kind in COUNTED_KINDS else 0
+    wanted = (global_batch_size or 0) if per_record and d.kind in COUNTED_KINDS else 0
     found: list[str] = []
     scans: list[Scan] = []
+    missing = not all(Path(p).is_file() for p in data_paths)
     for i, (name, path) in enumerate(zip(shown, data_paths, strict=True)):
+        if not Path(path).is_file():
+            continue
         if d.kind == "csv":
             problem = _csv(path, name, fields)
         else:
@@ -94,13 +99,66 @@ def problems(
             problem = scans[-1].problem
         if problem is not None:
             found.append(f"{problem[0] or f'data.paths[{i}]'}: {problem[1]}")
-    if found or d.kind not in COUNTED_KINDS:
+    if found or missing or global_batch_size is None or d.kind not in COUNTED_KINDS:
         return found
     if per_record:
         return _too_few_records(recipe, shown, scans, global_batch_size, task)
     if trained_tokenizer:
         return _too_few_tokens(recipe, shown, data_paths, scans, global_batch_size, task == tasks.MASKED_LM)
     return []
+
+
+MASK_TOKEN = "[MASK]"  # the token the workers' masking reads (launcher.run.token_cache.checked_tokenizer)
+
+
+def mask_problem(tokenizer_dir: Path, key: str) -> str | None:
+    """data.task masked-lm masks with [MASK]: the line when the tokenizer in `tokenizer_dir` has none.
+
+    Read as the workers read it (tokenizer.json's vocabulary and added tokens, else vocab.txt or
+    vocab.json), without the tokenizer libraries; None when it has one, or when only a SentencePiece
+    model could say.
+
+    Args:
+        key: the recipe key that names the tokenizer (data.tokenizer, or model.hf for its own).
+    """
+    tokens = _token_strings(tokenizer_dir)
+    if tokens is None or MASK_TOKEN in tokens:
+        return None
+    declared = _declared_mask(tokenizer_dir)
+    other = f" (its mask token {declared!r} is not one mplaunch's masking reads)" if declared else ""
+    return (
+        f"{key}: data.task masked-lm masks tokens with {MASK_TOKEN}, and the tokenizer in {tokenizer_dir} "
+        f"has none{other}; a causal LM trains with data.task=causal-lm"
+    )
+
+
+def _token_strings(directory: Path) -> set[str] | None:
+    try:
+        if (directory / "tokenizer.json").is_file():
+            data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+            vocab = data.get("model", {}).get("vocab", {})
+            pieces = vocab if isinstance(vocab, dict) else [p[0] for p in vocab if isinstance(p, list) and p]
+            return {str(t) for t in pieces} | {str(t.get("content")) for t in data.get("added_tokens", [])}
+        if (directory / "vocab.txt").is_file():
+            return set((directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
+        if (directory / "vocab.json").is_file():
+            return set(json.loads((directory / "vocab.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None  # unreadable: the workers say why
+    return None
+
+
+def _declared_mask(directory: Path) -> str | None:
+    """The mask token tokenizer_config.json or special_tokens_map.json names, if any."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            token = json.loads((directory / name).read_text(encoding="utf-8")).get("mask_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            return token
+    return None
 
 
 def needed_fields(recipe: Recipe, task: str | None = None) -> list[tuple[str, str]]:

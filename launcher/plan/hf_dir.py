@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.plan.vocab import TOKENIZER_FILE, Vocab, tokenizer_size
+from launcher.recipe.files import RECIPES_DIR
 
 CONFIG_FILE = "config.json"
 AUTO_CLASSES = {
@@ -60,6 +61,10 @@ SHAPE_KEYS = frozenset(
     }
 )  # fmt: skip
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# The tiny models the fine-tuning recipes name (model.hf: models/tiny-llama), which make_tiny.py saves
+# into its own folder (recipes/models of a clone), or into the folder it is given.
+MAKE_TINY = RECIPES_DIR / "models" / "make_tiny.py"
+TINY_MODELS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,37 @@ class HfModel:
 
 
 def locate(name: str, recipe_source: str) -> tuple[str, bool]:
-    """model.hf as the workers load it: (absolute directory, True), or (hub id, False)."""
+    """model.hf as the workers load it: (absolute directory, True), or (hub id, False).
+
+    A name is a folder when it is one, when it is written as a path (./x, /x, ~/x), when it cannot be
+    a hub id, when its first part is a folder beside the recipe (`models/` in `models/my-bert`), or
+    when it names a tiny model make_tiny.py saves (models/tiny-llama); else it is a hub id (org/name).
+    """
     base = Path(recipe_source).parent if recipe_source else Path()
     path = (base / name).expanduser()
-    if path.is_dir() or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+    first = Path(name).parts[0] if Path(name).parts else ""
+    folder = (base / first).is_dir() or (
+        Path(name).parent.name == "models" and Path(name).name in TINY_MODELS
+    )
+    if path.is_dir() or name.startswith((".", "/", "~")) or not _HUB_ID.match(name) or folder:
         return str(path.resolve()), True
     return name, False
+
+
+def tiny_maker(directory: Path) -> Path | None:
+    """The make_tiny.py beside a tiny model's folder (a clone's recipes/models), which saves it there."""
+    script = directory.parent / MAKE_TINY.name
+    return script if directory.name in TINY_MODELS and script.is_file() else None
+
+
+def missing_dir(directory: Path) -> str:
+    """The line for a model.hf folder that is not there; a tiny model's says how to make it."""
+    if directory.name not in TINY_MODELS:
+        return f"model.hf: directory not found: {directory} (a hub id is written as org/name)"
+    script = tiny_maker(directory) or MAKE_TINY
+    shown = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+    out = "" if script.parent == directory.parent else f" {directory.parent}"
+    return f"model.hf: directory not found: {directory} (make it with: python {shown}{out})"
 
 
 def read(name: str, recipe_source: str, overrides: dict[str, Any]) -> tuple[HfModel | None, list[str]]:
@@ -111,7 +141,7 @@ def read(name: str, recipe_source: str, overrides: dict[str, Any]) -> tuple[HfMo
         return HfModel(source, False, dict(overrides), True, None), []
     directory = Path(source)
     if not directory.is_dir():
-        return None, [f"model.hf: directory not found: {directory} (a hub id is written as org/name)"]
+        return None, [missing_dir(directory)]
     config, problem = _config(directory)
     if problem:
         return None, [problem]
@@ -260,6 +290,36 @@ def lora_unmatched(model: HfModel, targets: Sequence[str]) -> list[str]:
         return []
     linear = _linear_weights(shapes)
     return [t for t in targets if not any(_suffix(name, t) for name in linear)]
+
+
+def lora_problems(model: HfModel, targets: Sequence[str], names: Sequence[str] | None = None) -> list[str]:
+    """The lines for the target modules `lora.apply` refuses: one that matches no linear layer of
+    model.hf, or that also matches a module that is not one (each prefix of a weight's name is a module).
+
+    Args:
+        names: the model's linear layers (from a meta-device build); None: the safetensors headers'.
+    """
+    shapes = weight_shapes(Path(model.source)) if model.local and names is None else None
+    linear = set(names if names is not None else _linear_weights(shapes) if shapes else ())
+    if not linear or not targets:
+        return []
+    if model.config.get("tie_word_embeddings", True):  # a tied output head is not saved, yet it is linear
+        linear.add("lm_head")
+    modules = {n.rsplit(".", i)[0] for n in linear for i in range(n.count(".") + 1)}
+    shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear}))
+    out = []
+    for t in targets:
+        hits = [m for m in sorted(modules) if _suffix(m, t)]
+        if not any(m in linear for m in hits):
+            out.append(
+                f"{t!r} matches no linear layer of {model.source}; its linear layers are named {shown}"
+            )
+        elif any(m not in linear for m in hits):
+            other = next(m for m in hits if m not in linear)
+            out.append(
+                f"{t!r} also matches {other}, which is not a linear layer; name the linear layers in it"
+            )
+    return [f"model.lora.target_modules: {line}" for line in out]
 
 
 # peft's default LoRA targets by model_type (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,25 @@ from typing import Any
 import yaml
 
 from launcher.errors import UserError
-from launcher.plan import backend_config, data_check, hf_dir, no_effect, precision, processes, targets, vocab
+from launcher.plan import backend_config, data_check, hf_dir, no_effect, precision, processes, vocab
 from launcher.plan.batch import Batch, resolve_batch
 from launcher.plan.hardware import Hardware
-from launcher.plan.model import LOSSES, NORMALIZATIONS, ModelFacts, ResolvedModel, facts_of, resolve_model
+from launcher.plan.model import (
+    LOSSES,
+    NORMALIZATIONS,
+    ModelFacts,
+    ResolvedModel,
+    data_files,
+    relative_to_recipe,
+    resolve_model,
+    saved_facts,
+    user_code,
+    vocab_of,
+)  # fmt: skip
 from launcher.plan.precision import PrecisionPolicy
-from launcher.recipe import tasks
+from launcher.recipe.errors import RecipeProblems, not_checked
 from launcher.recipe.rules import logging_dir
-from launcher.recipe.schema import to_dict
+from launcher.recipe.schema import load, to_dict
 from launcher.recipe.sections import Recipe
 from launcher.recipe.shapes import Shape, shape_of
 from launcher.rundir.layout import RunDir
@@ -102,7 +114,7 @@ class Plan:
         policy = PrecisionPolicy.from_dict(body.pop("precision"))
         body["batch"] = Batch(**body["batch"])
         body["shape"] = Shape(**body["shape"]) if body["shape"] is not None else None
-        body["model"] = _saved_facts(recipe, body)
+        body["model"] = saved_facts(recipe, body)
         body["command"] = tuple(body["command"])
         body["data_paths"] = tuple(body["data_paths"])
         body["warnings"] = tuple(body["warnings"])
@@ -202,6 +214,40 @@ class Plan:
         return "\n".join(parts)
 
 
+# What each part of the plan reads of the recipe. A recipe whose schema check failed is planned with
+# defaults standing in for the failed keys (plan_file); a part that reads one of them is skipped.
+_BATCH = ("train.micro_batch_size", "train.global_batch_size", "train.grad_accum", "launch")
+MACHINE = "the devices and precision"  # what this machine cannot run: the dry run shows the plan anyway
+PLAN_PARTS = {
+    "the model": ("model", "data.task", "data.seq_len", "data.tokenizer", "data.kind"),
+    "the batch": _BATCH,
+    MACHINE: ("launch", "precision", "backend", "zero", "model.target", "model.hf", "data.target"),
+    "the data contents": ("data", "model", *_BATCH),
+}
+
+
+@dataclass
+class _Draft:
+    """What `resolve` works out before it builds the Plan, with each part's problems."""
+
+    recipe: Recipe
+    import_dir: str | None
+    model: ResolvedModel
+    device: str
+    device_reason: str
+    nnodes: int
+    nproc: int
+    batch: Batch | None
+    policy: PrecisionPolicy
+    data_paths: tuple[str, ...]
+    tokenizer: str | None
+    vocab: vocab.Vocab | None
+    parts: dict[str, list[str]]  # PLAN_PARTS' name -> its problems
+
+    def problems(self, skip: Collection[str] = (MACHINE,)) -> list[str]:
+        return [line for name, lines in self.parts.items() if name not in skip for line in lines]
+
+
 def resolve(
     recipe: Recipe, hardware: Hardware, *, nnodes_allowed: bool = False, keep_machine_problems: bool = False
 ) -> Plan:
@@ -216,68 +262,111 @@ def resolve(
             `Plan.problems` instead of raising (the dry run shows the plan anyway).
 
     Raises:
-        UserError: one line per problem.
+        UserError: one line per problem, every part's at once.
     """
     # Problems with the recipe itself always stop here; problems with running it
     # on *this* machine are kept in the plan when the caller only wants to look.
-    recipe, import_dir, machine = _user_code(recipe)
-    model = resolve_model(recipe)
-    problems = list(model.problems)
-    device, device_reason = processes.device(recipe, hardware, machine)
-    nproc = processes.nproc(recipe, hardware, device, machine)
-    nnodes = processes.nnodes(recipe, nnodes_allowed, problems)
-    batch = resolve_batch(recipe, nnodes * nproc, problems)
-    policy = precision.resolve(recipe, device, hardware)
-    machine += precision.problems(policy, recipe.backend, device, hardware)
-    if problems or (machine and not keep_machine_problems):
-        raise UserError(problems + machine)
+    d = _draft(recipe, hardware, nnodes_allowed)
+    machine = d.parts[MACHINE]
+    if d.problems() or (machine and not keep_machine_problems):
+        raise UserError(d.problems() + machine)
+    recipe, batch, model, hf = d.recipe, d.batch, d.model, d.model.hf
     assert batch is not None
+    assert d.vocab is not None
     assert batch.global_batch_size == batch.micro_batch_size * batch.grad_accum * batch.world_size
     run_dir = str(logging_dir(recipe)[0] / recipe.name)
-    data_paths, tokenizer = data_files(recipe, hf := model.hf)
-    vocab_ = _vocab(recipe, model, batch.global_batch_size, data_paths, tokenizer, run_dir)
     return Plan(
         recipe=recipe,
         run_dir=run_dir,
-        device=device,
-        device_reason=device_reason,
-        dist_backend="nccl" if device == "cuda" else "gloo",
-        nnodes=nnodes,
-        nproc_per_node=nproc,
+        device=d.device,
+        device_reason=d.device_reason,
+        dist_backend="nccl" if d.device == "cuda" else "gloo",
+        nnodes=d.nnodes,
+        nproc_per_node=d.nproc,
         batch=batch,
-        precision=policy,
-        backend_config=_backend_config(recipe, policy, device, batch),
-        env=processes.env(recipe, device, nproc, hardware),
-        command=processes.torchrun_command(recipe, nproc, run_dir),
-        vocab_size=vocab_.size,
-        vocab_source=vocab_.source,
-        shape=shape_of(recipe.model, vocab_.size) if recipe.model.name is not None else None,
+        precision=d.policy,
+        backend_config=_backend_config(recipe, d.policy, d.device, batch),
+        env={**processes.env(recipe, d.device, d.nproc, hardware), **model.hub.env},
+        command=processes.torchrun_command(recipe, d.nproc, run_dir),
+        vocab_size=d.vocab.size,
+        vocab_source=d.vocab.source,
+        shape=shape_of(recipe.model, d.vocab.size) if recipe.model.name is not None else None,
         model=model.facts,
-        data_paths=data_paths,
-        tokenizer_dir=tokenizer,
-        import_dir=import_dir,
+        data_paths=d.data_paths,
+        tokenizer_dir=d.tokenizer,
+        import_dir=d.import_dir,
         hf_dir=hf.source if hf is not None else None,
         num_params=hf.num_params if hf is not None else None,
-        init_from=_relative_to_recipe(recipe, recipe.model.init_from),
-        warnings=tuple(no_effect.warnings(recipe, policy, device, model.facts.language_model, hf)),
+        init_from=relative_to_recipe(recipe, recipe.model.init_from),
+        warnings=(
+            *no_effect.warnings(recipe, d.policy, d.device, model.facts.language_model, hf),
+            *model.hub.notes,
+        ),
         problems=tuple(machine),
     )
 
 
-def _user_code(recipe: Recipe) -> tuple[Recipe, str | None, list[str]]:
-    """The recipe without the keys model.target, model.hf and data.target ignore; where the
-    targets are imported from first; the targets' modules this machine cannot find."""
-    target, dataset = recipe.model.target, recipe.data.target
-    if target is not None or recipe.model.hf is not None:
-        recipe = targets.only_target_keys(recipe)
-    if dataset is not None:
-        recipe = targets.only_dataset_keys(recipe)
-    import_dir = targets.import_dir(recipe.source) if target is not None or dataset is not None else None
-    machine = []
-    for key, name in (("model.target", target), ("data.target", dataset)):
-        missing = targets.find(name, import_dir, key) if name is not None else None
-        machine += [missing] if missing else []
-    return recipe, import_dir, machine
+def plan_file(
+    path: str | Path,
+    overrides: Sequence[str],
+    hardware: Hardware,
+    values: Mapping[str, Any] | None = None,
+    *,
+    keep_machine_problems: bool = False,
+    train_tokenizer: bool = False,
+) -> Plan:
+    """Load the recipe file and plan it for `hardware`, every problem of both at once: the plan also
+    judges a recipe its rules refused (what it says), but a key that failed the schema has no value, so
+    a default stands in and the parts that read it (PLAN_PARTS) are skipped, named on the last line.
+    `train_tokenizer`: a real launch (prepare_vocab before the plan).
+
+    Raises:
+        UserError: one line per problem.
+    """
+    try:
+        recipe = load(path, overrides, values)
+        if train_tokenizer:
+            prepare_vocab(recipe)
+    except RecipeProblems as exc:
+        if exc.stand_in is None:
+            raise UserError(exc.problems + not_checked([*exc.skipped, "the plan"])) from None
+        skip = [name for name, keys in PLAN_PARTS.items() if exc.reads_failed(keys)]
+        try:
+            found = _draft(exc.stand_in, hardware, False).problems(skip)
+        except UserError as more:  # a part that raises its problem rather than collecting it
+            found = more.lines
+        found = [line for line in found if line.split(": ", 1)[0] not in exc.keys]
+        raise UserError(exc.problems + found + not_checked([*exc.skipped, *skip])) from None
+    return resolve(recipe, hardware, keep_machine_problems=keep_machine_problems)
+
+
+def _draft(recipe: Recipe, hardware: Hardware, nnodes_allowed: bool) -> _Draft:
+    """Every part of the plan worked out, each part's problems collected rather than raised."""
+    recipe, import_dir, machine = user_code(recipe)
+    model = resolve_model(recipe)
+    batch_problems: list[str] = []
+    device, device_reason = processes.device(recipe, hardware, machine)
+    nproc = processes.nproc(recipe, hardware, device, machine)
+    nnodes = processes.nnodes(recipe, nnodes_allowed, batch_problems)
+    batch = resolve_batch(recipe, nnodes * nproc, batch_problems)
+    policy = precision.resolve(recipe, device, hardware)
+    machine += precision.problems(policy, recipe.backend, device, hardware) + list(model.hub.machine)
+    data_paths, tokenizer = data_files(recipe, model.hf)
+    global_batch = batch.global_batch_size if batch is not None else None
+    data = data_check.problems(recipe, data_paths, global_batch, tokenizer is None, task=model.facts.task)
+    vocab_ = None
+    if not data and all(Path(p).exists() for p in data_paths):  # the vocabulary is the data's tokenizer's
+        vocab_, data = vocab_of(recipe, model, data_paths, tokenizer, logging_dir(recipe)[0] / recipe.name)
+    parts = {
+        "the model": list(model.problems),
+        "the batch": batch_problems,
+        MACHINE: machine,
+        "the data contents": data,
+    }
+    return _Draft(
+        recipe, import_dir, model, device, device_reason, nnodes, nproc, batch, policy, data_paths,
+        tokenizer, vocab_, parts,
+    )  # fmt: skip
 
 
 def _backend_config(recipe: Recipe, policy: PrecisionPolicy, device: str, batch: Batch) -> dict[str, Any]:
@@ -286,61 +375,6 @@ def _backend_config(recipe: Recipe, policy: PrecisionPolicy, device: str, batch:
             recipe, policy, device, batch.micro_batch_size, batch.grad_accum, batch.global_batch_size
         )
     return backend_config.accelerate_settings(recipe, policy, device, batch.grad_accum)
-
-
-def _vocab(
-    recipe: Recipe,
-    model: ResolvedModel,
-    global_batch_size: int,
-    data_paths: tuple[str, ...],
-    tokenizer: str | None,
-    run_dir: str,
-) -> vocab.Vocab:
-    """The run's vocabulary, once the data files pass their checks (what they hold stops the plan here,
-    as a missing file stops the recipe: launcher.recipe.rules).
-
-    Raises:
-        UserError: the data files' problems, or a vocabulary the model cannot hold.
-    """
-    found = data_check.problems(
-        recipe, data_paths, global_batch_size, tokenizer is None, task=model.facts.task
-    )
-    if found:
-        raise UserError(found)
-    vocab_ = vocab.resolve(recipe, data_paths, tokenizer, RunDir.of(Path(run_dir)).tokenizer)
-    if recipe.model.target is not None:
-        vocab_ = vocab.of_target(recipe, vocab_)
-    if model.hf is not None:
-        vocab_, found = hf_dir.vocab_of(model.hf, vocab_, tokenizer)
-        if found:
-            raise UserError(found)
-    return vocab_
-
-
-def data_files(recipe: Recipe, hf: hf_dir.HfModel | None = None) -> tuple[tuple[str, ...], str | None]:
-    """The recipe's data files and tokenizer directory, absolute (they are relative to the recipe);
-    without data.tokenizer, model.hf's own tokenizer when it has one and the data is not synthetic."""
-    base = Path(recipe.source).parent if recipe.source else Path()
-    tokenizer = str((base / recipe.data.tokenizer).resolve()) if recipe.data.tokenizer else None
-    if hf is not None and tokenizer is None and hf.has_tokenizer and recipe.data.kind != "synthetic":
-        tokenizer = hf.source
-    return tuple(str((base / p).resolve()) for p in recipe.data.paths), tokenizer
-
-
-def _relative_to_recipe(recipe: Recipe, path: str | None) -> str | None:
-    base = Path(recipe.source).parent if recipe.source else Path()
-    return str((base / path).resolve()) if path is not None else None
-
-
-def _saved_facts(recipe: Recipe, body: dict[str, Any]) -> ModelFacts:
-    """Plan.model as plan.json holds it; a plan.json written before the plan carried it (an older
-    run directory) gets the facts decided again from its recipe and model.hf directory."""
-    saved = body.get("model")
-    if saved is not None:
-        return ModelFacts.from_dict(saved)
-    hf = hf_dir.read(body["hf_dir"], "", dict(recipe.model.config))[0] if body.get("hf_dir") else None
-    hf_task = hf_dir.task_of(hf) if hf is not None and hf.local else None
-    return facts_of(recipe, tasks.resolve(recipe, hf_task), hf)
 
 
 def prepare_vocab(recipe: Recipe) -> None:

@@ -16,8 +16,10 @@ A recipe change on resume falls in one of three classes:
   lr scales it, a new max_steps stretches or shortens the remaining decay, and warmup
   continues only if it is not over. Listed once, with the LR before and after.
 
-Settings that only say where the run is (name, logging.dir, checkpoint.resume, and data
-paths as written rather than resolved) are not changes.
+Settings that only say where the run is (name, logging.dir, checkpoint.resume) are not changes, and
+neither is a path written another way: model.hf, model.init_from, data.tokenizer and data.paths are
+compared where they point (the signature records it, `locations`), so `mygpt2` beside the recipe and
+the absolute path RUN_DIR/recipe.yaml holds are one folder; a folder that really moved is listed.
 
 The data files' content is compared too (launcher.plan.digests: each one's size and sha256): an edit
 (lines shuffled, same path) is refused naming the file, unless `data.accept_changed` names the new
@@ -30,6 +32,7 @@ Light side: no torch.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +47,13 @@ from launcher.rundir.checkpoint import changed_keys, mismatch, structure
 if TYPE_CHECKING:
     from launcher.plan.resolve import Plan
 
-# Where the run is, not how it trains: never a change. data.paths and data.tokenizer are
-# written relative to the recipe; the signature compares the resolved files instead.
-LOCATION = ("name", "source", "logging.dir", "checkpoint.resume", "data.paths", "data.tokenizer")
+# Where the run is, not how it trains: never a change.
+LOCATION = ("name", "source", "logging.dir", "checkpoint.resume")
+# The keys that name files or folders, written relative to the recipe's folder or absolute (RUN_DIR/
+# recipe.yaml): compared where they point (`locations`), not as written. model.target and data.target
+# name modules, imported from the first launch's folder on a resume (launcher.plan.targets.import_dir).
+PATH_KEYS = ("model.hf", "model.init_from", "data.tokenizer", "data.paths")
+LOCATIONS_KEY = "locations"
 # Not a change either: it answers this resume's question about the data's content.
 NOT_CHANGES = (*LOCATION, "data.accept_changed")
 KEPT = ("precision.loss_scale.",)
@@ -106,6 +113,17 @@ def signature(plan: Plan) -> dict[str, Any]:
         "data.eval_fraction": d.eval_fraction,
         "train.seed": r.train.seed,
         "global batch size": plan.batch.global_batch_size,
+        LOCATIONS_KEY: locations(plan),
+    }
+
+
+def locations(plan: Plan) -> dict[str, Any]:
+    """Where each of PATH_KEYS points: resolved against the recipe's folder (a hub id as it is)."""
+    return {
+        "model.hf": plan.hf_dir,
+        "model.init_from": plan.init_from,
+        "data.tokenizer": plan.tokenizer_dir if plan.recipe.data.tokenizer is not None else None,
+        "data.paths": list(plan.data_paths),
     }
 
 
@@ -134,8 +152,8 @@ def refusals(manifest: dict[str, Any], plan: Plan, current: dict[str, Any] | Non
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
     out = []
     for key in new:
-        if key not in old or key in (*RESHARDED, CONTENT_KEY):
-            continue  # recorded only by a later mplaunch, the workers reshard it, or `_content_check`
+        if key not in old or key in (*RESHARDED, CONTENT_KEY, LOCATIONS_KEY):
+            continue  # recorded only by a later mplaunch, the workers reshard it, `_content_check` or `_moves`
         a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict) and key == "model":
             out += _differences(a, b, f"{key} ")
@@ -173,13 +191,22 @@ def check(manifest: dict[str, Any], plan: Plan, path: str) -> list[str]:
         )
     old = manifest.get("recipe", {})
     new = to_dict(plan.recipe)
-    changed = [
-        k for k in changed_keys(old, new) if not any(k == p or k.startswith(p + ".") for p in NOT_CHANGES)
+    moves = _moves(manifest, plan, old, new)
+    written = [
+        k
+        for k in changed_keys(old, new)
+        if not any(k == p or k.startswith(p + ".") for p in (*NOT_CHANGES, *PATH_KEYS))
     ]
+    changed = sorted([*written, *moves])
     kept = [k for k in changed if k.startswith(KEPT)]
     applied = [k for k in changed if k not in kept]
     if applied:
-        shown = ", ".join(f"{k} {_value(old, k)} -> {_value(new, k)}" for k in applied)
+        shown = ", ".join(
+            f"{k} {_show(moves[k][0])} -> {_show(moves[k][1])}"
+            if k in moves
+            else f"{k} {_value(old, k)} -> {_value(new, k)}"
+            for k in applied
+        )
         lines.append(f"applied on resume: {shown}")
         lr = _lr_line(manifest, plan)
         if lr:
@@ -190,6 +217,39 @@ def check(manifest: dict[str, Any], plan: Plan, path: str) -> list[str]:
             "(the loss scaler restores its scale and counters); start afresh to change them"
         )
     return lines
+
+
+def _moves(
+    manifest: dict[str, Any], plan: Plan, old: dict[str, Any], new: dict[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """The PATH_KEYS that point elsewhere than the checkpoint's did: key -> (before, now), resolved.
+
+    A checkpoint of an earlier mplaunch records no locations, only its recipe as written: a value
+    written alike is the same place, an absolute one is compared as it is, and a relative one (to a
+    folder it does not record) is the same place when the resolved path ends with it.
+    """
+    now = locations(plan)
+    saved = (manifest.get(SIGNATURE_KEY) or {}).get(LOCATIONS_KEY)
+    moves = {}
+    for key in PATH_KEYS:
+        if isinstance(saved, dict) and key in saved:
+            if saved[key] != now[key]:
+                moves[key] = (saved[key], now[key])
+        elif _value(old, key) != _value(new, key) and not _written_for(_value(old, key), now[key]):
+            moves[key] = (_value(old, key), now[key])
+    return moves
+
+
+def _written_for(written: Any, place: Any) -> bool:
+    """Whether a path as a recipe wrote it (relative to an unknown folder) can name `place`."""
+    if isinstance(written, list) and isinstance(place, list):
+        return len(written) == len(place) and all(map(_written_for, written, place))
+    if not isinstance(written, str) or not isinstance(place, str):
+        return bool(written == place)
+    if os.path.isabs(written) or not os.path.isabs(place):
+        return os.path.normpath(written) == os.path.normpath(place)
+    parts = [p for p in Path(os.path.normpath(written)).parts if p != os.pardir]
+    return Path(place).parts[len(Path(place).parts) - len(parts) :] == tuple(parts)
 
 
 def _content_check(

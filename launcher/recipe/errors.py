@@ -1,8 +1,9 @@
-"""Pydantic's validation errors as one line per problem, each naming the dotted key path the user wrote.
+"""Pydantic's validation errors as one line per problem, each naming the dotted key path the user wrote;
+and `RecipeProblems`, a recipe's problems with what the checks after them can still judge.
 
 Kept apart from the schema so that `recipe.py` reads as the reference manual.
 Every function takes the root model as an argument, so this module imports
-nothing from `recipe`.
+nothing from `recipe` (but the Recipe type, for type checking).
 """
 
 from __future__ import annotations
@@ -10,16 +11,66 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
+
+from launcher.errors import UserError
+
+if TYPE_CHECKING:
+    from launcher.recipe.sections import Recipe
+
+
+class RecipeProblems(UserError):
+    """A recipe's problems (schema and rules), one line each, and what the plan can still check.
+
+    Args:
+        problems: the lines of the problems, each naming where it was set (attribute).
+        keys: the dotted key each problem is about (a later check's line about one of them is left out).
+        stand_in: the recipe with defaults standing in for the keys that failed the schema (unknown
+            keys left out): the plan's parts that read none of `failed` judge it; None when there is none.
+        failed: dotted keys whose values failed the schema (unknown keys are not among them: leaving
+            one out changes nothing else).
+        skipped: what was not checked because it reads a failed key (launcher.plan.resolve.plan_file,
+            which checks the plan too, names them on a last line).
+    """
+
+    def __init__(
+        self,
+        problems: list[str],
+        keys: Collection[str] = (),
+        stand_in: Recipe | None = None,
+        failed: Collection[str] = (),
+        skipped: Sequence[str] = (),
+    ) -> None:
+        super().__init__(problems)
+        self.problems = self.lines
+        self.keys, self.failed, self.skipped = set(keys), set(failed), list(skipped)
+        self.stand_in = stand_in
+
+    def reads_failed(self, keys: Collection[str]) -> bool:
+        """Whether a check that reads `keys` (dotted keys or sections) reads a key that failed."""
+        return any(reads(keys, key) for key in self.failed)
+
+
+def reads(keys: Collection[str], key: str) -> bool:
+    """Whether `key` is one of `keys`, inside one of them (a section), or holds one of them."""
+    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys)
+
+
+def not_checked(what: Sequence[str]) -> list[str]:
+    """The last line when checks were skipped because they read keys that failed: say which."""
+    if not what:
+        return []
+    return [f"not checked until the problems above are fixed: {', '.join(dict.fromkeys(what))}"]
 
 
 def describe_errors(exc: ValidationError, root: type[BaseModel]) -> list[str]:
     """One line per problem; the errors pydantic reports for each branch of a union become one line."""
     grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for err in exc.errors():
-        grouped.setdefault(_user_loc(err["loc"], root), []).append(dict(err))
+        grouped.setdefault(user_loc(err["loc"], root), []).append(dict(err))
     return [_describe(loc, errs, root) for loc, errs in grouped.items()]
 
 
@@ -43,7 +94,7 @@ def dotted(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _user_loc(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[Any, ...]:
+def user_loc(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[Any, ...]:
     # Pydantic adds the name of the union branch it tried ("literal['auto']",
     # "constrained-int") after a union-typed field; the user never wrote it.
     # Walk the schema so a user's own key that happens to be called "int" stays.

@@ -7,12 +7,14 @@ rule is one line naming its dotted key.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
 from launcher.recipe import tasks
+from launcher.recipe.errors import reads
 from launcher.recipe.families import FAMILIES
 from launcher.recipe.files import read_chain, read_file
 from launcher.recipe.shapes import Shape, shape_of
@@ -21,8 +23,24 @@ if TYPE_CHECKING:
     from launcher.recipe.sections import Recipe
 
 
-def check_rules(recipe: Recipe) -> list[str]:
-    """Rules that span fields and need no knowledge of the machine; one line per broken rule."""
+def check_rules(recipe: Recipe, failed: Collection[str] = ()) -> list[str]:
+    """Rules that span fields and need no knowledge of the machine; one line per broken rule.
+
+    Args:
+        recipe: the validated recipe, or one with defaults standing in for the keys in `failed`.
+        failed: dotted keys whose values failed the schema: a group of rules that reads one is skipped
+            (`skipped_rules`), since it would judge the default standing in for it.
+    """
+    skipped = skipped_rules(failed)
+    return [line for rule, name, _ in RULES if name not in skipped for line in rule(recipe)]
+
+
+def skipped_rules(failed: Collection[str]) -> list[str]:
+    """The names of the groups of RULES that read one of the `failed` keys."""
+    return [name for _, name, keys in RULES if any(reads(keys, key) for key in failed)]
+
+
+def _zero_rules(recipe: Recipe) -> list[str]:
     z = recipe.zero
     problems: list[str] = []
     if z.offload_optimizer and z.stage < 1:
@@ -34,11 +52,6 @@ def check_rules(recipe: Recipe) -> list[str]:
             "zero.offload_optimizer: FSDP2 under accelerate offloads parameters, gradients and optimizer "
             "state together (CPUOffloadPolicy); set zero.offload_params=true too, or use backend=deepspeed"
         )
-    problems += _model_rules(recipe)
-    problems += _data_rules(recipe)
-    problems += tasks.problems(recipe)
-    problems += _logging_rules(recipe)
-    problems += _loss_scale_rules(recipe)
     return problems
 
 
@@ -191,18 +204,12 @@ def _loss_scale_rules(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _data_rules(recipe: Recipe) -> list[str]:
+def _data_files(recipe: Recipe) -> list[str]:
+    """data.paths and data.tokenizer name files and folders that are there."""
     d = recipe.data
-    if d.target is not None:
-        return _data_target(recipe) + _tokenizer_dir(recipe)
-    problems: list[str] = ["data.kwargs: only used with data.target"] if d.kwargs else []
-    if d.kind == "synthetic" and d.paths:
-        problems.append("data.paths: only used with a data.kind other than synthetic")
-    if d.kind != "synthetic" and not d.paths:
-        what = "the directory save_to_disk wrote" if d.kind == "hf-disk" else "at least one file"
-        problems.append(f"data.paths: data.kind {d.kind} needs {what}")
+    problems = []
     base = Path(recipe.source).parent if recipe.source else Path()
-    for i, p in enumerate(d.paths if d.kind != "synthetic" else []):
+    for i, p in enumerate(d.paths if d.kind != "synthetic" and d.target is None else []):
         if d.kind == "hf-disk":
             if not (base / p).is_dir():
                 problems.append(f"data.paths[{i}]: directory not found: {base / p} (data.kind hf-disk)")
@@ -210,7 +217,19 @@ def _data_rules(recipe: Recipe) -> list[str]:
             problems.append(f"data.paths[{i}]: {base / p} is a directory; list the files in it")
         elif not (base / p).is_file():
             problems.append(f"data.paths[{i}]: file not found: {base / p}")
-    problems += _tokenizer_dir(recipe)
+    return problems + _tokenizer_dir(recipe)
+
+
+def _data_rules(recipe: Recipe) -> list[str]:
+    d = recipe.data
+    if d.target is not None:
+        return _data_target(recipe)
+    problems: list[str] = ["data.kwargs: only used with data.target"] if d.kwargs else []
+    if d.kind == "synthetic" and d.paths:
+        problems.append("data.paths: only used with a data.kind other than synthetic")
+    if d.kind != "synthetic" and not d.paths:
+        what = "the directory save_to_disk wrote" if d.kind == "hf-disk" else "at least one file"
+        problems.append(f"data.paths: data.kind {d.kind} needs {what}")
     m = recipe.model
     if m.name is not None and m.target is None and FAMILIES[m.name].synthetic_only and d.kind != "synthetic":
         problems.append(f"data.kind: the {m.name} model trains on synthetic data only")
@@ -293,3 +312,16 @@ def _data_sections(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
     except UserError:  # already reported by the recipe's loading, or not a file at all
         return {}, {}
     return _section(own, "data"), _section(chain, "data")
+
+
+# Each group of rules, what it checks (named when it is skipped) and the keys it reads: with one of
+# them failing the schema, the group would judge the default standing in for it, so it is skipped.
+RULES: tuple[tuple[Callable[[Recipe], list[str]], str, tuple[str, ...]], ...] = (
+    (_zero_rules, "the ZeRO settings", ("zero", "backend")),
+    (_model_rules, "the model's keys", ("model", "train.activation_checkpointing", "data")),
+    (_data_files, "the data files", ("data.kind", "data.paths", "data.tokenizer", "data.target")),
+    (_data_rules, "the data's keys", ("data", "model")),
+    (tasks.problems, "the task", ("model", "data.task")),
+    (_logging_rules, "the run directory", ("logging.dir", "name")),
+    (_loss_scale_rules, "the loss scale", ("precision.loss_scale", "backend")),
+)

@@ -8,6 +8,7 @@ at once, each naming its dotted path.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,9 +18,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from launcher.errors import UserError
-from launcher.recipe.errors import attribute, describe_errors, leaf_keys
+from launcher.recipe.errors import RecipeProblems, attribute, describe_errors, leaf_keys, user_loc
+from launcher.recipe.errors import dotted as dotted_key
 from launcher.recipe.files import Loader, TooLarge, read_chain, yaml_reason
-from launcher.recipe.rules import check_rules
+from launcher.recipe.rules import check_rules, skipped_rules
 from launcher.recipe.sections import (
     Checkpoint,
     Data,
@@ -77,21 +79,62 @@ def load(path: str | Path, overrides: Sequence[str] = (), values: Mapping[str, A
 def validate(raw: dict[str, Any], label: str, override_paths: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Validate a merged recipe dict, then its cross-field rules; raise every problem at once.
 
+    When the schema fails, the rules still judge the recipe with defaults standing in for the keys
+    that failed, except the groups of rules that read one of those keys (RecipeProblems.skipped).
+
     Args:
         raw: the merged recipe as read from YAML.
         label: where problems not set by an override come from (the recipe file).
         override_paths: dotted keys set on the command line, for attribution.
+
+    Raises:
+        RecipeProblems: one line per problem, with the stand-in recipe the plan's checks can still judge.
     """
     _drop_empty_sections(raw, Recipe)
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe, failed, lines = Recipe.model_validate(raw), set[str](), list[str]()
     except ValidationError as exc:
         lines = describe_errors(exc, Recipe)
-        raise UserError([attribute(line, label, override_paths) for line in lines]) from None
-    problems = check_rules(recipe)
-    if problems:
-        raise UserError([attribute(p, label, override_paths) for p in problems])
+        failed = {dotted_key(loc) for loc, kind in _failed(exc) if kind != "extra_forbidden"}
+        stand_in = _stand_in(raw, exc)
+        if stand_in is None:
+            shown = [attribute(line, label, override_paths) for line in lines]
+            raise RecipeProblems(shown, skipped=["the rules across keys"]) from None
+        recipe = stand_in
+    problems = check_rules(recipe, failed)
+    if lines or problems:
+        shown = [attribute(p, label, override_paths) for p in lines + problems]
+        keys = {p.split(":", 1)[0] for p in lines + problems}
+        raise RecipeProblems(shown, keys, recipe, failed, skipped_rules(failed))
     return recipe
+
+
+def _failed(exc: ValidationError) -> list[tuple[tuple[Any, ...], str]]:
+    """Each error's key as the user wrote it (up to its last name: a list item is its list) and its kind."""
+    out = []
+    for err in exc.errors():
+        loc = user_loc(err["loc"], Recipe)
+        while loc and (not isinstance(loc[-1], str) or loc[-1] == "[key]"):
+            loc = loc[:-1]
+        out.append((loc, str(err["type"])))
+    return out
+
+
+def _stand_in(raw: dict[str, Any], exc: ValidationError) -> Recipe | None:
+    """The recipe with each key that failed the schema left out (its default stands in), or None when
+    that does not validate either (a required key)."""
+    kept = copy.deepcopy(raw)
+    for loc, _ in _failed(exc):
+        node: Any = kept
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and loc:
+            node.pop(loc[-1], None)
+    kept.setdefault("name", "recipe")  # a name that failed its pattern: the run directory's rule is skipped
+    try:
+        return Recipe.model_validate(kept)
+    except ValidationError:
+        return None
 
 
 def _drop_empty_sections(raw: dict[str, Any], model: type[BaseModel]) -> None:

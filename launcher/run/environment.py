@@ -12,6 +12,8 @@ import sys
 import time
 from importlib import metadata
 
+from launcher.plan import processes
+
 # What env.json records; `mplaunch env` shows the libraries a user asks about.
 SNAPSHOT_DISTS = ("mplaunch", "torch", "deepspeed", "accelerate", "transformers", "tokenizers", "pydantic")
 REPORT_DISTS = ("torch", "deepspeed", "accelerate", "transformers", "pydantic")
@@ -33,6 +35,7 @@ def report() -> str:
     ]
     for dist in REPORT_DISTS:
         lines.append(f"{dist:<13} {_version(dist) or 'not installed'}")
+    lines.append(f"extensions    {_extensions()}")
     try:
         import torch
     except ImportError:
@@ -54,6 +57,17 @@ def report() -> str:
             f"bf16 {'yes' if cap >= (8, 0) else 'no'}, tensor cores {'yes' if cap >= (7, 0) else 'no'}"
         )
     return "\n".join(lines)
+
+
+def _extensions() -> str:
+    """Where a DeepSpeed run's workers build its ops (launcher.plan.processes.extensions_dir)."""
+    yours = os.environ.get(processes.EXTENSIONS_ENV)
+    if yours:
+        return f"{yours} (your {processes.EXTENSIONS_ENV}: DeepSpeed's ops are built there)"
+    ours = processes.extensions_dir()
+    if ours is None:
+        return f"torch's default (no home directory; set {processes.EXTENSIONS_ENV})"
+    return f"{ours} (this environment's own: DeepSpeed's ops are built there on a first run)"
 
 
 def snapshot() -> dict[str, object]:

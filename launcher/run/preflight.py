@@ -3,8 +3,9 @@
 The starter shows the plan's warnings (`print_warnings`); then, under the run directory's
 lock, `finished_run` says whether anything is left to train, `check_resume` what the run will
 resume from (tidying the run's checkpoint folder first, refusing checkpoints this plan cannot
-use or may not touch), and `prepare_run_dir` writes the files the workers and a later
-`--resume` read: plan.json, recipe.yaml, command.txt, env.json. A full disk on the way is one
+use or may not touch, and a train.max_steps below the steps the run has trained: it would train
+nothing), and `prepare_run_dir` writes the files the workers and a later `--resume` read:
+plan.json, recipe.yaml, command.txt, env.json. A full disk on the way is one
 line (launcher.rundir.space), never a traceback, and leaves no temporary file behind.
 
 Light side: no torch import.
@@ -74,7 +75,8 @@ def check_resume(plan: Plan) -> str | None:
     Raises:
         UserError: the run directory holds a checkpoint this plan cannot use, another run's
             checkpoints, only corrupt ones (checkpoint.resume=auto), or checkpoints a fresh
-            start would bury (checkpoint.resume=never); or the disk is full.
+            start would bury (checkpoint.resume=never); a train.max_steps below the steps the run
+            has trained; or the disk is full.
     """
     run_dir = RunDir.from_plan(plan)
     tidy(run_dir)
@@ -98,9 +100,29 @@ def check_resume(plan: Plan) -> str | None:
             "nothing was started so nothing is overwritten",
             hint="use another name, or checkpoint.resume=auto to continue it",
         )
-    for line in resume.check(found.manifest, plan, str(found.path)):
-        print(f"mplaunch: {line}", file=sys.stderr)
+    lines = resume.check(found.manifest, plan, str(found.path))
+    trained = max(int(found.manifest["step"]), run_dir.finished_step() or 0)
+    _refuse_fewer_steps(plan, trained)
+    if trained < plan.recipe.train.max_steps:  # else nothing trains: `finished_run` says so, and only that
+        for line in lines:
+            print(f"mplaunch: {line}", file=sys.stderr)
     return f"step {found.manifest['step']} ({found.path})"
+
+
+def _refuse_fewer_steps(plan: Plan, trained: int) -> None:
+    """A train.max_steps below the steps the run has trained would train nothing: refused, rather
+    than applied and then skipped.
+
+    Raises:
+        UserError: `trained` is more than train.max_steps.
+    """
+    if trained > plan.recipe.train.max_steps:
+        raise UserError(
+            f"{plan.run_dir}: the run already has {trained} steps, and train.max_steps is "
+            f"{plan.recipe.train.max_steps}",
+            hint=f"train.max_steps must exceed {trained} to train more, or use another name to start afresh; "
+            "nothing was started",
+        )
 
 
 def tidy(run_dir: RunDir) -> None:
@@ -146,12 +168,16 @@ def finished_run(plan: Plan, then: str) -> bool:
 
     A FINISHED file for fewer steps (train.max_steps was raised) is removed, so the run
     trains on from its last checkpoint.
+
+    Raises:
+        UserError: the run finished more steps than train.max_steps (`_refuse_fewer_steps`).
     """
     run_dir = RunDir.from_plan(plan)
     done = run_dir.finished_step()
     if done is None:
         return False
-    if done >= plan.recipe.train.max_steps:
+    _refuse_fewer_steps(plan, done)
+    if done == plan.recipe.train.max_steps:
         print(f"mplaunch: {plan.run_dir} already finished {done} steps; {then}")
         return True
     run_dir.clear_finished()

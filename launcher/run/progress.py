@@ -13,16 +13,24 @@ log, logging.progress false) rank 0 prints one plain line per interval, `plain_l
 The launcher leaves torchrun's own lines out (`TorchrunFilter`), and reads from its summary
 of failed workers the ranks a signal killed (`WorkerExits`, `killed_by`).
 
+Before the first step the bar says what rank 0 is doing, and for how long so far ("building
+DeepSpeed's CPU communication op (first run only, ~1-2 min) | 0:42 elapsed"), from the `detail` of
+its heartbeat, which each rank's `Phases` writes as a setup phase begins; with no bar drawn, rank 0
+prints one line for a phase still going after LONG_SETUP_S instead.
+
 Light side: the standard library; rich is imported only when a bar is drawn.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +39,12 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from launcher.plan.resolve import Plan
+    from launcher.rundir.layout import RunDir
     from launcher.rundir.watchdog import Beat
 
 ENV = "MPLAUNCH_PROGRESS"
 LAUNCHER = "launcher"  # ENV's value: the launcher draws the bar, rank 0 stays quiet
+LONG_SETUP_S = 10.0  # with no bar, rank 0 says which setup phase is still going after this long
 # Why a rank may die of a signal, as far as the signal tells; SIGABRT is often a peer's consequence.
 _SIGNAL_HINTS: dict[int, str] = {
     signal.SIGKILL: "out of memory?",
@@ -115,14 +125,19 @@ class Bar:
         fp16: show skipped steps even while there are none.
         metrics: RUN_DIR/metrics.jsonl.
         console: where to draw (tests pass one writing to a string).
+        heartbeat: rank 0's heartbeat file, whose `detail` says what it does before its first step.
     """
 
-    def __init__(self, total: int, fp16: bool, metrics: Path, console: RichConsole) -> None:
+    def __init__(
+        self, total: int, fp16: bool, metrics: Path, console: RichConsole, heartbeat: Path | None = None
+    ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.total = total
         self.fp16 = fp16
         self.tail = MetricsTail(metrics)
+        self.heartbeat = heartbeat
+        self.began = time.time()
         self.step = 0
         self.progress: Progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -151,13 +166,15 @@ class Bar:
         from launcher.rundir.layout import RunDir
 
         fp16 = plan.precision.loss_scale is not None
-        return cls(plan.recipe.train.max_steps, fp16, RunDir.from_plan(plan).metrics, console)
+        files = RunDir.from_plan(plan)
+        return cls(plan.recipe.train.max_steps, fp16, files.metrics, console, files.heartbeat(0))
 
     def start(self) -> None:
         self.progress.start()
 
     def update(self, beats: Mapping[int, Beat]) -> None:
-        """Show rank 0's heartbeat step and the newest "train" record."""
+        """Show rank 0's heartbeat step and the newest "train" record, or what rank 0 is doing
+        before its first step."""
         record = self.tail.poll()
         beat = beats.get(0)
         if beat is not None:
@@ -165,7 +182,20 @@ class Bar:
         if record is not None:
             self.step = max(self.step, int(record["step"]))
         phase = "setup" if beat is None or beat.phase == "setup" else "train"
-        self.progress.update(self.task, description=phase, completed=self.step, stats=self.stats(record))
+        stats = self.doing(beat is not None) or self.stats(record)
+        self.progress.update(self.task, description=phase, completed=self.step, stats=stats)
+
+    def doing(self, started: bool) -> str | None:
+        """ "building the model | 0:12 elapsed": what rank 0 is doing, while its heartbeat says
+        (`started`: it wrote one); "starting the workers" before; None once it trains."""
+        if not started:
+            return f"starting the workers | {duration(time.time() - self.began)} elapsed"
+        beat = _read_json(self.heartbeat) if self.heartbeat is not None else None
+        if not beat or beat.get("phase") not in ("setup", "train") or not beat.get("detail"):
+            return None
+        since = beat.get("time")
+        elapsed = time.time() - since if isinstance(since, int | float) else 0.0
+        return f"{beat['detail']} | {duration(elapsed)} elapsed"
 
     def stats(self, record: Mapping[str, Any] | None) -> str:
         if record is None:
@@ -189,6 +219,101 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Phases:
+    """How long a rank took from its process's start to its first step, phase by phase, and what
+    it is doing meanwhile.
+
+    "start" is the time before the Phases was made: the interpreter, imports (torch, the backend),
+    the process group. `begin` says what the rank does next: its heartbeat names it (`detail`),
+    which the launcher's bar shows with the time taken so far; on rank 0 with no bar (a pipe, CI,
+    a Slurm log) one line follows when it is still going after `after_s`,
+    "mplaunch: still building the model after 10 s". `end(name)` times the phase as `name`.
+
+    Args:
+        beat: writes this rank's heartbeat (step, phase, detail); None writes none.
+        say: print that line (`for_rank`: on rank 0 when the launcher draws no bar).
+        after_s: how long a phase goes before the line.
+    """
+
+    def __init__(
+        self,
+        beat: Callable[[int, str, str], None] | None = None,
+        say: bool = False,
+        after_s: float = LONG_SETUP_S,
+    ) -> None:
+        now = time.time()
+        began = _process_start_time()
+        self.began = now if began is None else began
+        self.last = now
+        self.seconds: dict[str, float] = {"start": round(now - self.began, 3)}
+        self.beat = beat
+        self.say = say
+        self.after_s = after_s
+        self.timer: threading.Timer | None = None
+
+    @classmethod
+    def for_rank(cls, files: RunDir, rank: int) -> Phases:
+        """The phases of `rank`, beating its heartbeat in `files`."""
+
+        def beat(step: int, phase: str, detail: str) -> None:
+            files.write_heartbeat(rank, step, phase, detail)
+
+        return cls(beat, say=rank == 0 and os.environ.get(ENV) != LAUNCHER)
+
+    def begin(self, doing: str, phase: str = "setup", step: int = 0) -> None:
+        """The rank now does `doing` ("building the model"); its heartbeat says so, in `phase` at `step`."""
+        self._quiet()
+        if self.beat is not None:
+            self.beat(step, phase, doing)
+        if self.say:
+            line = f"mplaunch: still {doing} after {self.after_s:.0f} s"
+            self.timer = threading.Timer(self.after_s, print, (line,), {"flush": True})
+            self.timer.daemon = True  # never keeps a failed rank from exiting
+            self.timer.start()
+
+    def end(self, name: str, then: str | None = None) -> None:
+        """Record the time since the last `end` (or the start) as phase `name`; `then`: what comes
+        next, as `begin` says it."""
+        now = time.time()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
+        self._quiet()
+        if then is not None:
+            self.begin(then)
+
+    def describe(self, step: int) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        return f"step {step} done {self.last - self.began:.1f} s after the worker started ({parts})"
+
+    def _quiet(self) -> None:
+        """The phase said is over: no line for it."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def _process_start_time() -> float | None:
+    """This process's start (Unix s), from /proc (Linux); None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 class TorchrunFilter:

@@ -181,7 +181,7 @@ class RunDir:
         return self.logs / f"{_RANK}{rank}.err"
 
     def heartbeat(self, rank: int) -> Path:
-        """A rank's last sign of life: step, time, pid and phase (launcher.rundir.watchdog reads it)."""
+        """A rank's last sign of life: step, time, pid, phase (launcher.rundir.watchdog) and detail."""
         return self.logs / f"{_RANK}{rank}{_HEARTBEAT}"
 
     def stack_dump(self, rank: int) -> Path:
@@ -330,11 +330,13 @@ class RunDir:
 
     # ------------------------------------------------------------------ heartbeats
 
-    def write_heartbeat(self, rank: int, step: int, phase: str) -> None:
-        """Rewrite this rank's heartbeat (a rename, no fsync: it must stay cheap). Never raises."""
+    def write_heartbeat(self, rank: int, step: int, phase: str, detail: str | None = None) -> None:
+        """Rewrite this rank's heartbeat (a rename, no fsync: it must stay cheap). Never raises.
+        `detail`: what the rank is doing since this beat ("building the model"), which the bar shows."""
         path = self.heartbeat(rank)
         tmp = path.with_name(path.name + ".tmp")
         beat = {"rank": rank, "step": step, "time": time.time(), "pid": os.getpid(), "phase": phase}
+        beat.update({"detail": detail} if detail else {})
         try:
             tmp.write_text(json.dumps(beat))
             tmp.replace(path)

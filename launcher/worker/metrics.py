@@ -116,7 +116,10 @@ class Meter:
         self.first_bad = here if self.first_bad is None else torch.minimum(self.first_bad, here)
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0 or step == self.plan.recipe.train.max_steps
+        """Whether step `step` (1-based) ends a log interval: every logging.every_steps-th, the last,
+        and the run's first, which `mplaunch report` starts its curves at (the LR warmup, the
+        loss); its one-step interval holds the first step's one-time costs."""
+        return step == 1 or step % self.every == 0 or step == self.plan.recipe.train.max_steps
 
     def _global_sum(self) -> torch.Tensor | float:
         """The interval's loss sum averaged over ranks: the loss of the whole global batch, not rank 0's share."""

@@ -5,9 +5,10 @@
 (`mplaunch: rank N: error: ...`) and then writes the traceback to
 RUN_DIR/logs/rank-N.err, so the launcher can show the failing rank's error
 instead of torchrun's noise, even when the disk is too full for the file.
-Each rank beats a heartbeat (RUN_DIR/logs/rank-N.heartbeat) after every step
-and checkpoint, and dumps its threads' stacks to RUN_DIR/logs/rank-N.stack on
-SIGUSR2: the launcher's hang watch (launcher.rundir.watchdog) reads both.
+Each rank beats a heartbeat (RUN_DIR/logs/rank-N.heartbeat) as each setup phase
+begins, naming it (launcher.run.progress.Phases), after every step and checkpoint,
+and dumps its threads' stacks to RUN_DIR/logs/rank-N.stack on SIGUSR2: the
+launcher's hang watch (launcher.rundir.watchdog) reads both.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from launcher.plan import processes
 from launcher.plan.resolve import Plan
+from launcher.run.progress import Phases
 from launcher.rundir import space
 from launcher.rundir.layout import RunDir
 from launcher.rundir.watchdog import collective_timeout_s
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     files = RunDir.from_plan(plan)
     _dump_stacks_on_sigusr2(files, rank)  # creates RUN_DIR/logs
-    files.write_heartbeat(rank, 0, "setup")
+    files.write_heartbeat(rank, 0, "setup", "connecting to the other ranks")
     stop = StopRequest()
     try:
         # The second Ctrl-C's KeyboardInterrupt may come while an error is being reported (a peer
@@ -144,44 +147,6 @@ def _interrupted(plan: Plan, rank: int, stop: StopRequest) -> int:
     return _fail(plan, rank, "interrupted")
 
 
-class Phases:
-    """How long a rank took from its process's start to its first step, phase by phase.
-
-    "start" is the time before `setup` began: the interpreter, imports (torch, the backend),
-    the process group. Each phase ends when `end` names it.
-    """
-
-    def __init__(self) -> None:
-        now = time.time()
-        began = _process_start_time()
-        self.began = now if began is None else began
-        self.last = now
-        self.seconds: dict[str, float] = {"start": round(now - self.began, 3)}
-
-    def end(self, name: str) -> None:
-        now = time.time()
-        self.seconds[name] = round(now - self.last, 3)
-        self.last = now
-
-    def describe(self, step: int) -> str:
-        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
-        return f"step {step} done {self.last - self.began:.1f} s after the worker started ({parts})"
-
-
-def _process_start_time() -> float | None:
-    """This process's start (Unix s), from /proc (Linux); None elsewhere."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime")
-        )
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
 @dataclass
 class Run:
     """Everything the loop works with, built once per rank by `setup`."""
@@ -214,10 +179,11 @@ def run(plan: Plan, stop: StopRequest) -> int:
 
 def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     """Data, model, backend and resume state of this rank."""
-    phases = Phases()
+    phases = Phases.for_rank(RunDir.from_plan(plan), d.rank)  # says each phase as it begins
+    phases.begin(_loading_data(plan))
     seed_all(plan.recipe.train.seed)
     tokens = data.load_tokens(plan, d.rank, d.barrier)
-    phases.end("data")
+    phases.end("data", then="building the model")
     # Same seed on every rank for the weights; the backends also broadcast rank 0's.
     model, notes = model_for(plan)
     positions = False
@@ -226,10 +192,11 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
         notes.append(note)
     for note in notes if d.rank == 0 else []:
         print(f"mplaunch: {note}", flush=True)
-    phases.end("model")
+    phases.end("model", then=f"starting {processes.BACKEND_NAMES[plan.recipe.backend]}")
+    phases.begin(_starting_backend(plan))  # once DeepSpeed is imported: does it build its ops first?
     seed_all(plan.recipe.train.seed + d.rank)
     backend = load_backend(plan, model)
-    phases.end("backend")
+    phases.end("backend", then="verifying and loading the latest checkpoint, if there is one")
     rows = data.split(len(tokens.ids), plan.recipe.data.eval_fraction, plan.recipe.train.seed)
     train = data.Batches(tokens, rows.train, plan, d.rank, positions=positions)
     evals: data.Batches | None = None
@@ -250,6 +217,24 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
     return Run(plan, backend, train, evals, meter, ckpt, stop, d, start, phases)
 
 
+def _loading_data(plan: Plan) -> str:
+    d = plan.recipe.data
+    if d.target is not None:
+        return f"loading the dataset of data.target {d.target}"
+    if d.kind == "synthetic":
+        return "making the synthetic data"
+    return "loading the data (tokenizing it into the token cache unless that is done)"
+
+
+def _starting_backend(plan: Plan) -> str:
+    """ "building DeepSpeed's CPU communication op (first run only, ~1-2 min)", or "starting DeepSpeed"."""
+    if not processes.deepspeed_ops(plan.recipe, plan.device):
+        return processes.backend_starting(plan.recipe, plan.device, {})
+    from deepspeed.git_version_info import installed_ops  # the ops built at install (DS_BUILD_OPS=1)
+
+    return processes.backend_starting(plan.recipe, plan.device, installed_ops)
+
+
 def fit(r: Run) -> int:
     """The training loop: one optimizer step per iteration, from `r.start` to train.max_steps."""
     t, meter, backend = r.plan.recipe.train, r.meter, r.backend
@@ -258,7 +243,8 @@ def fit(r: Run) -> int:
     def beat(step: int, phase: str) -> None:  # the hang watch's sign of life (a small file, no sync)
         files.write_heartbeat(r.d.rank, step, phase)
 
-    beat(r.start, "train")
+    compiling = "compiling the model for the first step (train.compile)"
+    r.phases.begin(compiling if r.plan.recipe.train.compile else "running the first step", "train", r.start)
     steps = data.loader(r.batches, r.start, t.max_steps, r.plan.recipe.data.num_workers)
     meter.event(
         r.start,

@@ -1,7 +1,13 @@
 """Save tiny Hugging Face models with their tokenizers, as `save_pretrained` writes them:
 the local model directories the fine-tuning recipes (and the tests) start from.
 
-    python recipes/models/make_tiny.py [OUT_DIR]      # default: beside this file
+    python recipes/models/make_tiny.py [OUT_DIR] [--missing]   # default: beside this file
+
+mplaunch runs it on first use (with --missing: only the models not there yet) when a recipe's
+model.hf names one of them here (launcher.plan.model), so a fresh clone needs no extra step; run
+it by hand to make them somewhere else (a copied recipe's models/ folder) or to save them again.
+It downloads nothing, and gives the same files on every run (with the same library versions).
+Each model is written to a temporary folder and renamed into place, so a reader never sees half of one.
 
 - tiny-bert/   BertForMaskedLM with a WordPiece tokenizer ([CLS] … [SEP]); bert_finetune_tiny.yaml
                fine-tunes it as a sequence classifier (a new head on the pretrained encoder).
@@ -9,13 +15,16 @@ the local model directories the fine-tuning recipes (and the tests) start from.
 - tiny-gpt2/   GPT2LMHeadModel with a byte-level BPE tokenizer (<|endoftext|>).
 
 Weights are a seeded random initialisation (no download): what matters here is the
-format, which is exactly what a pretrained checkpoint of the hub has. Tokenizers are
-trained on recipes/data (the corpus and the task files), so every word has ids.
+format, which is exactly what a pretrained checkpoint of the hub has. The tokenizers come from
+recipes/data (the corpus and the task files), so every word has ids: byte-level BPE trained on
+it, and a WordPiece vocabulary of its words and characters.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +37,11 @@ from transformers import (
 
 DATA = Path(__file__).parents[1] / "data"
 VOCAB = 2000
+NAMES = ("tiny-bert", "tiny-llama", "tiny-gpt2")
+# The tiny BERT's vocabulary, [unusedN] tokens (as in BERT's own) filling it up: the size of the WordPiece
+# tokenizer it was first trained with, so that every model's seeded weights (drawn one model after
+# another) stay what the tests were written against.
+BERT_VOCAB = 583
 SHAPE = {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "positions": 256}
 
 
@@ -41,11 +55,17 @@ def texts() -> list[str]:
 
 def wordpiece() -> PreTrainedTokenizerFast:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts(), trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    # Every word of the data whole, and each character alone and as a "##" piece for other words. (The
+    # WordPiece trainer numbers its pieces in hash order, so two trainings differ; this vocabulary is the
+    # same on every run.)
+    words = {w for t in texts() for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))}
+    chars = sorted({c for w in words for c in w})
+    vocab = [*specials, *chars, *(f"##{c}" for c in chars), *sorted(words - set(chars))]
+    assert len(vocab) <= BERT_VOCAB, len(vocab)
+    vocab += [f"[unused{i}]" for i in range(BERT_VOCAB - len(vocab))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -71,9 +91,19 @@ def byte_bpe(bos: str | None, eos: str, pad: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=SHAPE["positions"], **roles)
 
 
-def save(out: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> None:
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+def save(out: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, missing_only: bool) -> None:
+    if missing_only and (out / "config.json").is_file():
+        return  # built all the same: the models draw their seeded weights one after another
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if missing_only and out.exists():  # another process saved it meanwhile
+        shutil.rmtree(tmp)
+        return
+    if out.is_dir():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: {type(model).__name__}, {count:,} parameters, {len(tokenizer)} tokens")
 
@@ -82,7 +112,12 @@ def main(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    root = Path(argv[0]) if argv else Path(__file__).parent
+    missing_only = "--missing" in argv
+    paths = [a for a in argv if a != "--missing"]
+    root = Path(paths[0]) if paths else Path(__file__).parent
+    root.mkdir(parents=True, exist_ok=True)
+    if missing_only and all((root / name / "config.json").is_file() for name in NAMES):
+        return 0
     s = SHAPE
     torch.manual_seed(0)
     bert_tok = wordpiece()
@@ -91,7 +126,7 @@ def main(argv: list[str]) -> int:
         num_attention_heads=s["heads"], intermediate_size=s["intermediate"], max_position_embeddings=s["positions"],
         pad_token_id=bert_tok.pad_token_id,
     )  # fmt: skip
-    save(root / "tiny-bert", BertForMaskedLM(bert), bert_tok)
+    save(root / "tiny-bert", BertForMaskedLM(bert), bert_tok, missing_only)
     llama_tok = byte_bpe("<s>", "</s>", "<pad>")
     llama = LlamaConfig(
         vocab_size=len(llama_tok), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
@@ -99,14 +134,14 @@ def main(argv: list[str]) -> int:
         max_position_embeddings=s["positions"], bos_token_id=llama_tok.bos_token_id,
         eos_token_id=llama_tok.eos_token_id, pad_token_id=llama_tok.pad_token_id, tie_word_embeddings=False,
     )  # fmt: skip
-    save(root / "tiny-llama", LlamaForCausalLM(llama), llama_tok)
+    save(root / "tiny-llama", LlamaForCausalLM(llama), llama_tok, missing_only)
     gpt_tok = byte_bpe(None, "<|endoftext|>", "<|endoftext|>")
     gpt2 = GPT2Config(
         vocab_size=len(gpt_tok), n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
         n_inner=s["intermediate"], n_positions=s["positions"], bos_token_id=gpt_tok.eos_token_id,
         eos_token_id=gpt_tok.eos_token_id, pad_token_id=gpt_tok.pad_token_id,
     )  # fmt: skip
-    save(root / "tiny-gpt2", GPT2LMHeadModel(gpt2), gpt_tok)
+    save(root / "tiny-gpt2", GPT2LMHeadModel(gpt2), gpt_tok, missing_only)
     return 0
 
 

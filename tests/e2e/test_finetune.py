@@ -175,3 +175,35 @@ def test_an_adapter_export_of_a_run_without_lora_is_one_line(trained: Trained, t
         "error: --lora adapter: the run trained no LoRA adapters (model.lora.rank is 0); export without it"
     ]
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    ("task", "change", "said"),
+    [
+        (
+            "sft",
+            {"model": {"lora": {"rank": 4, "target_modules": ["q_proj", "qproj"]}}},
+            "'qproj' matches no linear layer",
+        ),
+        ("causal-lm", {"data": {"task": "masked-lm"}}, "masks tokens with [MASK], and the tokenizer in"),
+    ],
+    ids=["lora-target", "gpt2-masked-lm"],
+)
+def test_what_the_model_folder_rules_out_stops_the_launch_before_any_worker(
+    tmp_path: Path, tiny_models: Path, task: str, change: dict[str, Any], said: str
+) -> None:
+    # These failed in the workers, seconds into the run; the plan reads them from the model folder.
+    import yaml
+
+    path = _recipe(tmp_path, tiny_models, task, "deepspeed")
+    body = yaml.safe_load(path.read_text())
+    for section, values in change.items():
+        body[section] = {**body[section], **values}
+    path.write_text(yaml.safe_dump(body))
+    for args in (["check", str(path)], [str(path)]):
+        result = mplaunch(*args, timeout=120)
+        assert result.returncode == 2, explain(result)
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: "), line
+        assert said in line, line
+    assert not (tmp_path / "runs").exists()  # no run directory, no worker

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from launcher import cli
 from launcher.errors import UserError
 from launcher.plan import resume, schedule
 from launcher.plan.hardware import Hardware
 from launcher.plan.resolve import Plan, resolve
-from launcher.recipe.schema import to_dict, validate
+from launcher.recipe.schema import load, to_dict, validate
+from launcher.run import launch, preflight
+from launcher.rundir import checkpoint
 from launcher.rundir.checkpoint import structure
+from launcher.rundir.layout import RunDir
 
 CPU = Hardware(gpus=(), cpu_count=4)
 
@@ -223,3 +229,149 @@ def test_the_lr_line_appears_on_a_resume_from_another_working_directory(
     assert lines[1] == (
         f"the LR schedule continues at optimizer step 40 with the new settings: lr {before:.3g} -> {after:.3g}"
     )
+
+
+# --------------------------------------------------------------------------- paths written another way
+
+
+def _project(tmp_path: Path, tiny_models: Path) -> Path:
+    """A user's folder: bert_finetune_tiny's chain with its model beside it (model.hf: models/tiny-bert),
+    a tokenizer folder `tok` and weights `weights` to start from."""
+    from launcher.recipe import shipped
+    from launcher.recipe.files import RECIPES_DIR
+
+    project = (tmp_path / "project").resolve()
+    shipped.copy(RECIPES_DIR / "bert_finetune_tiny.yaml", f"{project}/")
+    shutil.copytree(tiny_models / "tiny-bert", project / "models" / "tiny-bert")
+    shutil.copytree(tiny_models / "tiny-bert", project / "tok")
+    (project / "weights").mkdir()
+    (project / "weights" / "model.safetensors").write_bytes(b"")
+    return project
+
+
+def _user_plan(project: Path, *overrides: str) -> Plan:
+    where = f"logging.dir={project.parent / 'runs'}"
+    return resolve(
+        load(project / "bert_finetune_tiny.yaml", [where, "model.init_from=weights", *overrides]), CPU
+    )
+
+
+def _resumed(plan: Plan) -> Plan:
+    """The plan `mplaunch --resume RUN_DIR` makes: from RUN_DIR/recipe.yaml as the launcher writes it."""
+    run_dir = preflight.prepare_run_dir(plan)
+    where = {"logging.dir": str(run_dir.parent), "name": run_dir.name}
+    return resolve(load(run_dir / "recipe.yaml", values=where), CPU)
+
+
+def test_a_plain_resume_says_nothing_of_paths_written_relative_to_the_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_models: Path
+) -> None:
+    monkeypatch.setenv("MPLAUNCH_CACHE", str(tmp_path / "cache"))
+    project = _project(tmp_path, tiny_models)
+    first = _user_plan(project, "data.tokenizer=tok")
+    saved = _manifest(first)
+    monkeypatch.chdir(tmp_path)  # resumed from another directory
+    resumed = _resumed(first)
+    r = resumed.recipe
+    assert (r.model.hf, r.model.init_from, r.data.tokenizer) == (  # the same places, written absolute
+        str(project / "models" / "tiny-bert"),
+        str(project / "weights"),
+        str(project / "tok"),
+    )
+    assert resume.check(saved, resumed, "ckpt") == []
+    # The recipe itself again, after a resume wrote checkpoints whose recipe names the absolute paths.
+    assert resume.check(_manifest(resumed), first, "ckpt") == []
+    # A checkpoint of an earlier mplaunch records no locations: its recipe as written names the same places.
+    del saved[resume.SIGNATURE_KEY][resume.LOCATIONS_KEY]
+    assert resume.check(saved, resumed, "ckpt") == []
+
+
+def test_a_path_that_points_elsewhere_on_resume_is_listed_where_it_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_models: Path
+) -> None:
+    monkeypatch.setenv("MPLAUNCH_CACHE", str(tmp_path / "cache"))
+    project = _project(tmp_path, tiny_models)
+    saved = _manifest(_user_plan(project, "data.tokenizer=tok"))
+    shutil.copytree(project / "tok", project / "tok2")  # the same vocabulary, another folder
+    moved = _user_plan(project, "data.tokenizer=tok2")
+    assert resume.check(saved, moved, "ckpt") == [
+        f"applied on resume: data.tokenizer {project / 'tok'} -> {project / 'tok2'}"
+    ]
+    del saved[resume.SIGNATURE_KEY][resume.LOCATIONS_KEY]
+    assert resume.check(saved, moved, "ckpt") == [
+        f"applied on resume: data.tokenizer tok -> {project / 'tok2'}"
+    ]
+
+
+# --------------------------------------------------------------------------- max_steps at or below the steps done
+
+
+@pytest.fixture
+def trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, list[Plan]]:
+    """A recipe whose run has a checkpoint at step 100 (its max_steps) and FINISHED; the workers
+    that a start would launch, recorded instead."""
+    raw = {
+        "name": "t",
+        "model": {"name": "bert-mlm", "size": "tiny", "vocab_size": 512},
+        "train": {"micro_batch_size": 4, "max_steps": 100},
+        "scheduler": {"warmup_steps": 10},
+        "launch": {"device": "cpu", "nproc_per_node": 2},
+        "precision": {"dtype": "fp32"},
+        "logging": {"dir": str(tmp_path / "runs"), "progress": False},
+    }
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    plan = resolve(load(recipe), CPU)
+    step = checkpoint.step_dir(RunDir.from_plan(plan).checkpoints, 100)
+    step.mkdir(parents=True)
+    (step / checkpoint.MANIFEST).write_text(json.dumps(_manifest(plan, step=100)))
+    RunDir.from_plan(plan).write_finished(100)
+    monkeypatch.setattr(Hardware, "probe", classmethod(lambda cls: CPU))
+    started: list[Plan] = []
+
+    class Workers:
+        def __init__(self, plan: Plan, lock: object = None) -> None:
+            started.append(plan)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(launch, "Workers", Workers)
+    return recipe, Path(plan.run_dir), started
+
+
+def test_a_max_steps_below_the_steps_done_is_refused_in_one_line(
+    trained: tuple[Path, Path, list[Plan]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe, run_dir, started = trained
+    refused = (
+        f"error: {run_dir}: the run already has 100 steps, and train.max_steps is 50 (hint: train.max_steps "
+        "must exceed 100 to train more, or use another name to start afresh; nothing was started)"
+    )
+    assert cli.main([str(recipe), "train.max_steps=50", "optimizer.lr=1e-3"]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err.splitlines()) == ("", [refused])
+    # A run stopped at its step-100 checkpoint, before FINISHED, the same.
+    (run_dir / "FINISHED").unlink()
+    assert cli.main([str(recipe), "train.max_steps=50"]) == 2
+    assert capsys.readouterr().err.splitlines() == [refused]
+    assert started == []
+
+
+def test_a_finished_run_says_only_that_it_finished(
+    trained: tuple[Path, Path, list[Plan]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe, run_dir, started = trained
+    assert cli.main([str(recipe), "optimizer.lr=1e-3"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"mplaunch: {run_dir} already finished 100 steps; nothing to do "
+        "(raise train.max_steps to train further, or use another name)"
+    ]
+    assert err == ""
+    assert started == []
+    # Raised: the changes are applied, and the run trains on.
+    assert cli.main([str(recipe), "train.max_steps=200", "optimizer.lr=1e-3"]) == 0
+    err = capsys.readouterr().err
+    assert "applied on resume: optimizer.lr 0.0001 -> 0.001, train.max_steps 100 -> 200" in err
+    assert [p.recipe.train.max_steps for p in started] == [200]
