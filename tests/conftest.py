@@ -61,6 +61,19 @@ def _no_leaked_env() -> object:
     assert not leaked, f"test leaked environment changes: {sorted(leaked)}"
 
 
+@pytest.fixture(autouse=True)
+def _hub_answers() -> Iterator[None]:
+    """The Hugging Face Hub answers as it does online: it has every model id a test names. The plan asks
+    it once per Hub id (launcher.plan.model.hub_answer); tests/unit/test_check_model_files.py sets its
+    own answers, and subprocesses ask for real. (A MonkeyPatch of its own: the `monkeypatch` fixture
+    here would be undone after the environment check.)"""
+    from launcher.plan import model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model, "hub_answer", lambda endpoint, name: (200, ""))
+        yield
+
+
 TINY_MODELS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
 
 

@@ -32,6 +32,7 @@ from typing import Any, get_args
 
 from launcher.errors import UserError
 from launcher.plan import data_check, hf_dir, targets, vocab
+from launcher.plan.extras import machine_problems
 from launcher.recipe import tasks
 from launcher.recipe.families import FAMILIES
 from launcher.recipe.sections import Recipe, Train
@@ -152,8 +153,8 @@ def _init_from(recipe: Recipe) -> list[str]:
 
 
 def user_code(recipe: Recipe) -> tuple[Recipe, str | None, list[str]]:
-    """The recipe without the keys model.target, model.hf and data.target ignore; where the
-    targets are imported from first; the targets' modules this machine cannot find."""
+    """The recipe without the keys model.target, model.hf and data.target ignore; where the targets
+    are imported from first; the targets' modules and the packages this machine cannot find."""
     target, dataset = recipe.model.target, recipe.data.target
     if target is not None or recipe.model.hf is not None:
         recipe = targets.only_target_keys(recipe)
@@ -164,7 +165,7 @@ def user_code(recipe: Recipe) -> tuple[Recipe, str | None, list[str]]:
     for key, name in (("model.target", target), ("data.target", dataset)):
         missing = targets.find(name, import_dir, key) if name is not None else None
         machine += [missing] if missing else []
-    return recipe, import_dir, machine
+    return recipe, import_dir, machine + machine_problems(recipe)
 
 
 def data_files(recipe: Recipe, hf: hf_dir.HfModel | None = None) -> tuple[tuple[str, ...], str | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from launcher.plan import extras
 from launcher.plan.hf_dir import HfModel
 from launcher.plan.precision import PrecisionPolicy
 from launcher.recipe.schema import explicitly_set
@@ -11,7 +12,8 @@ from launcher.recipe.sections import Recipe
 def warnings(
     recipe: Recipe, policy: PrecisionPolicy, device: str, language_model: bool, hf: HfModel | None
 ) -> list[str]:
-    """Settings that would silently have no effect, then what the plan could not check.
+    """Settings that would silently have no effect (logging.tensorboard without tensorboard), then what
+    the plan could not check.
 
     Args:
         language_model: mplaunch takes the model's loss (`ModelFacts.language_model`): train.loss applies.
@@ -49,7 +51,7 @@ def warnings(
         )
     if recipe.checkpoint.every_steps > t.max_steps:
         out.append("checkpoint.every_steps: beyond train.max_steps; only the final checkpoint is written")
-    return out + _hub(hf)
+    return out + extras.warnings(recipe) + _hub(hf)
 
 
 def _precision(written: set[str], policy: PrecisionPolicy, device: str) -> list[str]:

@@ -25,6 +25,7 @@ import yaml
 from launcher.errors import UserError
 from launcher.plan import backend_config, data_check, hf_dir, no_effect, precision, processes, vocab
 from launcher.plan.batch import Batch, resolve_batch
+from launcher.plan.extras import require_packages
 from launcher.plan.hardware import Hardware
 from launcher.plan.model import (
     LOSSES,
@@ -379,6 +380,7 @@ def _backend_config(recipe: Recipe, policy: PrecisionPolicy, device: str, batch:
 
 def prepare_vocab(recipe: Recipe) -> None:
     """Before a real launch: train the data's tokenizer (cached) so the plan knows its exact vocabulary."""
+    require_packages(recipe, up_to="launcher")  # names every package the run lacks, not only these
     if vocab.needs_training(recipe) and recipe.model.hf is None:  # model.hf brings its tokenizer
         try:
             vocab.prepare(recipe, data_files(recipe)[0])

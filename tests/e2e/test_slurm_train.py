@@ -50,7 +50,7 @@ def test_tiny_bert_trains_across_two_nodes(slurm_cluster: SlurmCluster, tmp_path
     plan = json.loads((run_dir / "plan.json").read_text())["plan"]
     assert (plan["nnodes"], plan["nproc_per_node"], plan["dist_backend"]) == (2, 1, "gloo")
     recs = records(run_dir)
-    assert [r["step"] for r in recs if r["kind"] == "train"] == [5, 10, 15, 20]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 5, 10, 15, 20]
     assert [r["event"] for r in recs if r["kind"] == "event" and r["event"] in ("start", "finish")] == [
         "start",
         "finish",

@@ -142,7 +142,7 @@ def test_a_kwargs_vocab_smaller_than_the_tokenizer_is_one_line_at_check(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _tokenizer(tmp_path / "tok", 100)
-    recipe = model_recipe(tmp_path, "small", {"kwargs": {"vocab_size": 50}}, {"data": {"tokenizer": "tok"}})
+    recipe = model_recipe(tmp_path, "small", {"kwargs": {"vocab_size": 50}}, {"data": {"tokenizer": "tok", "task": "causal-lm"}})
     code, lines = _check(capsys, str(recipe))
     assert code == 2
     assert len(lines) == 1, lines

@@ -131,7 +131,10 @@ def test_malformed_recipes_fail_cleanly(recipe_file: Path, doc: dict[Any, Any]) 
     assert lines
     heads = [_key_head(k) for k in doc]
     for line in lines:
-        assert line.startswith(f"error: {recipe_file}: "), line
-        problem = line.removeprefix(f"error: {recipe_file}: ")
+        if line.startswith("error: not checked until the problems above are fixed: "):
+            continue  # the rounds that wait on a refused value, named once
+        assert line.startswith("error: "), line
+        # The recipe's own problems carry its file; the plan's (checked in the same pass) do not.
+        problem = line.removeprefix(f"error: {recipe_file}: ").removeprefix("error: ")
         assert any(problem.startswith(head) for head in heads), (line, heads)  # names a key path
         assert ": " in problem.removeprefix(next(h for h in heads if problem.startswith(h))), line
