@@ -75,7 +75,7 @@ def assert_one_continuous_run(recs: list[dict[str, Any]], max_steps: int, every:
         if r["kind"] == "event" and r["event"] == "checkpoint":
             last_ckpt = r["step"]
     latest = {r["step"]: r for r in recs if r["kind"] == "train"}
-    assert sorted(latest) == list(range(every, max_steps + 1, every))
+    assert sorted(latest) == [1, *range(every, max_steps + 1, every)]  # the run's first step is logged too
     assert all(latest[s]["loss"] == latest[s]["loss"] for s in latest)  # finite, not NaN
 
 

@@ -65,9 +65,9 @@ def test_a_user_causal_lm_gets_causal_batches_when_the_recipe_says_so(
         assert result.returncode == 0, explain(result)
         assert sorted(losses(tmp_path / "runs" / "causal_target")) == [1, 2, 3, 4]
     else:
-        # A BPE tokenizer has no [MASK]: masked-LM batches cannot even be made, and the run says so.
-        assert result.returncode != 0
-        assert "has no [MASK] token; data.task masked-lm needs one" in result.stderr, explain(result)
+        # A BPE tokenizer has no [MASK]: masked-LM batches cannot even be made; the plan says so, exit 2.
+        assert result.returncode == 2, explain(result)
+        assert "data.task masked-lm masks tokens with [MASK], and the tokenizer in" in result.stderr, explain(result)
 
 
 def test_check_refuses_a_built_in_model_the_wrong_objective(tmp_path: Path) -> None:
