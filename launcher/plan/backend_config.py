@@ -49,7 +49,7 @@ def deepspeed_config(
         "gradient_clipping": recipe.train.grad_clip,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "fp16": deepspeed_fp16_block(policy),
-        "bf16": {"enabled": policy.dtype == "bf16"},
+        "bf16": {"enabled": policy.compute_dtype == "bf16"},  # fp8: bf16 outside the fp8 matmuls
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         # mplaunch logs its own metrics; keep DeepSpeed's per-step print quiet.
@@ -72,7 +72,7 @@ def accelerate_settings(recipe: Recipe, policy: PrecisionPolicy, device: str, ac
     return {
         "accelerator": {"mixed_precision": "no", "cpu": device == "cpu"},
         "fsdp2": fsdp2_settings(recipe, policy, device) if z.stage > 0 else None,
-        "autocast": policy.dtype if policy.autocast else None,
+        "autocast": policy.compute_dtype if policy.autocast else None,
         "loss_scale": policy.loss_scale.model_dump() if policy.loss_scale else None,
         "grad_accum": accum,
         "grad_clip": recipe.train.grad_clip,
@@ -102,7 +102,7 @@ def fsdp2_settings(recipe: Recipe, policy: PrecisionPolicy, device: str) -> dict
     z = recipe.zero
     return {
         "reshard_after_forward": z.stage == 3,
-        "param_dtype": policy.dtype,
+        "param_dtype": policy.compute_dtype,
         "reduce_dtype": "fp32",
         "offload_params": z.offload_params and device == "cuda",
         "wrap": fsdp2_wrap(recipe),

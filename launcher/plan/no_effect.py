@@ -68,6 +68,9 @@ def _precision(written: set[str], policy: PrecisionPolicy, device: str) -> list[
         out.append(
             f"{dynamic_only[0]}: has no effect with a static loss scale (precision.loss_scale.dynamic=false)"
         )
+    fp8_keys = sorted(k for k in written if k.startswith("precision.fp8."))
+    if fp8_keys and policy.dtype != "fp8":
+        out.append(f"{fp8_keys[0]}: has no effect with {policy.dtype} (only precision.dtype fp8 reads it)")
     if "precision.allow_tf32" in written and (policy.dtype != "fp32" or device == "cpu"):
         out.append("precision.allow_tf32: only affects fp32 runs on Ampere or newer GPUs")
     return out

@@ -7,6 +7,10 @@ whether TF32 is allowed, the loss-scale settings in the recipe's own names
 serialises it whole into plan.json; the backends, metrics, the memory planner,
 the FLOP counter and the health checks read it and never re-derive it.
 Master weights and optimizer state are always fp32.
+
+fp8 (torchao float8) is a linear-layer choice on top of bf16: the chosen linear layers multiply in
+fp8, everything else computes in bf16 (`compute_dtype`). Which layers, the scaling recipe and
+whether the run is emulated are `PrecisionPolicy.fp8` (filled by launcher.plan.fp8).
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from typing import Any, Literal
 from launcher.plan.hardware import Hardware
 from launcher.recipe.schema import LossScale, Recipe
 
-Dtype = Literal["fp32", "fp16", "bf16"]
+Dtype = Literal["fp32", "fp16", "bf16", "fp8"]
 
 #: The closed vocabulary of dtype names used across mplaunch (recipe, plan, export,
 #: worker), each with its width in bytes. launcher.worker.precision maps the same
-#: names to torch dtypes.
+#: names to torch dtypes. fp8 is not among them: its `compute_dtype` is bf16.
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -36,6 +40,9 @@ class PrecisionPolicy:
         allow_tf32: fp32 matrix products may use TF32 tensor cores.
         loss_scale: the fp16 loss-scale settings, named as in the recipe; None unless fp16.
         bf16_supported: the planned devices compute in bf16 (every GPU Ampere or newer; any CPU).
+        fp8: with dtype fp8, the float8 settings and layers (launcher.plan.fp8.settings: scaling,
+            keep_first_last, keep, converted (None: decided in the worker), kept {name: reason},
+            emulated, all_gather); else None.
     """
 
     dtype: Dtype
@@ -44,6 +51,12 @@ class PrecisionPolicy:
     loss_scale: LossScale | None
     bf16_supported: bool
     master_dtype: str = "fp32"
+    fp8: dict[str, Any] | None = None
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype of everything but fp8's converted matrix products (a DTYPE_BYTES name): bf16 for fp8."""
+        return "bf16" if self.dtype == "fp8" else self.dtype
 
     @property
     def autocast(self) -> bool:
@@ -53,7 +66,7 @@ class PrecisionPolicy:
     @property
     def matmul_dtype(self) -> str:
         """The PEAK_TFLOPS column the run's matmuls use: fp32 with TF32 allowed runs at the tf32 peak."""
-        return "tf32" if self.dtype == "fp32" and self.allow_tf32 else self.dtype
+        return "tf32" if self.dtype == "fp32" and self.allow_tf32 else self.dtype  # fp8: its own column
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +76,7 @@ class PrecisionPolicy:
             "loss_scale": self.loss_scale.model_dump() if self.loss_scale else None,
             "bf16_supported": self.bf16_supported,
             "master_dtype": self.master_dtype,
+            "fp8": self.fp8,
         }
 
     @classmethod
@@ -75,6 +89,7 @@ class PrecisionPolicy:
             loss_scale=LossScale(**scale) if scale is not None else None,
             bf16_supported=data["bf16_supported"],
             master_dtype=data["master_dtype"],
+            fp8=data.get("fp8"),
         )
 
 
@@ -107,6 +122,10 @@ def resolve(recipe: Recipe, device: str, hardware: Hardware) -> PrecisionPolicy:
     return PrecisionPolicy(dtype, reason, p.allow_tf32, scale, bf16)
 
 
+#: fp8 tensor cores arrived with Ada (8.9) and Hopper (9.0).
+FP8_CAPABILITY = (8, 9)
+
+
 def problems(policy: PrecisionPolicy, backend: str, device: str, hardware: Hardware) -> list[str]:
     """What the backend would reject at run time for this policy on this device."""
     out = []
@@ -115,6 +134,13 @@ def problems(policy: PrecisionPolicy, backend: str, device: str, hardware: Hardw
             "precision.dtype: fp16 is not supported by DeepSpeed on CPU; "
             "use precision.dtype=bf16, or backend=accelerate (which scales fp16 on CPU)"
         )
+    if device == "cuda" and policy.dtype == "fp8":
+        old = [g for g in hardware.gpus if g.capability < FP8_CAPABILITY]
+        if old:
+            out.append(
+                f"precision.dtype: fp8 matmuls need compute capability 8.9+ (Ada, Hopper): GPU {old[0].index} "
+                f"({old[0].name}) is {old[0].capability[0]}.{old[0].capability[1]}; use precision.dtype=bf16"
+            )
     if device == "cuda" and policy.dtype == "bf16":
         old = [g for g in hardware.gpus if not g.supports_bf16]
         if old:
@@ -141,3 +167,18 @@ def deepspeed_fp16_block(policy: PrecisionPolicy) -> dict[str, Any]:
         # DeepSpeed's min_loss_scale is an int field (the recipe rules make it whole).
         "min_loss_scale": int(ls.min) if ls.min == int(ls.min) else ls.min,
     }
+
+
+def describe_row(p: PrecisionPolicy) -> str:
+    """The dry run's precision row."""
+    what = (
+        "fp8 matmuls in the converted linear layers, bf16 elsewhere"
+        if p.dtype == "fp8"
+        else f"{p.dtype} compute"
+    )
+    row = f"{what}, {p.master_dtype} master weights ({p.reason})"
+    if p.loss_scale is not None:
+        ls = p.loss_scale
+        kind = f"dynamic from {ls.initial:g}" if ls.dynamic else f"static {ls.initial:g}"
+        row += f"; loss scale {kind}"
+    return row

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from launcher.errors import UserError
-from launcher.plan import backend_config, data_check, hf_dir, no_effect, precision, processes, vocab
+from launcher.plan import backend_config, data_check, fp8, hf_dir, no_effect, precision, processes, vocab
 from launcher.plan.batch import Batch, resolve_batch
 from launcher.plan.extras import require_packages
 from launcher.plan.hardware import Hardware
@@ -168,7 +168,7 @@ class Plan:
         label = "DeepSpeed config" if self.recipe.backend == "deepspeed" else "Accelerate settings"
         rows = [
             ("device", f"{self.device} ({self.device_reason})"),
-            ("precision", _precision_row(self.precision)),
+            ("precision", precision.describe_row(self.precision)),
             (
                 "processes",
                 f"{self.nnodes} x {self.nproc_per_node} = world_size {self.world_size}, {self.dist_backend}",
@@ -203,6 +203,7 @@ class Plan:
             *(f"{k:<10} {v}" for k, v in rows),
             f"== {label} ==",
             json.dumps(self.backend_config, indent=2),
+            *([fp8.describe(self.precision)] if self.precision.fp8 is not None else []),
             *([memory_section] if memory_section else []),
             "== environment ==",
             *(f"{k}={v}" for k, v in self.env.items()),
@@ -358,8 +359,13 @@ def _draft(recipe: Recipe, hardware: Hardware, nnodes_allowed: bool) -> _Draft:
     vocab_ = None
     if not data and all(Path(p).exists() for p in data_paths):  # the vocabulary is the data's tokenizer's
         vocab_, data = vocab_of(recipe, model, data_paths, tokenizer, logging_dir(recipe)[0] / recipe.name)
+    facts, size = model.facts, vocab_.size if vocab_ else None
+    layers = (
+        fp8.layers_of(recipe, model.hf, facts.task, facts.num_labels, size) if policy.dtype == "fp8" else None
+    )
+    policy = fp8.attach(policy, recipe, device, layers)
     parts = {
-        "the model": list(model.problems),
+        "the model": [*model.problems, *fp8.problems(recipe, layers)],  # no fp8 problem for a stand-in
         "the batch": batch_problems,
         MACHINE: machine,
         "the data contents": data,
@@ -386,12 +392,3 @@ def prepare_vocab(recipe: Recipe) -> None:
             vocab.prepare(recipe, data_files(recipe)[0])
         except (OSError, ValueError) as exc:
             raise UserError(f"data.paths: {exc}") from None
-
-
-def _precision_row(p: PrecisionPolicy) -> str:
-    row = f"{p.dtype} compute, {p.master_dtype} master weights ({p.reason})"
-    if p.loss_scale is not None:
-        ls = p.loss_scale
-        kind = f"dynamic from {ls.initial:g}" if ls.dynamic else f"static {ls.initial:g}"
-        row += f"; loss scale {kind}"
-    return row

@@ -204,6 +204,17 @@ def _loss_scale_rules(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _fp8_rules(recipe: Recipe) -> list[str]:
+    if recipe.precision.dtype == "fp8" and recipe.model.lora.rank:
+        # torchao converts nn.Linear modules; peft's adapters wrap them and would stay in bf16 while
+        # the frozen base weights alone went to fp8, which saves nothing a LoRA run spends.
+        return [
+            "precision.dtype: fp8 with LoRA (model.lora.rank > 0) is not supported: the adapters are not "
+            "converted; use precision.dtype=bf16"
+        ]
+    return []
+
+
 def _data_files(recipe: Recipe) -> list[str]:
     """data.paths and data.tokenizer name files and folders that are there."""
     d = recipe.data
@@ -318,7 +329,11 @@ def _data_sections(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
 # them failing the schema, the group would judge the default standing in for it, so it is skipped.
 RULES: tuple[tuple[Callable[[Recipe], list[str]], str, tuple[str, ...]], ...] = (
     (_zero_rules, "the ZeRO settings", ("zero", "backend")),
-    (_model_rules, "the model's keys", ("model", "train.activation_checkpointing", "data")),
+    (
+        lambda r: _model_rules(r) + _fp8_rules(r),
+        "the model's keys",
+        ("model", "train.activation_checkpointing", "data"),
+    ),
     (_data_files, "the data files", ("data.kind", "data.paths", "data.tokenizer", "data.target")),
     (_data_rules, "the data's keys", ("data", "model")),
     (tasks.problems, "the task", ("model", "data.task")),

@@ -194,13 +194,24 @@ class LossScale(Section):
     """Lowest scale; overflowing there stops the run (DeepSpeed takes a whole number)."""
 
 
+class Fp8(Section):
+    scaling: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """How torchao float8 scales each fp8 cast: tensorwise (one scale per tensor; FSDP2 can all-gather the weights in fp8) or rowwise (one scale per row; finer, slower)."""
+    keep_first_last: bool = True
+    """Keep the first linear layers (those of the first module that holds any, e.g. block 0's attention) and the last one (the output head) in bf16."""
+    keep: list[str] = []
+    """More linear layers kept in bf16: module names or dotted suffixes of them, matched like model.lora.target_modules. Layers whose in or out features are not multiples of 16 always stay in bf16."""
+
+
 class Precision(Section):
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """Compute dtype; auto picks bf16 on CPUs with native bf16 (AVX512-BF16, AMX) and Ampere-or-newer GPUs, fp32 on other CPUs, fp16 on older GPUs. Master weights stay fp32."""
+    dtype: Literal["auto", "fp32", "fp16", "bf16", "fp8"] = "auto"
+    """Compute dtype; auto picks bf16 on CPUs with native bf16 (AVX512-BF16, AMX) and Ampere-or-newer GPUs, fp32 on other CPUs, fp16 on older GPUs (never fp8). fp8: the linear layers' matrix products in float8 (torchao; GPUs of compute capability 8.9+, emulated on CPU), everything else in bf16. Master weights stay fp32."""
     allow_tf32: bool = True
     """Let fp32 matrix products use TF32 tensor cores on Ampere or newer."""
     loss_scale: LossScale = LossScale()
     """Dynamic loss scaling for fp16."""
+    fp8: Fp8 = Fp8()
+    """The fp8 settings (precision.dtype fp8)."""
 
 
 class Zero(Section):

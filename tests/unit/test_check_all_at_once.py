@@ -84,7 +84,7 @@ def test_a_value_that_failed_skips_only_the_checks_that_read_it(
 ) -> None:
     # precision.dtype failed: the devices and precision are not judged with a default in its place,
     # but the batch, the files and the data contents are.
-    path = _recipe(tmp_path, precision={"dtype": "fp8"}, data={"paths": ["nothere.txt"]},
+    path = _recipe(tmp_path, precision={"dtype": "fp4"}, data={"paths": ["nothere.txt"]},
                    train={"micro_batch_size": 7, "global_batch_size": 30})  # fmt: skip
     code, err = _check(capsys, path)
     assert code == 2

@@ -15,9 +15,9 @@ def test_the_readme_install_commands_are_what_ci_installs() -> None:
     for step in installs[2:]:
         # CI's lines are the README's with -q, `python -m pip`, and the dev extra for the tests.
         package = step.removeprefix("pip install ")
-        wanted = package.replace("[train,report]", "[train,report,dev]")
+        wanted = package.replace("[train,report,fp8]", "[train,report,fp8,dev]")
         assert f"python -m pip install -q {wanted}" in ci, step
-    assert "'.[train,report]'" in line  # `mplaunch report` and `parity` need the report extra
+    assert "'.[train,report,fp8]'" in line  # `report` and `parity` need the report extra, fp8 runs torchao
     assert main_job.startswith("if nvidia-smi") and "mplaunch recipes/bert_tiny.yaml" in main_job
 
 

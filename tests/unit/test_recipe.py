@@ -116,8 +116,8 @@ def test_unknown_section_in_override_names_the_override(tmp_path: Path) -> None:
         ("zero.stage='3'", "zero.stage: expected one of 0, 1, 2, 3, got '3' (a string)"),
         ("zero.stage=4", "zero.stage: expected one of 0, 1, 2, 3, got 4"),
         (
-            "precision.dtype=fp8",
-            "precision.dtype: expected one of 'auto', 'fp32', 'fp16', 'bf16', got 'fp8' (a string)",
+            "precision.dtype=fp4",
+            "precision.dtype: expected one of 'auto', 'fp32', 'fp16', 'bf16', 'fp8', got 'fp4' (a string)",
         ),
         (
             "launch.nproc_per_node='8'",

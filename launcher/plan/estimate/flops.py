@@ -103,18 +103,19 @@ def flops_per_step(shape: Shape | None, seq_len: int, samples_per_step: int) -> 
 
 # Dense peak TFLOP/s per GPU from NVIDIA's datasheets (the sparsity figures
 # halved). "tf32" is an fp32 matmul on tensor cores (precision.allow_tf32);
-# Volta has no TF32 or bf16: its tf32 entry is plain fp32 and bf16 is absent.
+# Volta has no TF32 or bf16: its tf32 entry is plain fp32 and bf16 is absent. fp8 (Ada and
+# Hopper: L4, H100, H200) is twice bf16; older GPUs have no fp8 entry.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H100 SXM": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
-    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0},
-    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5},
-    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
-    "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5},
+    "H100 SXM": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.8},
+    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1512.0},
+    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5, "fp8": 1671.0},
+    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.8},
+    "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5, "fp8": 1671.0},
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
     "V100 SXM2": {"fp32": 15.7, "tf32": 15.7, "fp16": 125.0},
     "V100 PCIe": {"fp32": 14.0, "tf32": 14.0, "fp16": 112.0},
     "V100S PCIe": {"fp32": 16.4, "tf32": 16.4, "fp16": 130.0},
-    "L4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0},
+    "L4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0, "fp8": 242.0},
 }
 
 # First match wins; the name is as nvidia-smi / torch.cuda.get_device_name print it,
@@ -144,7 +145,7 @@ def match_gpu(name: str | None) -> str | None:
 
 
 def peak_flops(gpu_name: str | None, dtype: str) -> float | None:
-    """Dense peak FLOP/s of one GPU for dtype (fp32, tf32, bf16, fp16); None if unknown or unsupported."""
+    """Dense peak FLOP/s of one GPU for dtype (fp32, tf32, bf16, fp16, fp8); None if unknown or unsupported."""
     key = match_gpu(gpu_name)
     tflops = PEAK_TFLOPS[key].get(dtype) if key else None
     return None if tflops is None else tflops * 1e12

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from launcher.errors import UserError
 from launcher.plan.estimate.activations import activation_bytes, lora_activation_delta
 from launcher.plan.estimate.setting import Setting, setting_of
-from launcher.plan.estimate.state_bytes import ModelState, model_state_bytes
+from launcher.plan.estimate.state_bytes import ModelState, fsdp2_gathered, model_state_bytes
 
 if TYPE_CHECKING:
     from launcher.plan.hardware import Hardware
@@ -61,10 +61,17 @@ class Estimate:
     state: ModelState
     activations_per_sample: int | None  # None: unknown model
     context: int = CUDA_CONTEXT_BYTES  # 0 for a CPU process
+    fp8_casts_per_sample: int = 0  # precision.dtype fp8: one layer's transient fp8 casts (fp8_bytes)
+    fp8_casts_fixed: int = 0  # ... the part that does not grow with the micro-batch (the weight's)
+
+    def fp8_casts(self, micro_batch_size: int) -> int:
+        return (
+            self.fp8_casts_fixed + self.fp8_casts_per_sample * micro_batch_size if self.fp8_casts_fixed else 0
+        )
 
     def total(self, micro_batch_size: int) -> int:
         # The optimizer step runs after backward has freed the activations and comm buckets.
-        act = (self.activations_per_sample or 0) * micro_batch_size
+        act = (self.activations_per_sample or 0) * micro_batch_size + self.fp8_casts(micro_batch_size)
         s = self.state
         return s.device_state + self.context + max(act + s.comm_buffers, s.step_buffers)
 
@@ -79,6 +86,7 @@ class Estimate:
             ("comm buffers", s.comm_buffers),
             ("step buffers", s.step_buffers),
             ("activations", None if per_sample is None else per_sample * micro_batch_size),
+            *([("fp8 casts", self.fp8_casts(micro_batch_size))] if self.fp8_casts_fixed else []),
             *context,
             ("total", self.total(micro_batch_size)),
         ]
@@ -90,7 +98,8 @@ class Estimate:
         if not self.activations_per_sample:
             return None
         room = usable_bytes - self.state.device_state - self.context - self.state.comm_buffers
-        return max(1, room // self.activations_per_sample)
+        room -= self.fp8_casts_fixed
+        return max(1, room // (self.activations_per_sample + self.fp8_casts_per_sample))
 
 
 def estimate(setting: Setting, config: Config) -> Estimate:
@@ -108,7 +117,15 @@ def estimate(setting: Setting, config: Config) -> Estimate:
         per_sample = activation_bytes(s.shape, s.seq_len, 1, s.dtype, s.backend, s.dropout)
         if s.lora:
             per_sample += lora_activation_delta(s.shape, s.seq_len, 1, s.dtype, s.backend, s.dropout, s.lora)
-    return Estimate(config, state, per_sample, CUDA_CONTEXT_BYTES if s.device == "cuda" else 0)
+    context = CUDA_CONTEXT_BYTES if s.device == "cuda" else 0
+    if s.fp8 is None:
+        return Estimate(config, state, per_sample, context)
+    if s.fp8.all_gather and s.backend == "accelerate" and config.stage > 0:
+        # The converted weights' share of what FSDP2 holds unsharded is gathered in fp8: 1 byte, not 2.
+        gathered = fsdp2_gathered(s.params, config.stage) * s.fp8.converted // max(s.params.total, 1)
+        state = replace(state, comm_buffers=state.comm_buffers - gathered)
+    fixed = s.fp8.cast_bytes(0)
+    return Estimate(config, state, per_sample, context, s.fp8.cast_bytes(s.seq_len) - fixed, fixed)
 
 
 def recipe_config(plan: Plan, stage: int, device: str = "cuda") -> Config:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from launcher.errors import UserError
 from launcher.plan import hf_dir
-from launcher.plan.estimate import flops
+from launcher.plan.estimate import flops, fp8_bytes
 from launcher.plan.estimate.state_bytes import LoraSetting, Params, lora_params, lora_unmatched
 from launcher.recipe.shapes import Shape
 
@@ -33,6 +33,7 @@ class Setting:
     dropout: float
     lora: LoraSetting | None = None  # model.lora: only its adapters train
     device: str = "cuda"  # cpu: each process holds its state in host memory, without a CUDA context
+    fp8: fp8_bytes.Fp8Weights | None = None  # precision.dtype fp8: the converted layers
 
     @property
     def unit(self) -> str:
@@ -71,8 +72,9 @@ def setting_of(plan: Plan, num_params: int | None = None, num_trainable: int | N
         params = Params.of(shape)
     lora = _lora_of(plan, shape, num_trainable)
     return Setting(
-        params, shape, plan.precision.dtype, r.backend, b.world_size, b.micro_batch_size,
+        params, shape, plan.precision.compute_dtype, r.backend, b.world_size, b.micro_batch_size,
         b.global_batch_size, b.grad_accum, r.data.seq_len, r.model.dropout, lora, plan.device,
+        fp8_bytes.of(plan),
     )  # fmt: skip
 
 
