@@ -9,10 +9,16 @@ this package is first imported, says what killed one there as its `main` would h
 names the cause, not "exited without an error report"); export prints `error: LINE` and exits 2 for
 an ImportError. LINE names a missing package and the `pip install` that brings it
 (launcher.plan.extras). Any other process keeps its own hook.
+
+Where torchao is installed (the fp8 extra), transformers imports it with every model, and its import
+warns on every rank: CUDA kernel libraries that do not load on this machine (fp8 training does not use
+them) and torch's notice about two of its enum types. Those loggers are set to errors only here, so
+rank logs show what matters to the run.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -50,3 +56,5 @@ def report_uncaught(kind: type[BaseException], exc: BaseException, tb: Traceback
 
 _previous_hook = sys.excepthook
 sys.excepthook = report_uncaught
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)

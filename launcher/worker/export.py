@@ -364,7 +364,7 @@ def write_tokenizer(plan: Plan, run: RunDir, out: Path) -> tuple[Any, str]:
 def _build(plan: Plan) -> nn.Module:
     """The module the run trained, freshly initialised (launcher.worker.models, as train.setup builds it)."""
     try:
-        return model_setup.model_for(plan, load_init=False)[0]
+        return model_setup.model_for(plan, load_init=False, fp8=False)[0]
     except models.ModelError as exc:
         raise UserError(str(exc)) from None
 

@@ -1,5 +1,6 @@
 """The model a run trains, assembled: built (a built-in, model.target or model.hf), its starting
-weights (model.init_from), activation checkpointing and LoRA adapters, in that order.
+weights (model.init_from), fp8 layers (precision.dtype fp8: launcher.worker.fp8), activation
+checkpointing and LoRA adapters, in that order.
 
 model.hf is the worker side of launcher.plan.hf_dir.
 
@@ -24,11 +25,12 @@ from launcher.recipe import tasks
 from launcher.worker.models import LMLoss, ModelError, build
 
 
-def model_for(plan: Plan, load_init: bool = True) -> tuple[nn.Module, list[str]]:
+def model_for(plan: Plan, load_init: bool = True, fp8: bool = True) -> tuple[nn.Module, list[str]]:
     """The run's model, and lines saying what was done to it (printed by rank 0).
 
     Args:
         load_init: load model.init_from's weights (export, which loads a checkpoint over them, does not).
+        fp8: convert precision.dtype fp8's layers (export builds the plain model: the same state dict).
     """
     m = plan.recipe.model
     causal = plan.model.causal
@@ -42,6 +44,11 @@ def model_for(plan: Plan, load_init: bool = True) -> tuple[nn.Module, list[str]]
         notes.append(
             f"initialised from {init_from(model, plan.init_from)}; optimizer, schedule and step start fresh"
         )
+    if fp8 and plan.precision.fp8 is not None:
+        from launcher.worker import fp8 as float8
+
+        converted, kept = float8.convert(model, plan.precision.fp8, plan.device)
+        notes.append(float8.describe(converted, kept, plan.precision.fp8, plan.device))
     if plan.recipe.train.activation_checkpointing:
         checkpoint_activations(model)
     if m.lora.rank:

@@ -1,7 +1,8 @@
 """The worker's precision: the plan's resolved policy (launcher.plan.precision) in torch terms.
 
 `DTYPES` is the one map from mplaunch's dtype names (launcher.plan.precision.DTYPE_BYTES) to
-torch dtypes; every worker module reads it. `Precision` owns, for one rank, what Lightning
+torch dtypes; every worker module reads it. fp8 is not one of them: its linear layers are
+converted (launcher.worker.fp8) and everything else computes in the policy's `compute_dtype`, bf16. `Precision` owns, for one rank, what Lightning
 Fabric's precision plugin owns: the autocast context, the fp16 loss scaler with its checkpoint
 state, and (`set_tf32`) whether fp32 matrix products may use TF32. It reads the policy and never
 re-decides it. The Accelerate backend drives it, at zero.stage 0 (DDP) and 1-3 (FSDP2, whose
@@ -47,7 +48,8 @@ class Precision:
         self.policy = policy
         self.device_type = device_type
         # fp32 runs without autocast: the parameters, fp32 master weights, are used as they are.
-        self.autocast_dtype = DTYPES[policy.dtype] if policy.autocast else None
+        # fp8 autocasts to bf16: only its converted linear layers multiply in fp8 (launcher.worker.fp8).
+        self.autocast_dtype = DTYPES[policy.compute_dtype] if policy.autocast else None
         self.scaler: Any = None
         if policy.loss_scale is not None:
             rule = DynamicScale.from_recipe(policy.loss_scale)

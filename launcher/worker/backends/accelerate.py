@@ -32,7 +32,7 @@ from launcher.errors import UserError
 from launcher.plan import hf_dir, schedule
 from launcher.plan.loss_scale import ScaleAtMinimum
 from launcher.plan.resolve import Plan
-from launcher.worker import xray
+from launcher.worker import fp8, xray
 from launcher.worker.backends import (
     LossScaleFloor,
     StepStats,
@@ -86,6 +86,8 @@ class Engine:
         self.measure_grads = False
         self.xray: str | None = None
         self.layers = xray.layers_of(list(self.model.named_parameters()))
+        f8 = plan.precision.fp8
+        self.fp8_all_gather = bool(f8 and f8["all_gather"] and self.fsdp is not None)
 
     def _shards(self) -> list[xray.Shard]:
         """This rank's parts of the gradients and fp32 weights (the parameters are the master weights).
@@ -130,7 +132,7 @@ class Engine:
         self.precision.unscale_(inner)
         probe = None
         if self.xray:  # the unscaled, unclipped gradients; the scale their backward used
-            dtype, scale = self.plan.precision.dtype, self.loss_scale()
+            dtype, scale = self.plan.precision.compute_dtype, self.loss_scale()
             probe = xray.Probe(self.layers, self._shards(), dtype, scale, False, self.xray == "sketch")
             lr = self.lr()
         grad_norm = self._clip()
@@ -142,6 +144,8 @@ class Engine:
         except ScaleAtMinimum as exc:
             raise LossScaleFloor(str(exc)) from None
         self.skipped += int(bool(skipped))
+        if self.fp8_all_gather and not skipped:  # the weights changed: their fp8 scales for the next gather
+            fp8.after_optimizer_step(self.model)
         # A skipped step must not advance the LR schedule (DeepSpeed's rule too).
         if not skipped:
             self.scheduler.step()

@@ -121,7 +121,7 @@ class Engine:
             if self.own_norm and last:
                 own_norm = _grad_norm(self.engine.module.parameters())  # reduced already, before clipping
             if self.xray and last:  # reduced, still scaled in fp16, not yet clipped
-                dtype, scale = self.plan.precision.dtype, self.loss_scale()
+                dtype, scale = self.plan.precision.compute_dtype, self.loss_scale()
                 probe = xray.Probe(
                     self.layers, _shards(self.engine), dtype, scale, True, self.xray == "sketch"
                 )
@@ -366,7 +366,8 @@ def _stage0_masters(
         return dict(module)
     from launcher.worker.model_setup import model_for
 
-    model = model_for(plan, load_init=False)[0]  # freshly initialised: only its parameters' order counts
+    # Freshly initialised: only its parameters' order counts.
+    model = model_for(plan, load_init=False, fp8=False)[0]
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):  # a tied parameter has two names
         names.setdefault(id(param), []).append(name)
