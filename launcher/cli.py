@@ -180,6 +180,10 @@ def cmd_check(argv: list[str]) -> int:
         plan = plan_file(path, args.overrides, Hardware.probe())
         print_warnings(plan.warnings)
         print(f"ok: {plan.recipe.source} ({plan.batch.equation(plan.nnodes, plan.nproc_per_node)})")
+        if plan.precision.fp8 is not None:
+            from launcher.plan.fp8 import summary
+
+            print(summary(plan.precision))
     return start.check(None, args.overrides, explain=args.explain, markdown=args.markdown)
 
 
@@ -255,22 +259,23 @@ def cmd_report(argv: list[str]) -> int:
 def cmd_parity(argv: list[str]) -> int:
     p = _Parser(
         prog="mplaunch parity",
-        description="Train N steps in fp32 and in the recipe's mixed precision from the same seed and data; "
-        "compare the losses. Exit 0 on PASS, 1 on FAIL.",
+        description="Train N steps in the reference precision (fp32; bf16 for fp8) and in the recipe's mixed "
+        "precision from the same seed and data; compare the losses. Exit 0 on PASS, 1 on FAIL.",
     )
     _recipe_arguments(p, overrides_help="dotted overrides for both runs")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps of each run")
     p.add_argument(
         "--tolerance",
         type=float,
-        default=parity.DEFAULT_TOLERANCE,
-        help=f"largest final relative loss difference that passes (default {parity.DEFAULT_TOLERANCE})",
+        default=None,
+        help="largest final relative loss difference that passes "
+        f"(default {parity.DEFAULT_TOLERANCE}; {parity.FP8_TOLERANCE} for fp8 against bf16)",
     )
     p.add_argument("--out", metavar="DIR", help="where the two runs go (default LOGGING_DIR/parity-NAME)")
     args = p.parse_intermixed_args(argv)
     if args.steps < 1:
         raise UserError(f"--steps: {args.steps}; need at least 1")
-    if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
+    if args.tolerance is not None and not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
         raise UserError(f"--tolerance: {args.tolerance}; need a fraction >= 0, e.g. 0.02 for 2 %")
     out = Path(args.out) if args.out else None
     return parity.check(find_recipe(args.recipe), args.overrides, args.steps, args.tolerance, out)

@@ -1,4 +1,5 @@
-"""How far a mixed-precision run lies from its fp32 twin: losses per step, at the end, speed, per layer.
+"""How far a mixed-precision run lies from its reference twin (fp32; bf16 for fp8): losses per step,
+at the end, speed, per layer.
 
 `compare` takes the two runs' metrics (launcher.rundir.metrics_log) and is pure:
 
@@ -11,7 +12,8 @@
 * the speed ratio: median samples/s of the mixed run over that of the fp32 run.
 
 The verdict is PASS when both runs complete, the final difference is at most
-the tolerance, and neither run recorded an optimizer audit event (launcher.worker.audit).
+the tolerance, neither run recorded an optimizer audit event (launcher.worker.audit) and the
+mixed run recorded no fp8_range event (launcher.analysis.fp8_range: its fp8 casts lose values).
 Skipped fp16 steps log no loss; they are left out and counted.
 `attribution` says where the runs differ: the gradient of step 1 (the same weights and batch
 in both) layer by layer, from the precision x-ray's sketches (launcher.worker.xray.sketch).
@@ -24,6 +26,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from launcher.analysis import fp8_range
 from launcher.analysis.health import AUDIT_EVENTS
 from launcher.rundir.metrics_log import Metrics
 
@@ -49,6 +52,7 @@ class Comparison:
     samples_per_s_mixed: float | None
     tolerance: float
     problems: tuple[str, ...] = ()
+    reference: str = "fp32"  # the reference run's dtype: bf16 for fp8, else fp32
 
     @property
     def speed_ratio(self) -> float | None:
@@ -75,10 +79,10 @@ class Comparison:
             + (f" at step {self.max_rel_diff_step}" if self.max_rel_diff_step is not None else ""),
             f"final difference     {pct(self.final_rel_diff)} "
             f"(mean loss over the last {self.final_window} steps: "
-            f"fp32 {_num(self.final_loss_fp32)}, {self.dtype} {_num(self.final_loss_mixed)}); "
+            f"{self.reference} {_num(self.final_loss_fp32)}, {self.dtype} {_num(self.final_loss_mixed)}); "
             f"tolerance {pct(self.tolerance)}",
             f"speed                {self.dtype} {rate(self.samples_per_s_mixed)} samples/s, "
-            f"fp32 {rate(self.samples_per_s_fp32)} samples/s: "
+            f"{self.reference} {rate(self.samples_per_s_fp32)} samples/s: "
             + ("n/a" if ratio is None else f"{ratio:.2f}x"),
         ]
         out += [f"problem              {p}" for p in self.problems]
@@ -88,15 +92,18 @@ class Comparison:
             if self.passed
             else ": " + (self.problems[0] if self.problems else "final difference over tolerance")
         )
-        return [*out, f"{verdict}: {self.dtype} vs fp32{why}"]
+        return [*out, f"{verdict}: {self.dtype} vs {self.reference}{why}"]
 
 
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: float) -> Comparison:
-    """Compare the per-step losses of the fp32 and mixed runs (pure; see the module docstring)."""
+def compare(
+    fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: float, reference: str = "fp32"
+) -> Comparison:
+    """Compare the per-step losses of the reference (`fp32`, of dtype `reference`) and mixed runs
+    (pure; see the module docstring)."""
     ref = _losses(fp32)
     got = _losses(mixed)
     logged = {r["step"] for r in mixed.train}
@@ -106,7 +113,7 @@ def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: fl
     if max(logged, default=0) < steps:
         problems.append(f"the {dtype} run logged {max(logged, default=0)} of {steps} steps")
     if max(ref, default=0) < steps:
-        problems.append(f"the fp32 run logged {max(ref, default=0)} of {steps} steps")
+        problems.append(f"the {reference} run logged {max(ref, default=0)} of {steps} steps")
     diffs = [abs(got[s] - ref[s]) / abs(ref[s]) for s in common if ref[s] != 0]
     window = common[-max(1, math.ceil(FINAL_FRACTION * len(common))) :] if common else []
     final_ref = statistics.fmean(ref[s] for s in window) if window else None
@@ -114,7 +121,8 @@ def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: fl
     final = abs(final_got - final_ref) / abs(final_ref) if final_ref and final_got is not None else None
     if final is None:
         problems.append("no step has a loss in both runs")
-    problems += audit_problems({"fp32": fp32, dtype: mixed})
+    problems += audit_problems({reference: fp32, dtype: mixed})
+    problems += range_problems(dtype, mixed)
     worst = max(range(len(diffs)), key=diffs.__getitem__) if diffs else None
     return Comparison(
         dtype=dtype,
@@ -132,6 +140,7 @@ def compare(fp32: Metrics, mixed: Metrics, dtype: str, steps: int, tolerance: fl
         samples_per_s_mixed=_median(mixed, "samples_per_s"),
         tolerance=tolerance,
         problems=tuple(problems),
+        reference=reference,
     )
 
 
@@ -143,6 +152,17 @@ def audit_problems(runs: dict[str, Metrics]) -> list[str]:
         for name, metrics in runs.items()
         for e in metrics.events
         if e.get("event") in AUDIT_EVENTS
+    ]
+
+
+def range_problems(dtype: str, mixed: Metrics) -> list[str]:
+    """One problem per fp8_range event of the mixed run: layers whose fp8 casts saturate or flush
+    values to zero fail parity however close the losses are, with the override that keeps them."""
+    return [
+        f"fp8 x-ray of the {dtype} run, step {e.get('step')}: {e.get('cause') or e.get('message')}; "
+        f"{e.get('remedy', '')}".rstrip("; ")
+        for e in mixed.events
+        if e.get("event") == fp8_range.EVENT
     ]
 
 

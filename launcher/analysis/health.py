@@ -28,7 +28,9 @@ by `xray`: an **underflow** event when, in fp16, a layer has at least UNDERFLOW_
 nonzero gradient elements below fp16's smallest normal (or only zeros, beside such a layer or
 in every layer: a gradient can be zero by construction), with the remedy that fits
 the loss-scale settings and the largest gradient's headroom; a **lost_updates** event when
-LOST_SHARE of a layer's updates leave its fp32 master weight unchanged, in any dtype.
+LOST_SHARE of a layer's updates leave its fp32 master weight unchanged, in any dtype; on fp8 runs an
+**fp8_range** event when a layer's fp8 casts saturate or flush values to zero
+(launcher.analysis.fp8_range).
 
 The optimizer audit (launcher.worker.audit, at step 1 and at every checkpoint) records an
 **optimizer_steps** event when an optimizer state's step counter is not the number of optimizer
@@ -46,6 +48,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.analysis.fp8_range import Fp8Judge
 from launcher.plan.resolve import Plan
 
 # The precision x-ray's thresholds (launcher.worker.xray's records). A healthy fp16 run's layers show under 1 %
@@ -109,6 +112,8 @@ class PrecisionHealth:
         self.peak_lr = plan.recipe.optimizer.lr
         self.underflowing: set[str] = set()
         self.losing: set[str] = set()
+        fp8 = plan.precision.fp8
+        self.fp8 = Fp8Judge(fp8.get("keep") or [], fp8.get("scaling", "tensorwise")) if fp8 else None
 
     def check(self, record: dict[str, Any]) -> list[str]:
         """The warnings for this interval's train record (usually none)."""
@@ -174,6 +179,8 @@ class PrecisionHealth:
             if set(lost) - self.losing:
                 self.losing |= set(lost)
                 out.append(_lost(step, lost, seen["lr"], self.dtype))
+        if self.fp8 is not None:
+            out += self.fp8.judge(step, seen)
         return out
 
     def _underflow(

@@ -273,8 +273,8 @@ def _plot_precision(metrics: Metrics, path: Path, context: str) -> Path:
 
     steps = [r["step"] for r in xrays]
     last = max(metrics.last_step, steps[-1])
-    edges = _edges(steps, last)
-    labels = _short_names(layers)
+    edges = cell_edges(steps, last)
+    labels = short_names(layers)
     for ax, (field, title, cmap, (low, high)) in zip(axes, maps, strict=False):
         values = [[_cell(r["layers"].get(name), field) for r in xrays] for name in layers]
         # Grey where there is no value: no elements, no gradient, or a skipped step.
@@ -300,7 +300,7 @@ def _plot_precision(metrics: Metrics, path: Path, context: str) -> Path:
     return figure.finish(fig, axes, path, title, context, above=True)
 
 
-def _edges(steps: list[int], last: int) -> list[float]:
+def cell_edges(steps: list[int], last: int) -> list[float]:
     """Cell edges around each x-ray step: half way to its neighbours, the outer cells as wide on
     their outer side, all within the run's steps (0 to `last`); a lone x-ray's cell is a 50th of that."""
     if len(steps) == 1:
@@ -317,7 +317,7 @@ def _cell(row: dict[str, Any] | None, field: str) -> float:
     return float(value) if value is not None and is_number(value) else float("nan")
 
 
-def _short_names(layers: list[str]) -> list[str]:
+def short_names(layers: list[str]) -> list[str]:
     """Layer names without the dotted prefix they all share."""
     parts = [name.split(".") for name in layers]
     common = 0

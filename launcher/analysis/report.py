@@ -1,12 +1,12 @@
 """`mplaunch report RUN_DIR [--out DIR]`: PNG plots and a summary table from a run's metrics.jsonl.
 
-The run directory is read by launcher.rundir.metrics_log (finished, running, crashed and copied
-runs alike); the plots are drawn by launcher.analysis.plots (`plot_loss` overlays the loss curves
-of several runs), the LR of every step from the schedule in plan.json, and those a run has
-nothing for (a loss scale without fp16, device memory on a CPU) left out with the reason in the
-summary. The wall time counts from the launch (RUN_DIR/env.json) and the setup before the first
-step from the workers' "ready" events. matplotlib (the `report` extra) is imported only when a
-plot is drawn.
+The run directory is read by launcher.rundir.metrics_log (finished, running, crashed and copied runs
+alike); the plots are drawn by launcher.analysis.plots (`plot_loss` overlays the loss curves of
+several runs), the LR of every step from the schedule in plan.json, and those a run has nothing for
+(a loss scale without fp16, device memory on a CPU) left out with the reason in the summary; fp8
+runs also get fp8.png, the fp8 casts' heatmap (launcher.analysis.fp8_plot). The wall time counts
+from the launch (RUN_DIR/env.json) and the setup before the first step from the workers' "ready"
+events. matplotlib (the `report` extra) is imported only when a plot is drawn.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.analysis import fp8_range
+from launcher.analysis.fp8_plot import FILE as FP8_FILE
+from launcher.analysis.fp8_plot import fp8_xrays, plot_fp8
 from launcher.analysis.plots import left_out, steady, write_plots
 from launcher.plan import schedule
 from launcher.plan.resume import SCHEDULE_INPUTS
@@ -240,7 +243,11 @@ def summarize(run_dir: str | Path, metrics: Metrics, now: float | None = None) -
         xray_warnings=tuple(
             dict.fromkeys(
                 n
-                for e in (*metrics.named("underflow"), *metrics.named("lost_updates"))
+                for e in (
+                    *metrics.named("underflow"),
+                    *metrics.named("lost_updates"),
+                    *metrics.named(fp8_range.EVENT),
+                )
                 for n in e.get("layers") or {}
             )
         ),
@@ -276,6 +283,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     summary = summarize(run_dir, metrics)
     skip = [name for name, _ in summary.left_out]
     paths = write_plots(metrics, out_dir, summary.context, lr_of=lr_schedule(run_dir), leave_out=skip)
+    if read_run_info(run_dir).dtype == "fp8" or fp8_xrays(metrics):
+        paths.append(plot_fp8(metrics, out_dir / FP8_FILE, summary.context))
     print_summary(summary)
     print(f"plots: {', '.join(p.name for p in paths)} in {out_dir}")
     if metrics.bad_lines:

@@ -327,6 +327,12 @@ _TB_WORST = {
     "headroom_log2": ("min_headroom_log2", min),
     "lost": ("max_lost", max),
     "stale": ("max_stale", max),
+    # fp8 runs (launcher.worker.fp8_xray): each cast's worst share saturated and flushed to zero
+    **{
+        f"fp8_{r}_{m}": (f"max_fp8_{r}_{m}", max)
+        for r in ("input", "weight", "grad")
+        for m in ("saturated", "underflow")
+    },
 }
 
 

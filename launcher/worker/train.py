@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ from launcher.run.progress import Phases
 from launcher.rundir import space
 from launcher.rundir.layout import RunDir
 from launcher.rundir.watchdog import collective_timeout_s
-from launcher.worker import audit, data, evaluation, xray
+from launcher.worker import audit, data, evaluation, fp8_xray, xray
 from launcher.worker.backends import Backend, LossScaleFloor, NonFiniteStep, load_backend
 from launcher.worker.checkpointer import Checkpointer, seed_all
 from launcher.worker.metrics import Meter
@@ -161,6 +162,7 @@ class Run:
     d: Dist
     start: int  # the step training starts (or resumes) at
     phases: Phases  # how long setting up took, by phase
+    fp8: fp8_xray.Fp8XRay | None = None  # the fp8 layers' x-ray (precision.dtype fp8)
 
 
 def run(plan: Plan, stop: StopRequest) -> int:
@@ -214,7 +216,8 @@ def setup(plan: Plan, d: Dist, stop: StopRequest) -> Run:
         meter.write(
             {"kind": "event", "step": start, "time": time.time(), "event": "sharding", "message": sharded}
         )
-    return Run(plan, backend, train, evals, meter, ckpt, stop, d, start, phases)
+    fp8 = fp8_xray.Fp8XRay.of(backend.model) if plan.precision.dtype == "fp8" else None
+    return Run(plan, backend, train, evals, meter, ckpt, stop, d, start, phases, fp8)
 
 
 def _loading_data(plan: Plan) -> str:
@@ -260,7 +263,7 @@ def fit(r: Run) -> int:
         meter.data_wait(time.perf_counter() - waited)
         done = step + 1
         backend.measure_grads = r.plan.recipe.logging.memory_report and step == r.start + 1
-        backend.xray = xray.mode(done, xray_every)
+        _arm_xray(r, xray.mode(done, xray_every))
         lr = backend.lr()  # the step's own: after it the schedule has moved on (a host number)
         first = audit.FirstUpdate(backend) if done == 1 else None  # the optimizer audit's sample of step 1
         stats = backend.train_step(micro)  # forward, scaled backward, optimizer step (maybe skipped)
@@ -269,7 +272,7 @@ def fit(r: Run) -> int:
         if first is not None:
             first.record(backend, meter)
         if stats.xray is not None:
-            meter.precision(done, stats.xray)
+            meter.precision(done, _with_fp8(r, stats.xray))
         if step == r.start:
             r.phases.end("first step")
             meter.event(done, "ready", r.phases.describe(done), seconds=r.phases.seconds)
@@ -294,6 +297,19 @@ def fit(r: Run) -> int:
     r.ckpt.finish(t.max_steps)
     meter.event(t.max_steps, "finish", f"finished {t.max_steps} steps")
     return EXIT_OK
+
+
+def _arm_xray(r: Run, mode: str | None) -> None:
+    """Set this step's precision x-ray (None, "stats", "sketch"); on fp8 runs the fp8 layers' hooks
+    are on for x-ray steps only."""
+    r.backend.xray = mode
+    if mode and r.fp8 is not None:
+        r.fp8.arm()
+
+
+def _with_fp8(r: Run, seen: dict[str, Any]) -> dict[str, Any]:
+    """The x-ray record with the fp8 layers' columns (fp8 runs; a collective on every rank)."""
+    return r.fp8.finish(seen, r.d.world) if r.fp8 is not None and r.fp8.armed else seen
 
 
 def _stopped(r: Run, step: int, signals: dict[int, int]) -> int:

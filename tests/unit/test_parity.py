@@ -96,7 +96,7 @@ def test_a_mixed_run_with_no_records_fails() -> None:
 
 def test_plan_pair_runs_the_same_recipe_in_fp32_and_the_mixed_dtype(tmp_path: Path) -> None:
     pair = plan_pair(TINY, ["precision.dtype=bf16", "train.seed=7"], 25, str(tmp_path / "out"), CPU)
-    fp32, mixed = pair.fp32, pair.mixed
+    fp32, mixed = pair.reference, pair.mixed
     assert (fp32.precision.dtype, mixed.precision.dtype) == ("fp32", "bf16")
     assert Path(fp32.run_dir) == tmp_path / "out" / "fp32"
     assert Path(mixed.run_dir) == tmp_path / "out" / "mixed"
@@ -115,11 +115,37 @@ def test_plan_pair_runs_the_same_recipe_in_fp32_and_the_mixed_dtype(tmp_path: Pa
     assert {k for k in a if a[k] != b[k]} == {"name", "precision"}
 
 
+def test_fp8_is_compared_with_bf16(tmp_path: Path) -> None:
+    pair = plan_pair(TINY, ["precision.dtype=fp8"], 5, str(tmp_path), CPU)
+    assert (pair.reference.precision.dtype, pair.mixed.precision.dtype) == ("bf16", "fp8")
+    assert Path(pair.reference.run_dir) == tmp_path / "bf16"
+    assert pair.reference.recipe.precision.allow_tf32 is False
+
+
+def test_an_fp8_range_event_fails_parity_however_close_the_losses() -> None:
+    event = {
+        "kind": "event", "step": 5, "event": "fp8_range", "cause": "fp8 casts lose values in 1 of 2 fp8 layers",
+        "remedy": "keep these layers in bf16: 'precision.fp8.keep=[mid]'",
+    }  # fmt: skip
+    same = decaying(5)
+    clean = compare(metrics(same), metrics(same), "fp8", 5, 0.02, reference="bf16")
+    assert clean.passed
+    assert clean.lines()[-1] == "PASS: fp8 vs bf16"
+    fired = Metrics(metrics(same).train, (), (event,), ())
+    result = compare(metrics(same), fired, "fp8", 5, 0.02, reference="bf16")
+    assert not result.passed
+    assert result.problems == (
+        "fp8 x-ray of the fp8 run, step 5: fp8 casts lose values in 1 of 2 fp8 layers; "
+        "keep these layers in bf16: 'precision.fp8.keep=[mid]'",
+    )
+    assert result.lines()[-1].startswith("FAIL: fp8 vs bf16: fp8 x-ray of the fp8 run, step 5")
+
+
 def test_a_tokenizer_the_recipe_brings_is_not_pinned(tiny_models: Path, tmp_path: Path) -> None:
     # Only a tokenizer the fp32 run trained is handed to the mixed run; model.hf's own stays in both plans,
     # even if the fp32 run directory holds a tokenizer.json.
     pair = plan_pair(FINE_TUNE, ["precision.dtype=bf16"], 5, str(tmp_path), CPU)
-    assert pair.mixed.tokenizer_dir == pair.fp32.tokenizer_dir == str(tiny_models / "tiny-bert")
+    assert pair.mixed.tokenizer_dir == pair.reference.tokenizer_dir == str(tiny_models / "tiny-bert")
     (tmp_path / "fp32" / "tokenizer").mkdir(parents=True)
     shutil.copy(tiny_models / "tiny-bert" / "tokenizer.json", tmp_path / "fp32" / "tokenizer")
     assert pin_tokenizer(pair, FINE_TUNE, CPU) is pair

@@ -364,13 +364,13 @@ def test_precision_xray_heatmaps_with_the_loss_scale(
 
 
 def test_precision_cells_and_labels() -> None:
-    from launcher.analysis.plots import _cell, _edges, _short_names
+    from launcher.analysis.plots import _cell, cell_edges, short_names
 
-    assert _short_names(["lm.bert.a.q", "lm.bert.b", "lm.cls"]) == ["bert.a.q", "bert.b", "cls"]
-    assert _short_names(["only.one"]) == ["only.one"]
-    assert _edges([5, 10, 20], 20) == [2.5, 7.5, 15.0, 20.0]  # within the run's steps 0 to 20
-    assert _edges([1, 50, 100, 150], 150) == [0.0, 25.5, 75.0, 125.0, 150.0]
-    assert _edges([1], 300) == [0.0, 4.0]  # a lone x-ray: a 50th of the axis
+    assert short_names(["lm.bert.a.q", "lm.bert.b", "lm.cls"]) == ["bert.a.q", "bert.b", "cls"]
+    assert short_names(["only.one"]) == ["only.one"]
+    assert cell_edges([5, 10, 20], 20) == [2.5, 7.5, 15.0, 20.0]  # within the run's steps 0 to 20
+    assert cell_edges([1, 50, 100, 150], 150) == [0.0, 25.5, 75.0, 125.0, 150.0]
+    assert cell_edges([1], 300) == [0.0, 4.0]  # a lone x-ray: a 50th of the axis
     assert _cell(fp16_row(0.2, 3.0), "underflow") == 0.2
     assert _cell(fp16_row(0.0, None, zero=1.0), "underflow") == 1.0  # all zero: flushed
     assert math.isnan(_cell(fp16_row(0.0, None), "headroom_log2"))
