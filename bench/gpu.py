@@ -4,7 +4,7 @@ For each model size x sequence length x precision x backend it trains a
 short run on synthetic tokens and reads samples/s, tokens/s, achieved
 TFLOP/s, MFU and peak memory from the run's metrics.jsonl (medians over
 the records after warm-up), then prints one table with the speedup of
-each mixed precision over fp32 and over tf32, and writes a JSON file
+each mixed precision over fp32, over tf32 and (for fp8) over bf16, and writes a JSON file
 naming the device, driver and versions (rewritten after every
 configuration, so an interrupted suite keeps what it measured).
 `--micro N` sets one micro-batch for every configuration instead of the
@@ -42,6 +42,7 @@ PRECISION = {
     "tf32": {"dtype": "fp32", "allow_tf32": True},
     "bf16": {"dtype": "bf16"},
     "fp16": {"dtype": "fp16"},
+    "fp8": {"dtype": "fp8"},  # torchao float8 matmuls, bf16 elsewhere; emulated (slow) on a CPU
 }
 
 
@@ -138,18 +139,18 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 def speedups(rows: list[dict[str, Any]]) -> None:
-    """Add speedup_vs_fp32 and speedup_vs_tf32 to every row, from the same size, seq and backend."""
+    """Add speedup_vs_fp32, _tf32 and _bf16 to every row, from the same size, seq and backend."""
     by_name = {r["config"]: r for r in rows}
     for row in rows:
         size, seq, precision, rest = row["config"].split("-", 3)
-        for base in ("fp32", "tf32"):
+        for base in ("fp32", "tf32", "bf16"):
             ref = by_name.get(f"{size}-{seq}-{base}-{rest}", {})
             ok = row.get("samples_per_s") and ref.get("samples_per_s")
             row[f"speedup_vs_{base}"] = row["samples_per_s"] / ref["samples_per_s"] if ok else None
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'config':<28} {'samples/s':>10} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'vs fp32':>8} {'vs tf32':>8}"
+    head = f"{'config':<28} {'samples/s':>10} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'vs fp32':>8} {'vs tf32':>8} {'vs bf16':>8}"
     lines = [head, "-" * len(head)]
 
     def f(value: float | None, spec: str) -> str:
@@ -163,7 +164,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['config']:<28} {f(r['samples_per_s'], ',.1f'):>10} {f(r['tokens_per_s'], ',.0f'):>11} "
             f"{f(r['tflops'], '.1f'):>8} {mfu:>6} {f(r['mem_peak_gib'], '.2f'):>9} "
-            f"{f(r['speedup_vs_fp32'], '.2f'):>8} {f(r['speedup_vs_tf32'], '.2f'):>8}"
+            f"{f(r['speedup_vs_fp32'], '.2f'):>8} {f(r['speedup_vs_tf32'], '.2f'):>8} "
+            f"{f(r['speedup_vs_bf16'], '.2f'):>8}"
         )
     return "\n".join(lines)
 

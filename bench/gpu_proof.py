@@ -162,7 +162,8 @@ def _pytest_numbers(log: Path) -> tuple[Any, str | None, str | None]:
 
 
 def _suite_numbers(data: dict[str, Any]) -> tuple[Any, str | None, str | None]:
-    keep = ("config", "samples_per_s", "tflops", "mfu", "mem_peak_gib", "speedup_vs_fp32", "speedup_vs_tf32")
+    keep = ("config", "samples_per_s", "tflops", "mfu", "mem_peak_gib")
+    keep += ("speedup_vs_fp32", "speedup_vs_tf32", "speedup_vs_bf16")
     rows, failed = [], []
     for row in data.get("rows", []):
         if "error" in row:
@@ -490,7 +491,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     gpu = _gpu_bench()
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
-    print(gpu.recipe(directory, args.size, args.seq, args.dtype, "deepspeed", _suite_args(args, args.micro)))
+    print(gpu.recipe(directory, args.size, args.seq, args.dtype, args.backend, _suite_args(args, args.micro)))
     return 0
 
 
@@ -683,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--seq", type=int, default=128)
         s.add_argument("--dtype", default="bf16")
         s.add_argument("--zero", type=int, default=2)
+        s.add_argument("--backend", default="deepspeed", choices=["deepspeed", "accelerate"])
         s.add_argument("--steps", type=int, default=15)
         s.add_argument("--log-every", type=int, default=5)
     s = sub.choices["memory"]

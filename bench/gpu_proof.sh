@@ -31,17 +31,21 @@
 #   b_deepspeed   60  bench/gpu.py: BERT-base seq 128, DeepSpeed ZeRO-2, bf16 fp16 tf32 fp32
 #   b_accelerate  60  bench/gpu.py: the same on Accelerate FSDP2 (zero.stage=2: fully_shard with
 #                     reshard_after_forward=False, each block's gathered parameters kept until its backward)
+#   b_fp8         60  bench/gpu.py: BERT-large seq 128 on Accelerate FSDP2 (zero.stage=2), bf16 then fp8
+#                     (torchao float8 matmuls): step time, MFU, fp8's speedup over bf16
 #   c_memory      55  BERT-large seq 128 bf16, micro-batch 16 and 64: MFU, mplaunch plan's predicted
 #                     peak vs the run's torch.cuda.max_memory_allocated
 #   d_bf16        62  mplaunch parity, BERT-base bf16 vs fp32, 200 steps (DeepSpeed ZeRO-2)
 #   d_fp16        62  mplaunch parity, BERT-base fp16 vs fp32, 200 steps
+#   d_fp8         90  mplaunch parity, BERT-large fp8 vs bf16 (bf16 is fp8's reference), 200 steps,
+#                     Accelerate FSDP2 (zero.stage=2)
 #   e_resize      75  2 GPUs -> 1: the tiny BERT recipe's shape in fp32 on FSDP2 (zero.stage=3) and DeepSpeed
 #                     ZeRO-2, 2 ranks to step 4, `mplaunch --resume RUN launch.nproc_per_node=1` to step 8;
 #                     losses against an uninterrupted 2-rank run, the resized event (bench/gpu_proof.py
 #                     resize); skipped with fewer than 2 visible GPUs; 2 CPU ranks -> 1 with --device cpu
-# Caps sum to 509 s; with 3 s of kill grace per step the worst case is 539 s. --budget (default 540 s)
-# is a hard ceiling on top: a step never gets more than what is left of it, and one that would get
-# under 3 s is recorded as skipped.
+# Caps sum to 659 s, more than the budget: --budget (default 540 s) is a hard ceiling on top, a step
+# never gets more than what is left of it, and one that would get under 3 s is recorded as skipped,
+# so when every step runs to its cap the last ones (d_fp16, e_resize) are the ones cut.
 set -uo pipefail
 
 usage() { sed -n '2,10p' "$0" >&2; exit 2; }
@@ -51,9 +55,9 @@ cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 SITE=${GPU_PROOF_SITE:-/tmp/site}
 
-STEPS=(install env nccl gpu_tests b_deepspeed b_accelerate c_memory d_bf16 d_fp16 e_resize)
+STEPS=(install env nccl gpu_tests b_deepspeed b_accelerate b_fp8 c_memory d_bf16 d_fp8 d_fp16 e_resize)
 declare -A CAP=([install]=25 [env]=15 [nccl]=20 [gpu_tests]=75 [b_deepspeed]=60 [b_accelerate]=60
-                [c_memory]=55 [d_bf16]=62 [d_fp16]=62 [e_resize]=75)
+                [b_fp8]=60 [c_memory]=55 [d_bf16]=62 [d_fp8]=90 [d_fp16]=62 [e_resize]=75)
 OUT="" DEVICE=cuda TINY=0 BUDGET=540 GPU_TESTS=priority RESULTS="" SKIP="" DTYPES="" MICROS="" ARGS=("$@")
 while [ $# -gt 0 ]; do
   case $1 in
@@ -97,11 +101,13 @@ if [ "$TINY" = 1 ]; then
   DTYPES=${DTYPES:-bf16,fp16,fp32}   # tf32 is fp32 on a CPU
   MEMORY=(--size tiny --seq 32 --micros "${MICROS:-4,8}" --steps 4 --log-every 2 --warmup-records 0)
   PARITY=(--size tiny --seq 32 --micro 4) PARITY_STEPS=6
+  FP8=(--sizes tiny --seqs 32 --steps 4 --log-every 2 --warmup-records 0) FP8_PARITY=(--size tiny --seq 32 --micro 4)
 else
   SUITE=(--sizes base --seqs 128 --steps 30 --log-every 5 --warmup-records 2)
   DTYPES=${DTYPES:-bf16,fp16,tf32,fp32}   # slowest last: a step cut at its cap keeps the mixed rows
   MEMORY=(--size large --seq 128 --micros "${MICROS:-16,64}" --steps 15 --log-every 5 --warmup-records 1)
   PARITY=(--size base --seq 128 --micro 8) PARITY_STEPS=200
+  FP8=(--sizes large --seqs 128 --steps 30 --log-every 5 --warmup-records 2) FP8_PARITY=(--size large --seq 128 --micro 8)
 fi
 
 plan=""
@@ -182,15 +188,22 @@ for backend in deepspeed accelerate; do
     --backends "$backend" --zero 2 --out "$OUT/data/b_$backend.json"
 done
 
+# b. fp8 against bf16 on BERT-large (Accelerate FSDP2; bf16 first, so a cut step keeps the reference)
+step b_fp8 "$PY" bench/gpu.py --device "$DEVICE" "${FP8[@]}" --dtypes bf16,fp8 --backends accelerate --zero 2 \
+  --out "$OUT/data/b_fp8.json"
+
 # c. BERT-large seq 128 bf16: MFU, and the planner's peak against max_memory_allocated
 step c_memory "$PY" bench/gpu_proof.py memory --device "$DEVICE" "${MEMORY[@]}" --dtype bf16 --zero 2 \
   --scratch "$SCRATCH/c" --out "$OUT/data/c_memory.json"
 
-# d. mplaunch parity, bf16 and fp16 against fp32
+# d. mplaunch parity: bf16 and fp16 against fp32 (BERT-base), fp8 against bf16 (BERT-large, FSDP2)
 recipe=$("$PY" bench/gpu_proof.py recipe --device "$DEVICE" "${PARITY[@]}" --steps "$PARITY_STEPS" \
   --log-every 1 --dtype bf16 --dir "$SCRATCH/d")
-for dtype in bf16 fp16; do
-  run_step "d_$dtype" "$PY" -m launcher parity "$recipe" "precision.dtype=$dtype" --steps "$PARITY_STEPS" \
+recipe8=$("$PY" bench/gpu_proof.py recipe --device "$DEVICE" "${FP8_PARITY[@]}" --steps "$PARITY_STEPS" \
+  --log-every 1 --dtype bf16 --backend accelerate --dir "$SCRATCH/d8")
+for dtype in bf16 fp8 fp16; do
+  r=$recipe; [ "$dtype" = fp8 ] && r=$recipe8
+  run_step "d_$dtype" "$PY" -m launcher parity "$r" "precision.dtype=$dtype" --steps "$PARITY_STEPS" \
     --out "$SCRATCH/d/$dtype"
   if [ "$RC" = -1 ]; then record "d_$dtype" --status skipped --reason "$WHY"; continue; fi
   [ -f "$SCRATCH/d/$dtype/parity.json" ] && cp "$SCRATCH/d/$dtype/parity.json" "$OUT/data/d_$dtype.json"

@@ -103,6 +103,43 @@ def _own_cpu_s() -> float:
     return used.ru_utime + used.ru_stime
 
 
+def timed_mplaunch(recipe: Path) -> tuple[subprocess.CompletedProcess[str], float, float | None]:
+    """Run `mplaunch RECIPE` to its end (SystemExit if it fails): the finished process, its wall
+    seconds, and the share of all the machine's cores other processes used meanwhile (the timing's
+    noise; None where /proc/stat is not there)."""
+    busy, own = _busy_cpu_s(), _own_cpu_s()
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher", str(recipe)], cwd=ROOT, capture_output=True, text=True
+    )
+    job_s = time.time() - started
+    busy_after = _busy_cpu_s()
+    foreign = None if busy is None or busy_after is None else busy_after - busy - (_own_cpu_s() - own)
+    cores = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
+    if done.returncode:
+        raise SystemExit(f"mplaunch {recipe} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done, job_s, None if foreign is None else max(0.0, foreign) / (job_s * cores)
+
+
+def write_report(
+    report: dict[str, Any], summary: list[str], out: Path, printed: list[str], say: Callable[[str], None]
+) -> None:
+    """Print the summary lines, finish `report` (load after, time, torch) and write it as JSON to
+    `out`, with every printed line as the .txt beside it."""
+    report["summary"] = summary
+    for line in summary:
+        say(line)
+    report["load_after"] = os.getloadavg()
+    report["time"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    import torch
+
+    report["torch"] = torch.__version__
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".txt").write_text("\n".join(printed) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.txt').name}")
+
+
 def run(
     tmp: Path, backend: str, dtype: str, steps: int, way: str, log_every: int, skip: int
 ) -> dict[str, Any]:
@@ -110,18 +147,8 @@ def run(
     recipe = _recipe(tmp, backend, dtype, steps, way, log_every)
     run_dir = tmp / "runs" / f"xray-{backend}-{way}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    load, busy, own = os.getloadavg()[0], _busy_cpu_s(), _own_cpu_s()
-    started = time.time()
-    done = subprocess.run(
-        [sys.executable, "-m", "launcher", str(recipe)], cwd=ROOT, capture_output=True, text=True
-    )
-    job_s = time.time() - started
-    # What else the machine ran meanwhile, as a share of all its cores over the job: the timing's noise.
-    busy_after = _busy_cpu_s()
-    foreign = None if busy is None or busy_after is None else busy_after - busy - (_own_cpu_s() - own)
-    cores = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
-    if done.returncode:
-        raise SystemExit(f"mplaunch {recipe} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    load = os.getloadavg()[0]
+    done, job_s, other = timed_mplaunch(recipe)
     records = [json.loads(line) for line in RunDir.of(run_dir).metrics.read_text().splitlines()]
     every = json.loads(RunDir.of(run_dir).plan_file.read_text())["recipe"]["logging"]["precision_every"]
     xrays = [r["step"] for r in records if r["kind"] == "precision"]
@@ -147,7 +174,7 @@ def run(
         "measured_xrays": sum(i["xrays"] for i in measured),
         "precision_every": every,
         "load_1min": load,
-        "other_cpu_share": None if foreign is None else max(0.0, foreign) / (job_s * cores),
+        "other_cpu_share": other,
         "intervals": intervals,
     }
 
@@ -290,20 +317,8 @@ def main() -> None:
         for spec in args.backends:
             report["results"][spec] = measure(Path(d), spec, args, say)
     say(f"\nmedians over {args.repeats} repeats; paired ratios median [min-max] (x-ray / no x-ray):")
-    report["summary"] = [
-        line for spec, r in report["results"].items() for line in lines_for(spec, r["summary"])
-    ]
-    for line in report["summary"]:
-        say(line)
-    report["load_after"] = os.getloadavg()
-    report["time"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    import torch
-
-    report["torch"] = torch.__version__
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".txt").write_text("\n".join(printed) + "\n")
-    print(f"wrote {out} and {out.with_suffix('.txt').name}")
+    summary = [line for spec, r in report["results"].items() for line in lines_for(spec, r["summary"])]
+    write_report(report, summary, out, printed, say)
 
 
 if __name__ == "__main__":

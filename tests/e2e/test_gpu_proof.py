@@ -28,8 +28,10 @@ STEPS = [
     "gpu_tests",
     "b_deepspeed",
     "b_accelerate",
+    "b_fp8",
     "c_memory",
     "d_bf16",
+    "d_fp8",
     "d_fp16",
     "e_resize",
 ]
@@ -48,7 +50,8 @@ def _bench_module(name: str) -> Any:
 def test_rehearsal_records_every_step_and_survives_a_timeout(tmp_path: Path) -> None:
     out = tmp_path / "proof"
     # Two cores: run the cheapest form of each step. b_accelerate and d_bf16 (two full runs) are left
-    # out; c_memory gets 3 s for a training run that needs far more, to be cut at its cap. e_resize runs
+    # out (b_fp8 and d_fp8 run: fp8 is emulated here, and its proof steps must work before a GPU sees
+    # them); c_memory gets 3 s for a training run that needs far more, to be cut at its cap. e_resize runs
     # whole (six mplaunch runs: 96-98 s on two busy cores), with a cap and a budget a CPU needs.
     cmd = [
         "bash",
@@ -71,13 +74,17 @@ def test_rehearsal_records_every_step_and_survives_a_timeout(tmp_path: Path) -> 
         "b_deepspeed=120",
         "--cap",
         "e_resize=300",
+        "--cap",
+        "b_fp8=120",
+        "--cap",
+        "d_fp8=180",
         "--budget",
-        "900",
+        "1200",
         "--results",
         str(tmp_path / "results"),
     ]
     env = {**os.environ, "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     summary = json.loads((out / "summary.json").read_text())
@@ -109,6 +116,15 @@ def test_rehearsal_records_every_step_and_survives_a_timeout(tmp_path: Path) -> 
     assert "not supported by DeepSpeed on CPU" in rows["tiny-32-fp16-deepspeed"]["reason"]
     assert rows["tiny-32-fp32-deepspeed"]["samples_per_s"] > 0
     assert (out / "data" / "b_deepspeed.json").is_file()
+    # fp8 (emulated on a CPU) against bf16 on FSDP2: both rows measured, fp8's ratio over bf16 given.
+    assert status["b_fp8"] == "ok", steps["b_fp8"]
+    rows = {r["config"]: r for r in steps["b_fp8"]["numbers"]["rows"]}
+    assert rows["tiny-32-bf16-accelerate"]["samples_per_s"] > 0
+    assert rows["tiny-32-fp8-accelerate"]["samples_per_s"] > 0
+    assert rows["tiny-32-fp8-accelerate"]["speedup_vs_bf16"] > 0
+    # parity of fp8 against its bf16 reference ran to the end and wrote its verdict.
+    assert status["d_fp8"] == "ok", steps["d_fp8"]
+    assert json.loads((out / "data" / "d_fp8.json").read_text())["reference"] == "bf16"
     assert status["b_accelerate"] == status["d_bf16"] == "skipped"
     assert "--skip" in steps["d_bf16"]["reason"]
     # Cut at its cap, recorded as such ...
