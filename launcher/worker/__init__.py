@@ -56,5 +56,7 @@ def report_uncaught(kind: type[BaseException], exc: BaseException, tb: Traceback
 
 _previous_hook = sys.excepthook
 sys.excepthook = report_uncaught
-for _noisy in ("torchao", "torch.utils._pytree"):
+#: Loggers set to errors only in every worker process (see the module docstring).
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+for _noisy in NOISY_LOGGERS:
     logging.getLogger(_noisy).setLevel(logging.ERROR)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any, cast
@@ -38,29 +37,18 @@ from torch import nn
 from launcher.plan import fp8_layers
 from launcher.worker.models import ModelError
 
-# Loggers that torchao's import writes to: its missing optional CUDA kernels ("Failed to load
-# ..._C_*.so", harmless on machines without them) and torch's pytree deprecation notice.
-_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
-
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Keep what importing torchao says (log records, warnings, prints) out of the rank's output."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    """Keep what importing torchao prints or warns out of the rank's output (its log records are
+    already held back: launcher.worker sets NOISY_LOGGERS to errors when it is imported)."""
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def torchao_float8() -> Any:
