@@ -7,6 +7,8 @@ mplaunch env
 mplaunch recipes [NAME] [--copy PATH]
 mplaunch plan RECIPE [key=value ...] [--gpu-memory SIZE] [--num-params N]
 mplaunch report RUN_DIR [--out DIR]
+mplaunch sweep RECIPE key=v1,v2 [key=value ...] [--points FILE] [--name NAME] [--dry-run] [--slurm ...]
+mplaunch compare RUN_DIR... | SWEEP_DIR [--out DIR]
 mplaunch parity RECIPE [key=value ...] --steps N [--tolerance F] [--out DIR]
 mplaunch export RUN_DIR [--step N] [--dtype fp32|bf16|fp16] [--lora merge|adapter] --out DIR [--force]
 mplaunch prepare RECIPE [key=value ...]
@@ -31,7 +33,7 @@ from launcher.analysis.report import write_report
 from launcher.errors import UserError, report
 from launcher.recipe import schema as recipe_mod
 from launcher.recipe import shipped
-from launcher.run import environment, export, slurm, start
+from launcher.run import environment, export, slurm, start, sweep_local
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,10 +102,13 @@ def _run_parser() -> _Parser:
         help="continue the run in RUN_DIR from its latest checkpoint (with RUN_DIR/recipe.yaml if no recipe is given)",
     )
     p.add_argument("--version", action="version", version=f"mplaunch {__version__}")
+    _slurm_arguments(p, "render an sbatch script into RUN_DIR/slurm and submit it")
+    return p
+
+
+def _slurm_arguments(p: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
     g = p.add_argument_group("Slurm (with --slurm; each flag is the override of the recipe key named)")
-    g.add_argument(
-        "--slurm", action="store_true", help="render an sbatch script into RUN_DIR/slurm and submit it"
-    )
+    g.add_argument("--slurm", action="store_true", help=what)
     for flag, key, metavar, text, _ in SLURM_FLAGS:
         g.add_argument(flag, metavar=metavar, help=f"{text} ({key})")
     g.add_argument(
@@ -111,7 +116,7 @@ def _run_parser() -> _Parser:
         metavar="PATH",
         help=f"your own Jinja2 template (default {slurm.DEFAULT_TEMPLATE.name})",
     )
-    return p
+    return g
 
 
 def slurm_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,6 +286,51 @@ def cmd_parity(argv: list[str]) -> int:
     return parity.check(find_recipe(args.recipe), args.overrides, args.steps, args.tolerance, out)
 
 
+# --------------------------------------------------------------------------- sweep, compare
+
+
+def _sweep_parser() -> _Parser:
+    p = _Parser(
+        prog="mplaunch sweep",
+        description="One run per point of a grid (commas inside [], {} or quotes do not split values) or of "
+        "a --points file (crossed with the grid when both are given), each in SWEEP_DIR/POINT (SWEEP_DIR: "
+        "the recipe's logging.dir/NAME). A rerun skips the finished points and resumes the others.",
+    )
+    _recipe_arguments(p, "key=v1,v2 sweeps a key (each combination is a point); key=value is for all")
+    p.add_argument("--points", metavar="FILE", help="YAML list of points {dotted.key: value, name: N}")
+    p.add_argument("--name", help="the sweep's folder in logging.dir (default: RECIPE_NAME-sweep)")
+    p.add_argument("--dry-run", action="store_true", help="list the points and their state; start nothing")
+    g = _slurm_arguments(p, "submit the unfinished points as one Slurm job array")
+    g.add_argument("--max-parallel", type=int, metavar="N", help="at most N points running at once")
+    return p
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    args = _sweep_parser().parse_intermixed_args(argv)
+    return sweep_local.sweep(
+        find_recipe(args.recipe),
+        args.overrides,
+        points_file=Path(args.points) if args.points else None,
+        name=args.name,
+        dry_run=args.dry_run,
+        slurm=args.slurm,
+        values=slurm_values(args),
+        template=Path(args.slurm_template) if args.slurm_template else None,
+        max_parallel=args.max_parallel,
+    )
+
+
+def cmd_compare(argv: list[str]) -> int:
+    p = _Parser(prog="mplaunch compare", description="One table and overlaid plots of several runs.")
+    p.add_argument("targets", nargs="+", metavar="RUN_DIR", help="run directories, or one sweep's directory")
+    p.add_argument("--out", metavar="DIR", help="where to write the PNGs")
+    args = p.parse_args(argv)
+    from launcher.analysis.compare_runs import compare
+
+    code: int = compare([Path(t) for t in args.targets], Path(args.out) if args.out else None)
+    return code
+
+
 # --------------------------------------------------------------------------- export, prepare
 
 
@@ -344,4 +394,6 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "parity": cmd_parity,
     "export": cmd_export,
     "prepare": cmd_prepare,
+    "sweep": cmd_sweep,
+    "compare": cmd_compare,
 }
