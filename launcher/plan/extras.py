@@ -2,8 +2,8 @@
 to install what is missing.
 
 pyproject.toml's extras: `train` (what a run imports), `deepspeed` (installed after torch and without
-build isolation: its build imports torch), `report` (`mplaunch report`'s plots) and `fp8` (torchao,
-for precision.dtype fp8). `PACKAGES` says
+build isolation: its build imports torch), `report` (`mplaunch report`'s plots), `fp8` (torchao,
+for precision.dtype fp8), `wandb` and `mlflow` (logging.trackers). `PACKAGES` says
 which extra brings each package, `needs` which recipe setting needs it. A package is looked up with
 importlib.util.find_spec, which imports nothing, so `check` and the dry run stay light.
 
@@ -31,7 +31,7 @@ from launcher.errors import UserError
 from launcher.plan.records import DATASETS_KINDS
 from launcher.recipe.sections import Recipe
 
-Extra = Literal["train", "deepspeed", "report", "fp8"]
+Extra = Literal["train", "deepspeed", "report", "fp8", "wandb", "mlflow"]
 # The import name of each package of pyproject.toml's extras (the same as its distribution's name).
 PACKAGES: dict[str, Extra] = {
     "torch": "train",
@@ -45,6 +45,8 @@ PACKAGES: dict[str, Extra] = {
     "deepspeed": "deepspeed",
     "matplotlib": "report",
     "torchao": "fp8",
+    "wandb": "wandb",
+    "mlflow": "mlflow",  # the mlflow-skinny distribution (the client, no server) is imported as mlflow
 }
 # When a run needs a package: to plan at all (the data files are read with it, even by a dry run),
 # in the launcher before any worker starts (it trains the tokenizer and tokenizes the data), or in
@@ -92,8 +94,11 @@ def needs(recipe: Recipe) -> list[Need]:
         rows.append(Need("peft", f"model.lora.rank {m.lora.rank}"))
     if recipe.precision.dtype == "fp8":  # an fp8 run's export is a plain bf16/fp32 model
         rows.append(Need("torchao", "precision.dtype fp8", export=False))
-    if recipe.logging.tensorboard:
+    trackers = recipe.logging.enabled_trackers
+    if "tensorboard" in trackers:
         rows.append(Need("tensorboard", "logging.tensorboard", optional=True, export=False))
+    # Asked for by name, so refused when missing (a tracker that fails later only warns: the worker's).
+    rows += [Need(t, f"logging.trackers {t}", export=False) for t in trackers if t != "tensorboard"]
     return rows
 
 

@@ -51,7 +51,17 @@ def warnings(
         )
     if recipe.checkpoint.every_steps > t.max_steps:
         out.append("checkpoint.every_steps: beyond train.max_steps; only the final checkpoint is written")
-    return out + extras.warnings(recipe) + _hub(hf)
+    return out + _trackers(recipe, written) + extras.warnings(recipe) + _hub(hf)
+
+
+def _trackers(recipe: Recipe, written: set[str]) -> list[str]:
+    """logging.wandb.* or logging.mlflow.* set while that tracker is not in logging.trackers."""
+    out = []
+    for name in ("wandb", "mlflow"):
+        keys = sorted(k for k in written if k.startswith(f"logging.{name}."))
+        if keys and name not in recipe.logging.enabled_trackers:
+            out.append(f"{keys[0]}: has no effect: logging.trackers does not list {name}")
+    return out
 
 
 def _precision(written: set[str], policy: PrecisionPolicy, device: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 def _no_bool(value: Any) -> Any:
@@ -255,19 +255,85 @@ class Checkpoint(Section):
     """auto: continue from the run directory's latest complete checkpoint."""
 
 
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+
+
+class Wandb(Section):
+    project: str = "mplaunch"
+    """W&B project the run goes to."""
+    entity: str | None = None
+    """W&B team or user; default: the account's default entity."""
+    name: str | None = None
+    """Display name of the W&B run; default: the recipe's name."""
+    tags: list[str] = []
+    """Tags of the W&B run."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: WANDB_MODE if set, else online when there are W&B credentials (WANDB_API_KEY or a netrc entry) and the W&B host answers within 3 s, else offline (RUN_DIR/wandb, uploaded later with `wandb sync`)."""
+
+
+class Mlflow(Section):
+    tracking_uri: str | None = None
+    """MLflow tracking URI (a server's http(s):// address, or a local store); default: MLFLOW_TRACKING_URI if set, else the local store RUN_DIR/mlruns."""
+    experiment: str | None = None
+    """MLflow experiment the run goes to (created if missing); default: the recipe's name."""
+    tags: dict[str, str] = {}
+    """Tags of the MLflow run, name: value."""
+
+
 class Logging(Section):
     dir: str = "runs"
     """Parent of run directories; a run lives in DIR/NAME."""
     every_steps: PositiveInt = 10
     """Steps between metrics lines and console updates."""
+    trackers: list[TrackerName] = ["tensorboard"]
+    """Where rank 0 sends the metrics besides RUN_DIR/metrics.jsonl: tensorboard (RUN_DIR/tb), wandb (Weights & Biases), mlflow. A resumed run continues the same W&B and MLflow run (their ids are in RUN_DIR/trackers.json); a tracker that fails is turned off with a warning and training goes on."""
     tensorboard: bool = True
-    """Write TensorBoard event files into the run directory."""
+    """false leaves tensorboard out of logging.trackers (the older way to turn TensorBoard off)."""
+    wandb: Wandb = Wandb()
+    """Weights & Biases settings (logging.trackers wandb)."""
+    mlflow: Mlflow = Mlflow()
+    """MLflow settings (logging.trackers mlflow)."""
     progress: bool = True
     """Show progress: a live bar the launcher draws on a terminal, else one line per logging interval from rank 0."""
     precision_every: Count = 50
     """Steps between precision x-rays (at step 1 and every N-th: each layer's gradient range against fp16's limits, updates lost to rounding); 0: never."""
     memory_report: bool = False
     """After step 2 each rank writes RUN_DIR/memory/rank-N.json: bytes it holds in parameters, gradients, fp32 master weights and optimizer state."""
+
+    @field_validator("trackers")
+    @classmethod
+    def _once_each(cls, value: list[TrackerName]) -> list[TrackerName]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_agrees(cls, data: Any) -> Any:
+        # The two keys say one thing once validated (tensorboard == "tensorboard" in trackers), so the
+        # resolved recipe (plan.json, recipe.yaml) validates again as it is.
+        if not isinstance(data, dict):
+            return data
+        board, trackers = data.get("tensorboard"), data.get("trackers")
+        if not isinstance(board, bool) or not isinstance(trackers, list):
+            if isinstance(board, bool) and "trackers" not in data:
+                return {**data, "trackers": [t for t in ("tensorboard",) if board]}
+            if isinstance(trackers, list) and "tensorboard" not in data:
+                return {**data, "tensorboard": "tensorboard" in trackers}
+            return data
+        if board != ("tensorboard" in trackers):
+            said = "lists" if "tensorboard" in trackers else "leaves out"
+            raise ValueError(
+                f"logging.tensorboard {str(board).lower()} contradicts logging.trackers, which {said} "
+                "tensorboard; set only logging.trackers"
+            )
+        return data
+
+    @property
+    def enabled_trackers(self) -> tuple[TrackerName, ...]:
+        """logging.trackers (without tensorboard when logging.tensorboard is false)."""
+        return tuple(t for t in self.trackers if self.tensorboard or t != "tensorboard")
 
 
 class Slurm(Section):

@@ -106,9 +106,8 @@ class RunDir:
 
     Attributes:
         path: the run directory (logging.dir/name).
-        checkpoints: this run's checkpoint root: PATH/checkpoints by default; checkpoint.dir
-            (relative to `path`, or absolute) when it lies inside the run directory, else
-            checkpoint.dir/NAME, the run's own folder in a directory runs may share.
+        checkpoints: this run's checkpoint root: PATH/checkpoints by default; checkpoint.dir (relative to `path`,
+            or absolute) when it lies inside the run directory, else checkpoint.dir/NAME, the run's own folder in a directory runs may share.
         shared: that shared checkpoint.dir (where an older mplaunch wrote checkpoints of
             every run straight in: launcher.rundir.ownership), or None.
     """
@@ -198,6 +197,10 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD_DIR
+
+    @property
+    def trackers(self) -> Path:
+        return self.path / "trackers.json"  # the W&B and MLflow run ids, which a resumed run continues
 
     @property
     def report(self) -> Path:
@@ -365,8 +368,7 @@ class RunDir:
     def rank_errors(self) -> list[RankError]:
         """Every rank's error report, the earliest written first (ties: the lower rank).
 
-        The first rank to fail is the cause; the others usually fail after it, because it
-        left (a closed connection, a timed-out collective).
+        The first rank to fail is the cause; the others usually fail after it, because it left (a closed connection, a timed-out collective).
         """
         found = []
         for path in self.logs.glob(f"{_RANK}*.err"):
@@ -382,8 +384,7 @@ class RunDir:
         return [error for _, _, error in sorted(found, key=lambda item: item[:2])]
 
     def first_rank_error(self) -> RankError | None:
-        """The error that failed the run: the earliest written that is not another rank's
-        consequence (`cause`)."""
+        """The error that failed the run: the earliest written that is not another rank's consequence (`cause`)."""
         return cause(self.rank_errors())
 
     def failed_rank(self, printed: list[RankError] | None = None) -> RankError | None:

@@ -1,10 +1,10 @@
-"""What a run shows and records: metrics.jsonl, TensorBoard, and the console (rank 0).
+"""What a run shows and records: metrics.jsonl, the trackers (TensorBoard, W&B, MLflow), and the console (rank 0).
 
 The loss is accumulated on the device and read back only at log intervals,
 so the training loop never waits for the GPU between steps; so is the first
 step whose loss or gradient norm was not finite, read back at every log
 interval and before every save. Record fields are documented in README.md
-("Run directory").
+("Run directory"). Every record written is handed to the trackers (launcher.worker.trackers).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +23,9 @@ from launcher.plan.resolve import Plan
 from launcher.run import progress
 from launcher.rundir.layout import RunDir
 from launcher.worker.backends import Backend, NonFiniteStep, StepStats, non_finite_message
+from launcher.worker.trackers import Trackers, precision_scalars
+
+__all__ = ["Console", "Meter", "NonFiniteGrads", "NonFiniteLoss", "describe_eval", "precision_scalars"]
 
 
 class NonFiniteLoss(NonFiniteStep):
@@ -63,11 +65,14 @@ class Meter:
         self.tokens_per_step = plan.batch.global_batch_size * plan.recipe.data.seq_len
         self.path = RunDir.from_plan(plan).metrics
         self.console = Console(plan) if is_rank0 else None
-        self.tb = _tensorboard(plan) if is_rank0 and plan.recipe.logging.tensorboard else None
         self.health = PrecisionHealth(plan) if is_rank0 else None
         self.step = start_step  # the step the last `record` was of
         self.first_bad: torch.Tensor | None = None  # 4 * step + _LOSS/_GRADS, or _NONE
         self._reset(time.perf_counter())
+        self.trackers: Trackers | None = None
+        if self.console is not None:  # rank 0; a tracker failing to start records an event already
+            self.trackers = Trackers(plan, self.event, self.console.note)
+            self.trackers.start(start_step)
 
     def _reset(self, now: float) -> None:
         self.interval_start = now
@@ -254,12 +259,13 @@ class Meter:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            _to_tensorboard(self.tb, record)
+        if self.trackers is not None:
+            self.trackers.write(record)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        """End the trackers' runs (finished, stopped or failed, as the events recorded said)."""
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _number(value: Any) -> float | None:
@@ -268,28 +274,6 @@ def _number(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
 
-
-_TB_FIELDS = {
-    "train": (
-        "loss",
-        "lr",
-        "loss_scale",
-        "skipped_steps",
-        "grad_norm",
-        "samples_per_s",
-        "tokens_per_s",
-        "step_time_s",
-        "tflops",
-        "mfu",
-        "mem_peak_bytes",
-        "mem_reserved_bytes",
-        "mem_peak_bytes_max",
-        "mem_reserved_bytes_max",
-        "data_wait_frac",
-        "overflow_rate",
-    ),
-    "eval": ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1"),
-}
 
 # How the console names an eval record's numbers, in this order.
 _EVAL_SHOWN = (
@@ -307,53 +291,6 @@ def describe_eval(results: Mapping[str, Any]) -> str:
     ]
     labels = results.get("eval_labels")
     return ", ".join(parts) + (f" (over {labels:,} labels)" if labels is not None else "")
-
-
-def _tensorboard(plan: Plan):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("mplaunch: warning: tensorboard is not installed; logging.tensorboard is off", file=sys.stderr)
-        return None
-    return SummaryWriter(log_dir=str(RunDir.from_plan(plan).tensorboard))
-
-
-# A precision x-ray's worst layer per measure (README, "Precision x-ray"): TensorBoard gets these few
-# curves, not one per layer and measure; the per-layer values are in metrics.jsonl and report's heatmaps.
-_TB_WORST = {
-    "underflow": ("max_underflow", max),
-    "to_zero": ("max_to_zero", max),
-    "near_max": ("max_near_max", max),
-    "headroom_log2": ("min_headroom_log2", min),
-    "lost": ("max_lost", max),
-    "stale": ("max_stale", max),
-    # fp8 runs (launcher.worker.fp8_xray): each cast's worst share saturated and flushed to zero
-    **{
-        f"fp8_{r}_{m}": (f"max_fp8_{r}_{m}", max)
-        for r in ("input", "weight", "grad")
-        for m in ("saturated", "underflow")
-    },
-}
-
-
-def precision_scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The worst layer's value of each measure a precision record holds (measures no layer has are left out)."""
-    out: dict[str, float] = {}
-    for measure, (name, worst) in _TB_WORST.items():
-        values = [v for row in record["layers"].values() if (v := row.get(measure)) is not None]
-        if values:
-            out[name] = worst(values)
-    return out
-
-
-def _to_tensorboard(writer, record: dict[str, Any]) -> None:
-    scalars: Mapping[str, Any] = {field: record.get(field) for field in _TB_FIELDS.get(record["kind"], ())}
-    if record["kind"] == "precision":
-        scalars = precision_scalars(record)
-    for field, value in scalars.items():
-        if value is not None:
-            writer.add_scalar(f"{record['kind']}/{field}", value, record["step"])
-    writer.flush()
 
 
 class Console:

@@ -15,9 +15,9 @@ def test_the_readme_install_commands_are_what_ci_installs() -> None:
     for step in installs[2:]:
         # CI's lines are the README's with -q, `python -m pip`, and the dev extra for the tests.
         package = step.removeprefix("pip install ")
-        wanted = package.replace("[train,report,fp8]", "[train,report,fp8,dev]")
+        wanted = package.replace("[train,report,fp8,wandb,mlflow]", "[train,report,fp8,wandb,mlflow,dev]")
         assert f"python -m pip install -q {wanted}" in ci, step
-    assert "'.[train,report,fp8]'" in line  # `report` and `parity` need the report extra, fp8 runs torchao
+    assert "'.[train,report,fp8,wandb,mlflow]'" in line  # report/parity: report; fp8: torchao; logging.trackers
     assert main_job.startswith("if nvidia-smi") and "mplaunch recipes/bert_tiny.yaml" in main_job
 
 
