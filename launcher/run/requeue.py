@@ -19,7 +19,6 @@ Light side: no torch import, and nothing the workers import.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -32,6 +31,7 @@ from launcher.plan.resolve import Plan
 from launcher.run.hangwatch import Decision, hang_since
 from launcher.rundir import checkpoint
 from launcher.rundir.layout import RunDir
+from launcher.rundir.lock import Holder
 from launcher.rundir.metrics_log import read_metrics
 
 
@@ -41,13 +41,14 @@ def after_stop(run_dir: Path, since_s: float) -> bool:
     Outside Slurm (no SLURM_JOB_ID), or when the workers did not stop on a
     signal, it does nothing. A job Slurm is already ending or requeueing
     (cancelled, timed out, preempted) is left to Slurm. At most
-    slurm.max_requeues requeues per job id, counted in RUN_DIR/slurm/requeues.json.
+    slurm.max_requeues requeues per job id, counted in RUN_DIR/slurm/requeues.json. An element of
+    a sweep's job array is requeued alone, by its ARRAY_INDEX id (launcher.rundir.lock.Holder.this_process).
     Never raises: the checkpoint is already safe.
 
     Returns:
         True when `scontrol requeue` accepted the job.
     """
-    job_id = os.environ.get("SLURM_JOB_ID")
+    job_id = Holder.this_process().job_id
     if not job_id or not _stopped_since(run_dir, since_s):
         return False
     state = _job_state(job_id)
@@ -136,7 +137,7 @@ def record_hang(run_dir: Path, hang: Decision) -> None:
     files = RunDir.of(run_dir)
     if not hang.final:
         print(f"mplaunch: {hang.verdict}", file=sys.stderr, flush=True)
-    _log(f"job {os.environ.get('SLURM_JOB_ID', '?')} is not requeued: its workers hung, and would again")
+    _log(f"job {Holder.this_process().job_id or '?'} is not requeued: its workers hung, and would again")
     if not files.append_event(files.last_step(), "error", hang.verdict):
         _log(f"could not record the hang in {files.metrics}")
 

@@ -231,6 +231,15 @@ def _task_word(word: str) -> str:
 
 def render(plan: Plan, template: Path = DEFAULT_TEMPLATE) -> str:
     """The sbatch script for `plan` from a Jinja2 template (undefined names are errors)."""
+    return render_names(template, context(plan))
+
+
+def render_names(template: Path, names: dict[str, Any]) -> str:
+    """A Jinja2 template given `names` and this module's filters (undefined names are errors).
+
+    Raises:
+        UserError: the template cannot be read, or does not render (its line, and the names it may use).
+    """
     import jinja2
 
     env = jinja2.Environment(
@@ -245,12 +254,12 @@ def render(plan: Plan, template: Path = DEFAULT_TEMPLATE) -> str:
     except OSError as exc:
         raise UserError(f"{template}: cannot read the Slurm template ({exc.strerror})") from None
     try:
-        return env.from_string(text).render(context(plan))
+        return env.from_string(text).render(names)
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
         where = f"{template}:{line}" if line else str(template)
         raise UserError(
-            f"{where}: {exc.message or exc}", hint=f"names a template may use: {', '.join(context(plan))}"
+            f"{where}: {exc.message or exc}", hint=f"names a template may use: {', '.join(names)}"
         ) from None
 
 
@@ -300,11 +309,7 @@ def cluster_request(plan: Plan) -> slurm_feasible.Request:
 
 def submit(plan: Plan, script: str) -> int:
     """Write the run directory and the script, submit it, print the job id and the log paths."""
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise UserError(
-            "sbatch not found: submit from a Slurm login node", hint="--dry-run prints the script"
-        )
+    sbatch = find_sbatch()
     # Refused while a local run or a live job holds the run directory; held until sbatch has
     # answered, then left naming the queued job, which takes it when it starts.
     with RunLock.acquire(RunDir.from_plan(plan).lock) as lock:
@@ -313,21 +318,50 @@ def submit(plan: Plan, script: str) -> int:
         preflight.check_resume(plan)
         # Before anything is written: a job no node can hold is refused, not left pending forever.
         slurm_feasible.check(sbatch, script, cluster_request(plan))
-        paths = Paths(Path(preflight.prepare_run_dir(plan)))
-        paths.slurm_dir.mkdir(parents=True, exist_ok=True)
-        paths.script.write_text(script)
-        paths.files.command_file.write_text(f"sbatch {shlex.quote(str(paths.script))}\n")
-        done = subprocess.run([sbatch, "--parsable", str(paths.script)], capture_output=True, text=True)
-        if done.returncode != 0:
-            reason = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
-            raise UserError(
-                f"sbatch refused the job: {' / '.join(reason)}", hint=f"script kept at {paths.script}"
-            )
-        job_id = done.stdout.strip().split(";")[0]
-        submitted = Holder.this_process()
-        lock.release(keep=dataclasses.replace(submitted, pid=None, job_id=job_id, state="submitted"))
+        paths = prepare_job(plan, script)
+        job_id = run_sbatch(sbatch, paths.script)
+        lock.release(keep=submitted(job_id))
     print(f"mplaunch: submitted job {job_id}: {plan.batch.equation(plan.nnodes, plan.nproc_per_node)}")
     print(f"mplaunch: logs {paths.log('out', job_id)} and {paths.log('err', job_id)}")
     follow = shlex.quote(str(paths.log("out", job_id)))
     print(f"mplaunch: run dir {paths.run_dir}; follow with: tail -f {follow}")
     return 0
+
+
+def find_sbatch() -> str:
+    """The sbatch program; UserError off a Slurm login node."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UserError(
+            "sbatch not found: submit from a Slurm login node", hint="--dry-run prints the script"
+        )
+    return sbatch
+
+
+def prepare_job(plan: Plan, script: str) -> Paths:
+    """Write the run directory (launcher.run.preflight) and its job script, which
+    `sbatch RUN_DIR/slurm/job.sbatch` submits again; under the run's lock, once preflight passed."""
+    paths = Paths(Path(preflight.prepare_run_dir(plan)))
+    paths.slurm_dir.mkdir(parents=True, exist_ok=True)
+    paths.script.write_text(script)
+    paths.files.command_file.write_text(f"sbatch {shlex.quote(str(paths.script))}\n")
+    return paths
+
+
+def run_sbatch(sbatch: str, script: Path) -> str:
+    """Submit `script`; its job id (a job array's id).
+
+    Raises:
+        UserError: sbatch refused it (its reason, on one line).
+    """
+    done = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
+        raise UserError(f"sbatch refused the job: {' / '.join(reason)}", hint=f"script kept at {script}")
+    return done.stdout.strip().split(";")[0]
+
+
+def submitted(job_id: str) -> Holder:
+    """What a run's lock names once its job is queued: `job_id` (an array element's is ARRAY_INDEX),
+    submitted from here; the job takes the lock over when it starts."""
+    return dataclasses.replace(Holder.this_process(), pid=None, job_id=job_id, state="submitted")

@@ -57,7 +57,11 @@ class Holder:
 
     @classmethod
     def this_process(cls) -> Holder:
-        return cls(platform.node(), os.getpid(), time.time(), os.environ.get("SLURM_JOB_ID") or None)
+        """This process, and its Slurm job as squeue, scancel and scontrol name it: an element of a job
+        array is ARRAY_INDEX (`123_4`), as one element's own SLURM_JOB_ID names the whole array."""
+        array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job = f"{array}_{index}" if array and index else os.environ.get("SLURM_JOB_ID") or None
+        return cls(platform.node(), os.getpid(), time.time(), job)
 
     @classmethod
     def parse(cls, text: str) -> Holder | None:
