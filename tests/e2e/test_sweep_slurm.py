@@ -134,7 +134,8 @@ def test_the_sweep_verb_submits_one_array(slurm_cluster: SlurmCluster, tmp_path:
     if "sweep" not in cli.VERBS:
         pytest.skip("the `mplaunch sweep` verb is not there yet")
     argv = [sys.executable, "-m", "launcher", "sweep", str(TINY), "optimizer.lr=1e-3,1e-4",
-            "train.micro_batch_size=2,4", *FIXED, "train.max_steps=4", f"logging.dir={tmp_path}",
+            "train.micro_batch_size=2,4", *(f for f in FIXED if not f.startswith("train.max_steps=")),
+            "train.max_steps=4", f"logging.dir={tmp_path}",
             "--slurm", "--max-parallel", "2", "--time", "00:10:00", "--nodes", "1"]  # fmt: skip
     env = {**slurm_cluster.env, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
