@@ -264,7 +264,7 @@ class Wandb(Section):
     entity: str | None = None
     """W&B team or user; default: the account's default entity."""
     name: str | None = None
-    """Display name of the W&B run; default: the recipe's name."""
+    """Display name of the W&B run; default: the recipe's name. A sweep's runs (mplaunch sweep) are grouped by the sweep's name."""
     tags: list[str] = []
     """Tags of the W&B run."""
     mode: Literal["auto", "online", "offline"] = "auto"
@@ -273,9 +273,9 @@ class Wandb(Section):
 
 class Mlflow(Section):
     tracking_uri: str | None = None
-    """MLflow tracking URI (a server's http(s):// address, or a local store); default: MLFLOW_TRACKING_URI if set, else the local store RUN_DIR/mlruns."""
+    """MLflow tracking URI (a server's http(s):// address, or a local store); default: MLFLOW_TRACKING_URI if set, else the local store RUN_DIR/mlruns (a sweep's runs share SWEEP_DIR/mlruns)."""
     experiment: str | None = None
-    """MLflow experiment the run goes to (created if missing); default: the recipe's name."""
+    """MLflow experiment the run goes to (created if missing); default: the recipe's name (a sweep's runs: the sweep's name)."""
     tags: dict[str, str] = {}
     """Tags of the MLflow run, name: value."""
 

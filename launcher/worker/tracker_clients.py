@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
 from launcher.plan.resolve import Plan
+from launcher.run.sweep import SWEEP_FILE
 from launcher.rundir.layout import RunDir
 
 # How a run ended, as a tracker's close hears it: the "finish" event, the "stop" event (a stop
@@ -154,6 +155,7 @@ class Wandb:
             entity=s.entity,
             name=s.name or plan.recipe.name,
             tags=s.tags or None,
+            group=sweep.name if (sweep := sweep_of(files)) else None,
             dir=str(files.path),
             id=(saved or {}).get("id"),
             resume="allow",
@@ -192,9 +194,17 @@ class Wandb:
 # --------------------------------------------------------------------------- MLflow
 
 
+def sweep_of(files: RunDir) -> Path | None:
+    """SWEEP_DIR when the run is a point of a sweep (`mplaunch sweep`: SWEEP_DIR/sweep.json beside it)."""
+    parent = files.path.resolve().parent
+    return parent if (parent / SWEEP_FILE).is_file() else None
+
+
 def mlflow_uri(setting: str | None, env: Mapping[str, str], files: RunDir) -> str:
-    """logging.mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else the local store RUN_DIR/mlruns."""
-    return setting or env.get("MLFLOW_TRACKING_URI") or (files.path / "mlruns").resolve().as_uri()
+    """logging.mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else the local store RUN_DIR/mlruns
+    (SWEEP_DIR/mlruns for a sweep's runs, so one store and one experiment hold them all)."""
+    local = sweep_of(files) or files.path
+    return setting or env.get("MLFLOW_TRACKING_URI") or (local / "mlruns").resolve().as_uri()
 
 
 class Mlflow:
@@ -224,13 +234,13 @@ class Mlflow:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        experiment = s.experiment or plan.recipe.name
+        sweep = sweep_of(files)
+        experiment = s.experiment or (sweep.name if sweep else plan.recipe.name)
         if saved and saved.get("tracking_uri") == uri and saved.get("run_id"):
             run_id, experiment_id = str(saved["run_id"]), str(saved.get("experiment_id"))
             client.update_run(run_id, status="RUNNING")
         else:
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            experiment_id = _experiment_id(client, experiment)
             run = client.create_run(experiment_id, run_name=plan.recipe.name, tags=dict(s.tags))
             run_id = run.info.run_id
             _log_setup(client, run_id, plan, files)  # params once: MLflow refuses to change one
@@ -265,6 +275,20 @@ class Mlflow:
             earlier = _artifact_text(self.client, self.run_id, "events.txt")
             self.client.log_text(self.run_id, earlier + "".join(f"{e}\n" for e in self.events), "events.txt")
         self.client.set_terminated(self.run_id, self.STATUS[outcome])
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created if missing; a sweep's points starting at once may race to create it."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except Exception:  # another point created it first: it exists now
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)
 
 
 def _log_setup(client: Any, run_id: str, plan: Plan, files: RunDir) -> None:

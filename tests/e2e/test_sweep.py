@@ -141,3 +141,24 @@ def test_a_sweep_killed_mid_point_reruns_only_that_point_from_its_checkpoint(tmp
     assert (hung.path / "FINISHED").is_file()
     assert _state(sweep_dir / "step-100") == before
     assert max(r["step"] for r in records(hung.path, "train")) == 5
+
+
+def test_a_sweeps_runs_land_in_one_mlflow_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With logging.trackers mlflow, every point logs to SWEEP_DIR/mlruns, experiment = the sweep's name."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 opens a file store only on request
+    recipe = _mlp(tmp_path)
+    sweep_dir = tmp_path / "runs" / "mlp-sweep"
+    done = mplaunch("sweep", str(recipe), "optimizer.lr=1e-3,2e-3", "logging.trackers=[mlflow]")
+    assert done.returncode == 0, explain(done)
+    client = MlflowClient(tracking_uri=(sweep_dir / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("mlp-sweep")
+    assert experiment is not None
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["lr-1e-3", "lr-2e-3"]
+    for name, run_id in runs.items():
+        logged = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+        wanted = [(r["step"], r["loss"]) for r in records(sweep_dir / name, "train")]
+        assert len(wanted) == 2
+        assert sorted(logged) == wanted

@@ -237,6 +237,16 @@ def test_the_mlflow_store_is_the_recipes_then_the_environments_then_the_run_dire
     assert tc.mlflow_uri(None, {}, files) == (tmp_path / "run" / "mlruns").resolve().as_uri()
 
 
+def test_a_sweeps_runs_share_one_mlflow_store_and_are_grouped_by_the_sweep(tmp_path: Path) -> None:
+    point = RunDir.of(tmp_path / "lr-sweep" / "lr-1e-3")
+    assert tc.sweep_of(point) is None  # a plain run
+    (tmp_path / "lr-sweep").mkdir()
+    (tmp_path / "lr-sweep" / "sweep.json").write_text("{}")
+    assert tc.sweep_of(point) == (tmp_path / "lr-sweep").resolve()
+    assert tc.mlflow_uri(None, {}, point) == (tmp_path / "lr-sweep" / "mlruns").resolve().as_uri()
+    assert tc.mlflow_uri(None, {"MLFLOW_TRACKING_URI": "http://env"}, point) == "http://env"
+
+
 def test_mlflow_params_are_the_flattened_recipe() -> None:
     flat = tc.flatten(to_dict(validate({"name": "t", "logging": {"trackers": ["mlflow"]}}, "test")))
     assert flat["train.max_steps"] == "1000"
