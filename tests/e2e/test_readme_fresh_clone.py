@@ -82,6 +82,12 @@ def test_every_readme_command_works_in_a_fresh_clone(tmp_path: Path) -> None:
     slurm = next(out for cmd, out in outputs.items() if "--slurm" in cmd)
     assert "#SBATCH --nodes=2" in slurm
     assert (clone / "runs" / "bert-tiny-mlm" / "report" / "loss.png").is_file()
+    sweep = clone / "runs" / "bert-tiny-mlm-sweep"  # Many runs: the 4-point sweep, then compare
+    assert sorted(p.parent.name for p in sweep.glob("*/FINISHED")) == ["lr-1e-3", "lr-1e-4", "lr-3e-3", "lr-3e-4"]
+    compared = outputs["mplaunch compare runs/bert-tiny-mlm-sweep"]
+    assert all(f"optimizer.lr={lr}" in compared for lr in ("0.0001", "0.0003", "0.001", "0.003")), compared
+    assert (sweep / "compare" / "loss.png").is_file()
+    assert (clone / "runs" / "tracked" / "trackers.json").is_file()  # the trackers' run ids, for a resume
     for exported in ("bert-cls", "llama-sft-lora", "bert-tiny", "bert-tiny-100"):
         assert any((clone / "exported" / exported).iterdir()), exported
     finetune = next(cmd for cmd in commands if "bert_finetune_tiny" in cmd)

@@ -25,7 +25,9 @@ def _commands(program: str) -> list[str]:
         for line in block.splitlines():
             line = re.sub(r"\s+#.*$", "", line)  # a trailing shell comment
             for part in re.split(r"&&|;", line):
-                if part.strip().startswith(program + " "):
+                words = part.split()
+                # `mplaunch sweep: 4 points in ...` is output the README quotes, not a command
+                if words[:1] == [program] and len(words) > 1 and not words[1].endswith(":"):
                     found.append(part.strip())
     return found
 
