@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.runs import FAST, mplaunch, write_recipe
+from tests.runs import FAST, mplaunch, start, wait_for_step, write_recipe
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
@@ -178,3 +179,50 @@ def test_an_mlflow_server_that_is_down_warns_once_and_training_goes_on(tmp_path:
     assert sorted(_losses(run)) == [1, 2]
     assert any(r["event"] == "finish" for r in _records(run, "event"))
     assert not (run / "trackers.json").exists()
+
+
+# --------------------------------------------------------------------------- a stop by signal
+
+
+def test_a_run_stopped_by_sigterm_and_resumed_continues_the_same_tracker_runs(tmp_path: Path) -> None:
+    """SIGTERM (as `kill` or a scheduler sends it): the workers checkpoint, the MLflow run ends KILLED and
+    W&B's finishes; the restart continues both runs and their loss series matches metrics.jsonl's."""
+    from mlflow.tracking import MlflowClient
+
+    recipe = write_recipe(
+        tmp_path,
+        "stopped",
+        FAST,
+        {
+            "train": {"max_steps": 10_000},  # cannot finish before the signal, however slow the machine
+            "scheduler": {"name": "constant"},
+            "checkpoint": {"every_steps": 2},
+            "logging": {"trackers": ["wandb", "mlflow"]},
+        },
+    )
+    run = tmp_path / "runs" / "stopped"
+    proc = start(str(recipe), env=_env())
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    (stop,) = [r for r in _records(run, "event") if r["event"] == "stop"]
+    ids = json.loads((run / "trackers.json").read_text())
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    try:
+        client = MlflowClient(tracking_uri=ids["mlflow"]["tracking_uri"])
+        assert client.get_run(ids["mlflow"]["run_id"]).info.status == "KILLED"
+        end = stop["step"] + 2
+        out = _run(recipe, f"train.max_steps={end}")
+        assert f"resuming from step {stop['step']}" in out
+        assert json.loads((run / "trackers.json").read_text()) == ids
+        history = client.get_metric_history(ids["mlflow"]["run_id"], "train/loss")
+        assert client.get_run(ids["mlflow"]["run_id"]).info.status == "FINISHED"
+    finally:
+        del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+    losses = _losses(run)  # the resumed steps' records, after the stopped start's
+    assert sorted(losses) == list(range(1, end + 1))
+    assert {m.step: m.value for m in history} == losses
+    rows, _ = _wandb_history(run, ids["wandb"]["id"])
+    assert {r["step"]: r["train/loss"] for r in rows if "train/loss" in r} == losses
+    assert len(list(run.glob(f"wandb/offline-run-*-{ids['wandb']['id']}"))) == 2

@@ -666,7 +666,12 @@ def test_readme_slurm_commands_dry_run(
     monkeypatch.chdir(ROOT)
     for command in commands:
         assert cli.main([*shlex.split(command)[1:], "--dry-run"]) == 0, capsys.readouterr().err
-        assert capsys.readouterr().out.startswith("#!/bin/bash\n")
+        out = capsys.readouterr().out
+        if command.startswith("mplaunch sweep "):  # Many runs: the points, then the array script
+            assert "\n#!/bin/bash\n" in out
+            assert "\n#SBATCH --array=0-3%2\n" in out
+        else:
+            assert out.startswith("#!/bin/bash\n")
 
 
 # --------------------------------------------------------------------------- one run per directory
