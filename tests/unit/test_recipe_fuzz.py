@@ -36,7 +36,9 @@ def _sections(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tupl
 
 SECTIONS = _sections(Recipe)
 LEAVES = [tuple(k.split(".")) for k in all_keys()]
-MAPPING_LEAVES = {("model", "kwargs"), ("model", "config"), ("data", "kwargs"), ("slurm", "env")}
+MAPPING_LEAVES = {
+    ("model", "kwargs"), ("model", "config"), ("data", "kwargs"), ("slurm", "env"), ("logging", "mlflow", "tags"),
+}  # fmt: skip
 
 scalars = st.one_of(
     st.none(),
