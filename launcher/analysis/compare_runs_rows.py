@@ -24,6 +24,7 @@ from launcher.analysis import fp8_range
 from launcher.analysis.parity import REPORT_FILE as PARITY_FILE
 from launcher.analysis.plots import steady
 from launcher.errors import UserError
+from launcher.recipe.schema import flatten
 from launcher.rundir.layout import RunDir
 from launcher.rundir.lock import holder_if_held
 from launcher.rundir.metrics_log import Metrics, read_metrics, read_run_info, run_state
@@ -176,18 +177,6 @@ def read_recipe(path: Path) -> dict[str, Any] | None:
         except (OSError, ValueError, AttributeError):
             return None
     return flatten(raw) if isinstance(raw, dict) else None
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}; lists and empty mappings are values."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
 
 
 def differing_keys(recipes: Sequence[tuple[Run, dict[str, Any]]]) -> list[str]:

@@ -202,6 +202,19 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A recipe as plain data (to_dict, recipe.yaml) by dotted key: {"optimizer": {"lr": 1e-3}} ->
+    {"optimizer.lr": 1e-3}; lists and empty mappings are values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
 def all_keys() -> list[str]:
     """Every valid dotted key of the recipe, for suggestions and the reference table."""
     return leaf_keys(Recipe)

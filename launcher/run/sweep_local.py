@@ -27,6 +27,7 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.recipe.schema import Recipe
+from launcher.run import sweep_slurm
 from launcher.run.sweep import Point, Sweep, build, write_record
 from launcher.rundir.layout import RunDir
 
@@ -104,19 +105,15 @@ def sweep(
     if not todo:
         print(f"{PREFIX} every point has finished; nothing to submit")
         return 0
-    from launcher.run.sweep_slurm import submit
-
-    code: int = submit(
+    return sweep_slurm.submit(
         built, todo, values=values, template=template, max_parallel=max_parallel, dry_run=dry_run
     )
-    return code
 
 
 def _check_slurm_options(
     slurm: bool, values: Mapping[str, Any], template: Path | None, max_parallel: int | None
 ) -> None:
-    if max_parallel is not None and max_parallel < 1:
-        raise UserError(f"--max-parallel: {max_parallel}; need at least 1")
+    sweep_slurm.check_max_parallel(max_parallel)
     given = [
         *values,
         *(["--slurm-template"] if template else []),

@@ -89,8 +89,7 @@ def submit(
         UserError: max_parallel below 1, a point's recipe is invalid, the points ask the cluster for
             different things, the array could never start, or sbatch refused it.
     """
-    if max_parallel is not None and max_parallel < 1:
-        raise UserError(f"--max-parallel {max_parallel}: at least 1 element must run at a time")
+    check_max_parallel(max_parallel)
     if not todo:
         print("mplaunch: every point of the sweep is finished or running; nothing to submit")
         return 0
@@ -103,6 +102,12 @@ def submit(
             print(f"  {job.point.index}  {job.point.name}: {job.plan.run_dir}")
         return 0
     return _submit(sweep, jobs, max_parallel)
+
+
+def check_max_parallel(max_parallel: int | None) -> None:
+    """Raises UserError: --max-parallel below 1."""
+    if max_parallel is not None and max_parallel < 1:
+        raise UserError(f"--max-parallel {max_parallel}: at least 1 element must run at a time")
 
 
 def _resolve(

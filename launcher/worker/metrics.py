@@ -23,9 +23,7 @@ from launcher.plan.resolve import Plan
 from launcher.run import progress
 from launcher.rundir.layout import RunDir
 from launcher.worker.backends import Backend, NonFiniteStep, StepStats, non_finite_message
-from launcher.worker.trackers import Trackers, precision_scalars
-
-__all__ = ["Console", "Meter", "NonFiniteGrads", "NonFiniteLoss", "describe_eval", "precision_scalars"]
+from launcher.worker.trackers import Trackers
 
 
 class NonFiniteLoss(NonFiniteStep):

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
 from launcher.plan.resolve import Plan
+from launcher.recipe.schema import flatten
 from launcher.run.sweep import SWEEP_FILE
 from launcher.rundir.layout import RunDir
 
@@ -296,7 +297,7 @@ def _log_setup(client: Any, run_id: str, plan: Plan, files: RunDir) -> None:
     from mlflow.entities import Param
 
     params = [
-        Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in flatten(json.loads(plan.to_json())["recipe"]).items()
+        Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in params_of(json.loads(plan.to_json())["recipe"]).items()
     ]
     for i in range(0, len(params), PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
@@ -305,15 +306,10 @@ def _log_setup(client: Any, run_id: str, plan: Plan, files: RunDir) -> None:
             client.log_artifact(run_id, str(path))
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"train": {"max_steps": 6}} -> {"train.max_steps": "6"}; lists and empty sections as JSON."""
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return out
+def params_of(recipe: dict[str, Any]) -> dict[str, str]:
+    """MLflow's params of a recipe: {"train": {"max_steps": 6}} -> {"train.max_steps": "6"}; lists and
+    empty sections as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(recipe).items()}
 
 
 def _artifact_text(client: Any, run_id: str, name: str) -> str:

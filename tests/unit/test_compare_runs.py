@@ -15,7 +15,8 @@ import yaml
 
 from launcher.analysis import compare_runs_plots, figure
 from launcher.analysis.compare_runs import compare, find_runs
-from launcher.analysis.compare_runs_rows import Row, Run, differing_keys, flatten
+from launcher.analysis.compare_runs_rows import Row, Run, differing_keys
+from launcher.recipe.schema import flatten
 from launcher.errors import UserError, report
 from launcher.rundir.metrics_log import read_metrics
 

@@ -265,18 +265,15 @@ def test_local_run_runs_each_unfinished_point_and_reports(
 
 
 def test_slurm_gets_the_unfinished_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-    import types
+    from launcher.run import sweep_slurm
 
     calls: list[tuple[Sweep, list[Point], dict[str, object]]] = []
-    fake = types.ModuleType("launcher.run.sweep_slurm")
 
     def submit(sweep: Sweep, todo: list[Point], **kwargs: object) -> int:
         calls.append((sweep, list(todo), kwargs))
         return 0
 
-    fake.submit = submit  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "launcher.run.sweep_slurm", fake)
+    monkeypatch.setattr(sweep_slurm, "submit", submit)
     recipe = _recipe(tmp_path)
     done = tmp_path / "runs" / "mlp-sweep" / "lr-1e-3"
     done.mkdir(parents=True)

@@ -248,7 +248,7 @@ def test_a_sweeps_runs_share_one_mlflow_store_and_are_grouped_by_the_sweep(tmp_p
 
 
 def test_mlflow_params_are_the_flattened_recipe() -> None:
-    flat = tc.flatten(to_dict(validate({"name": "t", "logging": {"trackers": ["mlflow"]}}, "test")))
+    flat = tc.params_of(to_dict(validate({"name": "t", "logging": {"trackers": ["mlflow"]}}, "test")))
     assert flat["train.max_steps"] == "1000"
     assert flat["logging.trackers"] == '["mlflow"]'
     assert flat["name"] == "t"

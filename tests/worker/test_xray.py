@@ -243,7 +243,7 @@ def test_all_zero_layers_alone_are_not_underflow_but_all_zero_everywhere_is() ->
 
 
 def test_tensorboard_gets_the_worst_layer_of_each_measure() -> None:
-    from launcher.worker.metrics import precision_scalars
+    from launcher.worker.trackers import precision_scalars
 
     fp16 = {
         "kind": "precision",
