@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -28,9 +27,9 @@ from launcher.analysis import figure
 from launcher.analysis.compare_runs_plots import write_overlays
 from launcher.analysis.compare_runs_rows import Row, Run, differing_keys, read_recipe, row_of
 from launcher.errors import UserError
+from launcher.run.sweep import SWEEP_FILE, read_record
 from launcher.rundir.layout import RECIPE_FILE, RunDir
 
-SWEEP_FILE = "sweep.json"
 OUT_DIR = "compare"
 TABLE_FILE = "compare.md"
 CSV_FILE = "compare.csv"
@@ -108,10 +107,12 @@ def sweep_runs(sweep_dir: Path) -> list[Run]:
     """
     path = sweep_dir / SWEEP_FILE
     try:
-        points = json.loads(path.read_text())["points"]
-        named = [(p["name"], tuple(str(o) for o in p.get("overrides") or ())) for p in points]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"compare: {path}: not a sweep's record ({type(err).__name__}: {err})") from None
+        record = read_record(sweep_dir)
+    except UserError as err:
+        raise UserError([f"compare: {line}" for line in err.lines]) from None
+    if record is None:  # gone since the caller saw it
+        raise UserError(f"compare: {path}: no such file")
+    named = [(p["name"], tuple(str(o) for o in p["overrides"] or ())) for p in record["points"]]
     bad = [n for n, _ in named if not isinstance(n, str) or not n or Path(n).name != n or n in (".", "..")]
     if bad:
         raise UserError(f"compare: {path}: point names must be plain directory names, got {bad[0]!r}")
