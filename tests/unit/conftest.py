@@ -9,10 +9,12 @@ A unit test file that imports torch at module level is caught too (at its first 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from launcher.plan import extras
 
 HEAVY = ("torch", "deepspeed", "accelerate", "transformers", "peft")
 UNIT = Path(__file__).resolve().parent
@@ -30,3 +32,14 @@ def _stays_torch_free() -> Iterator[None]:
     if _watch["on"] and imported:
         _watch["on"] = False  # once: every later test would see the same modules
         pytest.fail(f"{imported} imported by this test, its fixtures or its module: move it to tests/worker")
+
+
+@pytest.fixture
+def lacking(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """`lacking("numpy", ...)`: this machine has every package but these (launcher.plan.extras sees)."""
+
+    def hide(*modules: str) -> None:
+        monkeypatch.setattr(extras, "installed", lambda module: module not in modules)
+
+    hide()
+    return hide

@@ -30,17 +30,6 @@ TRAIN = extras.install_command("train")
 
 
 @pytest.fixture
-def lacking(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
-    """`lacking("numpy", ...)`: this machine has every package but these."""
-
-    def hide(*modules: str) -> None:
-        monkeypatch.setattr(extras, "installed", lambda module: module not in modules)
-
-    hide()
-    return hide
-
-
-@pytest.fixture
 def data(tmp_path: Path) -> Path:
     (tmp_path / "a.txt").write_text("one two three\n")
     (tmp_path / "a.json").write_text('{"text": "one two"}\n')

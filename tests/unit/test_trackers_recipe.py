@@ -108,15 +108,6 @@ def cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch, "run", lambda plan: pytest.fail("nothing may start"))
 
 
-@pytest.fixture
-def lacking(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
-    def hide(*modules: str) -> None:
-        monkeypatch.setattr(extras, "installed", lambda module: module not in modules)
-
-    hide()
-    return hide
-
-
 def _check(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], list[str]]:
     code = cli.main(["check", TINY, *argv])
     out, err = capsys.readouterr()
